@@ -1,0 +1,42 @@
+# Every target installs what it needs into .venv, from a fresh clone, with only python3 and make.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch is pinned to the CPU build that lies on this machine's disk: an open range pulls a
+# CUDA build of several GB.
+TORCH_PIN := torch==2.13.0
+
+.PHONY: demo test install check bench info clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install -q $(TORCH_PIN)
+	$(BIN)/python -m pip install -q -e '.[test,jax,triton]' $(TORCH_PIN)
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/python -m logitkit demo
+
+test: $(VENV)/.test-installed
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+check: $(VENV)/.test-installed
+	$(BIN)/python -m logitkit check
+
+bench: $(VENV)/.test-installed
+	$(BIN)/python -m logitkit bench
+
+info: $(VENV)/.installed
+	$(BIN)/python -m logitkit info
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,105 @@
+"""Argument checks shared by every entry point: each error names the argument and the problem."""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import numpy as np
+
+from ._namespace import JAX, TORCH, dtype_name, is_floating, is_integer
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_logits(name: str, x: Any) -> None:
+    if not is_floating(x.dtype):
+        raise TypeError(f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), "
+                        f"got {dtype_name(x.dtype)}")
+    if x.ndim == 0:
+        raise ValueError(f"{name}: expected at least 1 dimension (the class axis), got a scalar")
+
+
+def norm_axis(axis: int, ndim: int, name: str = "axis") -> int:
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+        raise TypeError(f"{name}: expected an int, got {type(axis).__name__}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}: {axis} is out of range for an array of {ndim} dimensions")
+    return int(axis) % ndim
+
+
+def check_options(*, reduction: str | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                  softcap: float | None = None, temperature: float = 1.0) -> None:
+    if reduction is not None and reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    ls = float(label_smoothing)
+    if not 0.0 <= ls <= 1.0:
+        raise ValueError(f"label_smoothing: expected a value in [0, 1], got {label_smoothing}")
+    if not math.isfinite(float(z_loss)) or z_loss < 0:
+        raise ValueError(f"z_loss: expected a finite value >= 0, got {z_loss}")
+    if softcap is not None and not (math.isfinite(float(softcap)) and softcap > 0):
+        raise ValueError(f"softcap: expected None or a finite value > 0, got {softcap}")
+    if not (math.isfinite(float(temperature)) and temperature > 0):
+        raise ValueError(f"temperature: expected a finite value > 0, got {temperature}")
+
+
+def check_weight(weight: Any, V: int) -> None:
+    if weight is None:
+        return
+    if weight.ndim != 1 or weight.shape[0] != V:
+        raise ValueError(f"weight: expected shape ({V},) (one weight per class), got {tuple(weight.shape)}")
+    if not is_floating(weight.dtype):
+        raise TypeError(f"weight: expected a floating dtype, got {dtype_name(weight.dtype)}")
+
+
+def labels_kind(labels: Any, logits_moved_shape: tuple, name: str = "labels") -> str:
+    """``"index"`` for integer class indices, ``"prob"`` for probabilities; checks the shape."""
+    batch = tuple(logits_moved_shape[:-1])
+    if is_integer(labels.dtype):
+        if tuple(labels.shape) != batch:
+            raise ValueError(f"{name}: class indices must have the logits' shape without the class axis, "
+                             f"{batch}; got {tuple(labels.shape)}")
+        return "index"
+    if is_floating(labels.dtype):
+        return "prob"
+    raise TypeError(f"{name}: expected integer class indices or floating probabilities, "
+                    f"got {dtype_name(labels.dtype)}")
+
+
+def check_prob_shape(labels: Any, moved_shape: tuple, name: str = "labels") -> None:
+    if tuple(labels.shape) != tuple(moved_shape):
+        raise ValueError(f"{name}: probabilities must have the logits' shape {tuple(moved_shape)}, "
+                         f"got {tuple(labels.shape)}")
+
+
+def _is_tracer(x: Any) -> bool:
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(x, jax.core.Tracer)
+
+
+def check_label_range(lib: str, labels: Any, V: int, ignore_index: int | None, name: str = "labels") -> None:
+    """Raise on the first class index outside ``[0, V)`` that is not ``ignore_index``.
+
+    Runs where the labels can be read cheaply: NumPy, torch CPU tensors, concrete JAX arrays.
+    Traced JAX labels and CUDA tensors are checked on the device instead (the row's loss is NaN).
+    """
+    if lib == TORCH:
+        if labels.device.type != "cpu":
+            return
+        arr = labels.detach().numpy()
+    elif lib == JAX:
+        if _is_tracer(labels):
+            return
+        arr = np.asarray(labels)
+    else:
+        arr = np.asarray(labels)
+    bad = (arr < 0) | (arr >= V)
+    if ignore_index is not None:
+        bad &= arr != ignore_index
+    if bad.any():
+        pos = np.unravel_index(int(np.argmax(bad)), arr.shape)
+        where = pos if len(pos) != 1 else pos[0]
+        extra = "" if ignore_index is None else f" and is not ignore_index={ignore_index}"
+        raise ValueError(f"{name}: class index {int(arr[pos])} at position {where} is out of range "
+                         f"[0, {V}){extra}")

@@ -1,0 +1,1 @@
+"""The maths, written once against an array namespace ``xp`` (NumPy, ``jax.numpy`` or the torch shim)."""

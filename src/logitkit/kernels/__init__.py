@@ -1,0 +1,51 @@
+"""Fused kernels and the registry that picks them.
+
+Every kernel implements one *stage* of the maths whose reference definition lives in
+:mod:`logitkit.core` (written once against the array namespace ``xp``). The registry
+(:mod:`logitkit.kernels.registry`) returns a kernel when one supports the array's library,
+device and dtype, and the core stage otherwise, so callers never care which one ran.
+
+Stage contract (all kernels, any backend)
+-----------------------------------------
+Inputs are 2-D ``x`` of shape ``(N, V)``, rows contiguous (the class axis is last), floating
+(float16, bfloat16, float32, float64); ``labels`` are ``(N,)`` int64 class indices. Statistics
+are returned in the *accumulation dtype*: float64 for float64 input, float32 otherwise.
+
+Transform (shared by every stage)::
+
+    z = softcap * tanh(x / softcap)   if softcap is not None
+    z = z / temperature
+
+Row statistics: ``m = max_c z_c`` and ``r = log(sum_c exp(z_c - m))`` computed as ``log1p`` of the
+sum *without* one maximal term (ties counted exactly), so that confident rows keep their ~1e-13
+losses. ``lse = m + r``. A row that is all ``-inf`` has ``m = -inf, r = 0`` and softmax 0.
+
+``ce_forward(x, labels, *, weight, ignore_index, label_smoothing, softcap, temperature)
+-> (ce, m, r)``::
+
+    ce_i = 0                                              if labels_i == ignore_index
+    ce_i = (1-eps) * w[y] * (m - z[y] + r)
+           + eps/V * sum_c w[c] * (m - z[c] + r)          otherwise   (w = 1 without weight)
+
+``ce_backward(x, labels, m, r, g_ce, g_z, *, weight, ignore_index, label_smoothing, z_loss,
+softcap, temperature, out) -> out`` where ``g_ce``/``g_z`` are per-row multipliers (reduction
+scale times grad_output; the caller zeroes them for ignored rows)::
+
+    p_c = exp(z_c - m - r)
+    dL/dz_c = g_ce * [(1-eps) * w[y] * (p_c - [c == y]) + eps/V * (W * p_c - w[c])]
+              + g_z * 2 * z_loss * (m + r) * p_c                    (W = sum_c w[c])
+    dL/dx_c = dL/dz_c / temperature * (1 - tanh(x_c/softcap)**2)   (softcap factor if set)
+
+Ignored rows get an exact zero gradient. ``out`` has ``x``'s dtype and may be ``x`` itself
+(in place); the label term is subtracted in the accumulation dtype before rounding.
+
+``ce_forward_backward(x, labels, g_ce, g_z, *, ..., out) -> (ce, m, r, out)`` does both in one
+pass over ``x`` (possible because ``g_ce``/``g_z`` are known from the labels before the pass).
+
+``softmax_forward(x, *, temperature, out)``, ``log_softmax_forward(x, *, temperature, out)``,
+``logsumexp_forward(x) -> (N,)``, ``softmax_backward(y, dy, out)`` (``y * (dy - sum(y*dy))``),
+``log_softmax_backward(y, dy, out)`` (``dy - exp(y) * sum(dy)``).
+
+Class-index validation (label in ``[0, V)`` or equal to ``ignore_index``) happens before any
+kernel runs on host arrays; device kernels write NaN for a bad row and set a device-side flag.
+"""

@@ -1,0 +1,120 @@
+"""Oracles: float64 NumPy and mpmath references, independent of the code under test.
+
+Used by the tests, ``logitkit check`` and ``logitkit bench``. They are deliberately plain:
+float64 with the textbook max-shift, and mpmath at 50 digits for rows where float64 itself is
+not enough (confident predictions).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["logsumexp64", "log_softmax64", "softmax64", "cross_entropy64", "cross_entropy_grad64",
+           "row_loss_mp", "row_lse_mp"]
+
+
+def _f64(x):
+    return np.asarray(x, dtype=np.float64)
+
+
+def logsumexp64(x, axis=-1):
+    x = _f64(x)
+    m = np.max(x, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.squeeze(np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True)) + m, axis=axis)
+
+
+def log_softmax64(x, axis=-1):
+    x = _f64(x)
+    return x - np.expand_dims(logsumexp64(x, axis), axis)
+
+
+def softmax64(x, axis=-1):
+    return np.exp(log_softmax64(x, axis))
+
+
+def _transform64(x, softcap=None, temperature=1.0):
+    x = _f64(x)
+    if softcap is not None:
+        x = softcap * np.tanh(x / softcap)
+    return x / temperature
+
+
+def cross_entropy64(logits, labels, *, weight=None, ignore_index=-100, label_smoothing=0.0,
+                    reduction="mean", z_loss=0.0, softcap=None, temperature=1.0):
+    """Plain float64 cross-entropy, class axis last; torch semantics; empty mean = 0."""
+    z = _transform64(logits, softcap, temperature)
+    V = z.shape[-1]
+    logp = log_softmax64(z)
+    lse = logsumexp64(z)
+    w = np.ones(V) if weight is None else _f64(weight)
+    labels = np.asarray(labels)
+    if np.issubdtype(labels.dtype, np.integer):
+        valid = labels != ignore_index
+        lab = np.where(valid, labels, 0)
+        wy = w[lab] * valid
+        nll = -np.take_along_axis(logp, lab[..., None], -1)[..., 0]
+        smooth = -(logp * w).sum(-1)
+        ce = np.where(valid, (1 - label_smoothing) * wy * nll + label_smoothing / V * smooth, 0.0)
+        denom_ce, denom_z = wy.sum(), valid.sum()
+    else:
+        y = _f64(labels) * (1 - label_smoothing) + label_smoothing / V
+        ce = -(np.where(y * w == 0, 0.0, y * w * logp)).sum(-1)
+        valid = np.ones(ce.shape, bool)
+        denom_ce = denom_z = ce.size
+    zt = np.where(valid, z_loss * lse ** 2, 0.0) if z_loss else 0.0 * ce
+    if reduction == "none":
+        return ce + zt
+    if reduction == "sum":
+        return ce.sum() + zt.sum()
+    return (ce.sum() / denom_ce if denom_ce else 0.0) + (zt.sum() / denom_z if denom_z else 0.0)
+
+
+def cross_entropy_grad64(logits, labels, *, weight=None, ignore_index=-100, label_smoothing=0.0,
+                         reduction="mean", z_loss=0.0, softcap=None, temperature=1.0):
+    """Gradient of :func:`cross_entropy64` (of the summed loss for ``reduction="none"``), float64."""
+    x = _f64(logits)
+    z = _transform64(x, softcap, temperature)
+    V = z.shape[-1]
+    p = softmax64(z)
+    lse = logsumexp64(z)[..., None]
+    w = np.ones(V) if weight is None else _f64(weight)
+    labels = np.asarray(labels)
+    if np.issubdtype(labels.dtype, np.integer):
+        valid = labels != ignore_index
+        lab = np.where(valid, labels, 0)
+        wy = (w[lab] * valid)[..., None]
+        onehot = np.arange(V) == lab[..., None]
+        dz = (1 - label_smoothing) * wy * (p - onehot) + label_smoothing / V * (w.sum() * p - w)
+        dz = dz * valid[..., None]
+        denom_ce, denom_z = wy.sum(), valid.sum()
+    else:
+        y = (_f64(labels) * (1 - label_smoothing) + label_smoothing / V) * w
+        dz = p * y.sum(-1, keepdims=True) - y
+        valid = np.ones(z.shape[:-1], bool)
+        denom_ce = denom_z = valid.size
+    dzz = 2 * z_loss * lse * p * valid[..., None]
+    if reduction == "mean":
+        dz = dz / denom_ce if denom_ce else 0 * dz
+        dzz = dzz / denom_z if denom_z else 0 * dzz
+    g = dz + dzz
+    if softcap is not None:
+        g = g * (1 - np.tanh(x / softcap) ** 2)
+    return g / temperature
+
+
+def row_lse_mp(row, dps: int = 50):
+    """log Σ exp(row) with mpmath at ``dps`` digits (row: 1-D)."""
+    import mpmath
+
+    with mpmath.workdps(dps):
+        return mpmath.log(mpmath.fsum(mpmath.exp(mpmath.mpf(float(v))) for v in np.asarray(row).ravel()))
+
+
+def row_loss_mp(row, label: int, dps: int = 50) -> float:
+    """Exact (to float64 rounding) ``lse(row) - row[label]`` via mpmath."""
+    import mpmath
+
+    with mpmath.workdps(dps):
+        return float(row_lse_mp(row, dps) - mpmath.mpf(float(np.asarray(row).ravel()[label])))
