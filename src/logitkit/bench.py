@@ -1,0 +1,456 @@
+"""``logitkit bench``: time, peak memory and error of logitkit against every installed peer.
+
+Every number of one table comes from one process run, so the ratios are fair on a noisy machine.
+Time is the median of ``--repeat`` calls after one warm-up; set-up (fresh inputs for in-place
+cases) is outside the timed region. Peak extra memory is the growth of the process's peak
+resident set during the timed calls (Linux ``/proc/self/clear_refs`` resets the peak), which sees
+NumPy, torch and XLA allocations alike. Error is measured against float64 NumPy on a slice of rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from . import reference
+
+WORKLOADS = {
+    # name: (N, V, kind)
+    "llm": (4096, 32000, "ce"),
+    "llm3": (1024, 128256, "ce"),
+    "small": (256, 1000, "ce"),
+    "softmax": (4096, 32000, "softmax"),
+    "head": (4096, 32000, "head"),
+}
+DEFAULT_WORKLOADS = ("llm", "small", "softmax")
+HEAD_H = 1024
+_ERR_ROWS = 64
+
+
+@dataclass
+class Result:
+    workload: str
+    impl: str
+    median_ms: float = math.nan
+    peak_mb: float = math.nan
+    err: float = math.nan
+    limit: str = ""
+    note: str = ""
+    times: list = field(default_factory=list)
+
+
+def _status() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                k, v = line.split(":")
+                out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _measure(setup: Callable[[], Any], run: Callable[[Any], Any], repeat: int) -> tuple[list, float, Any]:
+    """Times of ``run(setup())``; peak RSS growth over the timed calls (NaN if unmeasurable)."""
+    import gc
+
+    run(setup())  # warm-up: compilation, caches, first touch of reused buffers
+    times, peak, last = [], 0.0, None
+    for _ in range(repeat):
+        arg = setup()
+        last = None
+        gc.collect()
+        can = _reset_peak()
+        base = _status().get("VmRSS", 0)
+        t0 = time.perf_counter()
+        last = run(arg)
+        _sync(last)
+        times.append(time.perf_counter() - t0)
+        if can:
+            peak = max(peak, _status().get("VmHWM", 0) - base)
+        else:
+            peak = math.nan
+        del arg
+    return times, peak, last
+
+
+def _sync(obj: Any) -> None:
+    """Wait for asynchronous results (JAX dispatches eagerly)."""
+    if isinstance(obj, tuple):
+        for o in obj:
+            _sync(o)
+    elif hasattr(obj, "block_until_ready"):
+        obj.block_until_ready()
+
+
+# ----------------------------------------------------------------------------------------------
+# cross-entropy forward + backward
+
+
+def _ce_cases(x: np.ndarray, y: np.ndarray) -> list[tuple[str, str, Callable, Callable, Callable]]:
+    """(name, limit it is compared to, setup, run, grad-extractor) for every available peer."""
+    import logitkit as lk
+
+    work = np.empty_like(x)
+    N = x.shape[0]
+
+    def fresh_copy():
+        np.copyto(work, x)
+        return work
+
+    cases = [
+        ("copy into existing (np.copyto)", "", lambda: x, lambda a: np.copyto(work, a), None),
+        ("copy into fresh (np.copy)", "", lambda: x, lambda a: np.copy(a), None),
+        ("logitkit in place (out=logits)", "copyto", fresh_copy,
+         lambda a: lk.cross_entropy_with_grad(a, y, out=a), lambda r: r[1]),
+        ("logitkit fresh gradient", "copy", lambda: x,
+         lambda a: lk.cross_entropy_with_grad(a, y), lambda r: r[1]),
+        ("NumPy naive (softmax, log, pick)", "copy", lambda: x, lambda a: _numpy_naive(a, y), lambda r: r[1]),
+    ]
+    if importlib.util.find_spec("scipy"):
+        cases.append(("scipy.special log_softmax", "copy", lambda: x, lambda a: _scipy_ce(a, y), lambda r: r[1]))
+    if importlib.util.find_spec("torch"):
+        cases += _torch_cases(x, y, fresh_copy)
+    if importlib.util.find_spec("jax"):
+        cases += _jax_cases(x, y)
+    return cases
+
+
+def _numpy_naive(x, y):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    p = e / e.sum(-1, keepdims=True)
+    n = x.shape[0]
+    loss = -np.log(p[np.arange(n), y]).mean()
+    p[np.arange(n), y] -= 1
+    p /= n
+    return loss, p
+
+
+def _scipy_ce(x, y):
+    from scipy.special import log_softmax
+
+    lp = log_softmax(x, axis=-1)
+    n = x.shape[0]
+    loss = -lp[np.arange(n), y].mean()
+    g = np.exp(lp, out=lp)
+    g[np.arange(n), y] -= 1
+    g /= n
+    return loss, g
+
+
+def _torch_cases(x, y, fresh_copy):
+    import torch
+    import torch.nn.functional as F
+
+    yt = torch.from_numpy(y)
+    cases = []
+
+    def eager(a):
+        t = torch.from_numpy(a).requires_grad_()
+        loss = F.cross_entropy(t, yt)
+        loss.backward()
+        return loss.detach(), t.grad
+
+    cases.append(("torch eager F.cross_entropy", "copy", lambda: x, eager, lambda r: r[1].numpy()))
+
+    try:
+        compiled = torch.compile(lambda t: F.cross_entropy(t, yt))
+
+        def comp(a):
+            t = torch.from_numpy(a).requires_grad_()
+            loss = compiled(t)
+            loss.backward()
+            return loss.detach(), t.grad
+
+        cases.append(("torch.compile F.cross_entropy", "copy", lambda: x, comp, lambda r: r[1].numpy()))
+    except Exception:
+        pass
+    if importlib.util.find_spec("logitkit.torch") is not None:
+        try:
+            import logitkit.torch as lkt
+
+            def lk_torch(a, inplace=False):
+                t = torch.from_numpy(a).requires_grad_()
+                loss = lkt.cross_entropy(t, yt, inplace_backward=inplace) if inplace else lkt.cross_entropy(t, yt)
+                loss.backward()
+                return loss.detach(), t.grad
+
+            cases.append(("logitkit.torch cross_entropy", "copy", lambda: x, lk_torch, lambda r: r[1].numpy()))
+            cases.append(("logitkit.torch inplace_backward", "copyto", fresh_copy,
+                          lambda a: lk_torch(a, True), lambda r: r[1].numpy()))
+        except Exception:
+            pass
+    return cases
+
+
+def _jax_cases(x, y):
+    import jax
+    import jax.numpy as jnp
+
+    xj, yj = jnp.asarray(x), jnp.asarray(y)
+    cases = []
+    if importlib.util.find_spec("optax"):
+        import optax
+
+        f = jax.jit(jax.value_and_grad(lambda a: optax.softmax_cross_entropy_with_integer_labels(a, yj).mean()))
+        cases.append(("jax.jit + optax", "copy", lambda: xj, f, lambda r: np.asarray(r[1])))
+    if importlib.util.find_spec("logitkit.jax") is not None:
+        try:
+            import logitkit.jax as lkj
+
+            g = jax.jit(jax.value_and_grad(lambda a: lkj.softmax_cross_entropy_with_integer_labels(a, yj).mean()))
+            cases.append(("logitkit.jax (jit)", "copy", lambda: xj, g, lambda r: np.asarray(r[1])))
+        except Exception:
+            pass
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------
+# softmax forward
+
+
+def _softmax_cases(x):
+    import logitkit as lk
+    from .kernels import registry
+
+    work = np.empty_like(x)
+    backend, kern = registry.select("softmax_forward", "numpy", x)
+    cases = [
+        ("copy into existing (np.copyto)", "", lambda: x, lambda a: np.copyto(work, a), None),
+        ("copy into fresh (np.copy)", "", lambda: x, lambda a: np.copy(a), None),
+        (f"logitkit softmax into existing ({backend} kernel, out=)", "copyto", lambda: x,
+         lambda a: kern(a, out=work), lambda r: r),
+        ("logitkit.softmax (fresh)", "copy", lambda: x, lambda a: lk.softmax(a), lambda r: r),
+        ("NumPy naive", "copy", lambda: x, lambda a: _np_softmax(a), lambda r: r),
+    ]
+    if importlib.util.find_spec("scipy"):
+        from scipy.special import softmax as sp_softmax
+
+        cases.append(("scipy.special.softmax", "copy", lambda: x, lambda a: sp_softmax(a, axis=-1), lambda r: r))
+    if importlib.util.find_spec("torch"):
+        import torch
+
+        cases.append(("torch.softmax", "copy", lambda: x, lambda a: torch.softmax(torch.from_numpy(a), -1),
+                      lambda r: r.numpy()))
+    if importlib.util.find_spec("jax"):
+        import jax
+        import jax.numpy as jnp
+
+        xj = jnp.asarray(x)
+        f = jax.jit(lambda a: jax.nn.softmax(a, axis=-1))
+        cases.append(("jax.nn.softmax (jit)", "copy", lambda: xj, f, lambda r: np.asarray(r)))
+    return cases
+
+
+def _np_softmax(a):
+    e = np.exp(a - a.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# fused linear + cross-entropy
+
+
+def _head_cases(h, w, y):
+    cases = []
+    if importlib.util.find_spec("logitkit.linear") is not None:
+        import logitkit.linear as lin
+
+        cases.append(("logitkit linear_cross_entropy_with_grad", "", lambda: h,
+                      lambda a: lin.linear_cross_entropy_with_grad(a, w, y), None))
+    if importlib.util.find_spec("torch"):
+        import torch
+        import torch.nn.functional as F
+
+        yt = torch.from_numpy(y)
+
+        def eager(a):
+            ht = torch.from_numpy(a).requires_grad_()
+            wt = torch.from_numpy(w).requires_grad_()
+            loss = F.cross_entropy(ht @ wt.T, yt)
+            loss.backward()
+            return loss.detach(), ht.grad, wt.grad
+
+        cases.append(("torch eager (h @ W.T, F.cross_entropy)", "", lambda: h, eager, None))
+        if hasattr(F, "linear_cross_entropy"):
+            def chunked(a):
+                ht = torch.from_numpy(a).requires_grad_()
+                wt = torch.from_numpy(w).requires_grad_()
+                loss = F.linear_cross_entropy(ht, wt, yt)
+                loss.backward()
+                return loss.detach(), ht.grad, wt.grad
+
+            cases.append(("torch F.linear_cross_entropy", "", lambda: h, chunked, None))
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _grad_error(g: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+    """max |g - g64| / max |g64| on the first rows (mean reduction over all rows)."""
+    n = min(_ERR_ROWS, x.shape[0])
+    ref = reference.cross_entropy_grad64(x[:n], y[:n], reduction="sum") / x.shape[0]
+    got = np.asarray(g[:n], dtype=np.float64)
+    return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+
+
+def _softmax_error(p: np.ndarray, x: np.ndarray) -> float:
+    n = min(_ERR_ROWS, x.shape[0])
+    ref = reference.softmax64(x[:n])
+    return float(np.max(np.abs(np.asarray(p[:n], np.float64) - ref) / ref))
+
+
+def run_workload(name: str, repeat: int, progress: bool) -> list[Result]:
+    N, V, kind = WORKLOADS[name]
+    rng = np.random.default_rng(0)
+    if kind == "head":
+        h = (rng.standard_normal((N, HEAD_H)) * 0.5).astype(np.float32)
+        w = (rng.standard_normal((V, HEAD_H)) / math.sqrt(HEAD_H)).astype(np.float32)
+        y = rng.integers(0, V, N).astype(np.int64)
+        cases = _head_cases(h, w, y)
+        x = None
+    else:
+        x = (rng.standard_normal((N, V)) * 2).astype(np.float32)
+        y = rng.integers(0, V, N).astype(np.int64)
+        cases = _ce_cases(x, y) if kind == "ce" else _softmax_cases(x)
+    results = []
+    bar = _progress(cases, name, progress)
+    for impl, limit, setup, run, extract in bar:
+        res = Result(name, impl, limit=limit)
+        try:
+            times, peak, last = _measure(setup, run, repeat)
+            res.times = times
+            res.median_ms = statistics.median(times) * 1e3
+            res.peak_mb = peak / 2 ** 20
+            if extract is not None and x is not None:
+                out = extract(last)
+                res.err = _grad_error(out, x, y) if kind == "ce" else _softmax_error(out, x)
+        except Exception as exc:  # one peer failing must not lose the table
+            res.note = f"{type(exc).__name__}: {exc}"[:80]
+        results.append(res)
+    return results
+
+
+def _progress(items, desc, enabled):
+    if enabled:
+        try:
+            from tqdm import tqdm
+
+            return tqdm(items, desc=desc, leave=False, file=sys.stderr)
+        except ImportError:
+            pass
+    return items
+
+
+def format_table(results: list[Result]) -> str:
+    from .cli import _table
+
+    rows = []
+    for wl in dict.fromkeys(r.workload for r in results):
+        group = [r for r in results if r.workload == wl]
+        lim = {"copyto": _find(group, "np.copyto"), "copy": _find(group, "np.copy)")}
+        eager = _find(group, "torch eager")
+        for r in group:
+            xl = lim.get(r.limit)
+            rows.append([
+                wl, r.impl, _num(r.median_ms, "{:.1f}"),
+                f"{r.median_ms / xl:.2f}× {r.limit}" if xl and r.median_ms == r.median_ms else "",
+                f"{eager / r.median_ms:.2f}×" if eager and r.median_ms == r.median_ms else "",
+                _num(r.peak_mb, "{:.0f}"), _num(r.err, "{:.1e}"), r.note,
+            ])
+    return _table(["workload", "implementation", "median ms", "× copy limit", "speed vs torch eager",
+                   "peak extra MB", "max rel err", "note"], rows)
+
+
+def _find(group, key):
+    for r in group:
+        if key in r.impl and r.median_ms == r.median_ms:
+            return r.median_ms
+    return None
+
+
+def _num(v, fmt):
+    return "" if v is None or v != v else fmt.format(v)
+
+
+def write_outputs(results: list[Result], out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(["workload", "implementation", "median_ms", "peak_extra_mb", "max_rel_err", "times_ms"])
+        for r in results:
+            wr.writerow([r.workload, r.impl, r.median_ms, r.peak_mb, r.err,
+                         " ".join(f"{t * 1e3:.2f}" for t in r.times)])
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    wls = list(dict.fromkeys(r.workload for r in results))
+    fig, axes = plt.subplots(len(wls), 1, figsize=(9, 2.2 + 0.45 * max(
+        len([r for r in results if r.workload == w]) for w in wls) * len(wls)), squeeze=False)
+    for ax, wl in zip(axes[:, 0], wls):
+        group = [r for r in results if r.workload == wl and r.median_ms == r.median_ms]
+        names = [r.impl for r in group]
+        vals = [r.median_ms for r in group]
+        colors = ["#2a9d8f" if r.impl.startswith("logitkit") else
+                  "#bbbbbb" if "copy" in r.impl else "#e76f51" for r in group]
+        ax.barh(names, vals, color=colors)
+        ax.invert_yaxis()
+        ax.set_xlabel("median ms (lower is better)")
+        ax.set_title(f"workload {wl}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "bench.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(args: Any) -> int:
+    workloads = args.workload or list(DEFAULT_WORKLOADS)
+    for w in workloads:
+        if w not in WORKLOADS:
+            raise SystemExit(f"--workload: unknown workload {w!r}; expected one of {sorted(WORKLOADS)}")
+    if args.repeat < 1:
+        raise SystemExit("--repeat: expected at least 1")
+    results = []
+    for w in workloads:
+        results += run_workload(w, args.repeat, not args.no_progress)
+    # The table is only meaningful with the machine it ran on.
+    print(f"machine: {os.cpu_count()} CPUs, {_cpu_name()}; median of {args.repeat}")
+    print(format_table(results))
+    if args.out:
+        write_outputs(results, args.out)
+        print(f"wrote {args.out}/results.csv and {args.out}/bench.png")
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
