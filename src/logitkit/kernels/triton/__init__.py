@@ -1,0 +1,67 @@
+"""Triton GPU kernels for the stages of :mod:`logitkit.kernels` (torch CUDA tensors in and out).
+
+Every kernel runs one program per row and streams the class axis in blocks with an online
+softmax (float32 accumulation, ``exp2`` with ``log2 e`` folded in, int64 row offsets). The same
+code runs in Triton's CPU interpreter (``TRITON_INTERPRET=1``, torch CPU tensors), which is how
+the tests check it without a GPU.
+
+Submodules import triton; this package does not until a kernel is asked for, so
+``available()`` works (and says ``False``) where triton is missing.
+
+>>> from logitkit.kernels import triton as tk              # doctest: +SKIP
+>>> ce, m, r, dx = tk.ce_forward_backward(x, y, g, g, out=x)  # doctest: +SKIP
+>>> tk.check_flag(tk.label_flag(x.device))                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+__all__ = [
+    "available",
+    "ce_forward", "ce_backward", "ce_forward_backward",
+    "softmax_forward", "log_softmax_forward", "logsumexp_forward",
+    "softmax_backward", "log_softmax_backward",
+    "linear_ce_forward", "linear_ce_backward",
+    "label_flag", "check_flag", "reset_flag",
+]
+
+_WHERE = {
+    "ce_forward": "ce", "ce_backward": "ce", "ce_forward_backward": "ce",
+    "label_flag": "ce", "check_flag": "ce", "reset_flag": "ce",
+    "softmax_forward": "softmax", "log_softmax_forward": "softmax",
+    "logsumexp_forward": "softmax", "softmax_backward": "softmax",
+    "log_softmax_backward": "softmax",
+    "linear_ce_forward": "linear_ce", "linear_ce_backward": "linear_ce",
+}
+
+
+def available() -> bool:
+    """True when triton imports and torch sees a CUDA device, or ``TRITON_INTERPRET=1`` is set."""
+    try:
+        import triton  # noqa: F401
+        import torch
+    except ImportError:
+        return False
+    if os.environ.get("TRITON_INTERPRET", "") == "1":
+        return True
+    try:
+        return bool(torch.cuda.is_available())
+    except Exception:  # a broken driver means no GPU path, not an error
+        return False
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: import the kernel module (and triton) on first use.
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

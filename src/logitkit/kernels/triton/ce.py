@@ -1,0 +1,445 @@
+"""Cross-entropy stages on the GPU: one Triton program per row, online softmax over ``V`` in blocks.
+
+Implements ``ce_forward``, ``ce_backward`` and ``ce_forward_backward`` of the stage contract in
+:mod:`logitkit.kernels` exactly (transform, ``(m, r)`` with ``r = log1p`` of the sum without one
+maximal term, weights, ``ignore_index``, label smoothing, z-loss through ``g_z``, softcap,
+temperature, ``out`` that may be ``x``).
+
+Memory traffic of the fused kernel: pass 1 reads the row (kept in L2 with ``evict_last``), pass 2
+re-reads it *in reverse block order* (the most recently read blocks first, the ones most likely
+still in L2) and writes the gradient once. A row that fits one block is read once into registers.
+
+Bad labels (outside ``[0, V)`` and not ``ignore_index``) give NaN for that row's loss and gradient
+and set a device-side flag (:func:`label_flag`); :func:`check_flag` turns it into a ``ValueError``.
+That check synchronizes with the device, so callers run it where a sync is cheap (for example
+when the loss is read on the host); nothing else in this module synchronizes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from ._math import split64, _scalar, _exp, _exp_minus, _expm1, _finish_r, _lane_update, _merge_lanes, _transform
+
+__all__ = ["ce_forward", "ce_backward", "ce_forward_backward", "label_flag", "check_flag",
+           "reset_flag"]
+
+_INT32_MAX = 2**31 - 1
+
+# ----------------------------------------------------------------------------------------------
+# launch configuration
+
+
+def _config(V: int, itemsize: int) -> tuple[int, int, bool]:
+    """``(BLOCK, num_warps, single)``: a row that fits one block is held in registers.
+
+    Multi-block rows use blocks of 32 KiB of input (8192 bf16 / 4096 float32 elements per step,
+    16 or 8 elements per thread at 16 warps), enough bytes in flight per SM to reach HBM bandwidth.
+    ``LOGITKIT_TRITON_BLOCK`` / ``LOGITKIT_TRITON_WARPS`` override (for tuning runs).
+    """
+    env_block = os.environ.get("LOGITKIT_TRITON_BLOCK")
+    env_warps = os.environ.get("LOGITKIT_TRITON_WARPS")
+    vp = triton.next_power_of_2(max(int(V), 1))
+    single_max = 16384 if itemsize <= 2 else 8192
+    if env_block:
+        block = int(env_block)
+    elif vp <= single_max:
+        block = max(vp, 16)
+    else:
+        block = 32768 // itemsize if itemsize <= 4 else 2048
+    single = block >= vp
+    if env_warps:
+        warps = int(env_warps)
+    elif block <= 1024:
+        warps = 4
+    elif block <= 4096:
+        warps = 8
+    else:
+        warps = 16
+    return block, warps, single
+
+
+# ----------------------------------------------------------------------------------------------
+# the kernel
+
+
+@triton.jit
+def _ce_kernel(X, OUT, LABELS, WEIGHT, WSUM, GCE, GZ, M_IO, R_IO, CE, FLAG,
+               stride_x, stride_o, stride_gce, stride_gz, V, ignore_index,
+               eps_hi, eps_lo, zl_hi, zl_lo, cap_hi, cap_lo, it_hi, it_lo,
+               HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_ZLOSS: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, HAS_TEMP: tl.constexpr,
+               FORWARD: tl.constexpr, BACKWARD: tl.constexpr, IS_F64: tl.constexpr,
+               SINGLE: tl.constexpr, BLOCK: tl.constexpr):
+    NEG: tl.constexpr = float("-inf")
+    if IS_F64:
+        ACC: tl.constexpr = tl.float64
+    else:
+        ACC: tl.constexpr = tl.float32
+    eps = _scalar(eps_hi, eps_lo, IS_F64)
+    z_loss = _scalar(zl_hi, zl_lo, IS_F64)
+    softcap = _scalar(cap_hi, cap_lo, IS_F64)
+    inv_temp = _scalar(it_hi, it_lo, IS_F64)
+    row = tl.program_id(0).to(tl.int64)  # int64 offsets: N * V may exceed 2**31
+    x_row = X + row * stride_x
+    cols = tl.arange(0, BLOCK)
+
+    lab = tl.load(LABELS + row).to(tl.int64)
+    ignored = lab == ignore_index
+    bad = (lab < 0) | (lab >= V)
+    bad = bad & (ignored == 0)
+    valid = (ignored == 0) & (bad == 0)
+    y = tl.where(valid, lab, 0)
+    zy, _fy = _transform(tl.load(x_row + y).to(ACC), softcap, inv_temp, HAS_SOFTCAP, HAS_TEMP, IS_F64)
+    if HAS_WEIGHT:
+        wy = tl.load(WEIGHT + y).to(ACC)
+    else:
+        wy = 1.0
+    if HAS_SMOOTH:
+        if HAS_WEIGHT:
+            W = tl.load(WSUM).to(ACC)
+        else:
+            W = V * 1.0
+    # Smoothing sums w_c (m - z_c) = W (m - ref) - sum w_c (z_c - ref); with ref = z[y] the
+    # common offset of a row (say 1e4) cancels before summing instead of after.
+    finite_y = (zy == zy) & (tl.abs(zy) < float("inf"))
+    ref = tl.where(valid & finite_y, zy, 0.0)
+
+    if FORWARD:
+        if SINGLE:
+            mask = cols < V
+            xs = tl.load(x_row + cols, mask=mask, other=NEG).to(ACC)
+            z, fac = _transform(xs, softcap, inv_temp, HAS_SOFTCAP, HAS_TEMP, IS_F64)
+            z = tl.where(mask, z, NEG)
+            M = tl.max(tl.where(z == z, z, NEG), axis=0)  # NaN never becomes the max
+            Ms = tl.where(M == NEG, 0.0, M)
+            e = _exp(z - Ms, IS_F64)
+            is_max = (z == M) & (z > NEG)  # (block & scalar bools trip the interpreter)
+            cnt = tl.sum(is_max.to(tl.int32), axis=0)
+            T = tl.sum(tl.where(is_max, 0.0, e), axis=0) + tl.maximum(cnt - 1, 0).to(ACC)
+            if HAS_SMOOTH:
+                d = tl.where(mask, z - ref, 0.0)
+                if HAS_WEIGHT:
+                    d = d * tl.load(WEIGHT + cols, mask=mask, other=0.0).to(ACC)
+                S = tl.sum(d, axis=0)
+        else:
+            mv = tl.full([BLOCK], NEG, ACC)
+            tv = tl.zeros([BLOCK], ACC)
+            sv = tl.zeros([BLOCK], ACC)
+            for start in range(0, V, BLOCK):
+                offs = start + cols
+                mask = offs < V
+                xb = tl.load(x_row + offs, mask=mask, other=NEG, eviction_policy="evict_last").to(ACC)
+                z, fac = _transform(xb, softcap, inv_temp, HAS_SOFTCAP, HAS_TEMP, IS_F64)
+                if HAS_SOFTCAP:
+                    z = tl.where(mask, z, NEG)
+                mv, tv = _lane_update(mv, tv, z, IS_F64)
+                if HAS_SMOOTH:
+                    d = tl.where(mask, z - ref, 0.0)
+                    if HAS_WEIGHT:
+                        d = d * tl.load(WEIGHT + offs, mask=mask, other=0.0).to(ACC)
+                    sv += d
+            M, T = _merge_lanes(mv, tv, IS_F64)
+            if HAS_SMOOTH:
+                S = tl.sum(sv, axis=0)
+        r = _finish_r(M, T, IS_F64)
+        nll = tl.where(M == NEG, float("inf"), (M - zy) + r)
+        ce = tl.where(eps == 1.0, 0.0, ((1.0 - eps) * wy) * nll)
+        if HAS_SMOOTH:
+            smooth = (W * (M - ref) - S) + W * r
+            smooth = tl.where(M == NEG, float("inf"), smooth)
+            ce = ce + (eps / V) * smooth
+        ce = tl.where(valid, ce, 0.0)
+        ce = tl.where(bad, float("nan"), ce)
+        tl.store(CE + row, ce)
+        tl.store(M_IO + row, M)
+        tl.store(R_IO + row, r)
+    else:
+        M = tl.load(M_IO + row).to(ACC)
+        r = tl.load(R_IO + row).to(ACC)
+
+    if BACKWARD:
+        o_row = OUT + row * stride_o
+        if ignored:
+            zero = tl.zeros([BLOCK], ACC).to(OUT.dtype.element_ty)
+            for start in range(0, V, BLOCK):
+                offs = start + cols
+                tl.store(o_row + offs, zero, mask=offs < V, eviction_policy="evict_first")
+        else:
+            gce = tl.load(GCE + row * stride_gce).to(ACC)
+            # dz = B (p - [c == y]) + D p - C w_c   (B, C, D per row; see the contract)
+            B = gce * ((1.0 - eps) * wy)
+            B = tl.where(bad, float("nan"), B)
+            D = gce * 0.0
+            if HAS_SMOOTH:
+                C = gce * (eps / V)
+                D = C * W
+            if HAS_ZLOSS:
+                gz = tl.load(GZ + row * stride_gz).to(ACC)
+                # p * lse -> 0 on an all -inf row (p = 0) instead of 0 * -inf
+                D = D + tl.where(M == NEG, 0.0, gz * (2.0 * z_loss) * (M + r))
+            Ms = tl.where(M == NEG, 0.0, M)
+            # p_y - 1 = expm1((z_y - m) - r) keeps full accuracy for confident rows (p_y ~ 1)
+            qy = _expm1((zy - Ms) - r, IS_F64)
+            if FORWARD and SINGLE:
+                # the row is still in registers: p = exp(z - m) / (1 + T)
+                scale = tl.where(M == float("inf"), float("nan"), 1.0 / (1.0 + T))
+                p = e * scale
+                q = tl.where(cols == y, qy, p)
+                dz = B * q
+                if HAS_SMOOTH or HAS_ZLOSS:
+                    dz += D * p
+                if HAS_SMOOTH:
+                    if HAS_WEIGHT:
+                        dz -= C * tl.load(WEIGHT + cols, mask=mask, other=0.0).to(ACC)
+                    else:
+                        dz -= C
+                if HAS_SOFTCAP or HAS_TEMP:
+                    dz = dz * fac
+                tl.store(o_row + cols, dz.to(OUT.dtype.element_ty), mask=mask)
+            else:
+                nb = tl.cdiv(V, BLOCK)
+                for k in range(0, nb):
+                    # reverse order: the blocks read last in pass 1 are the likeliest L2 hits
+                    offs = (nb - 1 - k) * BLOCK + cols
+                    mask = offs < V
+                    xb = tl.load(x_row + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
+                    z, fac = _transform(xb, softcap, inv_temp, HAS_SOFTCAP, HAS_TEMP, IS_F64)
+                    p = _exp_minus(z - Ms, r, IS_F64)
+                    q = tl.where(offs == y, qy, p)
+                    dz = B * q
+                    if HAS_SMOOTH or HAS_ZLOSS:
+                        dz += D * p
+                    if HAS_SMOOTH:
+                        if HAS_WEIGHT:
+                            dz -= C * tl.load(WEIGHT + offs, mask=mask, other=0.0).to(ACC)
+                        else:
+                            dz -= C
+                    if HAS_SOFTCAP or HAS_TEMP:
+                        dz = dz * fac
+                    tl.store(o_row + offs, dz.to(OUT.dtype.element_ty), mask=mask,
+                             eviction_policy="evict_first")
+
+    tl.atomic_add(FLAG, 1, mask=bad)
+    tl.atomic_min(FLAG + 1, tl.minimum(row, 2147483647).to(tl.int32), mask=bad)
+    tl.atomic_xchg(FLAG + 2, V, mask=bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# bad-label flag
+
+_FLAGS: dict[Any, torch.Tensor] = {}
+
+
+def label_flag(device: Any) -> torch.Tensor:
+    """The int32 flag tensor ``[count, first_row, V]`` that kernels on ``device`` set for bad labels.
+
+    ``count`` is the number of rows seen with a class index outside ``[0, V)`` that is not
+    ``ignore_index`` (since the last :func:`check_flag` / :func:`reset_flag`), ``first_row`` the
+    smallest such row index, ``V`` the class count of the call that saw one.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    flag = _FLAGS.get(device)
+    if flag is None:
+        flag = torch.tensor([0, _INT32_MAX, 0], dtype=torch.int32, device=device)
+        _FLAGS[device] = flag
+    return flag
+
+
+def reset_flag(flag: torch.Tensor) -> None:
+    """Clear ``flag`` on the device (no sync)."""
+    flag[0].fill_(0)
+    flag[1].fill_(_INT32_MAX)
+    flag[2].fill_(0)
+
+
+def check_flag(flag: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+    """Raise ``ValueError`` if a kernel saw a bad class index; **synchronizes with the device**.
+
+    Call it where a sync is cheap (when the loss is read on the host, or once per step); the
+    flag is cleared before raising. ``labels`` (the flattened labels of the failing call), if
+    given, lets the message name the offending value.
+
+    >>> check_flag(label_flag(x.device))        # doctest: +SKIP
+    """
+    count, first, V = (int(v) for v in flag.tolist())
+    if count == 0:
+        return
+    reset_flag(flag)
+    what = ""
+    if labels is not None and 0 <= first < labels.numel():
+        what = f" (value {int(labels.reshape(-1)[first])})"
+    raise ValueError(f"labels: {count} row(s) hold a class index outside [0, {V}) that is not "
+                     f"ignore_index; first at row {first}{what}")
+
+
+# ----------------------------------------------------------------------------------------------
+# wrappers
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_x(x: Any, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D (N, V) tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"{name}: expected float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
+def _rows(x: torch.Tensor, out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x`` with unit class stride (copied only if needed) and the checked ``out``."""
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(x.shape) or out.dtype != x.dtype:
+            raise ValueError(f"out: expected a tensor of shape {tuple(x.shape)} and dtype {x.dtype}")
+        if out.device != x.device:
+            raise ValueError(f"out: expected device {x.device}, got {out.device}")
+        if x.shape[1] > 1 and out.stride(1) != 1:
+            raise ValueError("out: the class axis must be contiguous (stride 1)")
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        if out is x:
+            raise ValueError("x: in-place needs a contiguous class axis")
+        x = x.contiguous()
+    return x, out
+
+
+def _row_scale(g: Any, N: int, device: torch.device, name: str) -> tuple[torch.Tensor, int]:
+    """A per-row multiplier as ``(tensor, stride)``; a scalar or 1-element tensor broadcasts."""
+    if not isinstance(g, torch.Tensor):
+        g = torch.full((1,), float(g), dtype=torch.float32, device=device)
+    if g.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {g.device}")
+    g = g.reshape(-1)
+    if g.numel() == 1:
+        return g, 0
+    if g.numel() != N:
+        raise ValueError(f"{name}: expected {N} per-row values, got shape {tuple(g.shape)}")
+    return g, g.stride(0)
+
+
+def _ce_launch(x, labels, g_ce, g_z, m_in, r_in, *, weight, ignore_index, label_smoothing,
+               z_loss, softcap, temperature, out, forward, backward):
+    _check_x(x)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels: expected a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dtype.is_complex:
+        raise TypeError(f"labels: expected integer class indices, got {labels.dtype}")
+    N, V = x.shape
+    if labels.reshape(-1).shape[0] != N:
+        raise ValueError(f"labels: expected {N} class indices, got shape {tuple(labels.shape)}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing: expected a value in [0, 1], got {label_smoothing}")
+    if softcap is not None and not float(softcap) > 0.0:
+        raise ValueError(f"softcap: expected a positive number or None, got {softcap}")
+    if not float(temperature) > 0.0:
+        raise ValueError(f"temperature: expected a positive number, got {temperature}")
+    x, out = _rows(x, out)
+    dev = x.device
+    acc = _acc(x.dtype)
+    labels = labels.reshape(-1).to(device=dev).contiguous()
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor):
+            weight = torch.as_tensor(weight, device=dev)
+        if weight.reshape(-1).shape[0] != V:
+            raise ValueError(f"weight: expected {V} class weights, got shape {tuple(weight.shape)}")
+        weight = weight.reshape(-1).to(device=dev, dtype=acc).contiguous()
+        wsum = weight.sum().reshape(1)  # on the device: no sync
+    else:
+        wsum = None
+    eps = float(label_smoothing)
+    zl = float(z_loss)
+    if forward:
+        ce = torch.empty(N, dtype=acc, device=dev)
+        m = torch.empty(N, dtype=acc, device=dev)
+        r = torch.empty(N, dtype=acc, device=dev)
+    else:
+        ce = None
+        m = m_in.reshape(-1)
+        r = r_in.reshape(-1)
+        if m.numel() != N or r.numel() != N:
+            raise ValueError(f"m, r: expected {N} row statistics each, got {m.numel()} and {r.numel()}")
+        m = m.to(device=dev, dtype=acc).contiguous()
+        r = r.to(device=dev, dtype=acc).contiguous()
+    if backward:
+        g1, s1 = _row_scale(g_ce, N, dev, "g_ce")
+        g2, s2 = _row_scale(g_z, N, dev, "g_z") if zl != 0.0 else (g1, 0)
+        if out is None:
+            out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    else:
+        g1 = g2 = None
+        s1 = s2 = 0
+    flag = label_flag(dev)
+    if N > 0:
+        block, warps, single = _config(V, x.element_size())
+        dummy = x  # never read: constexpr flags turn off every use
+        _ce_kernel[(N,)](
+            x, out if out is not None else dummy, labels,
+            weight if weight is not None else dummy, wsum if wsum is not None else dummy,
+            g1 if g1 is not None else dummy, g2 if g2 is not None else dummy,
+            m, r, ce if ce is not None else dummy, flag,
+            x.stride(0), out.stride(0) if out is not None else 0, s1, s2, V, int(ignore_index),
+            *split64(eps), *split64(zl), *split64(float(softcap) if softcap is not None else 1.0),
+            *split64(1.0 / float(temperature)),
+            HAS_WEIGHT=weight is not None, HAS_SMOOTH=eps > 0.0, HAS_ZLOSS=zl != 0.0,
+            HAS_SOFTCAP=softcap is not None, HAS_TEMP=float(temperature) != 1.0,
+            FORWARD=forward, BACKWARD=backward, IS_F64=x.dtype == torch.float64,
+            SINGLE=single, BLOCK=block, num_warps=warps,
+        )
+    return ce, m, r, out
+
+
+def ce_forward(x, labels, *, weight=None, ignore_index=-100, label_smoothing=0.0, softcap=None,
+               temperature=1.0):
+    """Per-row cross-entropy and row statistics ``(ce, m, r)``, each ``(N,)`` float32 (float64
+    for float64 ``x``); see :mod:`logitkit.kernels` for the formula.
+
+    ``x``: ``(N, V)`` CUDA tensor, class axis contiguous; ``labels``: ``(N,)`` integers.
+    Ignored rows give ``ce = 0``; a bad label gives NaN and sets :func:`label_flag`.
+
+    >>> ce, m, r = ce_forward(x, labels, label_smoothing=0.1)   # doctest: +SKIP
+    """
+    ce, m, r, _ = _ce_launch(x, labels, None, None, None, None, weight=weight,
+                             ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=0.0,
+                             softcap=softcap, temperature=temperature, out=None, forward=True,
+                             backward=False)
+    return ce, m, r
+
+
+def ce_backward(x, labels, m, r, g_ce, g_z, *, weight=None, ignore_index=-100, label_smoothing=0.0,
+                z_loss=0.0, softcap=None, temperature=1.0, out=None):
+    """Gradient of ``sum_i g_ce[i] ce[i] + g_z[i] z_loss lse[i]**2`` with respect to ``x``.
+
+    ``m, r``: the row statistics from :func:`ce_forward`; ``g_ce, g_z``: ``(N,)`` per-row
+    multipliers (or scalars). Returns ``out`` (new if ``None``; may be ``x`` for in place), ``x``'s
+    dtype; ignored rows get exact zeros.
+
+    >>> dx = ce_backward(x, labels, m, r, g, g, out=x)   # doctest: +SKIP
+    """
+    return _ce_launch(x, labels, g_ce, g_z, m, r, weight=weight, ignore_index=ignore_index,
+                      label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                      temperature=temperature, out=out, forward=False, backward=True)[3]
+
+
+def ce_forward_backward(x, labels, g_ce, g_z, *, weight=None, ignore_index=-100, label_smoothing=0.0,
+                        z_loss=0.0, softcap=None, temperature=1.0, out=None):
+    """:func:`ce_forward` and :func:`ce_backward` in one kernel: ``(ce, m, r, out)``.
+
+    One read of each row from HBM (a second from L2 for rows wider than one block) and one
+    write of the gradient; ``out=x`` overwrites the logits with their gradient.
+
+    >>> ce, m, r, dx = ce_forward_backward(x, labels, g, g, out=x)   # doctest: +SKIP
+    """
+    return _ce_launch(x, labels, g_ce, g_z, None, None, weight=weight, ignore_index=ignore_index,
+                      label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                      temperature=temperature, out=out, forward=True, backward=True)
