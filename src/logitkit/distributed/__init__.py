@@ -1,0 +1,42 @@
+"""Vocabulary-parallel cross-entropy: each rank holds a slice of the vocabulary, no logits gathered.
+
+- :func:`vocab_parallel_cross_entropy` (torch): logits already sharded over the vocabulary.
+- :func:`vocab_parallel_linear_cross_entropy` (torch): hidden states and a vocabulary-sharded head.
+- :func:`jax_vocab_parallel_cross_entropy` (JAX): inside ``shard_map`` with a named mesh axis.
+- :mod:`logitkit.distributed.stages`: the maths once, against ``xp``, with the collectives injected.
+
+Forward: one MAX and one SUM all-reduce of per-token scalars; backward: no communication (the
+linear version all-reduces ``d loss / d hidden`` once). Importing this package imports neither torch
+nor jax; each binding is imported on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy",
+           "jax_vocab_parallel_cross_entropy", "TorchCollectives", "stages"]
+
+_LAZY = {
+    "vocab_parallel_cross_entropy": "._torch",
+    "vocab_parallel_linear_cross_entropy": "._torch",
+    "TorchCollectives": "._torch",
+    "jax_vocab_parallel_cross_entropy": "._jax",
+    "stages": ".stages",
+}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'logitkit.distributed' has no attribute {name!r}")
+    import importlib
+
+    module = importlib.import_module(mod, __name__)
+    value = module if name == "stages" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(__all__)

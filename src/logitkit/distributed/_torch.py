@@ -1,0 +1,383 @@
+"""torch.distributed bindings of the vocabulary-parallel stages (autograd.Function, no logits gathered)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import _validate as V
+from .._namespace import TORCH, acc_dtype, dtype_name, get_namespace, is_floating, is_integer
+from ..core.logsumexp import transform
+from ..core.reduction import reduce_loss, row_scales
+from . import stages
+
+__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy", "TorchCollectives"]
+
+# Error codes a rank reports through the MAX all-reduce, so that every rank raises together.
+_ERR_WEIGHT_SHORT = 1
+
+
+class TorchCollectives:
+    """``all_reduce_max`` / ``all_reduce_sum`` over a process group, in place.
+
+    Without an initialized default group (and ``group=None``) it is the single process: rank 0 of
+    1 and both collectives are the identity, so the functions also run (and are tested) alone.
+    """
+
+    def __init__(self, group: Any = None) -> None:
+        dist = torch.distributed
+        self.active = dist.is_available() and dist.is_initialized()
+        if not self.active:
+            if group is not None:
+                raise ValueError("group: a process group was given but torch.distributed is not initialized")
+            self.group, self.rank, self.size = None, 0, 1
+        else:
+            self.group = group
+            self.rank = dist.get_rank(group)
+            self.size = dist.get_world_size(group)
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            # Looked up at call time, so a test can count the calls by wrapping it.
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return t
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM, group=self.group)
+        return t
+
+
+@dataclass(frozen=True)
+class _Cfg:
+    comm: TorchCollectives
+    start: int
+    ignore_index: int
+    label_smoothing: float
+    reduction: str
+    z_loss: float
+    softcap: float | None
+    temperature: float
+    chunk: int = 0
+    reduce_hidden_grad: bool = True
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks (identical on every rank, so raising before the collectives strands nobody)
+
+
+def _check_common(labels: Any, weight: Any, batch_shape: tuple, ignore_index: int, label_smoothing: float,
+                  reduction: str, z_loss: float, softcap: float | None, temperature: float,
+                  vocab_start: Any) -> None:
+    V.check_options(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                    temperature=temperature)
+    if not isinstance(labels, torch.Tensor) or not is_integer(labels.dtype):
+        raise TypeError("labels: expected an integer tensor of global class indices, got "
+                        f"{dtype_name(labels.dtype) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    if tuple(labels.shape) != tuple(batch_shape):
+        raise ValueError(f"labels: expected shape {tuple(batch_shape)} (the logits' shape without the class "
+                         f"axis), got {tuple(labels.shape)}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 1 or not is_floating(weight.dtype):
+            raise ValueError("weight: expected a 1-D floating tensor of global class weights (V,), got "
+                             f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    if vocab_start is not None and (not isinstance(vocab_start, int) or isinstance(vocab_start, bool)
+                                    or vocab_start < 0):
+        raise ValueError(f"vocab_start: expected None or an int >= 0, got {vocab_start!r}")
+
+
+def _local_weight(weight: Any, start: int, n: int, acc: Any) -> tuple[Any, int]:
+    """This shard's slice of the global class weights, and an error code if it is too short."""
+    if weight is None:
+        return None, 0
+    w = weight.detach().to(acc)[start:start + n]
+    if w.shape[0] < n:  # reported after the collectives, on every rank at once
+        return torch.cat([w, w.new_zeros(n - w.shape[0])]), _ERR_WEIGHT_SHORT
+    return w, 0
+
+
+def _verdict(red: stages.Reduced, labels: torch.Tensor, weight: Any, ignore_index: int,
+             device: torch.device) -> Any:
+    """Raise (CPU) or return a 0-d ``ok`` flag (other devices: the loss becomes NaN, no host sync).
+
+    Every rank holds the same reduced values and labels, so every rank reaches the same verdict.
+    """
+    Vt = red.vocab_size
+    valid = labels != ignore_index
+    if device.type == "cpu":
+        nV = int(Vt.item())
+        if red.local_error.item() > 0 or (weight is not None and weight.shape[0] != nV):
+            got = "a different length" if weight is None else f"shape {tuple(weight.shape)}"
+            raise ValueError(f"weight: expected the global class weights, shape ({nV},), got {got} "
+                             "(on at least one rank)")
+        if not bool(red.tiled):
+            raise ValueError("vocab_start: the shards do not tile the vocabulary: the largest "
+                             f"vocab_start + local size is {int(red.shard_end.item())} but the ranks hold "
+                             f"{nV} classes in all; with vocab_start=None every rank must hold the same "
+                             "number of classes (pass vocab_start for uneven shards)")
+        if not bool(red.same_labels):
+            raise ValueError("labels: the ranks passed different labels; every rank of the group must pass the "
+                             "same labels (global class indices) for the same tokens")
+        V.check_label_range(TORCH, labels, nV, ignore_index)
+        return None
+    bad_label = (valid & ((labels < 0) | (labels >= Vt))).any()
+    ok = red.tiled & red.same_labels & (red.local_error == 0) & ~bad_label
+    if weight is not None:
+        ok = ok & (Vt == weight.shape[0])
+    return ok
+
+
+def _finish_forward(xp: Any, ctx: Any, red: stages.Reduced, labels: torch.Tensor, weight: Any,
+                    cfg: _Cfg, device: torch.device, out_dtype: Any) -> torch.Tensor:
+    ok = _verdict(red, labels, weight, cfg.ignore_index, device)
+    ce = red.ce if ok is None else torch.where(ok, red.ce, float("nan"))
+    loss = reduce_loss(xp, ce, red.m + red.r, red.validf, red.wy, cfg.reduction, cfg.z_loss)
+    acc = red.m.dtype
+    wtotal = red.vocab_size if weight is None else weight.detach().to(acc).sum()
+    ctx.stats = (red.m, red.r, red.validf, red.wy, red.vocab_size, wtotal)
+    return loss.to(out_dtype)
+
+
+def _grad_scales(xp: Any, ctx: Any, cfg: _Cfg, grad_output: torch.Tensor) -> tuple[Any, Any]:
+    m, r, validf, wy, Vt, wtotal = ctx.stats
+    return row_scales(xp, validf, wy, cfg.reduction, grad_output.to(m.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# logits already sharded over the vocabulary
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, labels: torch.Tensor, weight: Any, cfg: _Cfg) -> torch.Tensor:
+        xp = get_namespace(TORCH)
+        acc = acc_dtype(xp, x.dtype)
+        n = x.shape[-1]
+        wl, err = _local_weight(weight, cfg.start, n, acc)
+        z = transform(xp, x.to(acc), cfg.softcap, cfg.temperature)
+        parts = stages.local_partials(xp, z, labels, start=cfg.start, ignore_index=cfg.ignore_index,
+                                      label_smoothing=cfg.label_smoothing, weight_local=wl)
+        del z
+        red = stages.reduce_rows(xp, parts, labels, all_reduce_max=cfg.comm.all_reduce_max,
+                                 all_reduce_sum=cfg.comm.all_reduce_sum, start=cfg.start, size=n,
+                                 weight=None if weight is None else weight.detach(),
+                                 ignore_index=cfg.ignore_index, label_smoothing=cfg.label_smoothing,
+                                 local_error=err)
+        loss = _finish_forward(xp, ctx, red, labels, weight, cfg, x.device, x.dtype)
+        ctx.save_for_backward(x, labels)
+        ctx.cfg, ctx.wl = cfg, wl
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
+        xp = get_namespace(TORCH)
+        x, labels = ctx.saved_tensors
+        cfg = ctx.cfg
+        m, r, validf, wy, Vt, wtotal = ctx.stats
+        g_ce, g_z = _grad_scales(xp, ctx, cfg, grad_output)
+        dx = stages.local_grad(xp, x, labels, m, r, g_ce, g_z, start=cfg.start, vocab_size=Vt,
+                               wtotal=wtotal, wy=wy, validf=validf, weight_local=ctx.wl,
+                               label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss, softcap=cfg.softcap,
+                               temperature=cfg.temperature)
+        return dx, None, None, None
+
+
+def vocab_parallel_cross_entropy(local_logits: torch.Tensor, labels: torch.Tensor, *, group: Any = None,
+                                 vocab_start: int | None = None, weight: torch.Tensor | None = None,
+                                 ignore_index: int = -100, label_smoothing: float = 0.0,
+                                 reduction: str = "mean", z_loss: float = 0.0, softcap: float | None = None,
+                                 temperature: float = 1.0) -> torch.Tensor:
+    r"""Cross-entropy over logits sharded along the vocabulary, without gathering them.
+
+    Every rank of ``group`` passes its slice ``local_logits`` of shape ``(..., n)`` (class axis
+    last, the classes ``[vocab_start, vocab_start + n)``) and the *same* ``labels`` ``(...)`` of
+    global class indices; every rank gets the same loss, equal to
+    ``logitkit.cross_entropy(full_logits, labels, **options)`` on the gathered logits, and the
+    gradient of its own slice.
+
+    Args:
+      group: the process group over which the vocabulary is split (``None``: the default group;
+        with ``torch.distributed`` not initialized the call is the single-process loss).
+      vocab_start: global index of this rank's first class. ``None``: equal shards,
+        ``rank · n``. Uneven shards pass it; the shards must tile ``[0, V)``.
+      weight: *global* class weights ``(V,)``, the same tensor on every rank (each rank slices its
+        classes; the mean divides by ``Σ w_y`` as torch does). Not differentiated.
+      ignore_index, label_smoothing, reduction, z_loss, softcap, temperature: as in
+        :func:`logitkit.cross_entropy`; smoothing divides by the *global* ``V`` and sums over
+        every shard.
+
+    Communication: forward, one MAX all-reduce of ``N`` scalars and one SUM all-reduce of
+    ``3N`` (``4N`` with smoothing), float32 (float64 for float64 logits); backward, none.
+    Errors found after the collectives (shards that do not tile, labels that differ between ranks
+    or out of range, weights of the wrong length) raise ``ValueError`` on every rank for CPU
+    tensors and give a NaN loss on other devices (no host synchronisation).
+
+    Example (``torchrun --nproc-per-node 2``)::
+
+        local = full_logits.chunk(world_size, dim=-1)[rank].requires_grad_()
+        loss = vocab_parallel_cross_entropy(local, labels, label_smoothing=0.1)
+        loss.backward()          # local.grad is this rank's slice of the full gradient
+    """
+    if not isinstance(local_logits, torch.Tensor):
+        raise TypeError(f"local_logits: expected a torch tensor, got {type(local_logits).__name__}")
+    V.check_logits("local_logits", local_logits)
+    _check_common(labels, weight, tuple(local_logits.shape[:-1]), ignore_index, label_smoothing, reduction,
+                  z_loss, softcap, temperature, vocab_start)
+    comm = TorchCollectives(group)
+    n = local_logits.shape[-1]
+    start = comm.rank * n if vocab_start is None else vocab_start
+    cfg = _Cfg(comm, start, ignore_index, float(label_smoothing), reduction, float(z_loss), softcap,
+               float(temperature))
+    x2 = local_logits.reshape(-1, n)
+    loss = _VocabParallelCE.apply(x2, labels.reshape(-1), weight, cfg)
+    return loss.reshape(labels.shape) if reduction == "none" else loss
+
+
+# ----------------------------------------------------------------------------------------------
+# hidden states and a vocabulary-sharded head
+
+
+def _chunks(N: int, chunk: int):
+    if N == 0:
+        yield 0, 0
+        return
+    for i in range(0, N, chunk):
+        yield i, min(N, i + chunk)
+
+
+def _head_logits(h: torch.Tensor, w: torch.Tensor, b: Any) -> torch.Tensor:
+    return h @ w.t() if b is None else torch.addmm(b, h, w.t())
+
+
+def _cat_partials(pieces: list) -> stages.Partials:
+    """Join the per-chunk partials along the tokens (``wsum`` is the same for every chunk)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    first = pieces[0]
+    fields = [torch.cat([getattr(p, f) for p in pieces]) for f in ("m", "t", "c", "zy", "own")]
+    s = None if first.s is None else torch.cat([p.s for p in pieces])
+    return stages.Partials(*fields, s, first.wsum)
+
+
+class _VocabParallelLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, w: torch.Tensor, b: Any, labels: torch.Tensor, weight: Any,
+                cfg: _Cfg) -> torch.Tensor:
+        xp = get_namespace(TORCH)
+        acc = acc_dtype(xp, h.dtype)
+        n = w.shape[0]
+        wl, err = _local_weight(weight, cfg.start, n, acc)
+        pieces = []
+        for i0, i1 in _chunks(h.shape[0], cfg.chunk):
+            z = transform(xp, _head_logits(h[i0:i1], w, b).to(acc), cfg.softcap, cfg.temperature)
+            pieces.append(stages.local_partials(xp, z, labels[i0:i1], start=cfg.start,
+                                                ignore_index=cfg.ignore_index,
+                                                label_smoothing=cfg.label_smoothing, weight_local=wl))
+            del z
+        parts = _cat_partials(pieces)
+        red = stages.reduce_rows(xp, parts, labels, all_reduce_max=cfg.comm.all_reduce_max,
+                                 all_reduce_sum=cfg.comm.all_reduce_sum, start=cfg.start, size=n,
+                                 weight=None if weight is None else weight.detach(),
+                                 ignore_index=cfg.ignore_index, label_smoothing=cfg.label_smoothing,
+                                 local_error=err)
+        loss = _finish_forward(xp, ctx, red, labels, weight, cfg, h.device, h.dtype)
+        ctx.save_for_backward(h, w, b, labels)
+        ctx.cfg, ctx.wl = cfg, wl
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
+        xp = get_namespace(TORCH)
+        h, w, b, labels = ctx.saved_tensors
+        cfg = ctx.cfg
+        m, r, validf, wy, Vt, wtotal = ctx.stats
+        g_ce, g_z = _grad_scales(xp, ctx, cfg, grad_output)
+        acc = m.dtype
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        dh = torch.zeros(h.shape, dtype=acc, device=h.device) if need_h else None
+        dw = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
+        db = torch.zeros(w.shape[0], dtype=acc, device=w.device) if (need_b and b is not None) else None
+        for i0, i1 in _chunks(h.shape[0], cfg.chunk):
+            if i1 == i0:
+                continue
+            hc = h[i0:i1]
+            dlog = stages.local_grad(xp, _head_logits(hc, w, b), labels[i0:i1], m[i0:i1], r[i0:i1],
+                                     g_ce[i0:i1], g_z[i0:i1], start=cfg.start, vocab_size=Vt, wtotal=wtotal,
+                                     wy=wy[i0:i1], validf=validf[i0:i1], weight_local=ctx.wl,
+                                     label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
+                                     softcap=cfg.softcap, temperature=cfg.temperature)
+            if dh is not None:
+                dh[i0:i1] = dlog @ w
+            if dw is not None:
+                dw += (dlog.t() @ hc).to(acc)
+            if db is not None:
+                db += dlog.to(acc).sum(0)
+        if dh is not None and cfg.reduce_hidden_grad:
+            # Each rank holds the part of dL/dh that flows through its classes: the one collective
+            # of the backward pass (what a column-parallel head's backward all-reduce does).
+            dh = cfg.comm.all_reduce_sum(dh)
+        return (None if dh is None else dh.to(h.dtype), None if dw is None else dw.to(w.dtype),
+                None if db is None else db.to(b.dtype), None, None, None)
+
+
+def vocab_parallel_linear_cross_entropy(hidden: torch.Tensor, local_weight: torch.Tensor, labels: torch.Tensor, *,
+                                        local_bias: torch.Tensor | None = None, group: Any = None,
+                                        vocab_start: int | None = None, weight: torch.Tensor | None = None,
+                                        ignore_index: int = -100, label_smoothing: float = 0.0,
+                                        reduction: str = "mean", z_loss: float = 0.0,
+                                        softcap: float | None = None, temperature: float = 1.0,
+                                        chunk_size: int | None = None,
+                                        reduce_hidden_grad: bool = True) -> torch.Tensor:
+    r"""Fused head + cross-entropy with the head weight sharded over the vocabulary.
+
+    ``logits = hidden @ local_weight.T + local_bias`` for this rank's classes, computed ``chunk_size``
+    tokens at a time and never stored whole; neither the weight nor the logits are gathered. The
+    loss equals ``logitkit.cross_entropy(hidden @ W.T + b, labels, ...)`` with ``W`` the
+    concatenated shards.
+
+    Args:
+      hidden: ``(..., H)``, the same on every rank (tensor parallelism replicates it).
+      local_weight: ``(n, H)`` rows ``[vocab_start, vocab_start + n)`` of the head; ``local_bias``
+        ``(n,)`` or ``None``. ``labels``: ``hidden.shape[:-1]`` global class indices.
+      weight: global class weights ``(V,)`` (same on every rank), as in
+        :func:`vocab_parallel_cross_entropy`; the other options likewise.
+      chunk_size: tokens per chunk (default: about 8M logits per chunk).
+      reduce_hidden_grad: all-reduce (SUM, in float32 for 16-bit inputs) ``d loss / d hidden`` over
+        the group in backward, so every rank gets the full gradient. That is the one collective of
+        the backward pass. Pass ``False`` when the caller's own column-parallel layer does that
+        all-reduce (Megatron's ``copy_to_tensor_model_parallel_region``); each rank then gets its
+        partial sum.
+
+    Communication: forward, one MAX and one SUM all-reduce (as the logits version); backward,
+    one SUM all-reduce of ``N × H`` (none with ``reduce_hidden_grad=False``).
+    """
+    for name, t in (("hidden", hidden), ("local_weight", local_weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch tensor, got {type(t).__name__}")
+        V.check_logits(name, t)
+    if local_weight.ndim != 2 or local_weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"local_weight: expected shape (n, {hidden.shape[-1]}) (n local classes, hidden size), "
+                         f"got {tuple(local_weight.shape)}")
+    if local_weight.dtype != hidden.dtype:
+        raise TypeError(f"local_weight: expected hidden's dtype {dtype_name(hidden.dtype)}, got "
+                        f"{dtype_name(local_weight.dtype)}")
+    n = local_weight.shape[0]
+    if local_bias is not None and (not isinstance(local_bias, torch.Tensor) or tuple(local_bias.shape) != (n,)):
+        raise ValueError(f"local_bias: expected shape ({n},), got "
+                         f"{tuple(local_bias.shape) if isinstance(local_bias, torch.Tensor) else type(local_bias).__name__}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected None or an int >= 1, got {chunk_size!r}")
+    _check_common(labels, weight, tuple(hidden.shape[:-1]), ignore_index, label_smoothing, reduction,
+                  z_loss, softcap, temperature, vocab_start)
+    comm = TorchCollectives(group)
+    start = comm.rank * n if vocab_start is None else vocab_start
+    chunk = chunk_size if chunk_size is not None else max(1, (1 << 23) // max(n, 1))
+    cfg = _Cfg(comm, start, ignore_index, float(label_smoothing), reduction, float(z_loss), softcap,
+               float(temperature), chunk, bool(reduce_hidden_grad))
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    loss = _VocabParallelLinearCE.apply(h2, local_weight, local_bias, labels.reshape(-1), weight, cfg)
+    return loss.reshape(labels.shape) if reduction == "none" else loss

@@ -1,0 +1,69 @@
+"""In-process stand-in for a process group: P threads, collectives through a barrier.
+
+Used to test the collective-agnostic stages with NumPy, without processes. Every call is recorded
+(op, element count, bytes) so tests can count the collectives of a forward pass.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+
+class ThreadGroup:
+    def __init__(self, size: int, timeout: float = 30.0) -> None:
+        self.size = size
+        self.barrier = threading.Barrier(size, timeout=timeout)
+        self.slots: list = [None] * size
+        self.calls: list = []  # (op, numel, nbytes) recorded once per collective (by rank 0)
+
+    def _collective(self, rank: int, op: str, a: np.ndarray) -> np.ndarray:
+        self.slots[rank] = np.array(a, copy=True)
+        self.barrier.wait()
+        stacked = np.stack(self.slots)
+        out = stacked.max(axis=0) if op == "max" else np.add.reduce(stacked, axis=0)
+        if rank == 0:
+            self.calls.append((op, a.size, a.nbytes))
+        self.barrier.wait()  # nobody overwrites a slot before everyone has read it
+        return out.astype(a.dtype)
+
+    def collectives(self, rank: int) -> dict:
+        return {"all_reduce_max": lambda a: self._collective(rank, "max", a),
+                "all_reduce_sum": lambda a: self._collective(rank, "sum", a)}
+
+
+def run_ranks(size: int, fn) -> list:
+    """Run ``fn(rank, group)`` on ``size`` threads; return the results, re-raising the first error."""
+    group = ThreadGroup(size)
+    results: list = [None] * size
+    errors: list = [None] * size
+
+    def target(rank: int) -> None:
+        try:
+            results[rank] = fn(rank, group)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            errors[rank] = exc
+            group.barrier.abort()
+
+    threads = [threading.Thread(target=target, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for e in errors:
+        if e is not None and not isinstance(e, threading.BrokenBarrierError):
+            raise e
+    for e in errors:
+        if e is not None:
+            raise e
+    return results, group
+
+
+def shard_bounds(sizes: list) -> list:
+    """``[(start, end)]`` of consecutive shards of the given sizes."""
+    out, s = [], 0
+    for n in sizes:
+        out.append((s, s + n))
+        s += n
+    return out
