@@ -1,0 +1,244 @@
+"""Softmax, log_softmax and logsumexp stages (forward and backward) as Triton kernels.
+
+One program per row. A row that fits one block is read once into registers; a wider row is
+streamed twice: an online pass for ``(m, r)`` (per-lane max and sum without one maximal term,
+merged at the end) and a second pass, in reverse block order so that it starts on the blocks
+most likely still in L2, that writes the output. Float32 accumulation (float64 for float64).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._math import _exp, _exp_minus, _finish_r, _lane_update, _merge_lanes, _scalar, split64
+from .ce import _acc, _check_x, _config, _rows
+
+__all__ = ["softmax_forward", "log_softmax_forward", "logsumexp_forward", "softmax_backward",
+           "log_softmax_backward"]
+
+_SOFTMAX, _LOG_SOFTMAX, _LOGSUMEXP = 0, 1, 2
+
+
+@triton.jit
+def _softmax_fwd_kernel(X, OUT, LSE, stride_x, stride_o, V, it_hi, it_lo,
+                        MODE: tl.constexpr, HAS_TEMP: tl.constexpr, IS_F64: tl.constexpr,
+                        SINGLE: tl.constexpr, BLOCK: tl.constexpr):
+    NEG: tl.constexpr = float("-inf")
+    if IS_F64:
+        ACC: tl.constexpr = tl.float64
+    else:
+        ACC: tl.constexpr = tl.float32
+    inv_temp = _scalar(it_hi, it_lo, IS_F64)
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_x
+    cols = tl.arange(0, BLOCK)
+    if SINGLE:
+        mask = cols < V
+        z = tl.load(x_row + cols, mask=mask, other=NEG).to(ACC)
+        if HAS_TEMP:
+            z = z * inv_temp
+        M = tl.max(tl.where(z == z, z, NEG), axis=0)  # NaN never becomes the max
+        Ms = tl.where(M == NEG, 0.0, M)
+        e = _exp(z - Ms, IS_F64)
+        is_max = (z == M) & (z > NEG)
+        cnt = tl.sum(is_max.to(tl.int32), axis=0)
+        T = tl.sum(tl.where(is_max, 0.0, e), axis=0) + tl.maximum(cnt - 1, 0).to(ACC)
+        if MODE == 2:
+            has_nan = tl.max((z != z).to(tl.int32), axis=0)
+    else:
+        mv = tl.full([BLOCK], NEG, ACC)
+        tv = tl.zeros([BLOCK], ACC)
+        nv = tl.zeros([BLOCK], tl.int32)
+        for start in range(0, V, BLOCK):
+            offs = start + cols
+            z = tl.load(x_row + offs, mask=offs < V, other=NEG, eviction_policy="evict_last").to(ACC)
+            if HAS_TEMP:
+                z = z * inv_temp
+            mv, tv = _lane_update(mv, tv, z, IS_F64)
+            if MODE == 2:
+                nv = tl.maximum(nv, (z != z).to(tl.int32))
+        M, T = _merge_lanes(mv, tv, IS_F64)
+        Ms = tl.where(M == NEG, 0.0, M)
+        if MODE == 2:
+            has_nan = tl.max(nv, axis=0)
+    r = _finish_r(M, T, IS_F64)
+    if MODE == 2:
+        lse = M + r
+        # a row with +inf and no NaN has lse = +inf exactly (scipy's convention)
+        lse = tl.where((M == float("inf")) & (has_nan == 0), float("inf"), lse)
+        tl.store(LSE + row, lse)
+    else:
+        o_row = OUT + row * stride_o
+        if SINGLE:
+            if MODE == 0:
+                scale = tl.where(M == float("inf"), float("nan"), 1.0 / (1.0 + T))
+                out = e * scale
+            else:
+                out = tl.where(M == NEG, NEG, (z - Ms) - r)
+            tl.store(o_row + cols, out.to(OUT.dtype.element_ty), mask=mask)
+        else:
+            nb = tl.cdiv(V, BLOCK)
+            for k in range(0, nb):
+                offs = (nb - 1 - k) * BLOCK + cols
+                mask = offs < V
+                z = tl.load(x_row + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
+                if HAS_TEMP:
+                    z = z * inv_temp
+                if MODE == 0:
+                    out = _exp_minus(z - Ms, r, IS_F64)
+                else:
+                    out = tl.where(M == NEG, NEG, (z - Ms) - r)
+                tl.store(o_row + offs, out.to(OUT.dtype.element_ty), mask=mask,
+                         eviction_policy="evict_first")
+
+
+@triton.jit
+def _softmax_bwd_kernel(Y, DY, OUT, stride_y, stride_dy, stride_o, V,
+                        LOG: tl.constexpr, IS_F64: tl.constexpr, SINGLE: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    if IS_F64:
+        ACC: tl.constexpr = tl.float64
+    else:
+        ACC: tl.constexpr = tl.float32
+    row = tl.program_id(0).to(tl.int64)
+    y_row = Y + row * stride_y
+    d_row = DY + row * stride_dy
+    o_row = OUT + row * stride_o
+    cols = tl.arange(0, BLOCK)
+    if SINGLE:
+        mask = cols < V
+        y = tl.load(y_row + cols, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(d_row + cols, mask=mask, other=0.0).to(ACC)
+        if LOG:
+            s = tl.sum(dy, axis=0)
+            out = dy - _exp(y, IS_F64) * s
+        else:
+            s = tl.sum(y * dy, axis=0)
+            out = y * (dy - s)
+        tl.store(o_row + cols, out.to(OUT.dtype.element_ty), mask=mask)
+    else:
+        acc = tl.zeros([BLOCK], ACC)
+        for start in range(0, V, BLOCK):
+            offs = start + cols
+            mask = offs < V
+            dy = tl.load(d_row + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(ACC)
+            if LOG:
+                acc += dy
+            else:
+                y = tl.load(y_row + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(ACC)
+                acc += y * dy
+        s = tl.sum(acc, axis=0)
+        nb = tl.cdiv(V, BLOCK)
+        for k in range(0, nb):
+            offs = (nb - 1 - k) * BLOCK + cols
+            mask = offs < V
+            y = tl.load(y_row + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
+            dy = tl.load(d_row + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
+            if LOG:
+                out = dy - _exp(y, IS_F64) * s
+            else:
+                out = y * (dy - s)
+            tl.store(o_row + offs, out.to(OUT.dtype.element_ty), mask=mask, eviction_policy="evict_first")
+
+
+def _check_temperature(temperature) -> float:
+    t = float(temperature)
+    if not t > 0.0:
+        raise ValueError(f"temperature: expected a positive number, got {temperature}")
+    return t
+
+
+def _forward(x, temperature, out, mode):
+    _check_x(x)
+    t = _check_temperature(temperature)
+    x, out = _rows(x, None if mode == _LOGSUMEXP else out)
+    N, V = x.shape
+    if mode == _LOGSUMEXP:
+        lse = torch.empty(N, dtype=_acc(x.dtype), device=x.device)
+        res, o = lse, x
+    else:
+        if out is None:
+            out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        res, o, lse = out, out, x
+    if N > 0 and V > 0:
+        block, warps, single = _config(V, x.element_size())
+        _softmax_fwd_kernel[(N,)](
+            x, o, lse, x.stride(0), o.stride(0), V, *split64(1.0 / t),
+            MODE=mode, HAS_TEMP=t != 1.0, IS_F64=x.dtype == torch.float64, SINGLE=single,
+            BLOCK=block, num_warps=warps)
+    elif mode == _LOGSUMEXP:
+        res.fill_(float("-inf"))  # log of an empty sum
+    return res
+
+
+def softmax_forward(x, *, temperature=1.0, out=None):
+    """``softmax(x / temperature)`` along the last axis: ``exp((z - m) - r)``.
+
+    ``x``: ``(N, V)`` CUDA tensor (class axis contiguous); ``out``: ``None`` (new), or a tensor of
+    ``x``'s shape and dtype, possibly ``x`` itself. An all ``-inf`` row gives zeros; a row with
+    NaN or ``+inf`` gives NaN.
+
+    >>> p = softmax_forward(x, temperature=2.0)   # doctest: +SKIP
+    """
+    return _forward(x, temperature, out, _SOFTMAX)
+
+
+def log_softmax_forward(x, *, temperature=1.0, out=None):
+    """``log_softmax(x / temperature)``: ``(z - m) - r``; an all ``-inf`` row gives ``-inf``.
+
+    >>> logp = log_softmax_forward(x, out=x)   # doctest: +SKIP
+    """
+    return _forward(x, temperature, out, _LOG_SOFTMAX)
+
+
+def logsumexp_forward(x):
+    """``log sum_c exp(x_c)`` per row, ``(N,)`` float32 (float64 for float64 ``x``).
+
+    ``-inf`` for an all ``-inf`` (or empty) row, ``+inf`` for a row holding ``+inf`` and no NaN,
+    NaN for a row holding NaN.
+
+    >>> lse = logsumexp_forward(x)   # doctest: +SKIP
+    """
+    return _forward(x, 1.0, None, _LOGSUMEXP)
+
+
+def _backward(y, dy, out, log):
+    _check_x(y, "y")
+    _check_x(dy, "dy")
+    if tuple(dy.shape) != tuple(y.shape) or dy.dtype != y.dtype or dy.device != y.device:
+        raise ValueError(f"dy: expected shape {tuple(y.shape)}, dtype {y.dtype} and device {y.device}, "
+                         f"got {tuple(dy.shape)}, {dy.dtype} and {dy.device}")
+    if out is not None and y.shape[1] > 1 and (y.stride(1) != 1 or dy.stride(1) != 1) and (out is y or out is dy):
+        raise ValueError("out: in-place needs a contiguous class axis")
+    y, out = _rows(y, out)
+    dy, _ = _rows(dy, None)
+    N, V = y.shape
+    if out is None:
+        out = torch.empty_like(y, memory_format=torch.contiguous_format)
+    if N > 0 and V > 0:
+        block, warps, single = _config(V, y.element_size())
+        _softmax_bwd_kernel[(N,)](
+            y, dy, out, y.stride(0), dy.stride(0), out.stride(0), V,
+            LOG=log, IS_F64=y.dtype == torch.float64, SINGLE=single, BLOCK=block, num_warps=warps)
+    return out
+
+
+def softmax_backward(y, dy, out=None):
+    """Vector-Jacobian product of softmax: ``y * (dy - sum(y * dy))`` per row.
+
+    ``y``: the forward output ``(N, V)``; ``dy``: the incoming gradient, same shape and dtype;
+    ``out`` may be ``y`` or ``dy``. Accumulates in float32 (float64 for float64).
+
+    >>> dx = softmax_backward(p, dp, out=dp)   # doctest: +SKIP
+    """
+    return _backward(y, dy, out, False)
+
+
+def log_softmax_backward(y, dy, out=None):
+    """Vector-Jacobian product of log_softmax: ``dy - exp(y) * sum(dy)`` per row.
+
+    >>> dx = log_softmax_backward(logp, dlogp)   # doctest: +SKIP
+    """
+    return _backward(y, dy, out, True)
