@@ -1,0 +1,202 @@
+"""torch.distributed (gloo, CPU) at 2 and 4 ranks against one process on the gathered logits.
+
+Ranks are started with torch.multiprocessing (spawn) and a ``file://`` rendezvous in a temporary
+directory (no port); each has a 60 s group timeout and destroys its process group in ``finally``;
+the parent kills them after 150 s. One launch per world size runs every case.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+import logitkit  # noqa: E402
+from logitkit.distributed import stages  # noqa: E402
+from logitkit.reference import cross_entropy64, cross_entropy_grad64  # noqa: E402
+
+from _vp_sim import shard_bounds  # noqa: E402
+from _vp_workers import launch  # noqa: E402
+
+OPTIONS = [
+    {},
+    {"reduction": "sum"},
+    {"reduction": "none"},
+    {"label_smoothing": 0.1},
+    {"label_smoothing": 0.3, "weight": True},
+    {"weight": True, "ignore_index": 2},
+    {"z_loss": 1e-2},
+    {"softcap": 4.0, "temperature": 0.7},
+    {"label_smoothing": 0.2, "weight": True, "z_loss": 1e-3, "softcap": 6.0, "temperature": 1.3,
+     "reduction": "none"},
+]
+SIZES = {2: [7, 12], 4: [5, 1, 9, 3]}
+N = 12
+
+
+def _labels(rng, bounds, ignore_index=-100):
+    owners = [b for b in bounds if b[1] > b[0]]
+    y = np.array([rng.integers(*owners[i % len(owners)]) for i in range(N)])
+    y[3] = ignore_index
+    return y
+
+
+def _cases(world):
+    rng = np.random.default_rng(world)
+    sizes = SIZES[world]
+    V = sum(sizes)
+    bounds = shard_bounds(sizes)
+    cases = []
+    for o in OPTIONS:
+        o = dict(o)
+        if o.get("weight"):
+            o["weight"] = rng.uniform(0.2, 2.0, V)
+        x = rng.normal(size=(N, V)) * 3
+        y = _labels(rng, bounds, o.get("ignore_index", -100))
+        cases.append({"kind": "logits", "x": x, "y": y, "bounds": bounds, "opts": o, "dtype": "float64"})
+    for dtype in ("float32", "bfloat16"):
+        x = (rng.normal(size=(N, V)) * 3).astype(np.float32)
+        cases.append({"kind": "logits", "x": x, "y": _labels(rng, bounds), "bounds": bounds, "dtype": dtype,
+                      "opts": {"label_smoothing": 0.1}})
+    eq = shard_bounds([4] * world)
+    x = rng.normal(size=(N, 4 * world))
+    cases.append({"kind": "logits", "x": x, "y": _labels(rng, eq), "bounds": eq, "dtype": "float64",
+                  "equal": True, "opts": {"label_smoothing": 0.1}})
+    H = 6
+    for o, chunk in (({}, 5), ({"label_smoothing": 0.2, "weight": True, "z_loss": 1e-3, "softcap": 5.0}, 4),
+                     ({"reduction": "none", "temperature": 2.0}, 64)):
+        o = dict(o)
+        if o.get("weight"):
+            o["weight"] = rng.uniform(0.2, 2.0, V)
+        cases.append({"kind": "linear", "h": rng.normal(size=(N, H)), "w": rng.normal(size=(V, H)),
+                      "b": rng.normal(size=V), "y": _labels(rng, bounds), "bounds": bounds, "opts": o,
+                      "dtype": "float64", "chunk": chunk})
+    # error cases: every rank must raise the same error, none may hang
+    x = rng.normal(size=(N, V))
+    cases.append({"kind": "error", "x": x, "y": _labels(rng, bounds), "bounds": bounds, "opts": {}, "equal": True})
+    cases.append({"kind": "error", "x": x, "y": _labels(rng, bounds), "bounds": bounds, "opts": {},
+                  "y_per_rank": [(_labels(rng, bounds) + r) % V for r in range(world)]})
+    if world == 4:
+        x = rng.normal(size=(N, 24)) * 3
+        mb = shard_bounds([6] * 4)
+        y = _labels(rng, mb)
+        cases.append({"kind": "megatron", "x": x, "y": y, "bounds": mb, "eps": 0.1})
+        cases.append({"kind": "logits", "x": x, "y": y, "bounds": mb, "dtype": "float64",
+                      "opts": {"label_smoothing": 0.1 * 24 / 23, "reduction": "none"}})
+    return cases
+
+
+_LAUNCHED: dict = {}
+
+
+def _launched(world, tmp_path_factory):
+    if world not in _LAUNCHED:
+        cases = _cases(world)
+        results = launch(world, str(tmp_path_factory.mktemp(f"gloo{world}")), cases)
+        for r, res in enumerate(results):
+            for item in res:
+                assert "exception" not in item, f"rank {r}:\n{item['exception']}"
+            assert len(res) == len(cases)
+        _LAUNCHED[world] = (world, cases, results)
+    return _LAUNCHED[world]
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["2 ranks", "4 ranks"])
+def run(request, tmp_path_factory):
+    return _launched(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def run4(tmp_path_factory):
+    return _launched(4, tmp_path_factory)
+
+
+def _bf16(a):
+    return torch.tensor(a).to(torch.bfloat16).double().numpy()
+
+
+def test_parity_of_loss_and_gradient_for_every_option(run):
+    world, cases, results = run
+    for i, case in enumerate(cases):
+        if case["kind"] != "logits":
+            continue
+        o = dict(case["opts"])
+        x = case["x"] if case["dtype"] != "bfloat16" else _bf16(case["x"])
+        x = x.astype(np.float64)
+        ref, gref = cross_entropy64(x, case["y"], **o), cross_entropy_grad64(x, case["y"], **o)
+        # single-process logitkit on the gathered logits, in the accumulation precision
+        acc = np.float64 if case["dtype"] == "float64" else np.float32
+        w = None if o.get("weight") is None else o["weight"].astype(acc)
+        one = np.asarray(logitkit.cross_entropy(x.astype(acc), case["y"], **{**o, "weight": w}), np.float64)
+        tol = {"float64": 1e-12, "float32": 2e-6, "bfloat16": 1e-2}[case["dtype"]]
+        for rank in range(world):
+            s, e = case["bounds"][rank]
+            out = results[rank][i]
+            np.testing.assert_allclose(out["loss"], ref, rtol=tol, atol=tol * 1e-3, err_msg=f"case {i} rank {rank}")
+            np.testing.assert_allclose(out["loss"], one, rtol=max(tol, 1e-6) if case["dtype"] != "float64" else 1e-12,
+                                       atol=1e-6 if case["dtype"] != "float64" else 1e-14)
+            np.testing.assert_allclose(out["grad"], gref[:, s:e], rtol=tol * 10, atol=tol * 1e-2,
+                                       err_msg=f"case {i} rank {rank}")
+
+
+def test_collectives_per_forward_and_backward(run):
+    world, cases, results = run
+    for i, case in enumerate(cases):
+        if case["kind"] not in ("logits", "linear"):
+            continue
+        k = stages.n_slots(case["opts"].get("label_smoothing", 0.0))
+        item = 8 if case["dtype"] == "float64" else 4
+        for rank in range(world):
+            out = results[rank][i]
+            assert out["fwd"] == [("all_reduce", "MAX", N + 4, (N + 4) * item),
+                                  ("all_reduce", "SUM", k * N + 1, (k * N + 1) * item)], (i, out["fwd"])
+            if case["kind"] == "logits":
+                assert out["bwd"] == []  # backward needs no communication
+            else:  # the linear head all-reduces d loss / d hidden once
+                assert out["bwd"] == [("all_reduce", "SUM", N * 6, N * 6 * 8)]
+
+
+def test_linear_head_parity(run):
+    world, cases, results = run
+    for i, case in enumerate(cases):
+        if case["kind"] != "linear":
+            continue
+        o = case["opts"]
+        logits = case["h"] @ case["w"].T + case["b"]
+        ref, g = cross_entropy64(logits, case["y"], **o), cross_entropy_grad64(logits, case["y"], **o)
+        for rank in range(world):
+            s, e = case["bounds"][rank]
+            out = results[rank][i]
+            np.testing.assert_allclose(out["loss"], ref, rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(out["dh"], g @ case["w"], rtol=1e-10, atol=1e-13)  # full, all-reduced
+            np.testing.assert_allclose(out["dw"], g[:, s:e].T @ case["h"], rtol=1e-10, atol=1e-13)
+            np.testing.assert_allclose(out["db"], g[:, s:e].sum(0), rtol=1e-10, atol=1e-13)
+
+
+def test_errors_raise_on_every_rank(run):
+    world, cases, results = run
+    errs = [c for c in range(len(cases)) if cases[c]["kind"] == "error"]
+    assert len(errs) == 2
+    tiling, labels = errs
+    for rank in range(world):
+        assert "vocab_start: the shards do not tile" in results[rank][tiling]["error"]
+        assert "labels: the ranks passed different labels" in results[rank][labels]["error"]
+
+
+def test_smoothing_megatron_formula_fails_where_ours_passes(run4):
+    world, cases, results = run4
+    i = next(c for c in range(len(cases)) if cases[c]["kind"] == "megatron")
+    case = cases[i]
+    V, eps = 24, case["eps"]
+    # Megatron spreads eps over the other K−1 classes: torch's label_smoothing eps·V/(V−1) globally
+    ref = cross_entropy64(case["x"], case["y"], label_smoothing=eps * V / (V - 1), reduction="none")
+    for rank in range(world):
+        ours = results[rank][i + 1]["loss"]
+        np.testing.assert_allclose(ours, ref, rtol=1e-12)
+        with pytest.raises(AssertionError):
+            np.testing.assert_allclose(results[rank][i]["loss"], ref, rtol=1e-3)
+    # the per-partition formula does not even agree between ranks
+    assert not np.allclose(results[0][i]["loss"], results[1][i]["loss"], rtol=1e-3)
