@@ -1,0 +1,595 @@
+"""Numba row kernels for the stage contract of :mod:`logitkit.kernels` (imports numba).
+
+Layout of every row computation (one row of V values fits in L2, so only pass 1 reads DRAM and
+only pass 3 writes it):
+
+* pass 1: row maximum (``llvm.maxnum`` reduction, vectorized; NaN ignored here, caught below);
+* pass 2: ``e = exp(z - m)`` stored in the output row (or a per-thread float32/float64 buffer),
+  with the float64 sum of the non-maximal terms and an exact count of the maximal ones, so that
+  ``r = log1p(sum - 1 + ties)`` keeps the ~1e-13 losses of confident rows;
+* pass 3: the output row is rescaled in place in cache.
+
+*Direct* kernels serve float32/float64 without softcap and read the input row itself; *buffered*
+kernels serve float16 (int16 view), bfloat16 (uint16 view) and softcap: pass 1 writes the
+transformed row ``z`` into a per-thread accumulation-dtype buffer (conversion per row, never of
+the whole array).  Functions that read one row and write another come in an ``_inplace`` variant
+taking a single array, because LLVM's run-time overlap check sends exactly aliasing rows to scalar
+code.  Rows whose maximum is not finite take a scalar special path: all ``-inf`` -> m=-inf, r=0,
+softmax 0; ``+inf`` or all NaN -> NaN for that row.  A NaN among finite values propagates through
+the sum (no ``nnan`` flag), so the row becomes NaN.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import prange
+
+from ._intrinsics import _jit, acc_zero, cast, from_acc, maxnum, to_acc, vexp, vtanh
+
+_NINF = -np.inf
+
+
+# ----------------------------------------------------------------------------- pass 1
+@_jit()
+def _rowmax(row, zero):
+    m = cast(_NINF, zero)
+    for j in range(row.size):
+        m = maxnum(m, to_acc(row[j]))
+    return m
+
+
+@_jit()
+def _zfill(row, buf, inv_t):
+    """buf = x / T (accumulation dtype); returns max."""
+    m = cast(_NINF, inv_t)
+    for j in range(row.size):
+        z = to_acc(row[j]) * inv_t
+        buf[j] = z
+        m = maxnum(m, z)
+    return m
+
+
+@_jit()
+def _zfill_cap(row, buf, cap, inv_cap, inv_t):
+    """buf = cap * tanh(x / cap) / T; returns max."""
+    m = cast(_NINF, inv_t)
+    for j in range(row.size):
+        z = cap * vtanh(to_acc(row[j]) * inv_cap) * inv_t
+        buf[j] = z
+        m = maxnum(m, z)
+    return m
+
+
+# ----------------------------------------------------------------------------- pass 2
+# d = (x - mx) * inv_t <= 0; exp(0) == 1 exactly, maximal terms are counted, not summed.
+@_jit()
+def _exp_store(src, dst, mx, inv_t):
+    s = 0.0
+    ties = 0
+    zero = mx - mx
+    for j in range(src.size):
+        d = (src[j] - mx) * inv_t
+        e = vexp(d)
+        dst[j] = e
+        s += np.float64(zero if d == zero else e)
+        ties += d == zero
+    return s, ties
+
+
+@_jit()
+def _exp_store_inplace(row, mx, inv_t):
+    s = 0.0
+    ties = 0
+    zero = mx - mx
+    for j in range(row.size):
+        d = (row[j] - mx) * inv_t
+        e = vexp(d)
+        row[j] = e
+        s += np.float64(zero if d == zero else e)
+        ties += d == zero
+    return s, ties
+
+
+@_jit()
+def _exp_sum(src, mx, inv_t):
+    s = 0.0
+    ties = 0
+    zero = mx - mx
+    for j in range(src.size):
+        d = (to_acc(src[j]) - mx) * inv_t
+        e = vexp(d)
+        s += np.float64(zero if d == zero else e)
+        ties += d == zero
+    return s, ties
+
+
+@_jit()
+def _smooth_sum(src, mx, inv_t, w):
+    """sum_c w_c (m - z_c) with 0 for w_c == 0 (so a masked class of weight 0 adds no NaN)."""
+    s = 0.0
+    zero = mx - mx
+    for j in range(src.size):
+        wj = w[j]
+        t = wj * ((mx - to_acc(src[j])) * inv_t)
+        s += np.float64(zero if wj == zero else t)
+    return s
+
+
+# ----------------------------------------------------------------------------- pass 3
+@_jit()
+def _scale(row, a):
+    for j in range(row.size):
+        row[j] = row[j] * a
+
+
+@_jit()
+def _affine_w(row, a, b, w):
+    for j in range(row.size):
+        row[j] = row[j] * a - b * w[j]
+
+
+@_jit()
+def _store_scale(buf, out, a):
+    for j in range(buf.size):
+        out[j] = from_acc(buf[j] * a, out)
+
+
+@_jit()
+def _store_affine_w(buf, out, a, b, w):
+    for j in range(buf.size):
+        out[j] = from_acc(buf[j] * a - b * w[j], out)
+
+
+@_jit()
+def _store_softcap(buf, out, m, a, b, w, k):
+    """out = (exp(z - m) a - b w) (1 - (z k)^2), the softcap chain rule with tanh = z T / cap."""
+    one = cast(1.0, m)
+    for j in range(buf.size):
+        z = buf[j]
+        t = z * k
+        g = vexp(z - m) * a - b * w[j]
+        out[j] = from_acc(g * (one - t * t), out)
+
+
+@_jit()
+def _logsm(src, dst, mx, inv_t, r):
+    for j in range(src.size):
+        dst[j] = (src[j] - mx) * inv_t - r
+
+
+@_jit()
+def _logsm_inplace(row, mx, inv_t, r):
+    for j in range(row.size):
+        row[j] = (row[j] - mx) * inv_t - r
+
+
+@_jit()
+def _store_logsm(buf, out, m, r):
+    for j in range(buf.size):
+        out[j] = from_acc((buf[j] - m) - r, out)
+
+
+@_jit()
+def _fill(out, v):
+    for j in range(out.size):
+        out[j] = from_acc(v, out)
+
+
+@_jit()
+def _fill_masked_grad(out, y, b, w, c, zero):
+    """Gradient of a fully masked (all -inf) row: p = 0, so -b w_c, and -c more at the label."""
+    for j in range(out.size):
+        out[j] = from_acc(cast(-b * w[j], zero), out)
+    out[y] = from_acc(cast(-b * w[y] - c, zero), out)
+
+
+# ----------------------------------------------------------------------------- CE forward(+backward)
+@_jit()
+def _ce_loss(eps, wy, r, dy, sm, wsum, v):
+    """(1-eps) w_y (m - z_y + r) + eps/V sum_c w_c (m - z_c + r); dy = z_y - m."""
+    lab = (1.0 - eps) * wy
+    t = lab * (r - dy) if lab != 0.0 else 0.0
+    if eps != 0.0:
+        t += eps / v * (sm + wsum * r)
+    return t
+
+
+@_jit()
+def _ce_coefs(eps, wy, wsum, v, m, r, gce, gz, zl, inv_t):
+    """Per-row coefficients: grad_z = A p - B w_c - C [c == y] (times 1/T already)."""
+    a = inv_t * (gce * ((1.0 - eps) * wy + eps / v * wsum) + gz * 2.0 * zl * (m + r))
+    b = inv_t * gce * eps / v
+    c = inv_t * gce * (1.0 - eps) * wy
+    return a, b, c
+
+
+@_jit()
+def _ce_special(orow, y, ignored, w, wsum, eps, inv_t, gce, mval, want_grad, zero):
+    """Rows whose maximum is not finite.  Returns (ce, m, r) as float64."""
+    if ignored:
+        if want_grad:
+            _fill(orow, zero)
+        return 0.0, mval, (0.0 if mval == _NINF else np.nan)
+    if mval == _NINF:  # every class masked: p = 0, the loss is infinite but never NaN
+        if want_grad:
+            v = orow.size
+            b = inv_t * gce * eps / v
+            c = inv_t * gce * (1.0 - eps) * w[y]
+            _fill_masked_grad(orow, y, b, w, c, zero)
+        return np.inf, mval, 0.0
+    if want_grad:
+        _fill(orow, cast(np.nan, zero))
+    return np.nan, mval, np.nan
+
+
+@_jit(parallel=True)
+def ce_direct(x, labels, w, wsum, ignore_index, eps, zl, inv_t, g_ce, g_z, want_grad, out,
+              inplace, ce, m_out, r_out):
+    """float32/float64 logits, no softcap.  Writes ce/m/r (N,) and, if want_grad, out (N, V)."""
+    n, v = x.shape
+    for i in prange(n):
+        xr = x[i]
+        orow = out[i]
+        zero = acc_zero(xr)
+        y = labels[i]
+        ignored = y == ignore_index
+        mx = _rowmax(xr, zero)
+        if not (mx > _NINF and mx < np.inf):
+            c_, m_, r_ = _ce_special(orow, y, ignored, w, wsum, eps, inv_t, g_ce[i], mx,
+                                     want_grad, zero)
+            ce[i] = c_
+            m_out[i] = m_
+            r_out[i] = r_
+            continue
+        it = cast(inv_t, zero)
+        m = np.float64(mx) * inv_t
+        if ignored:
+            s, ties = _exp_sum(xr, mx, it)
+            if want_grad:
+                _fill(orow, zero)
+            ce[i] = 0.0
+            m_out[i] = m
+            r_out[i] = math.log1p(s + (ties - 1))
+            continue
+        dy = (np.float64(xr[y]) - np.float64(mx)) * inv_t
+        sm = _smooth_sum(xr, mx, it, w) if eps != 0.0 else 0.0
+        if want_grad:
+            if inplace:
+                s, ties = _exp_store_inplace(xr, mx, it)
+            else:
+                s, ties = _exp_store(xr, orow, mx, it)
+        else:
+            s, ties = _exp_sum(xr, mx, it)
+        sp = s + (ties - 1)
+        r = math.log1p(sp)
+        wy = np.float64(w[y])
+        ce[i] = _ce_loss(eps, wy, r, dy, sm, wsum, v)
+        m_out[i] = m
+        r_out[i] = r
+        if want_grad:
+            a, b, c = _ce_coefs(eps, wy, wsum, v, m, r, g_ce[i], g_z[i], zl, inv_t)
+            a = a / (1.0 + sp)
+            ey = np.float64(orow[y])
+            if eps != 0.0:
+                _affine_w(orow, cast(a, zero), cast(b, zero), w)
+            else:
+                _scale(orow, cast(a, zero))
+            orow[y] = ey * a - b * wy - c
+
+
+@_jit(parallel=True)
+def ce_buffered(x, labels, w, wsum, ignore_index, eps, zl, inv_t, cap, use_cap, g_ce, g_z,
+                want_grad, out, ce, m_out, r_out, buf_proto, nchunk):
+    """Any storage dtype (float16/bfloat16 as int16/uint16 views) and softcap, via a per-thread
+    buffer of the accumulation dtype (``buf_proto`` gives it); rows split in ``nchunk`` blocks."""
+    n, v = x.shape
+    for ch in prange(nchunk):
+        buf = np.empty(v, buf_proto.dtype)
+        zero = acc_zero(buf)
+        it = cast(inv_t, zero)
+        capa = cast(cap, zero)
+        inv_cap = cast(1.0 / cap, zero)
+        k = cast(1.0 / (inv_t * cap), zero)
+        one = cast(1.0, zero)
+        for i in range(ch * n // nchunk, (ch + 1) * n // nchunk):
+            xr = x[i]
+            orow = out[i]
+            y = labels[i]
+            ignored = y == ignore_index
+            if use_cap:
+                m = _zfill_cap(xr, buf, capa, inv_cap, it)
+            else:
+                m = _zfill(xr, buf, it)
+            if not (m > _NINF and m < np.inf):
+                c_, m_, r_ = _ce_special(orow, y, ignored, w, wsum, eps, inv_t, g_ce[i], m,
+                                         want_grad, zero)
+                ce[i] = c_
+                m_out[i] = m_
+                r_out[i] = r_
+                continue
+            m64 = np.float64(m)
+            if ignored:
+                s, ties = _exp_sum(buf, m, one)
+                if want_grad:
+                    _fill(orow, zero)
+                ce[i] = 0.0
+                m_out[i] = m
+                r_out[i] = math.log1p(s + (ties - 1))
+                continue
+            zy = buf[y]
+            dy = np.float64(zy) - m64
+            sm = _smooth_sum(buf, m, one, w) if eps != 0.0 else 0.0
+            if want_grad and not use_cap:
+                s, ties = _exp_store_inplace(buf, m, one)
+            else:
+                s, ties = _exp_sum(buf, m, one)
+            sp = s + (ties - 1)
+            r = math.log1p(sp)
+            wy = np.float64(w[y])
+            ce[i] = _ce_loss(eps, wy, r, dy, sm, wsum, v)
+            m_out[i] = m
+            r_out[i] = r
+            if want_grad:
+                a, b, c = _ce_coefs(eps, wy, wsum, v, m64, r, g_ce[i], g_z[i], zl, inv_t)
+                a = a / (1.0 + sp)
+                if use_cap:
+                    _store_softcap(buf, orow, m, cast(a, zero), cast(b, zero), w, k)
+                    t = zy * k
+                    ey = np.float64(vexp(zy - m))
+                    gy = (ey * a - b * wy - c) * np.float64(one - t * t)
+                    orow[y] = from_acc(cast(gy, zero), orow)
+                else:
+                    _store_affine_w(buf, orow, cast(a, zero), cast(b, zero), w)
+                    gy = np.float64(buf[y]) * a - b * wy - c
+                    orow[y] = from_acc(cast(gy, zero), orow)
+
+
+# ----------------------------------------------------------------------------- CE backward (given m, r)
+@_jit()
+def _bwd(src, dst, m, r, a, b, w, inv_t):
+    for j in range(src.size):
+        p = vexp((to_acc(src[j]) * inv_t - m) - r)
+        dst[j] = from_acc(p * a - b * w[j], dst)
+
+
+@_jit()
+def _bwd_inplace(row, m, r, a, b, w, inv_t):
+    for j in range(row.size):
+        p = vexp((to_acc(row[j]) * inv_t - m) - r)
+        row[j] = from_acc(p * a - b * w[j], row)
+
+
+@_jit()
+def _bwd_cap(src, dst, m, r, a, b, w, inv_t, cap, inv_cap, k):
+    one = cast(1.0, m)
+    for j in range(src.size):
+        z = cap * vtanh(to_acc(src[j]) * inv_cap) * inv_t
+        t = z * k
+        p = vexp((z - m) - r)
+        dst[j] = from_acc((p * a - b * w[j]) * (one - t * t), dst)
+
+
+@_jit()
+def _bwd_cap_inplace(row, m, r, a, b, w, inv_t, cap, inv_cap, k):
+    one = cast(1.0, m)
+    for j in range(row.size):
+        z = cap * vtanh(to_acc(row[j]) * inv_cap) * inv_t
+        t = z * k
+        p = vexp((z - m) - r)
+        row[j] = from_acc((p * a - b * w[j]) * (one - t * t), row)
+
+
+@_jit(parallel=True)
+def ce_backward(x, labels, m_in, r_in, g_ce, g_z, w, wsum, ignore_index, eps, zl, inv_t, cap,
+                use_cap, out, inplace):
+    """One read of x and one write of out per row: p = exp(z - m - r)."""
+    n, v = x.shape
+    for i in prange(n):
+        xr = x[i]
+        orow = out[i]
+        zero = acc_zero(xr)
+        y = labels[i]
+        if y == ignore_index:
+            _fill(orow, zero)
+            continue
+        m = np.float64(m_in[i])
+        r = np.float64(r_in[i])
+        wy = np.float64(w[y])
+        a, b, c = _ce_coefs(eps, wy, wsum, v, m, r, g_ce[i], g_z[i], zl, inv_t)
+        if not (m > _NINF and m < np.inf and r == r and r < np.inf):
+            if m == _NINF and r == 0.0:
+                _fill_masked_grad(orow, y, b, w, c, zero)
+            else:
+                _fill(orow, cast(np.nan, zero))
+            continue
+        # (z - m) - r in the accumulation dtype: z - m is exact near the max, m + r would round
+        ma = cast(m, zero)
+        ra = cast(r, zero)
+        xy = to_acc(xr[y])
+        it = cast(inv_t, zero)
+        az = cast(a, zero)
+        bz = cast(b, zero)
+        if use_cap:
+            capa = cast(cap, zero)
+            inv_cap = cast(1.0 / cap, zero)
+            k = cast(1.0 / (inv_t * cap), zero)
+            zy = capa * vtanh(xy * inv_cap) * it
+            if inplace:
+                _bwd_cap_inplace(xr, ma, ra, az, bz, w, it, capa, inv_cap, k)
+            else:
+                _bwd_cap(xr, orow, ma, ra, az, bz, w, it, capa, inv_cap, k)
+            t = zy * k
+            py = np.float64(vexp((zy - ma) - ra))
+            gy = (py * a - b * wy - c) * np.float64(cast(1.0, zero) - t * t)
+        else:
+            if inplace:
+                _bwd_inplace(xr, ma, ra, az, bz, w, it)
+            else:
+                _bwd(xr, orow, ma, ra, az, bz, w, it)
+            py = np.float64(vexp((xy * it - ma) - ra))
+            gy = py * a - b * wy - c
+        orow[y] = from_acc(cast(gy, zero), orow)
+
+
+# ----------------------------------------------------------------------------- softmax family
+# mode: 0 softmax, 1 log_softmax, 2 logsumexp only (out unused)
+@_jit()
+def _sm_special(orow, mval, mode, zero):
+    if mode == 2:
+        return
+    if mval == _NINF:
+        _fill(orow, zero if mode == 0 else cast(_NINF, zero))
+    else:
+        _fill(orow, cast(np.nan, zero))
+
+
+@_jit(parallel=True)
+def softmax_direct(x, mode, inv_t, out, inplace, m_out, r_out):
+    n, v = x.shape
+    for i in prange(n):
+        xr = x[i]
+        orow = out[i]
+        zero = acc_zero(xr)
+        mx = _rowmax(xr, zero)
+        if not (mx > _NINF and mx < np.inf):
+            _sm_special(orow, mx, mode, zero)
+            m_out[i] = mx
+            r_out[i] = 0.0 if mx == _NINF else np.nan
+            continue
+        it = cast(inv_t, zero)
+        if mode == 0:
+            if inplace:
+                s, ties = _exp_store_inplace(xr, mx, it)
+            else:
+                s, ties = _exp_store(xr, orow, mx, it)
+        else:
+            s, ties = _exp_sum(xr, mx, it)
+        sp = s + (ties - 1)
+        r = math.log1p(sp)
+        m_out[i] = np.float64(mx) * inv_t
+        r_out[i] = r
+        if mode == 0:
+            _scale(orow, cast(1.0 / (1.0 + sp), zero))
+        elif mode == 1:
+            if inplace:
+                _logsm_inplace(xr, mx, it, cast(r, zero))
+            else:
+                _logsm(xr, orow, mx, it, cast(r, zero))
+
+
+@_jit(parallel=True)
+def softmax_buffered(x, mode, inv_t, cap, use_cap, out, m_out, r_out, buf_proto, nchunk):
+    n, v = x.shape
+    for ch in prange(nchunk):
+        buf = np.empty(v, buf_proto.dtype)
+        zero = acc_zero(buf)
+        it = cast(inv_t, zero)
+        capa = cast(cap, zero)
+        inv_cap = cast(1.0 / cap, zero)
+        one = cast(1.0, zero)
+        for i in range(ch * n // nchunk, (ch + 1) * n // nchunk):
+            xr = x[i]
+            orow = out[i]
+            if use_cap:
+                m = _zfill_cap(xr, buf, capa, inv_cap, it)
+            else:
+                m = _zfill(xr, buf, it)
+            if not (m > _NINF and m < np.inf):
+                _sm_special(orow, m, mode, zero)
+                m_out[i] = m
+                r_out[i] = 0.0 if m == _NINF else np.nan
+                continue
+            if mode == 0:
+                s, ties = _exp_store_inplace(buf, m, one)
+            else:
+                s, ties = _exp_sum(buf, m, one)
+            sp = s + (ties - 1)
+            r = math.log1p(sp)
+            m_out[i] = m
+            r_out[i] = r
+            if mode == 0:
+                _store_scale(buf, orow, cast(1.0 / (1.0 + sp), zero))
+            elif mode == 1:
+                _store_logsm(buf, orow, m, cast(r, zero))
+
+
+# ----------------------------------------------------------------------------- softmax backward
+# alias: 0 out is a third array, 1 out is y, 2 out is dy
+@_jit()
+def _dot(y, dy):
+    s = 0.0
+    for j in range(y.size):
+        s += np.float64(to_acc(y[j]) * to_acc(dy[j]))
+    return s
+
+
+@_jit()
+def _sum(dy):
+    s = 0.0
+    for j in range(dy.size):
+        s += np.float64(to_acc(dy[j]))
+    return s
+
+
+@_jit()
+def _sm_bwd(y, dy, o, d):
+    for j in range(y.size):
+        o[j] = from_acc(to_acc(y[j]) * (to_acc(dy[j]) - d), o)
+
+
+@_jit()
+def _sm_bwd_y(yo, dy, d):
+    for j in range(yo.size):
+        yo[j] = from_acc(to_acc(yo[j]) * (to_acc(dy[j]) - d), yo)
+
+
+@_jit()
+def _sm_bwd_dy(y, dyo, d):
+    for j in range(y.size):
+        dyo[j] = from_acc(to_acc(y[j]) * (to_acc(dyo[j]) - d), dyo)
+
+
+@_jit()
+def _lsm_bwd(y, dy, o, s):
+    for j in range(y.size):
+        o[j] = from_acc(to_acc(dy[j]) - vexp(to_acc(y[j])) * s, o)
+
+
+@_jit()
+def _lsm_bwd_y(yo, dy, s):
+    for j in range(yo.size):
+        yo[j] = from_acc(to_acc(dy[j]) - vexp(to_acc(yo[j])) * s, yo)
+
+
+@_jit()
+def _lsm_bwd_dy(y, dyo, s):
+    for j in range(y.size):
+        dyo[j] = from_acc(to_acc(dyo[j]) - vexp(to_acc(y[j])) * s, dyo)
+
+
+@_jit(parallel=True)
+def softmax_bwd(y, dy, out, log, alias):
+    """log=False: out = y (dy - sum(y dy)); log=True: out = dy - exp(y) sum(dy)."""
+    n, v = y.shape
+    for i in prange(n):
+        yr = y[i]
+        dr = dy[i]
+        orow = out[i]
+        zero = acc_zero(yr)
+        if log:
+            s = cast(_sum(dr), zero)
+            if alias == 1:
+                _lsm_bwd_y(orow, dr, s)
+            elif alias == 2:
+                _lsm_bwd_dy(yr, orow, s)
+            else:
+                _lsm_bwd(yr, dr, orow, s)
+        else:
+            d = cast(_dot(yr, dr), zero)
+            if alias == 1:
+                _sm_bwd_y(orow, dr, d)
+            elif alias == 2:
+                _sm_bwd_dy(yr, orow, d)
+            else:
+                _sm_bwd(yr, dr, orow, d)
