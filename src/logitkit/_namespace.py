@@ -120,10 +120,8 @@ class _TorchNamespace:
         return self._t.any(x, dim=axis, keepdim=keepdims)
 
     def where(self, cond, a, b):
-        t = self._t
-        if not isinstance(a, t.Tensor) and not isinstance(b, t.Tensor):
-            raise TypeError("where needs at least one tensor branch")
-        return t.where(cond, a, b)
+        # torch.where takes Python scalars on either side and promotes like NumPy.
+        return self._t.where(cond, a, b)
 
     def take_along_axis(self, x, idx, axis):
         return self._t.take_along_dim(x, idx, dim=axis)

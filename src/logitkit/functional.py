@@ -217,6 +217,11 @@ def cross_entropy(logits: Any, labels: Any, *, axis: int = -1, weight: Any = Non
     return _ce_eager(lib, xp, x, y, kind, ignore_index, reduction, float(z_loss), opts)
 
 
+def _numel(x: Any) -> int:
+    """Element count for any library (``torch.Tensor.size`` is a method, not a number)."""
+    return math.prod(tuple(x.shape))
+
+
 def _rows2d(xp: Any, x: Any) -> Any:
     return xp.ascontiguousarray(x).reshape(-1, x.shape[-1])
 
@@ -291,7 +296,7 @@ def _ce_with_grad(lib, xp, logits, x, y, kind, ax, ignore_index, reduction, opts
         validf = wy = xp.astype(xp.ones_like(y[..., 0]), acc)
     g_ce, g_z = row_scales(xp, validf, wy, reduction)
     grad_target = _moved(xp, out, ax) if out is not None else None
-    if kind == "index" and lib in (NUMPY, TORCH) and x.size > 0:
+    if kind == "index" and lib in (NUMPY, TORCH) and _numel(x) > 0:
         ce, m, r, grad = _fused_rows(lib, xp, x, y, g_ce, g_z, ignore_index, opts, grad_target)
     elif kind == "index":
         ce, m, r, grad = core_ce.ce_forward_backward(xp, x, y, g_ce, g_z, ignore_index=ignore_index,
@@ -373,17 +378,13 @@ def sparse_softmax_cross_entropy_with_logits(labels: Any, logits: Any) -> Any:
     lib, xp = namespace_of(logits=logits, labels=labels)
     V.check_logits("logits", logits)
     V.check_label_range(lib, labels, logits.shape[-1], None)
-    loss = cross_entropy(logits, labels, reduction="none", ignore_index=_NO_IGNORE)
-    return _nan_if_out_of_range(xp, lib, loss, labels, logits.shape[-1])
+    # There is no ignore index: checked labels are never -1, and an unchecked -1 (traced JAX,
+    # CUDA) would be "ignored" here, so such rows are set to NaN below like any bad index.
+    loss = cross_entropy(logits, labels, reduction="none", ignore_index=-1)
+    return _nan_if_out_of_range(xp, loss, labels, logits.shape[-1])
 
 
-# Validated labels are never this value, so no row is ignored.
-_NO_IGNORE = -(2 ** 62)
-
-
-def _nan_if_out_of_range(xp: Any, lib: str, values: Any, labels: Any, V_: int) -> Any:
-    if lib != JAX:
-        return values
+def _nan_if_out_of_range(xp: Any, values: Any, labels: Any, V_: int) -> Any:
     ok = (labels >= 0) & (labels < V_)
     return xp.where(ok, values, math.nan)
 
@@ -420,12 +421,7 @@ def entropy(logits: Any, axis: int = -1) -> Any:
     lib, xp = namespace_of(logits=logits)
     V.check_logits("logits", logits)
     ax = V.norm_axis(axis, logits.ndim)
-    z = xp.astype(_moved(xp, logits, ax), acc_dtype(xp, logits.dtype))
-    m, r, e = core_lse.row_stats(xp, z, -1)
-    p = e / xp.exp(r)
-    terms = xp.where(p > 0, p * (m - z), 0.0)
-    h = xp.squeeze(r, axis=-1) + xp.sum(terms, axis=-1)
-    return xp.astype(h, logits.dtype)
+    return core_sm.entropy(xp, _moved(xp, logits, ax))
 
 
 def kl_divergence(p_logits: Any, q_logits: Any, axis: int = -1, temperature: float = 1.0) -> Any:
@@ -445,13 +441,4 @@ def kl_divergence(p_logits: Any, q_logits: Any, axis: int = -1, temperature: flo
     if tuple(p_logits.shape) != tuple(q_logits.shape):
         raise ValueError(f"q_logits: expected p_logits' shape {tuple(p_logits.shape)}, got {tuple(q_logits.shape)}")
     ax = V.norm_axis(axis, p_logits.ndim)
-    acc = acc_dtype(xp, p_logits.dtype)
-    zp = core_lse.transform(xp, xp.astype(_moved(xp, p_logits, ax), acc), None, temperature)
-    zq = core_lse.transform(xp, xp.astype(_moved(xp, q_logits, ax), acc), None, temperature)
-    mp, rp, ep = core_lse.row_stats(xp, zp, -1)
-    mq, rq, _ = core_lse.row_stats(xp, zq, -1)
-    p = ep / xp.exp(rp)
-    # log p - log q = (zp - zq) - (mp - mq) - (rp - rq), grouped to keep large offsets apart.
-    diff = (zp - mp) - (zq - mq) - (rp - rq)
-    kl = xp.sum(xp.where(p > 0, p * diff, 0.0), axis=-1)
-    return xp.astype(kl, p_logits.dtype)
+    return core_sm.kl_divergence(xp, _moved(xp, p_logits, ax), _moved(xp, q_logits, ax), temperature)

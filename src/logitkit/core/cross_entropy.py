@@ -17,7 +17,7 @@ import math
 from typing import Any
 
 from .._namespace import acc_dtype
-from .logsumexp import row_stats, transform, transform_grad_factor
+from .logsumexp import quiet, row_stats, transform, transform_grad_factor
 
 __all__ = [
     "ce_forward", "ce_backward", "ce_forward_backward",
@@ -39,16 +39,31 @@ def _class_weights(xp: Any, weight: Any, acc: Any, V: int) -> tuple[Any, Any]:
     return w, xp.sum(w)
 
 
-def _label_parts(xp: Any, z: Any, labels: Any, ignore_index: int, w: Any) -> tuple[Any, Any, Any, Any]:
-    """``(valid, safe_labels, z_y, w_y)``, each with a trailing size-1 axis (``w_y`` may be 1.0)."""
+def out_of_range(labels: Any, ignore_index: int, V: int) -> Any:
+    """Rows whose class index is neither in ``[0, V)`` nor ``ignore_index``.
+
+    Host arrays are validated before any stage runs, so this only ever fires for labels that
+    could not be read first (traced JAX arrays, CUDA tensors): those rows get NaN, never a
+    silently wrong loss.
+    """
+    return ((labels < 0) | (labels >= V)) & (labels != ignore_index)
+
+
+def _label_parts(xp: Any, z: Any, labels: Any, ignore_index: int,
+                 w: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """``(valid, bad, safe_labels, z_y, w_y)``, each with a trailing size-1 axis (``w_y`` may be 1.0)."""
+    V = z.shape[-1]
     valid = labels != ignore_index
-    lab = xp.where(valid, labels, 0)
+    bad = out_of_range(labels, ignore_index, V)
+    # Gathering at a bad index would wrap (JAX), clamp or fault (CUDA): gather class 0 instead.
+    lab = xp.where(valid & ~bad, labels, 0)
     lab = xp.expand_dims(lab, -1)
     zy = xp.take_along_axis(z, lab, axis=-1)
     wy = 1.0 if w is None else xp.take_along_axis(w, lab.reshape(-1), axis=0).reshape(lab.shape)
-    return xp.expand_dims(valid, -1), lab, zy, wy
+    return xp.expand_dims(valid, -1), xp.expand_dims(bad, -1), lab, zy, wy
 
 
+@quiet
 def ce_forward(xp: Any, x: Any, labels: Any, *, weight: Any = None, ignore_index: int = -100,
                label_smoothing: float = 0.0, softcap: float | None = None,
                temperature: float = 1.0) -> tuple[Any, Any, Any]:
@@ -62,7 +77,7 @@ def ce_forward(xp: Any, x: Any, labels: Any, *, weight: Any = None, ignore_index
     z = transform(xp, xp.astype(x, acc), softcap, temperature)
     m, r, _ = row_stats(xp, z, -1)
     w, W = _class_weights(xp, weight, acc, V)
-    valid, _, zy, wy = _label_parts(xp, z, labels, ignore_index, w)
+    valid, bad, _, zy, wy = _label_parts(xp, z, labels, ignore_index, w)
     all_masked = m == -math.inf
     nll = xp.where(all_masked, math.inf, (m - zy) + r)
     ce = (1.0 - label_smoothing) * wy * nll if label_smoothing != 1.0 else xp.zeros_like(nll)
@@ -71,7 +86,7 @@ def ce_forward(xp: Any, x: Any, labels: Any, *, weight: Any = None, ignore_index
         smooth = xp.sum(shifted, axis=-1, keepdims=True) + W * r
         smooth = xp.where(all_masked, math.inf, smooth)
         ce = ce + (label_smoothing / V) * smooth
-    ce = xp.where(valid, ce, 0.0)
+    ce = xp.where(bad, math.nan, xp.where(valid, ce, 0.0))
     return xp.squeeze(ce, axis=-1), xp.squeeze(m, axis=-1), xp.squeeze(r, axis=-1)
 
 
@@ -104,6 +119,7 @@ def write_out(xp: Any, out: Any, value: Any) -> Any:
     return out
 
 
+@quiet
 def ce_backward(xp: Any, x: Any, labels: Any, m: Any, r: Any, g_ce: Any, g_z: Any, *,
                 weight: Any = None, ignore_index: int = -100, label_smoothing: float = 0.0,
                 z_loss: float = 0.0, softcap: float | None = None, temperature: float = 1.0,
@@ -114,7 +130,7 @@ def ce_backward(xp: Any, x: Any, labels: Any, m: Any, r: Any, g_ce: Any, g_z: An
     z = transform(xp, xp.astype(x, acc), softcap, temperature)
     p = _softmax_from_stats(xp, z, m, r)
     w, W = _class_weights(xp, weight, acc, V)
-    valid, lab, _, wy = _label_parts(xp, z, labels, ignore_index, w)
+    valid, bad, lab, _, wy = _label_parts(xp, z, labels, ignore_index, w)
     onehot = _iota(xp, V, x) == lab
     gce = xp.expand_dims(xp.astype(g_ce, acc), -1)
     dz = gce * ((1.0 - label_smoothing) * wy) * (p - xp.astype(onehot, acc))
@@ -123,6 +139,7 @@ def ce_backward(xp: Any, x: Any, labels: Any, m: Any, r: Any, g_ce: Any, g_z: An
     if z_loss != 0.0:
         lse = xp.expand_dims(m + r, -1)
         dz = dz + xp.expand_dims(xp.astype(g_z, acc), -1) * (2.0 * z_loss) * lse * p
+    dz = xp.where(bad, math.nan, dz)
     return _finish_grad(xp, x, dz, softcap, temperature, valid, out)
 
 
@@ -148,6 +165,7 @@ def _smoothed_targets(xp: Any, y: Any, acc: Any, weight: Any, label_smoothing: f
     return y
 
 
+@quiet
 def prob_forward(xp: Any, x: Any, y: Any, *, weight: Any = None, label_smoothing: float = 0.0,
                  softcap: float | None = None, temperature: float = 1.0) -> tuple[Any, Any, Any]:
     """Per-row ``Σ_c w_c y_c (lse - z_c)`` for probability labels ``y`` of ``x``'s shape.
@@ -166,6 +184,7 @@ def prob_forward(xp: Any, x: Any, y: Any, *, weight: Any = None, label_smoothing
     return xp.squeeze(ce, axis=-1), xp.squeeze(m, axis=-1), xp.squeeze(r, axis=-1)
 
 
+@quiet
 def prob_backward(xp: Any, x: Any, y: Any, m: Any, r: Any, g_ce: Any, g_z: Any, *,
                   weight: Any = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
                   softcap: float | None = None, temperature: float = 1.0, out: Any = None) -> Any:

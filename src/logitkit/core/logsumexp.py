@@ -13,7 +13,26 @@ from typing import Any
 
 from .._namespace import acc_dtype
 
-__all__ = ["transform", "transform_grad_factor", "row_stats", "logsumexp"]
+__all__ = ["transform", "transform_grad_factor", "row_stats", "logsumexp", "quiet"]
+
+
+def quiet(fn: Any) -> Any:
+    """Run ``fn`` with NumPy's floating-point warnings off.
+
+    The core computes ``-inf - (-inf)``, ``0 * inf`` and the like on masked or non-finite rows and
+    then discards those values with ``where``; the warnings NumPy would print are noise. Torch and
+    JAX never warn, so the context costs them nothing.
+    """
+    import functools
+
+    import numpy as np
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def transform(xp: Any, x: Any, softcap: float | None, temperature: float) -> Any:
@@ -36,6 +55,7 @@ def transform_grad_factor(xp: Any, x: Any, softcap: float | None, temperature: f
     return factor
 
 
+@quiet
 def row_stats(xp: Any, z: Any, axis: int = -1, where: Any = None) -> tuple[Any, Any, Any]:
     """``(m, r, e)`` along ``axis`` (kept as a size-1 axis).
 
@@ -45,17 +65,7 @@ def row_stats(xp: Any, z: Any, axis: int = -1, where: Any = None) -> tuple[Any, 
     ``+inf`` (and no NaN) gives ``m = +inf`` and NaN ``r``, so that every loss of it is NaN, while
     :func:`logsumexp` reports ``+inf`` for it.
     """
-    with _quiet(xp):
-        return _row_stats(xp, z, axis, where)
-
-
-def _quiet(xp: Any) -> Any:
-    """NumPy warns on the inf/NaN arithmetic that the masks below then discard; silence it."""
-    import contextlib
-
-    import numpy as np
-
-    return np.errstate(all="ignore") if xp is np else contextlib.nullcontext()
+    return _row_stats(xp, z, axis, where)
 
 
 def _row_stats(xp: Any, z: Any, axis: int, where: Any) -> tuple[Any, Any, Any]:
@@ -73,6 +83,9 @@ def _row_stats(xp: Any, z: Any, axis: int, where: Any) -> tuple[Any, Any, Any]:
     all_masked = m == neg_inf
     r = xp.where(all_masked, 0.0, xp.where(m == math.inf, math.nan, r))
     e = xp.where(finite, e, xp.where(all_masked, 0.0, math.nan))
+    # Autograd would hand a fully masked row d max / d z = 1/V through ``m``; its softmax, and so
+    # every gradient of it, is 0. Re-selecting the constant cuts that path.
+    m = xp.where(all_masked, neg_inf, m)
     return m, r, e
 
 
@@ -83,10 +96,13 @@ def _max_keep(xp: Any, z: Any, axis: int) -> Any:
     return xp.max(z, axis=axis, keepdims=True)
 
 
+@quiet
 def logsumexp(x: Any, axis: int = -1, *, keepdims: bool = False, where: Any = None, xp: Any = None) -> Any:
     r"""Core ``log Σ_j exp(x_j)`` along ``axis`` (see :func:`logitkit.logsumexp`)."""
     z = xp.astype(x, acc_dtype(xp, x.dtype))
-    m, r, _ = row_stats(xp, z, axis, where)
+    if where is not None:
+        z = xp.where(where, z, -math.inf)  # a masked NaN takes no part either
+    m, r, _ = row_stats(xp, z, axis, None)
     lse = m + r
     # A row with +inf and no NaN has lse = +inf exactly (scipy's convention).
     has_nan = xp.any(xp.isnan(z), axis=axis, keepdims=True)

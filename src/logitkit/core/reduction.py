@@ -18,7 +18,10 @@ def row_weights(xp: Any, labels: Any, weight: Any, ignore_index: int, acc: Any) 
     validf = xp.astype(valid, acc)
     if weight is None:
         return validf, validf
-    lab = xp.where(valid, labels, 0)
+    V = weight.shape[0]
+    # Out-of-range labels (only possible where they could not be checked first) gather class 0;
+    # their rows' losses are NaN already.
+    lab = xp.where(valid & (labels >= 0) & (labels < V), labels, 0)
     wy = xp.take_along_axis(xp.astype(weight, acc), lab.reshape(-1), axis=0).reshape(lab.shape)
     return validf, wy * validf
 

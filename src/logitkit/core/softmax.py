@@ -6,11 +6,13 @@ import math
 from typing import Any
 
 from .._namespace import acc_dtype
-from .logsumexp import row_stats, transform
+from .logsumexp import quiet, row_stats, transform
 
-__all__ = ["softmax", "log_softmax", "softmax_backward", "log_softmax_backward"]
+__all__ = ["softmax", "log_softmax", "softmax_backward", "log_softmax_backward", "entropy",
+           "kl_divergence"]
 
 
+@quiet
 def softmax(xp: Any, x: Any, axis: int = -1, where: Any = None, temperature: float = 1.0) -> Any:
     """``exp(z - m) / Σ exp(z - m)`` with ``z = x / temperature``; masked entries and all-masked rows give 0."""
     z = transform(xp, xp.astype(x, acc_dtype(xp, x.dtype)), None, temperature)
@@ -18,6 +20,7 @@ def softmax(xp: Any, x: Any, axis: int = -1, where: Any = None, temperature: flo
     return xp.astype(e / xp.exp(r), x.dtype)
 
 
+@quiet
 def log_softmax(xp: Any, x: Any, axis: int = -1, where: Any = None, temperature: float = 1.0) -> Any:
     """``(z - m) - r``; masked entries and all-masked rows give ``-inf``."""
     z = transform(xp, xp.astype(x, acc_dtype(xp, x.dtype)), None, temperature)
@@ -28,6 +31,7 @@ def log_softmax(xp: Any, x: Any, axis: int = -1, where: Any = None, temperature:
     return xp.astype(out, x.dtype)
 
 
+@quiet
 def softmax_backward(xp: Any, y: Any, dy: Any, axis: int = -1) -> Any:
     """Vector-Jacobian product of softmax: ``y * (dy - Σ y·dy)`` (``y`` the forward output)."""
     acc = acc_dtype(xp, y.dtype)
@@ -35,8 +39,57 @@ def softmax_backward(xp: Any, y: Any, dy: Any, axis: int = -1) -> Any:
     return xp.astype(ya * (dya - xp.sum(ya * dya, axis=axis, keepdims=True)), y.dtype)
 
 
+@quiet
 def log_softmax_backward(xp: Any, y: Any, dy: Any, axis: int = -1) -> Any:
     """Vector-Jacobian product of log_softmax: ``dy - exp(y) * Σ dy`` (``y`` the forward output)."""
     acc = acc_dtype(xp, y.dtype)
     ya, dya = xp.astype(y, acc), xp.astype(dy, acc)
     return xp.astype(dya - xp.exp(ya) * xp.sum(dya, axis=axis, keepdims=True), y.dtype)
+
+
+@quiet
+def entropy(xp: Any, x: Any, temperature: float = 1.0) -> Any:
+    """Entropy of ``softmax(x / T)`` along the last axis, as ``r + Σ_c p_c (m - z_c)``.
+
+    Every term is >= 0, so confident rows (H ~ 1e-13) keep their relative accuracy. Classes with
+    ``p_c = 0`` (``-inf`` logits) contribute 0, and so does their gradient.
+    """
+    acc = acc_dtype(xp, x.dtype)
+    z = transform(xp, xp.astype(x, acc), None, temperature)
+    m, r, e = row_stats(xp, z, -1)
+    p = e / xp.exp(r)
+    live = p > 0
+    # Replace dead entries *before* the product: 0·inf would poison autograd through ``where``.
+    gap = xp.where(live, m - xp.where(live, z, 0.0), 0.0)
+    h = xp.squeeze(r, axis=-1) + xp.sum(p * gap, axis=-1)
+    return xp.astype(h, x.dtype)
+
+
+@quiet
+def kl_divergence(xp: Any, p_logits: Any, q_logits: Any, temperature: float = 1.0) -> Any:
+    """``Σ_c p_c (log p_c - log q_c)`` along the last axis, ``p = softmax(p_logits/T)``, ``q`` likewise.
+
+    ``log p - log q`` is formed as ``(zp - mp) - (zq - mq) - (rp - rq)`` so a large common offset
+    never enters a rounded log-sum-exp. Classes with ``p_c = 0`` contribute 0; a class with
+    ``p_c > 0`` and ``q_c = 0`` makes the divergence ``+inf``.
+    """
+    acc = acc_dtype(xp, p_logits.dtype)
+    zp = transform(xp, xp.astype(p_logits, acc), None, temperature)
+    zq = transform(xp, xp.astype(q_logits, acc), None, temperature)
+    mp, rp, ep = row_stats(xp, zp, -1)
+    mq, rq, _ = row_stats(xp, zq, -1)
+    p = ep / xp.exp(rp)
+    q_dead = mq == -math.inf
+    # Entries that take no part are replaced *before* the arithmetic, so that no inf - inf
+    # reaches autograd through the discarded branch of a ``where``.
+    live = (p > 0) & ~q_dead
+    zp_s = xp.where(live, zp, 0.0)
+    zq_s = xp.where(live, zq, 0.0)
+    mp_s = xp.where(live, mp, 0.0)
+    mq_s = xp.where(live, mq, 0.0)
+    diff = (zp_s - mp_s) - (zq_s - mq_s) - (rp - rq)
+    kl = xp.sum(p * xp.where(live, diff, 0.0), axis=-1)
+    # A fully masked q: any teacher mass there is infinitely far.
+    p_mass = xp.squeeze(mp, axis=-1) > -math.inf
+    kl = xp.where(xp.squeeze(q_dead, axis=-1) & p_mass, math.inf, kl)
+    return xp.astype(kl, p_logits.dtype)
