@@ -1,0 +1,21 @@
+"""PyTorch drop-ins with ``torch.nn.functional`` signatures and fused autograd.
+
+``cross_entropy``, ``softmax`` and ``log_softmax`` take exactly torch's arguments (class dim 1,
+``dim=``, ``dtype=``, the deprecated ``size_average``/``reduce``); the extras are keyword-only.
+Cross-entropy saves no ``N×V`` buffer for backward and can write its gradient over the logits
+(``inplace_backward=True``). CPU tensors run the numba kernels when they are installed, CUDA
+tensors the Triton kernels, anything else the core on torch ops. The stages are registered as
+``torch.ops.logitkit.*`` custom operators, so ``torch.compile`` traces through without a graph
+break.
+
+>>> import torch, logitkit.torch as lt
+>>> x = torch.randn(8, 100, requires_grad=True); y = torch.randint(0, 100, (8,))
+>>> lt.cross_entropy(x, y, label_smoothing=0.1).backward()
+"""
+
+from ._autograd import InplaceError
+from ._functional import cross_entropy, log_softmax, softmax
+from ._modules import CrossEntropyLoss, LogSoftmax, Softmax
+
+__all__ = ["cross_entropy", "softmax", "log_softmax", "CrossEntropyLoss", "Softmax", "LogSoftmax",
+           "InplaceError"]

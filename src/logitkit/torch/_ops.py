@@ -1,0 +1,265 @@
+"""The kernel stages as torch custom operators (``torch.ops.logitkit.*``).
+
+Each operator takes 2-D ``(N, V)`` rows (class axis last) and runs the stage of
+:mod:`logitkit.kernels` on the best backend for the tensor:
+
+- CUDA tensors: the registry's ``"triton"`` backend, else the core on torch ops;
+- CPU tensors: the registry's ``"cpu"`` (numba) kernels through zero-copy NumPy views
+  (bfloat16 travels as ``ml_dtypes.bfloat16``), else the core on torch ops.
+
+Wrapping the stages as custom operators makes them opaque, shape-checked nodes for
+``torch.compile``: dynamo traces the autograd functions around them without a graph break, and
+the fake implementations below give the output shapes without running a kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import _validate
+from .._namespace import NUMPY, TORCH
+from ..kernels import registry
+
+__all__ = ["acc_dtype", "run_stage"]
+
+try:  # bfloat16 NumPy views need ml_dtypes (a dependency of jax); without it bf16 runs the core
+    import ml_dtypes as _ml_dtypes
+except ImportError:  # pragma: no cover - depends on the environment
+    _ml_dtypes = None
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 logits, float32 for every other floating dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _np_view(t: Tensor) -> np.ndarray:
+    """A zero-copy NumPy view of a CPU tensor (bfloat16 as ``ml_dtypes.bfloat16``)."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(_ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _row_major(x: Tensor) -> Tensor:
+    """``x`` with contiguous rows (copied only when its layout is not already row-major)."""
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def _select(stage: str, x: Tensor) -> tuple[bool, Callable[..., Any]]:
+    """``(numpy_kernel, fn)``: a NumPy-facing CPU kernel, else the registry's torch stage."""
+    if x.device.type == "cpu" and x.numel() > 0 and (x.dtype != torch.bfloat16 or _ml_dtypes is not None):
+        backend, fn = registry.select(stage, NUMPY, _np_view(x))
+        if backend != "core":
+            return True, fn
+    return False, registry.select(stage, TORCH, x)[1]
+
+
+def _to_np(t: Optional[Tensor]) -> Optional[np.ndarray]:
+    return None if t is None else _np_view(_row_major(t))
+
+
+def _from_np(a: Any) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+_NO_OUT = ("ce_forward", "logsumexp_forward", "softmax_backward", "log_softmax_backward")
+
+
+def run_stage(stage: str, x: Tensor, *args: Any, out: Optional[Tensor] = None, **kw: Any) -> Any:
+    """Run ``stage`` on rows ``x`` with tensor ``args`` and keyword options ``kw``.
+
+    ``out`` (a tensor of ``x``'s shape and dtype, possibly ``x`` itself) receives the result of a
+    gradient or softmax stage; results come back as tensors on ``x``'s device.
+    """
+    x = _row_major(x)
+    # A kernel writes only into row-major memory; any other ``out`` gets a copy at the end.
+    target = out if out is not None and out.is_contiguous() else None
+    numpy_kernel, fn = _select(stage, x)
+    if numpy_kernel:
+        np_args = [_to_np(a) if isinstance(a, Tensor) else a for a in args]
+        np_kw = {k: (_to_np(v) if isinstance(v, Tensor) else v) for k, v in kw.items()}
+        if stage not in _NO_OUT:
+            np_kw["out"] = None if target is None else _np_view(target)
+        res = fn(_np_view(x), *np_args, **np_kw)
+        if target is not None:
+            return target  # written through the NumPy view of its memory
+        res = tuple(_from_np(a) for a in res) if isinstance(res, tuple) else _from_np(res)
+    else:
+        if stage not in _NO_OUT:
+            kw["out"] = target
+        res = fn(x, *args, **kw)
+        if target is not None:
+            return target
+    if out is not None:
+        out.copy_(res)
+        return out
+    return res
+
+
+def _check_labels(x: Tensor, labels: Tensor, ignore_index: int) -> None:
+    # Host-side check (CPU tensors only: reading CUDA labels would synchronize the device).
+    _validate.check_label_range(TORCH, labels, x.shape[-1], ignore_index)
+
+
+def _wvec(weight: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    return None if weight is None else weight.to(device=x.device, dtype=acc_dtype(x.dtype)).contiguous()
+
+
+def _stats_core(x: Tensor, labels: Tensor, weight: Optional[Tensor], ignore_index: int,
+                label_smoothing: float, softcap: Optional[float],
+                temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``ce_forward`` through the core on torch ops (empty class axis, or no kernel)."""
+    _, fn = registry.select("ce_forward", TORCH, torch.empty(0, device=x.device))
+    return fn(x, labels, weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
+              softcap=softcap, temperature=temperature)
+
+
+# ----------------------------------------------------------------------------------------------
+# cross-entropy with class-index labels
+
+
+@torch.library.custom_op("logitkit::ce_forward", mutates_args=())
+def ce_forward(x: Tensor, labels: Tensor, weight: Optional[Tensor], ignore_index: int,
+               label_smoothing: float, softcap: Optional[float],
+               temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row ``(ce, m, r)`` of rows ``x`` (N, V) with int64 ``labels`` (N,), accumulation dtype."""
+    _check_labels(x, labels, ignore_index)
+    acc = acc_dtype(x.dtype)
+    N, V = x.shape
+    if N == 0:
+        e = x.new_empty((0,), dtype=acc)
+        return e, e.clone(), e.clone()
+    w = _wvec(weight, x)
+    opts = dict(weight=w, ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap,
+                temperature=temperature)
+    if V == 0:
+        ce, m, r = _stats_core(x, labels, **opts)
+    else:
+        ce, m, r = run_stage("ce_forward", x, labels, **opts)
+    return (ce.to(device=x.device, dtype=acc).contiguous(), m.to(device=x.device, dtype=acc).contiguous(),
+            r.to(device=x.device, dtype=acc).contiguous())
+
+
+@ce_forward.register_fake
+def _(x, labels, weight, ignore_index, label_smoothing, softcap, temperature):
+    acc = acc_dtype(x.dtype)
+    n = x.shape[0]
+    return x.new_empty((n,), dtype=acc), x.new_empty((n,), dtype=acc), x.new_empty((n,), dtype=acc)
+
+
+def _backward_into(x: Tensor, labels: Tensor, m: Tensor, r: Tensor, g_ce: Tensor, g_z: Tensor,
+                   weight: Optional[Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
+                   softcap: Optional[float], temperature: float, out: Optional[Tensor]) -> Tensor:
+    N, V = x.shape
+    if N == 0 or V == 0:
+        if out is None:
+            return torch.zeros_like(x, memory_format=torch.contiguous_format)
+        return out.zero_()
+    acc = acc_dtype(x.dtype)
+    return run_stage("ce_backward", x, labels, m, r, g_ce.to(acc).contiguous(), g_z.to(acc).contiguous(),
+                     out=out, weight=_wvec(weight, x), ignore_index=ignore_index,
+                     label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                     temperature=temperature)
+
+
+@torch.library.custom_op("logitkit::ce_backward", mutates_args=())
+def ce_backward(x: Tensor, labels: Tensor, m: Tensor, r: Tensor, g_ce: Tensor, g_z: Tensor,
+                weight: Optional[Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
+                softcap: Optional[float], temperature: float) -> Tensor:
+    """The gradient of ``Σ g_ce·ce + g_z·z_loss·lse²`` with respect to rows ``x``, a new tensor."""
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return _backward_into(x, labels, m, r, g_ce, g_z, weight, ignore_index, label_smoothing, z_loss,
+                          softcap, temperature, out)
+
+
+@ce_backward.register_fake
+def _(x, labels, m, r, g_ce, g_z, weight, ignore_index, label_smoothing, z_loss, softcap, temperature):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("logitkit::ce_backward_", mutates_args=("x",))
+def ce_backward_(x: Tensor, labels: Tensor, m: Tensor, r: Tensor, g_ce: Tensor, g_z: Tensor,
+                 weight: Optional[Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
+                 softcap: Optional[float], temperature: float) -> None:
+    """:func:`ce_backward` written over ``x`` itself (one read and one write of each row)."""
+    _backward_into(x, labels, m, r, g_ce, g_z, weight, ignore_index, label_smoothing, z_loss,
+                   softcap, temperature, x)
+
+
+@ce_backward_.register_fake
+def _(x, labels, m, r, g_ce, g_z, weight, ignore_index, label_smoothing, z_loss, softcap, temperature):
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# softmax / log_softmax over the last axis of rows
+
+
+def _softmax_core(x: Tensor, temperature: float, log: bool) -> Tensor:
+    from ..core import softmax as core_sm
+    from .._namespace import get_namespace
+
+    fn = core_sm.log_softmax if log else core_sm.softmax
+    return fn(get_namespace(TORCH), x, -1, None, temperature)
+
+
+def _softmax_rows(x: Tensor, temperature: float, log: bool) -> Tensor:
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        return _softmax_core(x, temperature, log).contiguous()
+    stage = "log_softmax_forward" if log else "softmax_forward"
+    res = run_stage(stage, x, temperature=temperature)
+    return res.to(device=x.device).contiguous()
+
+
+@torch.library.custom_op("logitkit::softmax_forward", mutates_args=())
+def softmax_forward(x: Tensor, temperature: float) -> Tensor:
+    """``softmax(x / T)`` along the last axis of rows ``x`` (N, V), in ``x``'s dtype."""
+    return _softmax_rows(x, temperature, False)
+
+
+@torch.library.custom_op("logitkit::log_softmax_forward", mutates_args=())
+def log_softmax_forward(x: Tensor, temperature: float) -> Tensor:
+    """``log_softmax(x / T)`` along the last axis of rows ``x`` (N, V), in ``x``'s dtype."""
+    return _softmax_rows(x, temperature, True)
+
+
+def _fake_like(x, temperature):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+softmax_forward.register_fake(_fake_like)
+log_softmax_forward.register_fake(_fake_like)
+
+
+def _softmax_vjp(y: Tensor, dy: Tensor, log: bool) -> Tensor:
+    dy = dy.to(y.dtype).contiguous()
+    if y.numel() == 0:
+        return torch.zeros_like(y, memory_format=torch.contiguous_format)
+    stage = "log_softmax_backward" if log else "softmax_backward"
+    res = run_stage(stage, y, dy)
+    return res.to(device=y.device, dtype=y.dtype).contiguous()
+
+
+@torch.library.custom_op("logitkit::softmax_backward", mutates_args=())
+def softmax_backward(y: Tensor, dy: Tensor) -> Tensor:
+    """Vector-Jacobian product of softmax, ``y·(dy − Σ y·dy)``, from the forward output ``y``."""
+    return _softmax_vjp(y, dy, False)
+
+
+@torch.library.custom_op("logitkit::log_softmax_backward", mutates_args=())
+def log_softmax_backward(y: Tensor, dy: Tensor) -> Tensor:
+    """Vector-Jacobian product of log_softmax, ``dy − exp(y)·Σ dy``, from the forward output ``y``."""
+    return _softmax_vjp(y, dy, True)
+
+
+def _fake_vjp(y, dy):
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+softmax_backward.register_fake(_fake_vjp)
+log_softmax_backward.register_fake(_fake_vjp)
