@@ -193,7 +193,7 @@ def _options(v, acc, weight, ignore_index, label_smoothing, z_loss, softcap, tem
             raise TypeError(f"weight: expected a real array, got dtype {w.dtype}")
         w = np.ascontiguousarray(w, dtype=acc)
         wsum = float(np.sum(w, dtype=np.float64))
-    return w, wsum, int(ignore_index), eps, zl, 1.0 / t, cap
+    return w, wsum, int(ignore_index), eps, zl, t, cap
 
 
 def _per_row(g, n, name):
@@ -207,8 +207,9 @@ def _per_row(g, n, name):
     return np.ascontiguousarray(a)
 
 
-def _direct(xs, cap):
-    return cap is None and xs.dtype in (np.float32, np.float64)
+def _direct(xs, cap, temp):
+    # T != 1 goes through the row buffer: z = x / T is then rounded once per element
+    return cap is None and temp == 1.0 and xs.dtype in (np.float32, np.float64)
 
 
 # ----------------------------------------------------------------------------- cross-entropy
@@ -216,7 +217,7 @@ def _ce(x, labels, g_ce, g_z, want_grad, weight, ignore_index, label_smoothing, 
         temperature, out):
     xs, acc = _storage(x, "x")
     n, v = x.shape
-    w, wsum, ii, eps, zl, inv_t, cap = _options(v, acc, weight, ignore_index, label_smoothing,
+    w, wsum, ii, eps, zl, temp, cap = _options(v, acc, weight, ignore_index, label_smoothing,
                                                 z_loss, softcap, temperature)
     lab = _labels(labels, n, v, ii)
     gce = _per_row(g_ce, n, "g_ce")
@@ -233,11 +234,11 @@ def _ce(x, labels, g_ce, g_z, want_grad, weight, ignore_index, label_smoothing, 
             ok = np.empty((n, 0), xs.dtype)
         k = _k()
         _apply_threads()
-        if _direct(xs, cap):
-            k.ce_direct(xk, lab, w, wsum, ii, eps, zl, inv_t, gce, gz, want_grad, ok,
+        if _direct(xs, cap, temp):
+            k.ce_direct(xk, lab, w, wsum, ii, eps, zl, gce, gz, want_grad, ok,
                         want_grad and o.inplace, ce, m, r)
         else:
-            k.ce_buffered(xk, lab, w, wsum, ii, eps, zl, inv_t, 1.0 if cap is None else cap,
+            k.ce_buffered(xk, lab, w, wsum, ii, eps, zl, temp, 1.0 if cap is None else cap,
                           cap is not None, gce, gz, want_grad, ok, ce, m, r,
                           np.empty(0, acc), min(n, get_num_threads()))
     if want_grad:
@@ -292,7 +293,7 @@ def ce_backward(x, labels, m, r, g_ce, g_z, *, weight=None, ignore_index=-100,
     """
     xs, acc = _storage(x, "x")
     n, v = x.shape
-    w, wsum, ii, eps, zl, inv_t, cap = _options(v, acc, weight, ignore_index, label_smoothing,
+    w, wsum, ii, eps, zl, temp, cap = _options(v, acc, weight, ignore_index, label_smoothing,
                                                 z_loss, softcap, temperature)
     lab = _labels(labels, n, v, ii)
     mm = _per_row(m, n, "m")
@@ -304,7 +305,7 @@ def ce_backward(x, labels, m, r, g_ce, g_z, *, weight=None, ignore_index=-100,
         xk = xs if xs.flags.c_contiguous else np.ascontiguousarray(xs)
         k = _k()
         _apply_threads()
-        k.ce_backward(xk, lab, mm, rr, gce, gz, w, wsum, ii, eps, zl, inv_t,
+        k.ce_backward(xk, lab, mm, rr, gce, gz, w, wsum, ii, eps, zl, temp,
                       1.0 if cap is None else cap, cap is not None, o.target.view(xs.dtype),
                       o.inplace)
     return o.finish()
@@ -328,10 +329,10 @@ def _softmax_family(x, mode, temperature, softcap, out):
         ok = o.target.view(xs.dtype) if o is not None else np.empty((n, 0), xs.dtype)
         k = _k()
         _apply_threads()
-        if _direct(xs, cap):
-            k.softmax_direct(xk, mode, 1.0 / t, ok, o is not None and o.inplace, m, r)
+        if _direct(xs, cap, t):
+            k.softmax_direct(xk, mode, ok, o is not None and o.inplace, m, r)
         else:
-            k.softmax_buffered(xk, mode, 1.0 / t, 1.0 if cap is None else cap, cap is not None,
+            k.softmax_buffered(xk, mode, t, 1.0 if cap is None else cap, cap is not None,
                                ok, m, r, np.empty(0, acc), min(n, get_num_threads()))
     if mode == 2:
         with np.errstate(invalid="ignore"):

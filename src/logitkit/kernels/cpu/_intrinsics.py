@@ -13,8 +13,10 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 
 # Flags for the reduction loops: reassoc lets LLVM split sums into vector lanes; nnan/ninf are
-# deliberately absent so comparisons and selects keep IEEE meaning for -inf and NaN.
-FM = {"reassoc", "contract", "arcp", "nsz", "afn"}
+# deliberately absent so comparisons and selects keep IEEE meaning for -inf and NaN, and arcp is
+# absent so that x / temperature stays a correctly rounded division (a rounded reciprocal would
+# shift every z by the same relative error, which does not average out in the sum).
+FM = {"reassoc", "contract", "nsz", "afn"}
 # Flags for exp/tanh bodies: no reassociation (it would fold (t + MAGIC) - MAGIC into t).
 EXACT = {"contract"}
 

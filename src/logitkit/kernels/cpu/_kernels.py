@@ -17,6 +17,10 @@ taking a single array, because LLVM's run-time overlap check sends exactly alias
 code.  Rows whose maximum is not finite take a scalar special path: all ``-inf`` -> m=-inf, r=0,
 softmax 0; ``+inf`` or all NaN -> NaN for that row.  A NaN among finite values propagates through
 the sum (no ``nnan`` flag), so the row becomes NaN.
+
+Only the reduction loops are compiled with reassociation (``_jit``); everything else uses
+``_jit_exact`` so that ``(z - m) - r`` and ``sum + (ties - 1)`` are never regrouped into forms that
+round away a confident row's ~1e-13 log-probability.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import math
 import numpy as np
 from numba import prange
 
-from ._intrinsics import _jit, acc_zero, cast, from_acc, maxnum, to_acc, vexp, vtanh
+from ._intrinsics import _jit, _jit_exact, acc_zero, cast, from_acc, maxnum, to_acc, vexp, vtanh
 
 _NINF = -np.inf
 
@@ -40,36 +44,36 @@ def _rowmax(row, zero):
 
 
 @_jit()
-def _zfill(row, buf, inv_t):
-    """buf = x / T (accumulation dtype); returns max."""
-    m = cast(_NINF, inv_t)
+def _zfill(row, buf, t):
+    """buf = x / T (accumulation dtype, correctly rounded division); returns max."""
+    m = cast(_NINF, t)
     for j in range(row.size):
-        z = to_acc(row[j]) * inv_t
+        z = to_acc(row[j]) / t
         buf[j] = z
         m = maxnum(m, z)
     return m
 
 
 @_jit()
-def _zfill_cap(row, buf, cap, inv_cap, inv_t):
+def _zfill_cap(row, buf, cap, t):
     """buf = cap * tanh(x / cap) / T; returns max."""
-    m = cast(_NINF, inv_t)
+    m = cast(_NINF, t)
     for j in range(row.size):
-        z = cap * vtanh(to_acc(row[j]) * inv_cap) * inv_t
+        z = cap * vtanh(to_acc(row[j]) / cap) / t
         buf[j] = z
         m = maxnum(m, z)
     return m
 
 
 # ----------------------------------------------------------------------------- pass 2
-# d = (x - mx) * inv_t <= 0; exp(0) == 1 exactly, maximal terms are counted, not summed.
+# d = z - m <= 0; exp(0) == 1 exactly, maximal terms are counted, not summed.
 @_jit()
-def _exp_store(src, dst, mx, inv_t):
+def _exp_store(src, dst, mx):
     s = 0.0
     ties = 0
     zero = mx - mx
     for j in range(src.size):
-        d = (src[j] - mx) * inv_t
+        d = src[j] - mx
         e = vexp(d)
         dst[j] = e
         s += np.float64(zero if d == zero else e)
@@ -78,12 +82,12 @@ def _exp_store(src, dst, mx, inv_t):
 
 
 @_jit()
-def _exp_store_inplace(row, mx, inv_t):
+def _exp_store_inplace(row, mx):
     s = 0.0
     ties = 0
     zero = mx - mx
     for j in range(row.size):
-        d = (row[j] - mx) * inv_t
+        d = row[j] - mx
         e = vexp(d)
         row[j] = e
         s += np.float64(zero if d == zero else e)
@@ -92,12 +96,12 @@ def _exp_store_inplace(row, mx, inv_t):
 
 
 @_jit()
-def _exp_sum(src, mx, inv_t):
+def _exp_sum(src, mx):
     s = 0.0
     ties = 0
     zero = mx - mx
     for j in range(src.size):
-        d = (to_acc(src[j]) - mx) * inv_t
+        d = to_acc(src[j]) - mx
         e = vexp(d)
         s += np.float64(zero if d == zero else e)
         ties += d == zero
@@ -105,43 +109,43 @@ def _exp_sum(src, mx, inv_t):
 
 
 @_jit()
-def _smooth_sum(src, mx, inv_t, w):
+def _smooth_sum(src, mx, w):
     """sum_c w_c (m - z_c) with 0 for w_c == 0 (so a masked class of weight 0 adds no NaN)."""
     s = 0.0
     zero = mx - mx
     for j in range(src.size):
         wj = w[j]
-        t = wj * ((mx - to_acc(src[j])) * inv_t)
+        t = wj * (mx - to_acc(src[j]))
         s += np.float64(zero if wj == zero else t)
     return s
 
 
 # ----------------------------------------------------------------------------- pass 3
-@_jit()
+@_jit_exact()
 def _scale(row, a):
     for j in range(row.size):
         row[j] = row[j] * a
 
 
-@_jit()
+@_jit_exact()
 def _affine_w(row, a, b, w):
     for j in range(row.size):
         row[j] = row[j] * a - b * w[j]
 
 
-@_jit()
+@_jit_exact()
 def _store_scale(buf, out, a):
     for j in range(buf.size):
         out[j] = from_acc(buf[j] * a, out)
 
 
-@_jit()
+@_jit_exact()
 def _store_affine_w(buf, out, a, b, w):
     for j in range(buf.size):
         out[j] = from_acc(buf[j] * a - b * w[j], out)
 
 
-@_jit()
+@_jit_exact()
 def _store_softcap(buf, out, m, a, b, w, k):
     """out = (exp(z - m) a - b w) (1 - (z k)^2), the softcap chain rule with tanh = z T / cap."""
     one = cast(1.0, m)
@@ -152,31 +156,31 @@ def _store_softcap(buf, out, m, a, b, w, k):
         out[j] = from_acc(g * (one - t * t), out)
 
 
-@_jit()
-def _logsm(src, dst, mx, inv_t, r):
+@_jit_exact()
+def _logsm(src, dst, mx, r):
     for j in range(src.size):
-        dst[j] = (src[j] - mx) * inv_t - r
+        dst[j] = (src[j] - mx) - r
 
 
-@_jit()
-def _logsm_inplace(row, mx, inv_t, r):
+@_jit_exact()
+def _logsm_inplace(row, mx, r):
     for j in range(row.size):
-        row[j] = (row[j] - mx) * inv_t - r
+        row[j] = (row[j] - mx) - r
 
 
-@_jit()
+@_jit_exact()
 def _store_logsm(buf, out, m, r):
     for j in range(buf.size):
         out[j] = from_acc((buf[j] - m) - r, out)
 
 
-@_jit()
+@_jit_exact()
 def _fill(out, v):
     for j in range(out.size):
         out[j] = from_acc(v, out)
 
 
-@_jit()
+@_jit_exact()
 def _fill_masked_grad(out, y, b, w, c, zero):
     """Gradient of a fully masked (all -inf) row: p = 0, so -b w_c, and -c more at the label."""
     for j in range(out.size):
@@ -185,7 +189,7 @@ def _fill_masked_grad(out, y, b, w, c, zero):
 
 
 # ----------------------------------------------------------------------------- CE forward(+backward)
-@_jit()
+@_jit_exact()
 def _ce_loss(eps, wy, r, dy, sm, wsum, v):
     """(1-eps) w_y (m - z_y + r) + eps/V sum_c w_c (m - z_c + r); dy = z_y - m."""
     lab = (1.0 - eps) * wy
@@ -195,7 +199,7 @@ def _ce_loss(eps, wy, r, dy, sm, wsum, v):
     return t
 
 
-@_jit()
+@_jit_exact()
 def _ce_coefs(eps, wy, wsum, v, m, r, gce, gz, zl, inv_t):
     """Per-row coefficients: grad_z = A p - B w_c - C [c == y] (times 1/T already)."""
     a = inv_t * (gce * ((1.0 - eps) * wy + eps / v * wsum) + gz * 2.0 * zl * (m + r))
@@ -204,7 +208,14 @@ def _ce_coefs(eps, wy, wsum, v, m, r, gce, gz, zl, inv_t):
     return a, b, c
 
 
-@_jit()
+@_jit_exact()
+def _label_grad(c, a, b, wy, pm1):
+    """grad_z at the label, A p_y - B w_y - C, written as C (p_y - 1) + (A - C) p_y - B w_y with
+    p_y - 1 from expm1, so a confident row keeps the relative accuracy of its ~1e-13 gradient."""
+    return c * pm1 + (a - c) * (pm1 + 1.0) - b * wy
+
+
+@_jit_exact()
 def _ce_special(orow, y, ignored, w, wsum, eps, inv_t, gce, mval, want_grad, zero):
     """Rows whose maximum is not finite.  Returns (ce, m, r) as float64."""
     if ignored:
@@ -223,10 +234,10 @@ def _ce_special(orow, y, ignored, w, wsum, eps, inv_t, gce, mval, want_grad, zer
     return np.nan, mval, np.nan
 
 
-@_jit(parallel=True)
-def ce_direct(x, labels, w, wsum, ignore_index, eps, zl, inv_t, g_ce, g_z, want_grad, out,
+@_jit_exact(parallel=True)
+def ce_direct(x, labels, w, wsum, ignore_index, eps, zl, g_ce, g_z, want_grad, out,
               inplace, ce, m_out, r_out):
-    """float32/float64 logits, no softcap.  Writes ce/m/r (N,) and, if want_grad, out (N, V)."""
+    """float32/float64 logits, no softcap, temperature 1.  Writes ce/m/r (N,) and, if want_grad, out (N, V)."""
     n, v = x.shape
     for i in prange(n):
         xr = x[i]
@@ -236,31 +247,30 @@ def ce_direct(x, labels, w, wsum, ignore_index, eps, zl, inv_t, g_ce, g_z, want_
         ignored = y == ignore_index
         mx = _rowmax(xr, zero)
         if not (mx > _NINF and mx < np.inf):
-            c_, m_, r_ = _ce_special(orow, y, ignored, w, wsum, eps, inv_t, g_ce[i], mx,
+            c_, m_, r_ = _ce_special(orow, y, ignored, w, wsum, eps, 1.0, g_ce[i], mx,
                                      want_grad, zero)
             ce[i] = c_
             m_out[i] = m_
             r_out[i] = r_
             continue
-        it = cast(inv_t, zero)
-        m = np.float64(mx) * inv_t
+        m = np.float64(mx)
         if ignored:
-            s, ties = _exp_sum(xr, mx, it)
+            s, ties = _exp_sum(xr, mx)
             if want_grad:
                 _fill(orow, zero)
             ce[i] = 0.0
             m_out[i] = m
             r_out[i] = math.log1p(s + (ties - 1))
             continue
-        dy = (np.float64(xr[y]) - np.float64(mx)) * inv_t
-        sm = _smooth_sum(xr, mx, it, w) if eps != 0.0 else 0.0
+        dy = np.float64(xr[y]) - m
+        sm = _smooth_sum(xr, mx, w) if eps != 0.0 else 0.0
         if want_grad:
             if inplace:
-                s, ties = _exp_store_inplace(xr, mx, it)
+                s, ties = _exp_store_inplace(xr, mx)
             else:
-                s, ties = _exp_store(xr, orow, mx, it)
+                s, ties = _exp_store(xr, orow, mx)
         else:
-            s, ties = _exp_sum(xr, mx, it)
+            s, ties = _exp_sum(xr, mx)
         sp = s + (ties - 1)
         r = math.log1p(sp)
         wy = np.float64(w[y])
@@ -268,18 +278,17 @@ def ce_direct(x, labels, w, wsum, ignore_index, eps, zl, inv_t, g_ce, g_z, want_
         m_out[i] = m
         r_out[i] = r
         if want_grad:
-            a, b, c = _ce_coefs(eps, wy, wsum, v, m, r, g_ce[i], g_z[i], zl, inv_t)
-            a = a / (1.0 + sp)
-            ey = np.float64(orow[y])
+            a, b, c = _ce_coefs(eps, wy, wsum, v, m, r, g_ce[i], g_z[i], zl, 1.0)
+            s1 = 1.0 + sp
             if eps != 0.0:
-                _affine_w(orow, cast(a, zero), cast(b, zero), w)
+                _affine_w(orow, cast(a / s1, zero), cast(b, zero), w)
             else:
-                _scale(orow, cast(a, zero))
-            orow[y] = ey * a - b * wy - c
+                _scale(orow, cast(a / s1, zero))
+            orow[y] = _label_grad(c, a, b, wy, (math.expm1(dy) - sp) / s1)
 
 
-@_jit(parallel=True)
-def ce_buffered(x, labels, w, wsum, ignore_index, eps, zl, inv_t, cap, use_cap, g_ce, g_z,
+@_jit_exact(parallel=True)
+def ce_buffered(x, labels, w, wsum, ignore_index, eps, zl, temp, cap, use_cap, g_ce, g_z,
                 want_grad, out, ce, m_out, r_out, buf_proto, nchunk):
     """Any storage dtype (float16/bfloat16 as int16/uint16 views) and softcap, via a per-thread
     buffer of the accumulation dtype (``buf_proto`` gives it); rows split in ``nchunk`` blocks."""
@@ -287,20 +296,19 @@ def ce_buffered(x, labels, w, wsum, ignore_index, eps, zl, inv_t, cap, use_cap, 
     for ch in prange(nchunk):
         buf = np.empty(v, buf_proto.dtype)
         zero = acc_zero(buf)
-        it = cast(inv_t, zero)
+        inv_t = 1.0 / temp
+        tz = cast(temp, zero)
         capa = cast(cap, zero)
-        inv_cap = cast(1.0 / cap, zero)
-        k = cast(1.0 / (inv_t * cap), zero)
-        one = cast(1.0, zero)
+        k = cast(temp / cap, zero)
         for i in range(ch * n // nchunk, (ch + 1) * n // nchunk):
             xr = x[i]
             orow = out[i]
             y = labels[i]
             ignored = y == ignore_index
             if use_cap:
-                m = _zfill_cap(xr, buf, capa, inv_cap, it)
+                m = _zfill_cap(xr, buf, capa, tz)
             else:
-                m = _zfill(xr, buf, it)
+                m = _zfill(xr, buf, tz)
             if not (m > _NINF and m < np.inf):
                 c_, m_, r_ = _ce_special(orow, y, ignored, w, wsum, eps, inv_t, g_ce[i], m,
                                          want_grad, zero)
@@ -310,7 +318,7 @@ def ce_buffered(x, labels, w, wsum, ignore_index, eps, zl, inv_t, cap, use_cap, 
                 continue
             m64 = np.float64(m)
             if ignored:
-                s, ties = _exp_sum(buf, m, one)
+                s, ties = _exp_sum(buf, m)
                 if want_grad:
                     _fill(orow, zero)
                 ce[i] = 0.0
@@ -319,11 +327,11 @@ def ce_buffered(x, labels, w, wsum, ignore_index, eps, zl, inv_t, cap, use_cap, 
                 continue
             zy = buf[y]
             dy = np.float64(zy) - m64
-            sm = _smooth_sum(buf, m, one, w) if eps != 0.0 else 0.0
+            sm = _smooth_sum(buf, m, w) if eps != 0.0 else 0.0
             if want_grad and not use_cap:
-                s, ties = _exp_store_inplace(buf, m, one)
+                s, ties = _exp_store_inplace(buf, m)
             else:
-                s, ties = _exp_sum(buf, m, one)
+                s, ties = _exp_sum(buf, m)
             sp = s + (ties - 1)
             r = math.log1p(sp)
             wy = np.float64(w[y])
@@ -332,59 +340,65 @@ def ce_buffered(x, labels, w, wsum, ignore_index, eps, zl, inv_t, cap, use_cap, 
             r_out[i] = r
             if want_grad:
                 a, b, c = _ce_coefs(eps, wy, wsum, v, m64, r, g_ce[i], g_z[i], zl, inv_t)
-                a = a / (1.0 + sp)
+                s1 = 1.0 + sp
+                gy = _label_grad(c, a, b, wy, (math.expm1(dy) - sp) / s1)
                 if use_cap:
-                    _store_softcap(buf, orow, m, cast(a, zero), cast(b, zero), w, k)
+                    _store_softcap(buf, orow, m, cast(a / s1, zero), cast(b, zero), w, k)
                     t = zy * k
-                    ey = np.float64(vexp(zy - m))
-                    gy = (ey * a - b * wy - c) * np.float64(one - t * t)
-                    orow[y] = from_acc(cast(gy, zero), orow)
+                    gy = gy * np.float64(cast(1.0, zero) - t * t)
                 else:
-                    _store_affine_w(buf, orow, cast(a, zero), cast(b, zero), w)
-                    gy = np.float64(buf[y]) * a - b * wy - c
-                    orow[y] = from_acc(cast(gy, zero), orow)
+                    _store_affine_w(buf, orow, cast(a / s1, zero), cast(b, zero), w)
+                orow[y] = from_acc(cast(gy, zero), orow)
 
 
 # ----------------------------------------------------------------------------- CE backward (given m, r)
-@_jit()
-def _bwd(src, dst, m, r, a, b, w, inv_t):
+@_jit_exact()
+def _bwd(src, dst, m, r, a, b, w, temp, use_t):
     for j in range(src.size):
-        p = vexp((to_acc(src[j]) * inv_t - m) - r)
+        z = to_acc(src[j])
+        if use_t:
+            z = z / temp
+        p = vexp((z - m) - r)
         dst[j] = from_acc(p * a - b * w[j], dst)
 
 
-@_jit()
-def _bwd_inplace(row, m, r, a, b, w, inv_t):
+@_jit_exact()
+def _bwd_inplace(row, m, r, a, b, w, temp, use_t):
     for j in range(row.size):
-        p = vexp((to_acc(row[j]) * inv_t - m) - r)
+        z = to_acc(row[j])
+        if use_t:
+            z = z / temp
+        p = vexp((z - m) - r)
         row[j] = from_acc(p * a - b * w[j], row)
 
 
-@_jit()
-def _bwd_cap(src, dst, m, r, a, b, w, inv_t, cap, inv_cap, k):
+@_jit_exact()
+def _bwd_cap(src, dst, m, r, a, b, w, temp, cap, k):
     one = cast(1.0, m)
     for j in range(src.size):
-        z = cap * vtanh(to_acc(src[j]) * inv_cap) * inv_t
+        z = cap * vtanh(to_acc(src[j]) / cap) / temp
         t = z * k
         p = vexp((z - m) - r)
         dst[j] = from_acc((p * a - b * w[j]) * (one - t * t), dst)
 
 
-@_jit()
-def _bwd_cap_inplace(row, m, r, a, b, w, inv_t, cap, inv_cap, k):
+@_jit_exact()
+def _bwd_cap_inplace(row, m, r, a, b, w, temp, cap, k):
     one = cast(1.0, m)
     for j in range(row.size):
-        z = cap * vtanh(to_acc(row[j]) * inv_cap) * inv_t
+        z = cap * vtanh(to_acc(row[j]) / cap) / temp
         t = z * k
         p = vexp((z - m) - r)
         row[j] = from_acc((p * a - b * w[j]) * (one - t * t), row)
 
 
-@_jit(parallel=True)
-def ce_backward(x, labels, m_in, r_in, g_ce, g_z, w, wsum, ignore_index, eps, zl, inv_t, cap,
+@_jit_exact(parallel=True)
+def ce_backward(x, labels, m_in, r_in, g_ce, g_z, w, wsum, ignore_index, eps, zl, temp, cap,
                 use_cap, out, inplace):
     """One read of x and one write of out per row: p = exp(z - m - r)."""
     n, v = x.shape
+    inv_t = 1.0 / temp
+    use_t = temp != 1.0
     for i in prange(n):
         xr = x[i]
         orow = out[i]
@@ -407,34 +421,34 @@ def ce_backward(x, labels, m_in, r_in, g_ce, g_z, w, wsum, ignore_index, eps, zl
         ma = cast(m, zero)
         ra = cast(r, zero)
         xy = to_acc(xr[y])
-        it = cast(inv_t, zero)
+        tz = cast(temp, zero)
         az = cast(a, zero)
         bz = cast(b, zero)
         if use_cap:
             capa = cast(cap, zero)
-            inv_cap = cast(1.0 / cap, zero)
-            k = cast(1.0 / (inv_t * cap), zero)
-            zy = capa * vtanh(xy * inv_cap) * it
+            k = cast(temp / cap, zero)
+            zy = capa * vtanh(xy / capa) / tz
             if inplace:
-                _bwd_cap_inplace(xr, ma, ra, az, bz, w, it, capa, inv_cap, k)
+                _bwd_cap_inplace(xr, ma, ra, az, bz, w, tz, capa, k)
             else:
-                _bwd_cap(xr, orow, ma, ra, az, bz, w, it, capa, inv_cap, k)
+                _bwd_cap(xr, orow, ma, ra, az, bz, w, tz, capa, k)
             t = zy * k
-            py = np.float64(vexp((zy - ma) - ra))
-            gy = (py * a - b * wy - c) * np.float64(cast(1.0, zero) - t * t)
+            pm1 = math.expm1((np.float64(zy) - m) - r)
+            gy = _label_grad(c, a, b, wy, pm1) * np.float64(cast(1.0, zero) - t * t)
         else:
             if inplace:
-                _bwd_inplace(xr, ma, ra, az, bz, w, it)
+                _bwd_inplace(xr, ma, ra, az, bz, w, tz, use_t)
             else:
-                _bwd(xr, orow, ma, ra, az, bz, w, it)
-            py = np.float64(vexp((xy * it - ma) - ra))
-            gy = py * a - b * wy - c
+                _bwd(xr, orow, ma, ra, az, bz, w, tz, use_t)
+            zy = xy / tz if use_t else xy
+            pm1 = math.expm1((np.float64(zy) - m) - r)
+            gy = _label_grad(c, a, b, wy, pm1)
         orow[y] = from_acc(cast(gy, zero), orow)
 
 
 # ----------------------------------------------------------------------------- softmax family
 # mode: 0 softmax, 1 log_softmax, 2 logsumexp only (out unused)
-@_jit()
+@_jit_exact()
 def _sm_special(orow, mval, mode, zero):
     if mode == 2:
         return
@@ -444,8 +458,9 @@ def _sm_special(orow, mval, mode, zero):
         _fill(orow, cast(np.nan, zero))
 
 
-@_jit(parallel=True)
-def softmax_direct(x, mode, inv_t, out, inplace, m_out, r_out):
+@_jit_exact(parallel=True)
+def softmax_direct(x, mode, out, inplace, m_out, r_out):
+    """float32/float64, temperature 1, no softcap."""
     n, v = x.shape
     for i in prange(n):
         xr = x[i]
@@ -457,53 +472,51 @@ def softmax_direct(x, mode, inv_t, out, inplace, m_out, r_out):
             m_out[i] = mx
             r_out[i] = 0.0 if mx == _NINF else np.nan
             continue
-        it = cast(inv_t, zero)
         if mode == 0:
             if inplace:
-                s, ties = _exp_store_inplace(xr, mx, it)
+                s, ties = _exp_store_inplace(xr, mx)
             else:
-                s, ties = _exp_store(xr, orow, mx, it)
+                s, ties = _exp_store(xr, orow, mx)
         else:
-            s, ties = _exp_sum(xr, mx, it)
+            s, ties = _exp_sum(xr, mx)
         sp = s + (ties - 1)
         r = math.log1p(sp)
-        m_out[i] = np.float64(mx) * inv_t
+        m_out[i] = mx
         r_out[i] = r
         if mode == 0:
             _scale(orow, cast(1.0 / (1.0 + sp), zero))
         elif mode == 1:
             if inplace:
-                _logsm_inplace(xr, mx, it, cast(r, zero))
+                _logsm_inplace(xr, mx, cast(r, zero))
             else:
-                _logsm(xr, orow, mx, it, cast(r, zero))
+                _logsm(xr, orow, mx, cast(r, zero))
 
 
-@_jit(parallel=True)
-def softmax_buffered(x, mode, inv_t, cap, use_cap, out, m_out, r_out, buf_proto, nchunk):
+@_jit_exact(parallel=True)
+def softmax_buffered(x, mode, temp, cap, use_cap, out, m_out, r_out, buf_proto, nchunk):
+    """Any storage dtype, temperature and softcap, through a per-thread row buffer."""
     n, v = x.shape
     for ch in prange(nchunk):
         buf = np.empty(v, buf_proto.dtype)
         zero = acc_zero(buf)
-        it = cast(inv_t, zero)
+        tz = cast(temp, zero)
         capa = cast(cap, zero)
-        inv_cap = cast(1.0 / cap, zero)
-        one = cast(1.0, zero)
         for i in range(ch * n // nchunk, (ch + 1) * n // nchunk):
             xr = x[i]
             orow = out[i]
             if use_cap:
-                m = _zfill_cap(xr, buf, capa, inv_cap, it)
+                m = _zfill_cap(xr, buf, capa, tz)
             else:
-                m = _zfill(xr, buf, it)
+                m = _zfill(xr, buf, tz)
             if not (m > _NINF and m < np.inf):
                 _sm_special(orow, m, mode, zero)
                 m_out[i] = m
                 r_out[i] = 0.0 if m == _NINF else np.nan
                 continue
             if mode == 0:
-                s, ties = _exp_store_inplace(buf, m, one)
+                s, ties = _exp_store_inplace(buf, m)
             else:
-                s, ties = _exp_sum(buf, m, one)
+                s, ties = _exp_sum(buf, m)
             sp = s + (ties - 1)
             r = math.log1p(sp)
             m_out[i] = m
@@ -532,43 +545,43 @@ def _sum(dy):
     return s
 
 
-@_jit()
+@_jit_exact()
 def _sm_bwd(y, dy, o, d):
     for j in range(y.size):
         o[j] = from_acc(to_acc(y[j]) * (to_acc(dy[j]) - d), o)
 
 
-@_jit()
+@_jit_exact()
 def _sm_bwd_y(yo, dy, d):
     for j in range(yo.size):
         yo[j] = from_acc(to_acc(yo[j]) * (to_acc(dy[j]) - d), yo)
 
 
-@_jit()
+@_jit_exact()
 def _sm_bwd_dy(y, dyo, d):
     for j in range(y.size):
         dyo[j] = from_acc(to_acc(y[j]) * (to_acc(dyo[j]) - d), dyo)
 
 
-@_jit()
+@_jit_exact()
 def _lsm_bwd(y, dy, o, s):
     for j in range(y.size):
         o[j] = from_acc(to_acc(dy[j]) - vexp(to_acc(y[j])) * s, o)
 
 
-@_jit()
+@_jit_exact()
 def _lsm_bwd_y(yo, dy, s):
     for j in range(yo.size):
         yo[j] = from_acc(to_acc(dy[j]) - vexp(to_acc(yo[j])) * s, yo)
 
 
-@_jit()
+@_jit_exact()
 def _lsm_bwd_dy(y, dyo, s):
     for j in range(y.size):
         dyo[j] = from_acc(to_acc(dyo[j]) - vexp(to_acc(y[j])) * s, dyo)
 
 
-@_jit(parallel=True)
+@_jit_exact(parallel=True)
 def softmax_bwd(y, dy, out, log, alias):
     """log=False: out = y (dy - sum(y dy)); log=True: out = dy - exp(y) sum(dy)."""
     n, v = y.shape

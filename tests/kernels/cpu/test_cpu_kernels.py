@@ -1,0 +1,345 @@
+"""Numba CPU kernels against float64 / mpmath references: every stage, option and dtype."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+import _cpu_ref as ref  # noqa: E402
+from logitkit.kernels import cpu  # noqa: E402
+
+BF16 = ml_dtypes.bfloat16
+DTYPES = [np.float32, np.float64, np.float16, BF16]
+IDS = ["f32", "f64", "f16", "bf16"]
+F32_LOSS_RTOL = 2.0 ** -21  # the numerical contract for float32 per-row losses
+
+
+def loss_rtol(dt):
+    return 1e-14 if dt == np.float64 else F32_LOSS_RTOL
+
+
+def assert_grad_close(g, expected, dt):
+    """float32/float64: a few ulps of the row scale; halves: within one rounding of the reference."""
+    g = np.asarray(g).astype(np.float64)
+    if dt in (np.float32, np.float64):
+        eps = np.finfo(dt).eps
+        scale = np.abs(expected).max(axis=1, keepdims=True)
+        err = np.abs(g - expected)
+        assert np.all(err <= 8 * eps * (np.abs(expected) + scale)), err.max()
+    else:
+        rtol = 2.0 ** -10 if dt == np.float16 else 2.0 ** -7
+        tiny = 2.0 ** -24 if dt == np.float16 else 1e-38
+        np.testing.assert_allclose(g, expected, rtol=rtol, atol=2 * tiny)
+
+
+def make(n, v, dt, seed=0, scale=3.0):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, v)) * scale).astype(dt)
+    labels = rng.integers(0, v, n)
+    labels[1::5] = -100
+    return x, labels
+
+
+OPTIONS = {
+    "plain": {},
+    "weights_smoothing_zloss": dict(weight="w", label_smoothing=0.1, z_loss=1e-2),
+    "softcap": dict(softcap=4.0, label_smoothing=0.05),
+    "temperature": dict(temperature=0.7, z_loss=1e-3),
+}
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=IDS)
+@pytest.mark.parametrize("opt", list(OPTIONS))
+def test_ce_stages_match_reference(dt, opt):
+    n, v = 23, 1003  # V is no multiple of any vector width
+    x, labels = make(n, v, dt)
+    kw = dict(OPTIONS[opt])
+    if kw.get("weight") == "w":
+        kw["weight"] = np.random.default_rng(1).uniform(0.2, 2.0, v)
+    z_loss = kw.pop("z_loss", 0.0)
+    g_ce = np.linspace(0.5, 1.5, n)
+    g_z = 0.25
+
+    ce, m, r, g = cpu.ce_forward_backward(x, labels, g_ce, g_z, z_loss=z_loss, **kw)
+    acc = np.float64 if dt == np.float64 else np.float32
+    assert ce.dtype == m.dtype == r.dtype == acc and g.dtype == np.dtype(dt)
+
+    fwd_kw = {k: kw[k] for k in ("weight", "label_smoothing", "softcap", "temperature") if k in kw}
+    ce_ref = ref.ce(x, labels, **fwd_kw)
+    np.testing.assert_allclose(ce, ce_ref, rtol=loss_rtol(dt), atol=0)
+    z = ref.transform(x, kw.get("softcap"), kw.get("temperature", 1.0))
+    m_ref, r_ref = ref.stats(z)
+    np.testing.assert_allclose(m, m_ref, rtol=2 * np.finfo(acc).eps)
+    np.testing.assert_allclose(r, r_ref, rtol=loss_rtol(dt), atol=4 * np.finfo(acc).eps)
+    g_ref = ref.ce_grad(x, labels, g_ce, g_z, z_loss=z_loss, **kw)
+    assert_grad_close(g, g_ref, dt)
+    assert np.all(np.asarray(g)[labels == -100].astype(np.float64) == 0.0)
+
+    ce2, m2, r2 = cpu.ce_forward(x, labels, **fwd_kw)
+    np.testing.assert_array_equal(ce2, ce)
+    np.testing.assert_array_equal(m2, m)
+    np.testing.assert_array_equal(r2, r)
+    gb = cpu.ce_backward(x, labels, m, r, g_ce, g_z, z_loss=z_loss, **kw)
+    assert gb.dtype == np.dtype(dt)
+    assert_grad_close(gb, g_ref, dt)
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=IDS)
+def test_in_place_equals_fresh(dt):
+    x, labels = make(17, 515, dt, seed=2)
+    for kw in ({}, dict(softcap=3.0, label_smoothing=0.1)):
+        ce, m, r, g = cpu.ce_forward_backward(x, labels, 1.0, None, **kw)
+        xi = x.copy()
+        ce_i, m_i, r_i, gi = cpu.ce_forward_backward(xi, labels, 1.0, None, out=xi, **kw)
+        assert gi is xi
+        np.testing.assert_array_equal(ce_i, ce)
+        np.testing.assert_array_equal(gi.view(np.uint8), g.view(np.uint8))
+        xi = x.copy()
+        gb = cpu.ce_backward(xi, labels, m, r, 1.0, None, out=xi, **kw)
+        assert gb is xi
+        np.testing.assert_array_equal(gb.view(np.uint8),
+                                      cpu.ce_backward(x, labels, m, r, 1.0, None, **kw).view(np.uint8))
+    # an existing out= array that is not x
+    out = np.full_like(x, 7)
+    _, _, _, g2 = cpu.ce_forward_backward(x, labels, 1.0, None, out=out)
+    assert g2 is out
+    np.testing.assert_array_equal(out.view(np.uint8), cpu.ce_forward_backward(
+        x, labels, 1.0, None)[3].view(np.uint8))
+    for fn in (cpu.softmax_forward, cpu.log_softmax_forward):
+        fresh = fn(x)
+        xi = x.copy()
+        assert fn(xi, out=xi) is xi
+        np.testing.assert_array_equal(xi.view(np.uint8), fresh.view(np.uint8))
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=IDS)
+@pytest.mark.parametrize("kw", [{}, dict(temperature=1.7), dict(softcap=2.5, temperature=0.6)],
+                         ids=["plain", "temperature", "softcap"])
+def test_softmax_family_matches_reference(dt, kw):
+    x, _ = make(19, 777, dt, seed=3)
+    z = ref.transform(x, kw.get("softcap"), kw.get("temperature", 1.0))
+    lp = ref.log_softmax(z)
+    m, r = ref.stats(z)
+    sm = cpu.softmax_forward(x, **kw)
+    lsm = cpu.log_softmax_forward(x, **kw)
+    lse = cpu.logsumexp_forward(x, **kw)
+    assert sm.dtype == lsm.dtype == np.dtype(dt)
+    acc = np.float64 if dt == np.float64 else np.float32
+    assert lse.dtype == acc
+    eps = np.finfo(acc).eps
+    np.testing.assert_allclose(lse, m + r, rtol=4 * eps)
+    if dt in (np.float32, np.float64):
+        # z - m is rounded with error <= eps/2 |z - m|, so p carries ~eps |log p| relative error
+        p = np.exp(lp)
+        assert np.all(np.abs(sm - p) <= 4 * eps * (2 + np.abs(lp)) * p)
+        # log-probabilities: absolute error a few ulps of the row's |z| scale
+        np.testing.assert_allclose(lsm, lp, rtol=0, atol=16 * eps * (1 + np.abs(z).max()))
+    else:
+        assert_grad_close(sm, np.exp(lp), dt)
+        assert_grad_close(lsm, lp, dt)
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=IDS)
+def test_softmax_backward_matches_reference(dt):
+    x, _ = make(13, 301, dt, seed=4)
+    dy = np.random.default_rng(5).standard_normal(x.shape).astype(dt)
+    y = cpu.softmax_forward(x)
+    ly = cpu.log_softmax_forward(x)
+    y64, ly64, dy64 = (a.astype(np.float64) for a in (y, ly, dy))
+    exp_sm = y64 * (dy64 - (y64 * dy64).sum(1, keepdims=True))
+    exp_lsm = dy64 - np.exp(ly64) * dy64.sum(1, keepdims=True)
+    for fn, yy, expected in ((cpu.softmax_backward, y, exp_sm),
+                             (cpu.log_softmax_backward, ly, exp_lsm)):
+        got = fn(yy, dy)
+        assert got.dtype == np.dtype(dt)
+        if dt in (np.float32, np.float64):
+            eps = np.finfo(dt).eps
+            scale = np.abs(dy64).max(1, keepdims=True)
+            assert np.all(np.abs(got - expected) <= 16 * eps * (np.abs(expected) + scale))
+        else:
+            assert_grad_close(got, expected, dt)
+        # in place over y and over dy, and into an existing array
+        for which in ("y", "dy", "other"):
+            yc, dc = yy.copy(), dy.copy()
+            out = {"y": yc, "dy": dc, "other": np.empty_like(dy)}[which]
+            res = fn(yc, dc, out=out)
+            assert res is out
+            np.testing.assert_array_equal(res.view(np.uint8), got.view(np.uint8))
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=IDS)
+def test_masked_nan_and_inf_rows(dt):
+    v = 67
+    x = np.random.default_rng(6).standard_normal((6, v)).astype(dt)
+    x[0, ::3] = -np.inf                 # partly masked
+    x[1, :] = -np.inf                   # fully masked, labelled
+    x[2, :] = -np.inf                   # fully masked, ignored
+    x[3, 5] = np.nan                    # NaN row
+    x[4, 7] = np.inf                    # +inf row
+    labels = np.array([1, 3, -100, 2, 2, 4])
+    for eps in (0.0, 0.1):
+        ce, m, r, g = cpu.ce_forward_backward(x, labels, 1.0, 1.0, z_loss=1e-2,
+                                              label_smoothing=eps)
+        g = g.astype(np.float64)
+        assert not np.isnan(ce[0]) and np.all(np.isfinite(g[0]))
+        if eps == 0.0:
+            assert np.all(g[0, ::3] == 0)
+        # smoothing puts weight on the masked classes: an infinite (not NaN) loss, as in torch
+        np.testing.assert_allclose(ce[0], ref.ce(x[:1], labels[:1], label_smoothing=eps)[0],
+                                   rtol=loss_rtol(dt))
+        assert (ce[0] == np.inf) == (eps > 0)
+        assert m[1] == -np.inf and r[1] == 0 and ce[1] == np.inf
+        assert np.all(np.isfinite(g[1]))
+        assert ce[2] == 0 and np.all(g[2] == 0) and m[2] == -np.inf
+        for row in (3, 4):
+            assert np.isnan(ce[row]) and np.isnan(r[row]) and np.all(np.isnan(g[row]))
+        assert np.isfinite(ce[5]) and np.all(np.isfinite(g[5]))
+        # the healthy row is unaffected by its neighbours
+        np.testing.assert_allclose(ce[5], ref.ce(x[5:], labels[5:], label_smoothing=eps)[0],
+                                   rtol=loss_rtol(dt))
+    gb = cpu.ce_backward(x, labels, m, r, 1.0, 1.0, z_loss=1e-2).astype(np.float64)
+    assert np.all(np.isfinite(gb[[0, 1, 5]])) and np.all(gb[2] == 0)
+    assert np.all(np.isnan(gb[3])) and np.all(np.isnan(gb[4]))
+    sm = cpu.softmax_forward(x).astype(np.float64)
+    lsm = cpu.log_softmax_forward(x).astype(np.float64)
+    lse = cpu.logsumexp_forward(x)
+    assert np.all(sm[0, ::3] == 0) and abs(sm[0].sum() - 1) < 1e-2
+    assert np.all(sm[1] == 0) and np.all(lsm[1] == -np.inf) and lse[1] == -np.inf
+    assert np.all(lsm[0, ::3] == -np.inf) and np.all(np.isfinite(lsm[0, 1::3]))
+    for row in (3, 4):
+        assert np.all(np.isnan(sm[row])) and np.all(np.isnan(lsm[row])) and np.isnan(lse[row])
+    ly = cpu.log_softmax_forward(x[:2]).astype(np.float64)
+    lb = cpu.log_softmax_backward(ly.astype(dt), np.ones((2, v), dt)).astype(np.float64)
+    assert np.all(np.isfinite(lb))
+
+
+def _mp_loss(row, y):
+    import mpmath
+    mpmath.mp.dps = 40
+    s = mpmath.fsum(mpmath.exp(mpmath.mpf(float(t)) - mpmath.mpf(float(row[y]))) for t in row)
+    return float(mpmath.log(s))
+
+
+def test_confident_row_and_large_offset_float32():
+    rng = np.random.default_rng(7)
+    v = 32000
+    x = rng.standard_normal((3, v)).astype(np.float32)
+    x[0, 11] = 40.0                     # confident: loss ~2.2e-13
+    x[1] += np.float32(1e4)             # shared large offset
+    x[2] = x[2] * 3 - np.float32(1e4)
+    labels = np.array([11, 5, 9])
+    expected = np.array([_mp_loss(x[i], labels[i]) for i in range(3)])
+    assert 1e-13 < expected[0] < 1e-12
+    for out in (None, "inplace"):
+        xx = x.copy()
+        ce, m, r, g = cpu.ce_forward_backward(xx, labels, 1.0, None,
+                                              out=xx if out else None)
+        rel = np.abs(ce.astype(np.float64) - expected) / expected
+        assert np.all(rel <= F32_LOSS_RTOL), rel
+    ce_f, _, _ = cpu.ce_forward(x, labels)
+    assert np.all(np.abs(ce_f - expected) / expected <= F32_LOSS_RTOL)
+    lsm = cpu.log_softmax_forward(x)
+    assert abs(-float(lsm[0, 11]) - expected[0]) / expected[0] <= F32_LOSS_RTOL
+    # gradient at the label of the confident row: p_y - 1 = -loss (to first order), kept relatively
+    # accurate by expm1 (a naive e_y / S - 1 would keep only ~3 digits)
+    assert abs(-float(g[0, 11]) - expected[0]) / expected[0] <= F32_LOSS_RTOL
+    gb = cpu.ce_backward(x, labels, m, r, 1.0, None)
+    assert abs(-float(gb[0, 11]) - expected[0]) / expected[0] <= F32_LOSS_RTOL
+
+
+def test_exact_ties_and_small_shapes():
+    x = np.array([[5.0, 5.0, 5.0, 0.0], [1.0, 1.0, 1.0, 1.0]], np.float32)
+    ce, m, r = cpu.ce_forward(x, np.array([0, 3]))
+    np.testing.assert_allclose(r[0], np.log(3 + np.exp(-5.0)), rtol=2 ** -23)
+    np.testing.assert_allclose(r[1], np.log(4.0), rtol=2 ** -23)
+    for dt in DTYPES:
+        e = np.zeros((0, 5), dt)
+        ce, m, r, g = cpu.ce_forward_backward(e, np.zeros(0, np.int64), 1.0, None)
+        assert ce.shape == (0,) and g.shape == (0, 5)
+        assert cpu.softmax_forward(e).shape == (0, 5)
+        assert cpu.logsumexp_forward(e).shape == (0,)
+        one = np.full((3, 1), 2.5, dt)
+        ce, m, r, g = cpu.ce_forward_backward(one, np.zeros(3, np.int64), 1.0, None)
+        assert np.all(ce == 0) and np.all(r == 0) and np.all(g.astype(np.float64) == 0)
+
+
+def test_non_contiguous_inputs_and_outputs():
+    x, labels = make(9, 200, np.float32, seed=8)
+    xt = np.asfortranarray(x)
+    ce, _, _, g = cpu.ce_forward_backward(x, labels, 1.0, None)
+    ce2, _, _, g2 = cpu.ce_forward_backward(xt, labels, 1.0, None, out=xt)
+    assert g2 is xt
+    np.testing.assert_array_equal(ce2, ce)
+    np.testing.assert_array_equal(g2, g)
+    big = np.zeros((9, 400), np.float32)
+    cpu.softmax_forward(x, out=big[:, ::2])
+    np.testing.assert_array_equal(big[:, ::2], cpu.softmax_forward(x))
+    assert np.all(big[:, 1::2] == 0)
+
+
+def test_threads_do_not_change_results():
+    x, labels = make(31, 300, np.float32, seed=9)
+    base = cpu.ce_forward_backward(x, labels, 1.0, None)
+    try:
+        cpu.set_num_threads(1)
+        assert cpu.get_num_threads() == 1
+        one = cpu.ce_forward_backward(x, labels, 1.0, None)
+    finally:
+        cpu.set_num_threads(None)
+    for a, b in zip(base, one):
+        np.testing.assert_array_equal(a, b)
+    assert cpu.get_num_threads() >= 1
+    with pytest.raises(ValueError, match="n"):
+        cpu.set_num_threads(0)
+
+
+def test_bad_arguments():
+    x = np.zeros((2, 5), np.float32)
+    lab = np.array([0, 1])
+    with pytest.raises(ValueError, match=r"labels: class index 7 at position 1"):
+        cpu.ce_forward(x, np.array([0, 7]))
+    with pytest.raises(ValueError, match=r"labels: class index -1 at position 0"):
+        cpu.ce_forward_backward(x, np.array([-1, 0]), 1.0, None)
+    with pytest.raises(TypeError, match="labels"):
+        cpu.ce_forward(x, np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match="labels"):
+        cpu.ce_forward(x, np.array([0, 1, 2]))
+    with pytest.raises(TypeError, match="x"):
+        cpu.ce_forward(np.zeros((2, 5), np.int32), lab)
+    with pytest.raises(ValueError, match="x"):
+        cpu.softmax_forward(np.zeros(5, np.float32))
+    with pytest.raises(TypeError, match="x"):
+        cpu.softmax_forward([[1.0, 2.0]])
+    with pytest.raises(ValueError, match="label_smoothing"):
+        cpu.ce_forward(x, lab, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        cpu.softmax_forward(x, temperature=0.0)
+    with pytest.raises(ValueError, match="softcap"):
+        cpu.ce_forward(x, lab, softcap=-1.0)
+    with pytest.raises(ValueError, match="weight"):
+        cpu.ce_forward(x, lab, weight=np.ones(4))
+    with pytest.raises(ValueError, match="out"):
+        cpu.softmax_forward(x, out=np.zeros((2, 4), np.float32))
+    with pytest.raises(TypeError, match="out"):
+        cpu.ce_forward_backward(x, lab, 1.0, None, out=np.zeros((2, 5), np.float64))
+    with pytest.raises(ValueError, match="g_ce"):
+        cpu.ce_forward_backward(x, lab, np.ones(3), None)
+    with pytest.raises(TypeError, match="dy"):
+        cpu.softmax_backward(x, x.astype(np.float64))
+
+
+def test_import_is_lazy():
+    code = ("import sys, numpy as np\nfrom logitkit.kernels import cpu\n"
+            "a = 'numba' in sys.modules\nok = cpu.available()\nb = 'numba' in sys.modules\n"
+            "cpu.logsumexp_forward(np.zeros((0, 3), np.float32))\n"
+            "c = 'numba' in sys.modules\n"
+            "cpu.logsumexp_forward(np.zeros((1, 3), np.float32))\n"
+            "import json; print(json.dumps([a, ok, b, c, 'numba' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [False, True, False, False, True]
