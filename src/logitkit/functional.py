@@ -77,6 +77,8 @@ def logsumexp(x: Any, axis: int = -1, *, keepdims: bool = False, where: Any = No
 def _broadcast_mask(xp: Any, where: Any, x: Any) -> Any:
     if where is None:
         return None
+    if V.dtype_name(where.dtype) not in ("bool", "bool_"):
+        raise TypeError(f"where: expected a boolean mask, got dtype {V.dtype_name(where.dtype)}")
     try:
         return xp.broadcast_to(where, x.shape)
     except (ValueError, RuntimeError) as exc:
@@ -386,7 +388,8 @@ def sparse_softmax_cross_entropy_with_logits(labels: Any, logits: Any) -> Any:
 
 def _nan_if_out_of_range(xp: Any, values: Any, labels: Any, V_: int) -> Any:
     ok = (labels >= 0) & (labels < V_)
-    return xp.where(ok, values, math.nan)
+    # Cast back: NumPy promotes an ml_dtypes bfloat16 array and a Python float to float64.
+    return xp.astype(xp.where(ok, values, math.nan), values.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
