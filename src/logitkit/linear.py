@@ -250,4 +250,4 @@ def linear_entropy(hidden: Any, linear_weight: Any, *, linear_bias: Any = None, 
         return _adapter(lib).fused_linear_entropy(hidden, linear_weight, linear_bias, opts, chunk_size)
     labels = np.zeros(hidden.shape[:-1], np.int64)
     head = _numpy_head(hidden, linear_weight, labels, linear_bias, opts, chunk_size, kernels=False)
-    return head.entropy().reshape(hidden.shape[:-1]).astype(hidden.dtype)
+    return head.entropy()[0].reshape(hidden.shape[:-1]).astype(hidden.dtype)

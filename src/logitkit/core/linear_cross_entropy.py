@@ -41,12 +41,12 @@ import numpy as np
 from .._namespace import NUMPY, acc_dtype, dtype_name
 from ..distributed import stages as vp
 from ..kernels import registry
-from .logsumexp import transform
+from .logsumexp import transform, transform_grad_factor
 from .reduction import reduce_loss, row_scales, row_weights
 
 __all__ = [
     "Plan", "plan_chunks", "choose_strategy", "merge_partials", "finish_partials", "tile_entropy",
-    "merge_entropy", "entropy_finish", "NumpyOps", "Head", "DEFAULT_WORKSPACE",
+    "merge_entropy", "entropy_finish", "entropy_grad", "NumpyOps", "Head", "DEFAULT_WORKSPACE",
 ]
 
 # Bytes of chunk workspace (logits and what is computed from them) per call. 16 MiB keeps a chunk
@@ -192,6 +192,29 @@ def entropy_finish(xp: Any, p: tuple) -> Any:
         h = r + a / (t + c)
         h = xp.where(m == -math.inf, 0.0, xp.where(m == math.inf, math.nan, h))
         return xp.reshape(h, (h.shape[0],))
+
+
+def entropy_grad(xp: Any, x: Any, m: Any, r: Any, ent: Any, g: Any, softcap: float | None,
+                 temperature: float) -> Any:
+    """``d (Σ_i g_i H_i) / d x`` for one tile of logits ``x`` (n, cols), from the row's ``m, r, H``.
+
+    ``dH/dz_c = −p_c (log p_c + H)``, chained through softcap and temperature; classes with
+    ``p_c = 0`` (masked) get 0. Returns ``x``'s dtype.
+    """
+    acc = acc_dtype(xp, x.dtype)
+    xa = xp.astype(x, acc)
+    z = transform(xp, xa, softcap, temperature)
+    with np.errstate(all="ignore") if xp is np else _null():
+        m2, r2 = xp.expand_dims(m, -1), xp.expand_dims(r, -1)
+        finite = xp.isfinite(m2)
+        logp = (z - xp.where(finite, m2, 0.0)) - r2
+        p = xp.where(finite, xp.exp(logp), xp.where(m2 == -math.inf, 0.0, math.nan))
+        dz = xp.where(p > 0, -p * (logp + xp.expand_dims(ent, -1)), xp.where(p == 0, 0.0, p))
+        dz = dz * xp.expand_dims(xp.astype(g, acc), -1)
+        factor = transform_grad_factor(xp, xa, softcap, temperature)
+        if factor is not None:
+            dz = dz * factor
+    return xp.astype(dz, x.dtype)
 
 
 def _null() -> Any:
@@ -510,12 +533,13 @@ class Head:
                 ops.put_rows(dh, sel, ops.to_out(dh_acc, dh.dtype))
 
     # -- entropy (forward only; its gradient is in the framework adapters)
-    def entropy(self) -> Any:
-        """Entropy of softmax(transformed logits) per row ``(N,)`` (0 for no class)."""
+    def entropy(self) -> tuple[Any, Any, Any]:
+        """``(H, m, r)`` per row ``(N,)``: the entropy of softmax of the transformed logits and
+        the row statistics its gradient needs (``H = 0`` for rows without classes)."""
         xp, ops, o = self.xp, self.ops, self.opts
-        out = ops.zeros((self.N,), self.acc)
+        out, m, r = self._stat_arrays()
         if not self.n_valid or not self.V:
-            return out
+            return out, m, r
         for sel, n, h_c, buf, tiles in self._tile_iter():
             run = None
             for c0, c1 in tiles:
@@ -524,7 +548,29 @@ class Head:
                 p = tile_entropy(xp, zt)
                 run = p if run is None else merge_entropy(xp, run, p)
             ops.put_rows(out, sel, entropy_finish(xp, run))
-        return out
+            with np.errstate(all="ignore") if xp is np else _null():
+                m_ = xp.reshape(run[0], (n,))
+                r_ = xp.where(m_ == -math.inf, 0.0, xp.reshape(xp.log1p(run[1] + (run[2] - 1.0)), (n,)))
+            ops.put_rows(m, sel, m_)
+            ops.put_rows(r, sel, r_)
+        return out, m, r
+
+    def entropy_backward(self, ent: Any, m: Any, r: Any, g: Any, need: tuple = (True, True, True)):
+        """Gradients ``(dh, dw, db)`` of ``Σ_i g_i H_i``, recomputing the logits tile by tile."""
+        xp, ops, o = self.xp, self.ops, self.opts
+        dh, dw, db = self._grad_buffers(need)
+        if self.n_valid and self.V:
+            for sel, n, h_c, buf, tiles in self._tile_iter():
+                dh_acc = ops.zeros((n, self.H), self.acc) if dh is not None else None
+                for c0, c1 in tiles:
+                    zt = ops.logits(h_c, c0, c1, buf[:n, : c1 - c0])
+                    dz = entropy_grad(xp, zt, m[sel], r[sel], ent[sel], g[sel], o["softcap"], o["temperature"])
+                    self._chunk_grads(dz, h_c, sel, n, None, dw, db, c0, c1)
+                    if dh_acc is not None:
+                        ops.dh(dz, c0, c1, out=dh_acc, accumulate=True)
+                if dh is not None:
+                    ops.put_rows(dh, sel, ops.to_out(dh_acc, dh.dtype))
+        return self._finish_grads(dh, dw, db)
 
     # -- reductions, from per-row quantities only
     def loss(self, ce: Any, m: Any, r: Any, reduction: str) -> Any:

@@ -1,0 +1,472 @@
+r"""Fused linear + cross-entropy for torch: a drop-in for ``torch.nn.functional.linear_cross_entropy``.
+
+:func:`linear_cross_entropy` takes exactly the arguments of torch 2.13's
+``F.linear_cross_entropy`` (``input``, ``linear_weight``, ``target``, keyword ``linear_bias``,
+``weight``, ``reduction``, ``ignore_index``, ``label_smoothing``, ``options``) plus the keyword-only
+extras ``z_loss``, ``softcap``, ``temperature`` and ``chunk_size``. The logits are never
+materialized, in forward or backward; what forward saves for backward is the gradients (``mean`` /
+``sum``) or the inputs and two numbers per token (``none``), never an ``N×V`` tensor.
+
+CPU tensors run the chunk driver of :mod:`logitkit.core.linear_cross_entropy` with the numba
+kernels through zero-copy NumPy views; CUDA tensors run the Triton linear cross-entropy kernels
+when Triton is installed, the chunk driver on torch ops otherwise.
+
+>>> import torch, logitkit.torch as lt
+>>> h = torch.randn(64, 32, requires_grad=True); W = torch.randn(1000, 32, requires_grad=True)
+>>> y = torch.randint(0, 1000, (64,))
+>>> lt.linear_cross_entropy(h, W, y, label_smoothing=0.1).backward()
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import linear as _public
+from .._namespace import NUMPY, TORCH, get_namespace
+from ..core import linear_cross_entropy as core
+from ..core.reduction import reduce_loss, row_scales, row_weights
+from ..kernels import registry
+
+__all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "linear_token_logprobs", "linear_entropy",
+           "TorchOps"]
+
+try:  # bfloat16 NumPy views need ml_dtypes (a dependency of jax); without it bf16 runs the core
+    import ml_dtypes as _ml_dtypes
+except ImportError:  # pragma: no cover - depends on the environment
+    _ml_dtypes = None
+
+
+def _np_view(t: Tensor) -> np.ndarray:
+    """Zero-copy NumPy view of a contiguous CPU tensor (bfloat16 as ``ml_dtypes.bfloat16``)."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(_ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class TorchOps:
+    """In-place tensor operations for :class:`logitkit.core.linear_cross_entropy.Head`.
+
+    The chunk's logits stay in the input dtype (as ``F.linear`` would give them); the stages
+    accumulate in float32. For float16/bfloat16, ``dW`` accumulates in float32 from float32 copies
+    of the chunk (4 more bytes per logit of workspace).
+    """
+
+    lib = TORCH
+
+    def __init__(self, hidden: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor]) -> None:
+        self.xp = get_namespace(TORCH)
+        self.device = hidden.device
+        self.dtype = hidden.dtype
+        self.acc = _acc(hidden.dtype)
+        self.low = self.acc != self.dtype
+        self.W, self.b = linear_weight, linear_bias
+        self.logit_dtype = hidden.dtype
+        self.logit_bytes = hidden.element_size() + (4 if self.low else 0)
+
+    def empty(self, shape: tuple, dtype: Any) -> Tensor:
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def zeros(self, shape: tuple, dtype: Any) -> Tensor:
+        return torch.zeros(shape, dtype=dtype, device=self.device)
+
+    def index(self, idx: np.ndarray) -> Tensor:
+        return torch.as_tensor(idx, dtype=torch.int64, device=self.device)
+
+    def rows(self, x: Tensor, sel: Any) -> Tensor:
+        return x[sel]
+
+    def put_rows(self, dst: Tensor, sel: Any, src: Tensor) -> None:
+        dst[sel] = src.to(dst.dtype)
+
+    def logits(self, h_c: Tensor, c0: int, c1: int, out: Tensor) -> Tensor:
+        w = self.W[c0:c1]
+        if self.b is not None:
+            return torch.addmm(self.b[c0:c1], h_c, w.T, out=out)
+        return torch.mm(h_c, w.T, out=out)
+
+    def dh(self, dz: Tensor, c0: int, c1: int, out: Optional[Tensor] = None, accumulate: bool = False) -> Tensor:
+        w = self.W[c0:c1]
+        if accumulate:
+            if out.dtype == w.dtype:
+                return out.addmm_(dz, w)
+            return out.addmm_(dz.to(out.dtype), w.to(out.dtype))
+        if out is not None and out.dtype == w.dtype and out.is_contiguous():
+            return torch.mm(dz, w, out=out)
+        res = torch.mm(dz, w)
+        if out is None:
+            return res
+        return out.copy_(res)
+
+    def add_dw(self, dw: Tensor, dz: Tensor, h_c: Tensor, c0: int, c1: int) -> None:
+        dw[c0:c1].addmm_(dz.T.to(dw.dtype), h_c.to(dw.dtype))
+
+    def add_db(self, db: Tensor, dz: Tensor, c0: int, c1: int) -> None:
+        db[c0:c1] += dz.sum(0, dtype=db.dtype)
+
+    def stage(self, name: str, x2: Tensor) -> tuple[str, Any]:
+        """The registry's stage for these rows: numba on CPU (through NumPy views), Triton on CUDA."""
+        if x2.device.type == "cpu" and (x2.dtype != torch.bfloat16 or _ml_dtypes is not None):
+            backend, fn = registry.select(name, NUMPY, _np_view(x2))
+            if backend != "core":
+                return backend, _via_numpy(fn)
+        return registry.select(name, TORCH, x2)
+
+    def kernel_labels(self, labels: Tensor) -> Tensor:
+        return labels
+
+    def to_out(self, x: Tensor, dtype: Any) -> Tensor:
+        return x if x.dtype == dtype else x.to(dtype)
+
+
+def _via_numpy(fn: Any) -> Any:
+    """Call a NumPy kernel on CPU tensors; its in-place ``out`` writes through the views."""
+
+    def conv(a: Any) -> Any:
+        if isinstance(a, Tensor):
+            return _np_view(a if a.is_contiguous() else a.contiguous())
+        return a
+
+    def run(*args: Any, **kw: Any) -> Any:
+        res = fn(*[conv(a) for a in args], **{k: conv(v) for k, v in kw.items()})
+        if isinstance(res, tuple):
+            return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in res)
+        return torch.from_numpy(np.ascontiguousarray(res))
+
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
+
+
+class _Config:
+    """Non-tensor arguments of the autograd functions (kept off the saved-tensor list)."""
+
+    def __init__(self, opts: dict, reduction: str, chunk_size: Any, shape: tuple) -> None:
+        self.opts, self.reduction, self.chunk_size, self.shape = opts, reduction, chunk_size, shape
+
+
+def _triton_linear() -> Any:
+    """The Triton linear cross-entropy kernels, or ``None`` (not installed, or forced to the core)."""
+    if registry._forced_core[0]:
+        return None
+    try:
+        from ..kernels.triton import linear_ce
+    except Exception:  # no triton / no GPU toolchain: the chunk driver on torch ops
+        return None
+    return linear_ce
+
+
+def _head(h2: Tensor, W: Tensor, lab: Tensor, bias: Optional[Tensor], opts: dict, chunk_size: Any,
+          kernels: bool = True) -> core.Head:
+    return core.Head(TorchOps(h2, W, bias), h2, W, lab, bias, opts, chunk_size=chunk_size, kernels=kernels)
+
+
+def _scale_(t: Optional[Tensor], g: Tensor, fresh: bool) -> Optional[Tensor]:
+    """``t * g``; in place (no second gradient-sized buffer) unless the graph is kept."""
+    if t is None:
+        return None
+    if t.device.type == "cpu" and g.numel() == 1 and float(g) == 1.0:
+        return t.clone() if fresh else t
+    return t * g.to(t.dtype) if fresh else t.mul_(g.to(t.dtype))
+
+
+def _keep_graph() -> bool:
+    """Whether this backward keeps the graph (``retain_graph=True``): then saved buffers must survive."""
+    try:
+        return bool(torch._C._autograd._get_current_graph_task_keep_graph())
+    except (AttributeError, RuntimeError):  # older torch: assume the graph is kept (safe)
+        return True
+
+
+class _LinearCE(torch.autograd.Function):
+    """Forward computes the loss chunk by chunk; see :func:`core.choose_strategy` for what it saves."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], labels: Tensor,
+                cfg: _Config) -> Tensor:
+        H = hidden.shape[-1]
+        h2 = hidden.detach().reshape(-1, H)
+        h2 = h2 if h2.is_contiguous() else h2.contiguous()
+        W = linear_weight.detach()
+        W = W if W.is_contiguous() else W.contiguous()
+        bias = None if linear_bias is None else linear_bias.detach()
+        lab = labels.reshape(-1).long()
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], linear_bias is not None and ctx.needs_input_grad[2])
+        ctx.cfg = cfg
+        ctx.need = need
+        red, opts = cfg.reduction, cfg.opts
+        tri = _triton_linear() if hidden.is_cuda else None
+        if tri is not None:
+            # GPU: logit tiles stay on chip in forward; backward recomputes them (the kernels'
+            # design), so recompute is the strategy here.
+            ce, m, r = tri.linear_ce_forward(h2, W, lab, bias, weight=opts["weight"],
+                                             ignore_index=opts["ignore_index"],
+                                             label_smoothing=opts["label_smoothing"],
+                                             softcap=opts["softcap"], temperature=opts["temperature"])
+            acc = _acc(hidden.dtype)
+            validf, wy = row_weights(get_namespace(TORCH), lab, opts["weight"], opts["ignore_index"], acc)
+            loss = reduce_loss(get_namespace(TORCH), ce, m + r, validf, wy, red, opts["z_loss"])
+            ctx.mode = "triton"
+            ctx.save_for_backward(h2, W, bias, lab, m, r)
+            return _shape_loss(loss, red, cfg.shape).to(hidden.dtype)
+        head = _head(h2, W, lab, bias, opts, cfg.chunk_size)
+        if any(need) and core.choose_strategy(red, head.plan, False) == "fused":
+            g_ce, g_z = head.scales(red)
+            ce, m, r, dh, dw, db = head.forward(g_ce, g_z, need)
+            ctx.mode = "fused"
+            ctx.save_for_backward(dh, dw, db)
+        else:
+            ce, m, r = head.forward()
+            ctx.mode = "recompute"
+            if any(need):
+                ctx.save_for_backward(h2, W, bias, lab, m, r)
+        loss = head.loss(ce, m, r, red)
+        return _shape_loss(loss, red, cfg.shape).to(hidden.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        cfg, need = ctx.cfg, ctx.need
+        if ctx.mode == "fused":
+            if getattr(ctx, "consumed", False):
+                raise RuntimeError("linear_cross_entropy: backward ran twice through a graph that was not "
+                                   "retained; pass retain_graph=True to the first backward")
+            dh, dw, db = ctx.saved_tensors
+            fresh = _keep_graph()
+            ctx.consumed = not fresh
+            g = grad.reshape(())
+            dh, dw, db = _scale_(dh, g, fresh), _scale_(dw, g, fresh), _scale_(db, g, fresh)
+        else:
+            h2, W, bias, lab, m, r = ctx.saved_tensors
+            opts, red = cfg.opts, cfg.reduction
+            g = grad.reshape(-1) if red == "none" else grad.reshape(())
+            if ctx.mode == "triton":
+                acc = _acc(h2.dtype)
+                xp = get_namespace(TORCH)
+                validf, wy = row_weights(xp, lab, opts["weight"], opts["ignore_index"], acc)
+                g_ce, g_z = row_scales(xp, validf, wy, red, g.to(acc))
+                dh, dw, db, _ = _triton_linear().linear_ce_backward(
+                    h2, W, lab, m, r, g_ce, g_z, bias, weight=opts["weight"], ignore_index=opts["ignore_index"],
+                    label_smoothing=opts["label_smoothing"], z_loss=opts["z_loss"], softcap=opts["softcap"],
+                    temperature=opts["temperature"])
+            else:
+                head = _head(h2, W, lab, bias, opts, cfg.chunk_size)
+                g_ce, g_z = head.scales(red, g.to(head.acc))
+                dh, dw, db = head.backward(m, r, g_ce, g_z, need)
+        dh = None if dh is None or not need[0] else dh.reshape(cfg.hidden_shape)
+        return dh, (dw if need[1] else None), (db if need[2] else None), None, None
+
+
+def _shape_loss(loss: Tensor, reduction: str, shape: tuple) -> Tensor:
+    return loss.reshape(shape) if reduction == "none" else loss.reshape(())
+
+
+def fused_linear_cross_entropy(hidden: Tensor, linear_weight: Tensor, labels: Tensor, linear_bias: Optional[Tensor],
+                               opts: dict, reduction: str, chunk_size: Any) -> Tensor:
+    """Validated arguments in, differentiable loss out (the adapter of :func:`logitkit.linear_cross_entropy`)."""
+    cfg = _Config(opts, reduction, chunk_size, tuple(labels.shape))
+    cfg.hidden_shape = tuple(hidden.shape)
+    return _LinearCE.apply(hidden, linear_weight, linear_bias, labels, cfg)
+
+
+class _LinearEntropy(torch.autograd.Function):
+    """Entropy per token; backward recomputes the logits (the per-token ``grad`` is unknown before)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], cfg: _Config) -> Tensor:
+        H = hidden.shape[-1]
+        h2 = hidden.detach().reshape(-1, H).contiguous()
+        W = linear_weight.detach().contiguous()
+        bias = None if linear_bias is None else linear_bias.detach()
+        lab = torch.zeros(h2.shape[0], dtype=torch.int64, device=h2.device)
+        head = _head(h2, W, lab, bias, cfg.opts, cfg.chunk_size, kernels=False)
+        ent, m, r = head.entropy()
+        ctx.cfg = cfg
+        ctx.need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                    linear_bias is not None and ctx.needs_input_grad[2])
+        if any(ctx.need):
+            ctx.save_for_backward(h2, W, bias, ent, m, r)
+        return ent.reshape(cfg.shape).to(hidden.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        h2, W, bias, ent, m, r = ctx.saved_tensors
+        cfg, need = ctx.cfg, ctx.need
+        lab = torch.zeros(h2.shape[0], dtype=torch.int64, device=h2.device)
+        head = _head(h2, W, lab, bias, cfg.opts, cfg.chunk_size, kernels=False)
+        dh, dw, db = head.entropy_backward(ent, m, r, grad.reshape(-1).to(head.acc), need)
+        dh = None if dh is None or not need[0] else dh.reshape(cfg.hidden_shape)
+        return dh, (dw if need[1] else None), (db if need[2] else None), None
+
+
+def fused_linear_entropy(hidden: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], opts: dict,
+                         chunk_size: Any) -> Tensor:
+    """Adapter of :func:`logitkit.linear_entropy` for tensors (differentiable)."""
+    cfg = _Config(opts, "none", chunk_size, tuple(hidden.shape[:-1]))
+    cfg.hidden_shape = tuple(hidden.shape)
+    return _LinearEntropy.apply(hidden, linear_weight, linear_bias, cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.nn.functional-compatible entry points
+
+
+def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
+                         linear_bias: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                         reduction: str = "mean", ignore_index: Optional[int] = None,
+                         label_smoothing: float = 0.0, options: Any = None, z_loss: float = 0.0,
+                         softcap: Optional[float] = None, temperature: float = 1.0,
+                         chunk_size: Any = None) -> Tensor:
+    r"""Drop-in for ``torch.nn.functional.linear_cross_entropy`` that never materializes the logits.
+
+    Same result as ``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)``.
+
+    Args:
+      input: ``(H,)`` or ``(N, H)`` (any ``(..., H)`` is accepted). linear_weight: ``(C, H)``.
+      target: class indices ``()`` / ``(N,)`` (int64), or probabilities of the logits' shape.
+      linear_bias: ``(C,)``. weight, reduction, label_smoothing: as in ``F.cross_entropy``.
+      ignore_index: ``None`` means -100 (torch's default); not allowed with probabilities.
+      options: a ``torch.nn.LinearCrossEntropyOptions`` (accepted for compatibility; its
+        ``batch_chunk_size`` sets the tokens per chunk when ``chunk_size`` is not given).
+      z_loss, softcap, temperature: keyword-only extras as in :func:`logitkit.cross_entropy`.
+      chunk_size: ``None`` (auto), tokens per chunk, or ``(tokens, classes)``.
+
+    Probability targets and K-dimensional weights ``(C, d1, ..., H)`` are computed on the full
+    logits (as torch itself does for them).
+
+    >>> import torch, logitkit.torch as lt
+    >>> h = torch.randn(4, 8); W = torch.randn(10, 8); y = torch.tensor([1, 2, 3, -100])
+    >>> torch.allclose(lt.linear_cross_entropy(h, W, y),
+    ...                torch.nn.functional.cross_entropy(h @ W.T, y), atol=1e-6)
+    True
+    """
+    if options is not None and chunk_size is None:
+        if not hasattr(options, "batch_chunk_size"):
+            raise TypeError(f"options: expected a torch.nn.LinearCrossEntropyOptions or None, got "
+                            f"{type(options).__name__}")
+        chunk_size = options.batch_chunk_size
+    for name, t in (("input", input), ("linear_weight", linear_weight), ("target", target)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if input.dim() < 1:
+        raise ValueError("input: expected at least 1 dimension (in_features), got a scalar")
+    if linear_weight.dim() < 2:
+        raise ValueError(f"linear_weight: expected at least 2 dimensions (C, in_features), got shape "
+                         f"{tuple(linear_weight.shape)}")
+    if target.is_floating_point() or linear_weight.dim() > 2:
+        return _unfused(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                        label_smoothing, z_loss, softcap, temperature)
+    ii = -100 if ignore_index is None else ignore_index
+    if input.dim() == 1:
+        loss = linear_cross_entropy(input.unsqueeze(0), linear_weight, target.reshape(1), linear_bias=linear_bias,
+                                    weight=weight, reduction=reduction, ignore_index=ii,
+                                    label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                                    temperature=temperature, chunk_size=chunk_size)
+        return loss.reshape(()) if reduction == "none" else loss
+    return _public.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+                                        ignore_index=ii, label_smoothing=label_smoothing, reduction=reduction,
+                                        z_loss=z_loss, softcap=softcap, temperature=temperature,
+                                        chunk_size=chunk_size)
+
+
+def _unfused(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
+             z_loss, softcap, temperature) -> Tensor:
+    """Probability targets / K-dimensional heads: the logits in full, then the cross-entropy."""
+    if target.is_floating_point() and ignore_index is not None:
+        raise ValueError("ignore_index: cannot be given when target contains class probabilities")
+    C, H = linear_weight.shape[0], linear_weight.shape[-1]
+    if input.shape[-1] != H:
+        raise ValueError(f"linear_weight: expected in_features {input.shape[-1]} (input's last dimension), "
+                         f"got shape {tuple(linear_weight.shape)}")
+    out_features = tuple(linear_weight.shape[1:-1])
+    logits = torch.nn.functional.linear(input, linear_weight.reshape(-1, H),
+                                        None if linear_bias is None else linear_bias.reshape(-1))
+    logits = logits.reshape(*input.shape[:-1], C, *out_features)
+    from .. import functional
+
+    return functional.cross_entropy(logits, target, axis=0 if input.dim() == 1 else 1, weight=weight,
+                                    ignore_index=-100 if ignore_index is None else ignore_index,
+                                    label_smoothing=label_smoothing, reduction=reduction, z_loss=z_loss,
+                                    softcap=softcap, temperature=temperature)
+
+
+def linear_token_logprobs(input: Tensor, linear_weight: Tensor, target: Tensor, *,
+                          linear_bias: Optional[Tensor] = None, ignore_index: int = -100,
+                          softcap: Optional[float] = None, temperature: float = 1.0,
+                          chunk_size: Any = None) -> Tensor:
+    """``log softmax(input @ W.T + b)[target]`` per token, differentiable; 0 where ignored."""
+    return _public.linear_token_logprobs(input, linear_weight, target, linear_bias=linear_bias,
+                                         ignore_index=ignore_index, softcap=softcap, temperature=temperature,
+                                         chunk_size=chunk_size)
+
+
+def linear_entropy(input: Tensor, linear_weight: Tensor, *, linear_bias: Optional[Tensor] = None,
+                   softcap: Optional[float] = None, temperature: float = 1.0, chunk_size: Any = None) -> Tensor:
+    """Entropy of ``softmax(input @ W.T + b)`` per token, differentiable."""
+    return _public.linear_entropy(input, linear_weight, linear_bias=linear_bias, softcap=softcap,
+                                  temperature=temperature, chunk_size=chunk_size)
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    r"""Drop-in for ``torch.nn.LinearCrossEntropyLoss``: a ``Linear`` head and its fused loss.
+
+    Same constructor (``in_features, num_classes, *, out_features=(), bias=False, device, dtype,
+    reduction, weight, ignore_index, label_smoothing, options``) and the same parameters
+    (``self.linear``, so state dicts load either way), plus the keyword-only extras ``z_loss``,
+    ``softcap``, ``temperature`` and ``chunk_size``. ``forward(input, target)``.
+
+    >>> import torch, logitkit.torch as lt
+    >>> crit = lt.LinearCrossEntropyLoss(16, 100, bias=True, z_loss=1e-4)
+    >>> crit(torch.randn(8, 16), torch.randint(0, 100, (8,))).shape
+    torch.Size([])
+    """
+
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple = (), bias: bool = False,
+                 device: Any = None, dtype: Any = None, reduction: str = "mean", weight: Optional[Tensor] = None,
+                 ignore_index: Optional[int] = None, label_smoothing: float = 0.0, options: Any = None,
+                 z_loss: float = 0.0, softcap: Optional[float] = None, temperature: float = 1.0,
+                 chunk_size: Any = None) -> None:
+        super().__init__()
+        if weight is not None and tuple(weight.shape) != (num_classes,):
+            raise ValueError(f"weight: expected shape ({num_classes},), got {tuple(weight.shape)}")
+        if not 0.0 <= float(label_smoothing) <= 1.0:
+            raise ValueError(f"label_smoothing: expected a value in [0, 1], got {label_smoothing}")
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+        self.register_buffer("weight", weight)
+        self.reduction = reduction
+        self.num_classes = num_classes
+        self.out_features = tuple(out_features)
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.options = options
+        self.z_loss, self.softcap, self.temperature = z_loss, softcap, temperature
+        self.chunk_size = _public.check_chunk_size(chunk_size)
+        self.linear = torch.nn.Linear(in_features, math.prod(self.out_features, start=num_classes), bias=bias,
+                                      device=device, dtype=dtype)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        W = self.linear.weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
+        b = self.linear.bias
+        if b is not None:
+            b = b.reshape((self.num_classes, *self.out_features))
+        return linear_cross_entropy(input, W, target, linear_bias=b, weight=self.weight, reduction=self.reduction,
+                                    ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+                                    options=self.options, z_loss=self.z_loss, softcap=self.softcap,
+                                    temperature=self.temperature, chunk_size=self.chunk_size)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+                f"bias={self.linear.bias is not None}, reduction={self.reduction!r}")
