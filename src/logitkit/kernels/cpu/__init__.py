@@ -307,7 +307,7 @@ def ce_backward(x, labels, m, r, g_ce, g_z, *, weight=None, ignore_index=-100,
         _apply_threads()
         k.ce_backward(xk, lab, mm, rr, gce, gz, w, wsum, ii, eps, zl, temp,
                       1.0 if cap is None else cap, cap is not None, o.target.view(xs.dtype),
-                      o.inplace)
+                      o.inplace, np.empty(0, acc), min(n, get_num_threads()))
     return o.finish()
 
 

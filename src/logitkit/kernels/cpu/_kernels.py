@@ -43,26 +43,22 @@ def _rowmax(row, zero):
     return m
 
 
+# A maxnum reduction in the same loop as a store does not vectorize (LLVM 22), so the transform
+# and the maximum are two loops; the second reads the buffer from L1/L2.
 @_jit()
 def _zfill(row, buf, t):
     """buf = x / T (accumulation dtype, correctly rounded division); returns max."""
-    m = cast(_NINF, t)
     for j in range(row.size):
-        z = to_acc(row[j]) / t
-        buf[j] = z
-        m = maxnum(m, z)
-    return m
+        buf[j] = to_acc(row[j]) / t
+    return _rowmax(buf, t)
 
 
 @_jit()
 def _zfill_cap(row, buf, cap, t):
     """buf = cap * tanh(x / cap) / T; returns max."""
-    m = cast(_NINF, t)
     for j in range(row.size):
-        z = cap * vtanh(to_acc(row[j]) / cap) / t
-        buf[j] = z
-        m = maxnum(m, z)
-    return m
+        buf[j] = cap * vtanh(to_acc(row[j]) / cap) / t
+    return _rowmax(buf, t)
 
 
 # ----------------------------------------------------------------------------- pass 2
@@ -373,77 +369,75 @@ def _bwd_inplace(row, m, r, a, b, w, temp, use_t):
 
 
 @_jit_exact()
-def _bwd_cap(src, dst, m, r, a, b, w, temp, cap, k):
+def _bwd_cap(src, dst, buf, m, r, a, b, w, temp, cap, k):
+    """Softcap backward in two loops through ``buf`` (one loop holding both tanh and exp is not
+    inlined/vectorized by LLVM); dst may be src, since each loop reads one array and writes another."""
     one = cast(1.0, m)
     for j in range(src.size):
-        z = cap * vtanh(to_acc(src[j]) / cap) / temp
+        buf[j] = cap * vtanh(to_acc(src[j]) / cap) / temp
+    for j in range(src.size):
+        z = buf[j]
         t = z * k
         p = vexp((z - m) - r)
         dst[j] = from_acc((p * a - b * w[j]) * (one - t * t), dst)
 
 
-@_jit_exact()
-def _bwd_cap_inplace(row, m, r, a, b, w, temp, cap, k):
-    one = cast(1.0, m)
-    for j in range(row.size):
-        z = cap * vtanh(to_acc(row[j]) / cap) / temp
-        t = z * k
-        p = vexp((z - m) - r)
-        row[j] = from_acc((p * a - b * w[j]) * (one - t * t), row)
-
-
 @_jit_exact(parallel=True)
 def ce_backward(x, labels, m_in, r_in, g_ce, g_z, w, wsum, ignore_index, eps, zl, temp, cap,
-                use_cap, out, inplace):
+                use_cap, out, inplace, buf_proto, nchunk):
     """One read of x and one write of out per row: p = exp(z - m - r)."""
     n, v = x.shape
     inv_t = 1.0 / temp
     use_t = temp != 1.0
-    for i in prange(n):
-        xr = x[i]
-        orow = out[i]
-        zero = acc_zero(xr)
-        y = labels[i]
-        if y == ignore_index:
-            _fill(orow, zero)
-            continue
-        m = np.float64(m_in[i])
-        r = np.float64(r_in[i])
-        wy = np.float64(w[y])
-        a, b, c = _ce_coefs(eps, wy, wsum, v, m, r, g_ce[i], g_z[i], zl, inv_t)
-        if not (m > _NINF and m < np.inf and r == r and r < np.inf):
-            if m == _NINF and r == 0.0:
-                _fill_masked_grad(orow, y, b, w, c, zero)
-            else:
-                _fill(orow, cast(np.nan, zero))
-            continue
-        # (z - m) - r in the accumulation dtype: z - m is exact near the max, m + r would round
-        ma = cast(m, zero)
-        ra = cast(r, zero)
-        xy = to_acc(xr[y])
-        tz = cast(temp, zero)
-        az = cast(a, zero)
-        bz = cast(b, zero)
-        if use_cap:
-            capa = cast(cap, zero)
-            k = cast(temp / cap, zero)
-            zy = capa * vtanh(xy / capa) / tz
-            if inplace:
-                _bwd_cap_inplace(xr, ma, ra, az, bz, w, tz, capa, k)
-            else:
-                _bwd_cap(xr, orow, ma, ra, az, bz, w, tz, capa, k)
-            t = zy * k
-            pm1 = math.expm1((np.float64(zy) - m) - r)
-            gy = _label_grad(c, a, b, wy, pm1) * np.float64(cast(1.0, zero) - t * t)
+    for ch in prange(nchunk):
+        buf = np.empty(v if use_cap else 0, buf_proto.dtype)
+        for i in range(ch * n // nchunk, (ch + 1) * n // nchunk):
+            _ce_backward_row(x[i], out[i], labels[i], m_in[i], r_in[i], g_ce[i], g_z[i], w, wsum,
+                             ignore_index, eps, zl, temp, inv_t, use_t, cap, use_cap, inplace, buf)
+
+
+@_jit_exact()
+def _ce_backward_row(xr, orow, y, m_in, r_in, gce, gz, w, wsum, ignore_index, eps, zl, temp,
+                     inv_t, use_t, cap, use_cap, inplace, buf):
+    v = xr.size
+    zero = acc_zero(xr)
+    if y == ignore_index:
+        _fill(orow, zero)
+        return
+    m = np.float64(m_in)
+    r = np.float64(r_in)
+    wy = np.float64(w[y])
+    a, b, c = _ce_coefs(eps, wy, wsum, v, m, r, gce, gz, zl, inv_t)
+    if not (m > _NINF and m < np.inf and r == r and r < np.inf):
+        if m == _NINF and r == 0.0:
+            _fill_masked_grad(orow, y, b, w, c, zero)
         else:
-            if inplace:
-                _bwd_inplace(xr, ma, ra, az, bz, w, tz, use_t)
-            else:
-                _bwd(xr, orow, ma, ra, az, bz, w, tz, use_t)
-            zy = xy / tz if use_t else xy
-            pm1 = math.expm1((np.float64(zy) - m) - r)
-            gy = _label_grad(c, a, b, wy, pm1)
-        orow[y] = from_acc(cast(gy, zero), orow)
+            _fill(orow, cast(np.nan, zero))
+        return
+    # (z - m) - r in the accumulation dtype: z - m is exact near the max, m + r would round
+    ma = cast(m, zero)
+    ra = cast(r, zero)
+    xy = to_acc(xr[y])  # read before an in-place pass overwrites it
+    tz = cast(temp, zero)
+    az = cast(a, zero)
+    bz = cast(b, zero)
+    if use_cap:
+        capa = cast(cap, zero)
+        k = cast(temp / cap, zero)
+        zy = capa * vtanh(xy / capa) / tz
+        _bwd_cap(xr, orow, buf, ma, ra, az, bz, w, tz, capa, k)
+        t = zy * k
+        pm1 = math.expm1((np.float64(zy) - m) - r)
+        gy = _label_grad(c, a, b, wy, pm1) * np.float64(cast(1.0, zero) - t * t)
+    else:
+        if inplace:
+            _bwd_inplace(xr, ma, ra, az, bz, w, tz, use_t)
+        else:
+            _bwd(xr, orow, ma, ra, az, bz, w, tz, use_t)
+        zy = xy / tz if use_t else xy
+        pm1 = math.expm1((np.float64(zy) - m) - r)
+        gy = _label_grad(c, a, b, wy, pm1)
+    orow[y] = from_acc(cast(gy, zero), orow)
 
 
 # ----------------------------------------------------------------------------- softmax family
