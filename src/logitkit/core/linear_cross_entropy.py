@@ -57,6 +57,8 @@ DEFAULT_WORKSPACE = 16 << 20
 # Fewer whole rows than this per chunk and the products degenerate into matrix-vector work that
 # re-reads the whole weight for every few tokens: cut the vocabulary into tiles instead.
 MIN_FULL_ROWS = 64
+# Narrowest vocabulary tile: below this the per-tile overheads dominate.
+MIN_COLS = 128
 # Temporaries of the namespace-level stages (core or distributed.stages) per logit, relative to
 # one accumulation-dtype copy: they are written with whole-array operations.
 CORE_TEMPS = 8
@@ -87,15 +89,18 @@ def plan_chunks(n_rows: int, V: int, *, bytes_per_logit: int, chunk_size: Any = 
         cols = max(1, min(cols, max(V, 1)))
         return Plan(rows, cols, cols >= V)
     per_row = max(1, V * bytes_per_logit)
+    n = max(n_rows, 1)
     rows = max(1, workspace // per_row)
-    if rows >= min(max(n_rows, 1), MIN_FULL_ROWS):
-        return Plan(max(1, min(rows, max(n_rows, 1))), V, True)
+    if rows >= min(n, MIN_FULL_ROWS) or V <= MIN_COLS:
+        return Plan(min(rows, n), V, True)
     # Tiles: as many rows as the BLAS likes (a tile's products then reuse each weight row
     # ``rows`` times), then as many classes as the workspace allows.
-    rows = max(1, min(max(n_rows, 1), 512))
-    cols = max(128, workspace // max(1, rows * bytes_per_logit))
-    cols = min(cols, V)
-    return Plan(rows, cols, cols >= V)
+    rows = min(n, 512)
+    cols = workspace // (rows * bytes_per_logit)
+    if cols < MIN_COLS:
+        cols = MIN_COLS
+        rows = max(1, workspace // (cols * bytes_per_logit))
+    return Plan(rows, min(cols, V), cols >= V)
 
 
 def choose_strategy(reduction: str, plan: Plan, grad_output_known: bool) -> str:
