@@ -227,8 +227,7 @@ class CrossEntropyProb(torch.autograd.Function):
                 inplace: bool, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         xp = _xp()
         with torch.autocast(x.device.type, enabled=False):
-            ce, m, r = core_ce.prob_forward(xp, x, y, weight=weight, label_smoothing=label_smoothing,
-                                            softcap=softcap, temperature=temperature)
+            ce, m, r = _ops_ns.prob_forward(x, y, weight, label_smoothing, softcap, temperature)
             ones = torch.ones_like(ce)
             lse = m + r
             loss = reduce_loss(xp, ce, lse, ones, ones, reduction, z_loss).to(out_dtype)
@@ -285,9 +284,13 @@ class CrossEntropyProb(torch.autograd.Function):
             gx = None
             if ctx.needs_input_grad[0]:
                 extra = None if g_lse is None else _lse_grad(x, m, r, g_lse, softcap, temperature)
-                gx = core_ce.prob_backward(xp, x, y, m, r, g_ce, g_z.expand(m.shape), weight=weight,
-                                           label_smoothing=eps, z_loss=z_loss, softcap=softcap,
-                                           temperature=temperature, out=x if ctx.inplace else None)
+                args = (y, m, r, g_ce.contiguous(), g_z.expand(m.shape).contiguous(), weight, eps, z_loss,
+                        softcap, temperature)
+                if ctx.inplace:
+                    _ops_ns.prob_backward_(x, *args)
+                    gx = x
+                else:
+                    gx = _ops_ns.prob_backward(x, *args)
                 if extra is not None:
                     gx = gx.add_(extra.to(gx.dtype))
         return (gx, gy, gw) + none[1:]

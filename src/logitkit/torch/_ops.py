@@ -14,6 +14,7 @@ the fake implementations below give the output shapes without running a kernel.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -64,7 +65,10 @@ def _to_np(t: Optional[Tensor]) -> Optional[np.ndarray]:
 
 
 def _from_np(a: Any) -> Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a))
+    a = np.ascontiguousarray(a)
+    if _ml_dtypes is not None and a.dtype == _ml_dtypes.bfloat16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
 
 
 _NO_OUT = ("ce_forward", "logsumexp_forward", "softmax_backward", "log_softmax_backward")
@@ -263,3 +267,66 @@ def _fake_vjp(y, dy):
 
 softmax_backward.register_fake(_fake_vjp)
 log_softmax_backward.register_fake(_fake_vjp)
+
+
+# ----------------------------------------------------------------------------------------------
+# cross-entropy with probability labels (no kernel stage: the core on torch ops, kept opaque to
+# the compiler like the stages above)
+
+
+def _prob_core(name: str) -> Callable[..., Any]:
+    from ..core import cross_entropy as core_ce
+    from .._namespace import get_namespace
+
+    return functools.partial(getattr(core_ce, name), get_namespace(TORCH))
+
+
+@torch.library.custom_op("logitkit::prob_forward", mutates_args=())
+def prob_forward(x: Tensor, y: Tensor, weight: Optional[Tensor], label_smoothing: float,
+                 softcap: Optional[float], temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row ``(ce, m, r)`` of rows ``x`` (N, V) with probability labels ``y`` (N, V)."""
+    ce, m, r = _prob_core("prob_forward")(x, y, weight=_wvec(weight, x), label_smoothing=label_smoothing,
+                                          softcap=softcap, temperature=temperature)
+    return ce.contiguous(), m.contiguous(), r.contiguous()
+
+
+@prob_forward.register_fake
+def _(x, y, weight, label_smoothing, softcap, temperature):
+    acc = acc_dtype(x.dtype)
+    n = x.shape[0]
+    return x.new_empty((n,), dtype=acc), x.new_empty((n,), dtype=acc), x.new_empty((n,), dtype=acc)
+
+
+def _prob_backward_into(x, y, m, r, g_ce, g_z, weight, label_smoothing, z_loss, softcap, temperature, out):
+    acc = acc_dtype(x.dtype)
+    return _prob_core("prob_backward")(x, y, m, r, g_ce.to(acc), g_z.to(acc), weight=_wvec(weight, x),
+                                       label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                                       temperature=temperature, out=out)
+
+
+@torch.library.custom_op("logitkit::prob_backward", mutates_args=())
+def prob_backward(x: Tensor, y: Tensor, m: Tensor, r: Tensor, g_ce: Tensor, g_z: Tensor,
+                  weight: Optional[Tensor], label_smoothing: float, z_loss: float, softcap: Optional[float],
+                  temperature: float) -> Tensor:
+    """Gradient of ``Σ g_ce·ce + g_z·z_loss·lse²`` for probability labels, a new tensor."""
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return _prob_backward_into(x, y, m, r, g_ce, g_z, weight, label_smoothing, z_loss, softcap, temperature,
+                               out)
+
+
+@prob_backward.register_fake
+def _(x, y, m, r, g_ce, g_z, weight, label_smoothing, z_loss, softcap, temperature):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("logitkit::prob_backward_", mutates_args=("x",))
+def prob_backward_(x: Tensor, y: Tensor, m: Tensor, r: Tensor, g_ce: Tensor, g_z: Tensor,
+                   weight: Optional[Tensor], label_smoothing: float, z_loss: float, softcap: Optional[float],
+                   temperature: float) -> None:
+    """:func:`prob_backward` written over ``x`` itself."""
+    _prob_backward_into(x, y, m, r, g_ce, g_z, weight, label_smoothing, z_loss, softcap, temperature, x)
+
+
+@prob_backward_.register_fake
+def _(x, y, m, r, g_ce, g_z, weight, label_smoothing, z_loss, softcap, temperature):
+    return None
