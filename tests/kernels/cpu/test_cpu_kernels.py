@@ -283,17 +283,24 @@ def test_non_contiguous_inputs_and_outputs():
     assert np.all(big[:, 1::2] == 0)
 
 
-def test_threads_do_not_change_results():
-    x, labels = make(31, 300, np.float32, seed=9)
-    base = cpu.ce_forward_backward(x, labels, 1.0, None)
+@pytest.mark.parametrize("dt,kw", [(np.float32, {}), (BF16, dict(softcap=3.0))], ids=["f32", "bf16"])
+def test_threads_do_not_change_results(dt, kw):
+    # large enough (> 2**15 elements per thread) to run on several threads and row chunks
+    x, labels = make(67, 1500, dt, seed=9)
+    m, r = cpu.ce_forward(x, labels, **kw)[1:]
+    calls = (lambda: cpu.ce_forward_backward(x, labels, 1.0, None, **kw),
+             lambda: cpu.ce_backward(x, labels, m, r, 1.0, None, **kw),
+             lambda: cpu.softmax_forward(x, **kw))
+    base = [c() for c in calls]
     try:
         cpu.set_num_threads(1)
         assert cpu.get_num_threads() == 1
-        one = cpu.ce_forward_backward(x, labels, 1.0, None)
+        one = [c() for c in calls]
     finally:
         cpu.set_num_threads(None)
     for a, b in zip(base, one):
-        np.testing.assert_array_equal(a, b)
+        for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            np.testing.assert_array_equal(u, v)
     assert cpu.get_num_threads() >= 1
     with pytest.raises(ValueError, match="n"):
         cpu.set_num_threads(0)

@@ -83,9 +83,17 @@ def get_num_threads() -> int:
     return max(1, n)
 
 
-def _apply_threads():
+_MIN_PER_THREAD = 1 << 15  # elements; below this a thread's wake-up costs more than its share
+
+
+def _apply_threads(size=None):
+    """Set numba's thread count for the next call: the budget, fewer for small arrays."""
     import numba
-    numba.set_num_threads(get_num_threads())
+    n = get_num_threads()
+    if size is not None:
+        n = max(1, min(n, size // _MIN_PER_THREAD))
+    numba.set_num_threads(n)
+    return n
 
 
 # ----------------------------------------------------------------------------- argument handling
@@ -233,14 +241,14 @@ def _ce(x, labels, g_ce, g_z, want_grad, weight, ignore_index, label_smoothing, 
         else:  # never written: an (N, 0) array keeps the compiled signature
             ok = np.empty((n, 0), xs.dtype)
         k = _k()
-        _apply_threads()
+        nchunk = min(n, _apply_threads(x.size))
         if _direct(xs, cap, temp):
             k.ce_direct(xk, lab, w, wsum, ii, eps, zl, gce, gz, want_grad, ok,
                         want_grad and o.inplace, ce, m, r)
         else:
             k.ce_buffered(xk, lab, w, wsum, ii, eps, zl, temp, 1.0 if cap is None else cap,
                           cap is not None, gce, gz, want_grad, ok, ce, m, r,
-                          np.empty(0, acc), min(n, get_num_threads()))
+                          np.empty(0, acc), nchunk)
     if want_grad:
         return ce, m, r, o.finish()
     return ce, m, r
@@ -304,10 +312,10 @@ def ce_backward(x, labels, m, r, g_ce, g_z, *, weight=None, ignore_index=-100,
     if n:
         xk = xs if xs.flags.c_contiguous else np.ascontiguousarray(xs)
         k = _k()
-        _apply_threads()
+        nchunk = min(n, _apply_threads(x.size))
         k.ce_backward(xk, lab, mm, rr, gce, gz, w, wsum, ii, eps, zl, temp,
                       1.0 if cap is None else cap, cap is not None, o.target.view(xs.dtype),
-                      o.inplace, np.empty(0, acc), min(n, get_num_threads()))
+                      o.inplace, np.empty(0, acc), nchunk)
     return o.finish()
 
 
@@ -328,12 +336,12 @@ def _softmax_family(x, mode, temperature, softcap, out):
         xk = xs if xs.flags.c_contiguous else np.ascontiguousarray(xs)
         ok = o.target.view(xs.dtype) if o is not None else np.empty((n, 0), xs.dtype)
         k = _k()
-        _apply_threads()
+        nchunk = min(n, _apply_threads(x.size))
         if _direct(xs, cap, t):
             k.softmax_direct(xk, mode, ok, o is not None and o.inplace, m, r)
         else:
             k.softmax_buffered(xk, mode, t, 1.0 if cap is None else cap, cap is not None,
-                               ok, m, r, np.empty(0, acc), min(n, get_num_threads()))
+                               ok, m, r, np.empty(0, acc), nchunk)
     if mode == 2:
         with np.errstate(invalid="ignore"):
             return (m.astype(np.float64) + r).astype(acc)
@@ -397,7 +405,7 @@ def _backward(y, dy, out, log):
     n = y.shape[0]
     if n:
         k = _k()
-        _apply_threads()
+        _apply_threads(y.size)
         k.softmax_bwd(_contig(ys), _contig(ds), target.view(ys.dtype), log, alias)
     if out is not None and target is not out:
         np.copyto(out, target)
