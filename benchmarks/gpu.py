@@ -51,14 +51,52 @@ import torch.nn.functional as F  # noqa: E402
 from logitkit.kernels import triton as tk  # noqa: E402
 
 
+# Cells run in phases so that a tight budget drops the least important ones: every workload's
+# main cells first (logitkit and the peers), then torch.compile (slow to compile), then the
+# logitkit configuration sweep. The table lists them per workload.
+PHASES = ("main", "compile", "tune")
+# logitkit sweep: (input bytes per block step, num_warps, programs per SM (0: one per row), prefetch)
+SWEEP = ((16384, 16, 2, True), (32768, 32, 1, True), (16384, 8, 2, True), (16384, 16, 0, True),
+         (16384, 16, 1, False))
+
+
+def sweep_envs(itemsize: int):
+    for block_bytes, warps, persist, prefetch in SWEEP:
+        label = f"[BLOCK={block_bytes // itemsize}, warps={warps}, per-SM={persist or 'row'}, prefetch={int(prefetch)}]"
+        env = {"LOGITKIT_TRITON_BLOCK": str(block_bytes // itemsize), "LOGITKIT_TRITON_WARPS": str(warps),
+               "LOGITKIT_TRITON_PERSIST": str(persist), "LOGITKIT_TRITON_PREFETCH": str(int(prefetch))}
+        yield label, env
+
+
+class env_set:
+    """Set environment variables for the duration of a ``with`` block."""
+
+    def __init__(self, env):
+        self.env, self.old = env, {}
+
+    def __enter__(self):
+        for k, v in self.env.items():
+            self.old[k] = os.environ.get(k)
+            os.environ[k] = v
+
+    def __exit__(self, *exc):
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class Ctx:
     def __init__(self, args):
         self.args = args
         self.dev = torch.device(args.device)
         self.cuda = self.dev.type == "cuda"
         self.t0 = time.perf_counter()
-        self.rows: list[list[str]] = []
+        self.rows: list[tuple[tuple, list[str]]] = []  # (sort key, row)
         self.copy_bw = float("nan")  # bytes/s
+        self.workload = 0  # index of the workload being run (table order)
+        self.phase = "main"
 
     def over_budget(self) -> bool:
         return time.perf_counter() - self.t0 > self.args.budget
@@ -122,8 +160,9 @@ def cell(ctx: Ctx, workload: str, impl: str, run, *, nbytes=None, flops=None, ch
          warmup=2, iters=10) -> None:
     """Time ``run``, measure its memory, then ``check()`` -> error string; one table row."""
     row = [workload, impl]
+    key = (ctx.workload, PHASES.index(ctx.phase), len(ctx.rows))
     if ctx.over_budget():
-        ctx.rows.append(row + ["skipped (time budget)", "", "", "", ""])
+        ctx.rows.append((key, row + ["skipped (time budget)", "", "", "", ""]))
         print(f"  {impl}: skipped", file=sys.stderr)
         return
     t = time.perf_counter()
@@ -147,7 +186,7 @@ def cell(ctx: Ctx, workload: str, impl: str, run, *, nbytes=None, flops=None, ch
     finally:
         if ctx.cuda:
             torch.cuda.empty_cache()
-    ctx.rows.append(row)
+    ctx.rows.append((key, row))
     print(f"  {impl}: {row[2]} ({time.perf_counter() - t:.1f} s)", file=sys.stderr)
 
 
@@ -245,36 +284,33 @@ def ce_workload(ctx: Ctx, N: int, V: int, dtype: torch.dtype) -> None:
         (grad,) = torch.autograd.grad(loss, xr)
         return loss.detach(), grad
 
-    x.copy_(x0)
-    cell(ctx, name, "logitkit (in place)", lk_inplace, nbytes=nbytes, check=check_with(lk_inplace))
-    x.copy_(x0)
-    cell(ctx, name, "logitkit (new grad)", lk_new, nbytes=nbytes, check=check_with(lk_new))
-    x.copy_(x0)
-    cell(ctx, name, "torch eager", eager, nbytes=nbytes, check=check_with(eager))
-    if not ctx.args.no_compile:
+    if ctx.phase == "main":
+        x.copy_(x0)
+        cell(ctx, name, "logitkit (in place)", lk_inplace, nbytes=nbytes, check=check_with(lk_inplace))
+        x.copy_(x0)
+        cell(ctx, name, "logitkit (new grad)", lk_new, nbytes=nbytes, check=check_with(lk_new))
+        x.copy_(x0)
+        cell(ctx, name, "torch eager", eager, nbytes=nbytes, check=check_with(eager))
+        L = liger_ce() if ctx.cuda else None
+        if L is not None:
+            def liger():
+                xr = x.detach().requires_grad_()
+                loss = _first(L.apply(xr, y, None))  # the gradient is written into x in forward
+                (grad,) = torch.autograd.grad(loss, xr)
+                return loss.detach(), grad
+            x.copy_(x0)
+            cell(ctx, name, "liger-kernel", liger, nbytes=nbytes, check=check_with(liger))
+    elif ctx.phase == "compile":
         cf = _compile(lambda a, b: F.cross_entropy(a, b))
         x.copy_(x0)
         run = lambda: eager(cf)  # noqa: E731
         cell(ctx, name, "torch.compile", run, nbytes=nbytes, check=check_with(run))
-    L = liger_ce() if ctx.cuda else None
-    if L is not None:
-        def liger():
-            xr = x.detach().requires_grad_()
-            loss = _first(L.apply(xr, y, None))  # the gradient is written into x in forward
-            (grad,) = torch.autograd.grad(loss, xr)
-            return loss.detach(), grad
-        x.copy_(x0)
-        cell(ctx, name, "liger-kernel", liger, nbytes=nbytes, check=check_with(liger))
-    if ctx.args.tune and ctx.cuda:
-        for block_bytes, warps in ((16384, 8), (32768, 8), (32768, 16), (65536, 16), (65536, 32)):
-            block = block_bytes // x0.element_size()
-            os.environ["LOGITKIT_TRITON_BLOCK"], os.environ["LOGITKIT_TRITON_WARPS"] = str(block), str(warps)
-            try:
+    else:
+        for label, env in sweep_envs(x0.element_size()):
+            with env_set(env):
                 x.copy_(x0)
-                cell(ctx, name, f"logitkit in place [BLOCK={block}, warps={warps}]", lk_inplace,
-                     nbytes=nbytes, check=check_with(lk_inplace))
-            finally:
-                del os.environ["LOGITKIT_TRITON_BLOCK"], os.environ["LOGITKIT_TRITON_WARPS"]
+                cell(ctx, name, f"logitkit in place {label}", lk_inplace, nbytes=nbytes,
+                     check=check_with(lk_inplace))
     del x, x0
 
 
@@ -311,31 +347,27 @@ def softmax_workload(ctx: Ctx, N: int, V: int, dtype: torch.dtype, backward: boo
             return grad
         return run
 
-    cell(ctx, name, "logitkit", lk, nbytes=nbytes, check=check_with(lk))
-    if not backward:
-        xi = x.clone()
-        run = lambda: tk.softmax_forward(xi, out=xi)  # noqa: E731
-        cell(ctx, name, "logitkit (in place)", run, nbytes=nbytes,
-             check=lambda: f"out {_relerr(tk.softmax_forward(x.clone())[:k], ref):.1e}")
-        del xi
-    eager = torch_fn(lambda a: torch.softmax(a, -1))
-    cell(ctx, name, "torch eager", eager, nbytes=nbytes, check=check_with(eager))
-    if not ctx.args.no_compile:
+    if ctx.phase == "main":
+        cell(ctx, name, "logitkit", lk, nbytes=nbytes, check=check_with(lk))
+        if not backward:
+            xi = x.clone()
+            run = lambda: tk.softmax_forward(xi, out=xi)  # noqa: E731
+            cell(ctx, name, "logitkit (in place)", run, nbytes=nbytes,
+                 check=lambda: f"out {_relerr(tk.softmax_forward(x.clone())[:k], ref):.1e}")
+            del xi
+        eager = torch_fn(lambda a: torch.softmax(a, -1))
+        cell(ctx, name, "torch eager", eager, nbytes=nbytes, check=check_with(eager))
+        L = liger_softmax() if ctx.cuda else None
+        if L is not None:
+            lg = torch_fn(lambda a: L.apply(a))
+            cell(ctx, name, "liger-kernel", lg, nbytes=nbytes, check=check_with(lg))
+    elif ctx.phase == "compile":
         comp = torch_fn(_compile(lambda a: torch.softmax(a, -1)))
         cell(ctx, name, "torch.compile", comp, nbytes=nbytes, check=check_with(comp))
-    L = liger_softmax() if ctx.cuda else None
-    if L is not None:
-        lg = torch_fn(lambda a: L.apply(a))
-        cell(ctx, name, "liger-kernel", lg, nbytes=nbytes, check=check_with(lg))
-    if ctx.args.tune and ctx.cuda and not backward:
-        for block_bytes, warps in ((16384, 8), (32768, 16), (65536, 16), (65536, 32)):
-            block = block_bytes // s
-            os.environ["LOGITKIT_TRITON_BLOCK"], os.environ["LOGITKIT_TRITON_WARPS"] = str(block), str(warps)
-            try:
-                cell(ctx, name, f"logitkit [BLOCK={block}, warps={warps}]", lk, nbytes=nbytes,
-                     check=check_with(lk))
-            finally:
-                del os.environ["LOGITKIT_TRITON_BLOCK"], os.environ["LOGITKIT_TRITON_WARPS"]
+    else:
+        for label, env in sweep_envs(s):
+            with env_set(env):
+                cell(ctx, name, f"logitkit {label}", lk, nbytes=nbytes, check=check_with(lk))
     del x, dy
 
 
@@ -391,23 +423,32 @@ def linear_ce_workload(ctx: Ctx, N: int, H: int, V: int, dtype: torch.dtype) -> 
     def torch_lce(a, b):
         return F.cross_entropy((a @ b.T).float(), y)
 
-    cell(ctx, name, "logitkit", lk, flops=flops, check=check_with(lk), iters=5)
-    eager = autograd_fn(torch_lce)
-    cell(ctx, name, "torch eager", eager, flops=flops, check=check_with(eager), iters=5)
-    if not ctx.args.no_compile:
+    if ctx.phase == "main":
+        cell(ctx, name, "logitkit", lk, flops=flops, check=check_with(lk), iters=5)
+        eager = autograd_fn(torch_lce)
+        cell(ctx, name, "torch eager", eager, flops=flops, check=check_with(eager), iters=5)
+        L = liger_flce() if ctx.cuda else None
+        if L is not None:
+            lg = autograd_fn(lambda a, b: _first(L.apply(a, b, y)))
+            cell(ctx, name, "liger-kernel", lg, flops=flops, check=check_with(lg), iters=5)
+        C = cce_fn() if ctx.cuda else None
+        if C is not None:
+            cc = autograd_fn(lambda a, b: C(a, b, y))
+            cell(ctx, name, "cut-cross-entropy (default filter)", cc, flops=flops, check=check_with(cc),
+                 iters=5)
+            ce_exact = autograd_fn(lambda a, b: C(a, b, y, filter_eps=None))
+            cell(ctx, name, "cut-cross-entropy (filter_eps=None)", ce_exact, flops=flops,
+                 check=check_with(ce_exact), iters=5)
+    elif ctx.phase == "compile":
         comp = autograd_fn(_compile(torch_lce))
         cell(ctx, name, "torch.compile", comp, flops=flops, check=check_with(comp), iters=5)
-    L = liger_flce() if ctx.cuda else None
-    if L is not None:
-        lg = autograd_fn(lambda a, b: _first(L.apply(a, b, y)))
-        cell(ctx, name, "liger-kernel", lg, flops=flops, check=check_with(lg), iters=5)
-    C = cce_fn() if ctx.cuda else None
-    if C is not None:
-        cc = autograd_fn(lambda a, b: C(a, b, y))
-        cell(ctx, name, "cut-cross-entropy (default filter)", cc, flops=flops, check=check_with(cc), iters=5)
-        ce_exact = autograd_fn(lambda a, b: C(a, b, y, filter_eps=None))
-        cell(ctx, name, "cut-cross-entropy (filter_eps=None)", ce_exact, flops=flops,
-             check=check_with(ce_exact), iters=5)
+    else:
+        def lk_filter():  # CCE-style skipping of tiles whose softmax is below float32 epsilon
+            ce, m, r = tk.linear_ce_forward(h, W, y)
+            dh, dW, _db, _skipped = tk.linear_ce_backward(h, W, y, m, r, scale, scale, filter_eps=2.0**-24)
+            return ce.sum() / N, dh, dW
+        cell(ctx, name, "logitkit [filter_eps=2**-24]", lk_filter, flops=flops, check=check_with(lk_filter),
+             iters=5)
     del h, W, dW_ref
 
 
@@ -418,10 +459,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (needs TRITON_INTERPRET=1)")
-    ap.add_argument("--budget", type=float, default=270.0, help="seconds after which cells are skipped")
+    ap.add_argument("--budget", type=float, default=250.0,
+                    help="seconds after which no new cell starts (default 250: the run ends within 5 min)")
     ap.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
     ap.add_argument("--no-tune", dest="tune", action="store_false",
-                    help="leave out the logitkit BLOCK/num_warps sweep rows")
+                    help="leave out the logitkit configuration sweep rows (BLOCK, warps, persistence)")
     ap.add_argument("--only", default="", help="comma list among ce,softmax,linear")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failing cells")
     args = ap.parse_args(argv)
@@ -440,15 +482,25 @@ def main(argv=None) -> int:
         ce_shape, lin_shape = (16384, 128256), (8192, 4096, 128256)
 
     measure_copy(ctx)
+    workloads = []
     if "ce" in only:
-        for dt in (torch.bfloat16, torch.float32):
-            ce_workload(ctx, *ce_shape, dt)
+        workloads += [lambda dt=dt: ce_workload(ctx, *ce_shape, dt) for dt in (torch.bfloat16, torch.float32)]
     if "softmax" in only:
-        for bwd in (False, True):
-            for dt in (torch.bfloat16, torch.float32):
-                softmax_workload(ctx, *ce_shape, dt, bwd)
+        workloads += [lambda dt=dt, b=b: softmax_workload(ctx, *ce_shape, dt, b)
+                      for b in (False, True) for dt in (torch.bfloat16, torch.float32)]
     if "linear" in only:
-        linear_ce_workload(ctx, *lin_shape, torch.bfloat16)
+        workloads += [lambda: linear_ce_workload(ctx, *lin_shape, torch.bfloat16)]
+    phases = [p for p in PHASES if (p != "compile" or not args.no_compile) and (p != "tune" or args.tune)]
+    for phase in phases:
+        ctx.phase = phase
+        for i, run in enumerate(workloads):
+            if ctx.over_budget():
+                break
+            ctx.workload = i
+            print(f"[{phase}]", end=" ", file=sys.stderr)
+            run()
+            if ctx.cuda:
+                torch.cuda.empty_cache()
 
     import triton
     dev_name = torch.cuda.get_device_name(ctx.dev) if ctx.cuda else "CPU (Triton interpreter)"
@@ -460,7 +512,7 @@ def main(argv=None) -> int:
         "| workload | impl | time (ms, median) | effective rate | % of copy BW | peak MiB beyond inputs | error vs reference |",
         "| --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
-    lines += ["| " + " | ".join(r) + " |" for r in ctx.rows]
+    lines += ["| " + " | ".join(r) + " |" for _, r in sorted(ctx.rows, key=lambda kr: kr[0])]
     text = "\n".join(lines)
     print(text)
     out = os.environ.get("OUT")

@@ -14,8 +14,8 @@ Backward recomputes the logits chunk by chunk over the vocabulary (``VC`` classe
    chunk only (``N x VC`` in the input dtype; the logits themselves never reach memory);
 2. ``dW[chunk] = dz.T @ hidden``: each ``BN x BH`` output tile reduces over all ``N`` rows in
    float32 registers and is written once, in the weight's dtype (no float32 copy of ``dW``);
-3. ``dhidden += dz @ W[chunk]`` into a float32 accumulator (the output itself for float32);
-   ``dbias`` is the column sum of ``dz`` (float32).
+3. ``dhidden += dz @ W[chunk]`` into an ``(N, H)`` float32 accumulator, rounded to the input
+   dtype at the end; ``dbias`` is the column sum of ``dz`` (float32).
 
 ``filter_eps`` (off by default, so gradients are exact) skips tiles in which every softmax value
 is below ``filter_eps`` and no label falls: step 1 stores nothing for them and steps 2 and 3 skip
@@ -316,11 +316,12 @@ def _lce_dw_kernel(DZ, Hd, DW, DB, SKIP, N, H, vc, c0, stride_dz, stride_h, stri
 
 
 @triton.jit
-def _lce_dh_kernel(DZ, Wt, DH_ACC, DH, SKIP, N, H, vc, c0, stride_dz, stride_w, stride_acc,
-                   stride_dh, n_vblk, FIRST: tl.constexpr, LAST: tl.constexpr,
+def _lce_dh_kernel(DZ, Wt, DH_ACC, SKIP, N, H, vc, c0, stride_dz, stride_w, stride_acc,
+                   n_vblk, FIRST: tl.constexpr,
                    FILTER: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                    IS_F64: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr):
-    """``dhidden[n, h] += sum_{v in chunk} dz[n, v] W[c0 + v, h]`` for one ``BM x BH`` tile."""
+    """``dh_acc[n, h] += sum_{v in chunk} dz[n, v] W[c0 + v, h]`` for one ``BM x BH`` tile
+    (float32 accumulator; ``FIRST`` chunk stores instead of adding)."""
     pid_n = tl.program_id(0)
     pid_h = tl.program_id(1)
     n = pid_n * BM + tl.arange(0, BM)
@@ -348,10 +349,7 @@ def _lce_dh_kernel(DZ, Wt, DH_ACC, DH, SKIP, N, H, vc, c0, stride_dz, stride_w, 
     acc_ptrs = DH_ACC + n[:, None].to(tl.int64) * stride_acc + hs[None, :]
     if not FIRST:
         acc += tl.load(acc_ptrs, mask=mask, other=0.0)
-    if LAST:
-        tl.store(DH + n[:, None].to(tl.int64) * stride_dh + hs[None, :], acc.to(DH.dtype.element_ty), mask=mask)
-    else:
-        tl.store(acc_ptrs, acc, mask=mask)
+    tl.store(acc_ptrs, acc, mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,12 +507,11 @@ def linear_ce_backward(hidden, linear_weight, labels, m, r, g_ce, g_z, linear_bi
         raise ValueError(f"m, r: expected {N} row statistics each, got {m.numel()} and {r.numel()}")
     g1, s1 = _row_scale(g_ce, N, dev, "g_ce")
     g2, s2 = _row_scale(g_z, N, dev, "g_z") if zl != 0.0 else (g1, 0)
-    dh = torch.empty_like(hidden, memory_format=torch.contiguous_format)
     dw = torch.empty_like(lw, memory_format=torch.contiguous_format)
     db32 = torch.empty(V, dtype=acc, device=dev) if bias is not None else None
     skipped = torch.zeros(1, dtype=torch.int32, device=dev)
     if N == 0 or V == 0 or H == 0:
-        dh.zero_()
+        dh = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
         dw.zero_()
         if db32 is not None:
             db32.zero_()
@@ -530,7 +527,8 @@ def linear_ce_backward(hidden, linear_weight, labels, m, r, g_ce, g_z, linear_bi
     vc = min(vc, triton.cdiv(V, BN) * BN)
     n_vblk = triton.cdiv(vc, BN)
     dz = torch.empty(N, vc, dtype=hidden.dtype, device=dev)
-    dh_acc = dh if hidden.dtype == acc else torch.empty(N, H, dtype=acc, device=dev)
+    # float32 accumulator over the chunks (the result itself for float32 / float64 hidden)
+    dh_acc = torch.empty(N, H, dtype=acc, device=dev)
     filt = filter_eps is not None
     skip = torch.empty(triton.cdiv(N, BM), n_vblk, dtype=torch.int8, device=dev) if filt else skipped
     dummy = m
@@ -557,8 +555,10 @@ def linear_ce_backward(hidden, linear_weight, labels, m, r, g_ce, g_z, linear_bi
             HAS_BIAS=bias is not None, FILTER=filt, IEEE=ieee, UPCAST=_upcast(hidden), IS_F64=is64, BN=BN, BH=BH, BM=BM,
             num_warps=warps)
         _lce_dh_kernel[(triton.cdiv(N, BM), triton.cdiv(H, BH))](
-            dz, lw, dh_acc, dh, skip, N, H, width, c0, dz.stride(0), lw.stride(0),
-            dh_acc.stride(0), dh.stride(0), n_vblk, FIRST=i == 0, LAST=i == len(chunks) - 1,
+            dz, lw, dh_acc, skip, N, H, width, c0, dz.stride(0), lw.stride(0),
+            dh_acc.stride(0), n_vblk, FIRST=i == 0,
             FILTER=filt, IEEE=ieee, UPCAST=_upcast(hidden), IS_F64=is64, BM=BM, BH=BH, BN=BN, num_warps=warps)
+    del dz, skip  # free the chunk before the output exists: peak = dW + dh_acc + max(chunk, dh)
+    dh = dh_acc if hidden.dtype == acc else dh_acc.to(hidden.dtype)
     db = db32.to(bias.dtype) if bias is not None else None
     return dh, dw, db, skipped

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._math import _exp, _exp_minus, _finish_r, _lane_update, _merge_lanes, _scalar, split64
-from .ce import _acc, _check_x, _config, _rows
+from .ce import _acc, _check_x, _config, _grid, _prefetch, _rows
 
 __all__ = ["softmax_forward", "log_softmax_forward", "logsumexp_forward", "softmax_backward",
            "log_softmax_backward"]
@@ -22,125 +22,175 @@ _SOFTMAX, _LOG_SOFTMAX, _LOGSUMEXP = 0, 1, 2
 
 
 @triton.jit
-def _softmax_fwd_kernel(X, OUT, LSE, stride_x, stride_o, V, it_hi, it_lo,
+def _softmax_fwd_kernel(X, OUT, LSE, stride_x, stride_o, N, V, it_hi, it_lo,
                         MODE: tl.constexpr, HAS_TEMP: tl.constexpr, IS_F64: tl.constexpr,
-                        SINGLE: tl.constexpr, BLOCK: tl.constexpr):
+                        SINGLE: tl.constexpr, BLOCK: tl.constexpr, PREFETCH: tl.constexpr):
     NEG: tl.constexpr = float("-inf")
     if IS_F64:
         ACC: tl.constexpr = tl.float64
     else:
         ACC: tl.constexpr = tl.float32
     inv_temp = _scalar(it_hi, it_lo, IS_F64)
-    row = tl.program_id(0).to(tl.int64)
-    x_row = X + row * stride_x
-    cols = tl.arange(0, BLOCK)
-    if SINGLE:
-        mask = cols < V
-        z = tl.load(x_row + cols, mask=mask, other=NEG).to(ACC)
-        if HAS_TEMP:
-            z = z * inv_temp
-        M = tl.max(tl.where(z == z, z, NEG), axis=0)  # NaN never becomes the max
-        Ms = tl.where(M == NEG, 0.0, M)
-        e = _exp(z - Ms, IS_F64)
-        is_max = (z == M) & (z > NEG)
-        cnt = tl.sum(is_max.to(tl.int32), axis=0)
-        T = tl.sum(tl.where(is_max, 0.0, e), axis=0) + tl.maximum(cnt - 1, 0).to(ACC)
-        if MODE == 2:
-            has_nan = tl.max((z != z).to(tl.int32), axis=0)
-    else:
-        mv = tl.full([BLOCK], NEG, ACC)
-        tv = tl.zeros([BLOCK], ACC)
-        nv = tl.zeros([BLOCK], tl.int32)
-        for start in range(0, V, BLOCK):
-            offs = start + cols
-            z = tl.load(x_row + offs, mask=offs < V, other=NEG, eviction_policy="evict_last").to(ACC)
+    pid = tl.program_id(0)
+    # persistent: a grid smaller than N (one program per SM for wide rows) walks the rows
+    for row32 in range(pid, N, tl.num_programs(0)):
+        row = tl.cast(row32, tl.int64)  # int64 offsets: N * V may exceed 2**31
+        x_row = X + row * stride_x
+        cols = tl.arange(0, BLOCK)
+        if SINGLE:
+            mask = cols < V
+            z = tl.load(x_row + cols, mask=mask, other=NEG).to(ACC)
             if HAS_TEMP:
                 z = z * inv_temp
-            mv, tv = _lane_update(mv, tv, z, IS_F64)
+            M = tl.max(tl.where(z == z, z, NEG), axis=0)  # NaN never becomes the max
+            Ms = tl.where(M == NEG, 0.0, M)
+            e = _exp(z - Ms, IS_F64)
+            is_max = (z == M) & (z > NEG)
+            cnt = tl.sum(is_max.to(tl.int32), axis=0)
+            T = tl.sum(tl.where(is_max, 0.0, e), axis=0) + tl.maximum(cnt - 1, 0).to(ACC)
             if MODE == 2:
-                nv = tl.maximum(nv, (z != z).to(tl.int32))
-        M, T = _merge_lanes(mv, tv, IS_F64)
-        Ms = tl.where(M == NEG, 0.0, M)
-        if MODE == 2:
-            has_nan = tl.max(nv, axis=0)
-    r = _finish_r(M, T, IS_F64)
-    if MODE == 2:
-        lse = M + r
-        # a row with +inf and no NaN has lse = +inf exactly (scipy's convention)
-        lse = tl.where((M == float("inf")) & (has_nan == 0), float("inf"), lse)
-        tl.store(LSE + row, lse)
-    else:
-        o_row = OUT + row * stride_o
-        if SINGLE:
-            if MODE == 0:
-                scale = tl.where(M == float("inf"), float("nan"), 1.0 / (1.0 + T))
-                out = e * scale
-            else:
-                out = tl.where(M == NEG, NEG, (z - Ms) - r)
-            tl.store(o_row + cols, out.to(OUT.dtype.element_ty), mask=mask)
+                has_nan = tl.max((z != z).to(tl.int32), axis=0)
         else:
-            nb = tl.cdiv(V, BLOCK)
-            for k in range(0, nb):
-                offs = (nb - 1 - k) * BLOCK + cols
-                mask = offs < V
-                z = tl.load(x_row + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
+            mv = tl.full([BLOCK], NEG, ACC)
+            tv = tl.zeros([BLOCK], ACC)
+            nv = tl.zeros([BLOCK], tl.int32)
+            if PREFETCH:
+                xn = tl.load(x_row + cols, mask=cols < V, other=NEG, eviction_policy="evict_last")
+            for start in range(0, V, BLOCK):
+                offs = start + cols
+                if PREFETCH:
+                    z = xn
+                    nxt = offs + BLOCK
+                    xn = tl.load(x_row + nxt, mask=nxt < V, other=NEG, eviction_policy="evict_last")
+                else:
+                    z = tl.load(x_row + offs, mask=offs < V, other=NEG, eviction_policy="evict_last")
+                z = z.to(ACC)
                 if HAS_TEMP:
                     z = z * inv_temp
+                mv, tv = _lane_update(mv, tv, z, IS_F64)
+                if MODE == 2:
+                    nv = tl.maximum(nv, (z != z).to(tl.int32))
+            M, T = _merge_lanes(mv, tv, IS_F64)
+            Ms = tl.where(M == NEG, 0.0, M)
+            if MODE == 2:
+                has_nan = tl.max(nv, axis=0)
+        r = _finish_r(M, T, IS_F64)
+        if MODE == 2:
+            lse = M + r
+            # a row with +inf and no NaN has lse = +inf exactly (scipy's convention)
+            lse = tl.where((M == float("inf")) & (has_nan == 0), float("inf"), lse)
+            tl.store(LSE + row, lse)
+        else:
+            o_row = OUT + row * stride_o
+            if SINGLE:
                 if MODE == 0:
-                    out = _exp_minus(z - Ms, r, IS_F64)
+                    scale = tl.where(M == float("inf"), float("nan"), 1.0 / (1.0 + T))
+                    out = e * scale
                 else:
                     out = tl.where(M == NEG, NEG, (z - Ms) - r)
-                tl.store(o_row + offs, out.to(OUT.dtype.element_ty), mask=mask,
-                         eviction_policy="evict_first")
+                tl.store(o_row + cols, out.to(OUT.dtype.element_ty), mask=mask)
+            else:
+                nb = tl.cdiv(V, BLOCK)
+                if PREFETCH:
+                    last = (nb - 1) * BLOCK + cols
+                    xn = tl.load(x_row + last, mask=last < V, other=0.0, eviction_policy="evict_first")
+                for k in range(0, nb):
+                    offs = (nb - 1 - k) * BLOCK + cols
+                    mask = offs < V
+                    if PREFETCH:
+                        z = xn
+                        prv = offs - BLOCK
+                        xn = tl.load(x_row + prv, mask=prv >= 0, other=0.0, eviction_policy="evict_first")
+                    else:
+                        z = tl.load(x_row + offs, mask=mask, other=0.0, eviction_policy="evict_first")
+                    z = z.to(ACC)
+                    if HAS_TEMP:
+                        z = z * inv_temp
+                    if MODE == 0:
+                        out = _exp_minus(z - Ms, r, IS_F64)
+                    else:
+                        out = tl.where(M == NEG, NEG, (z - Ms) - r)
+                    tl.store(o_row + offs, out.to(OUT.dtype.element_ty), mask=mask,
+                             eviction_policy="evict_first")
 
 
 @triton.jit
-def _softmax_bwd_kernel(Y, DY, OUT, stride_y, stride_dy, stride_o, V,
+def _softmax_bwd_kernel(Y, DY, OUT, stride_y, stride_dy, stride_o, N, V,
                         LOG: tl.constexpr, IS_F64: tl.constexpr, SINGLE: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        BLOCK: tl.constexpr, PREFETCH: tl.constexpr):
     if IS_F64:
         ACC: tl.constexpr = tl.float64
     else:
         ACC: tl.constexpr = tl.float32
-    row = tl.program_id(0).to(tl.int64)
-    y_row = Y + row * stride_y
-    d_row = DY + row * stride_dy
-    o_row = OUT + row * stride_o
-    cols = tl.arange(0, BLOCK)
-    if SINGLE:
-        mask = cols < V
-        y = tl.load(y_row + cols, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(d_row + cols, mask=mask, other=0.0).to(ACC)
-        if LOG:
-            s = tl.sum(dy, axis=0)
-            out = dy - _exp(y, IS_F64) * s
-        else:
-            s = tl.sum(y * dy, axis=0)
-            out = y * (dy - s)
-        tl.store(o_row + cols, out.to(OUT.dtype.element_ty), mask=mask)
-    else:
-        acc = tl.zeros([BLOCK], ACC)
-        for start in range(0, V, BLOCK):
-            offs = start + cols
-            mask = offs < V
-            dy = tl.load(d_row + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(ACC)
+    pid = tl.program_id(0)
+    # persistent: a grid smaller than N (one program per SM for wide rows) walks the rows
+    for row32 in range(pid, N, tl.num_programs(0)):
+        row = tl.cast(row32, tl.int64)  # int64 offsets: N * V may exceed 2**31
+        y_row = Y + row * stride_y
+        d_row = DY + row * stride_dy
+        o_row = OUT + row * stride_o
+        cols = tl.arange(0, BLOCK)
+        if SINGLE:
+            mask = cols < V
+            y = tl.load(y_row + cols, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(d_row + cols, mask=mask, other=0.0).to(ACC)
             if LOG:
-                acc += dy
-            else:
-                y = tl.load(y_row + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(ACC)
-                acc += y * dy
-        s = tl.sum(acc, axis=0)
-        nb = tl.cdiv(V, BLOCK)
-        for k in range(0, nb):
-            offs = (nb - 1 - k) * BLOCK + cols
-            mask = offs < V
-            y = tl.load(y_row + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
-            dy = tl.load(d_row + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(ACC)
-            if LOG:
+                s = tl.sum(dy, axis=0)
                 out = dy - _exp(y, IS_F64) * s
             else:
+                s = tl.sum(y * dy, axis=0)
                 out = y * (dy - s)
-            tl.store(o_row + offs, out.to(OUT.dtype.element_ty), mask=mask, eviction_policy="evict_first")
+            tl.store(o_row + cols, out.to(OUT.dtype.element_ty), mask=mask)
+        else:
+            acc = tl.zeros([BLOCK], ACC)
+            if PREFETCH:
+                dn = tl.load(d_row + cols, mask=cols < V, other=0.0, eviction_policy="evict_last")
+                if not LOG:
+                    yn = tl.load(y_row + cols, mask=cols < V, other=0.0, eviction_policy="evict_last")
+            for start in range(0, V, BLOCK):
+                offs = start + cols
+                mask = offs < V
+                nxt = offs + BLOCK
+                if PREFETCH:
+                    dy = dn
+                    dn = tl.load(d_row + nxt, mask=nxt < V, other=0.0, eviction_policy="evict_last")
+                else:
+                    dy = tl.load(d_row + offs, mask=mask, other=0.0, eviction_policy="evict_last")
+                dy = dy.to(ACC)
+                if LOG:
+                    acc += dy
+                else:
+                    if PREFETCH:
+                        y = yn
+                        yn = tl.load(y_row + nxt, mask=nxt < V, other=0.0, eviction_policy="evict_last")
+                    else:
+                        y = tl.load(y_row + offs, mask=mask, other=0.0, eviction_policy="evict_last")
+                    acc += y.to(ACC) * dy
+            s = tl.sum(acc, axis=0)
+            nb = tl.cdiv(V, BLOCK)
+            if PREFETCH:
+                last = (nb - 1) * BLOCK + cols
+                yn = tl.load(y_row + last, mask=last < V, other=0.0, eviction_policy="evict_first")
+                dn = tl.load(d_row + last, mask=last < V, other=0.0, eviction_policy="evict_first")
+            for k in range(0, nb):
+                offs = (nb - 1 - k) * BLOCK + cols
+                mask = offs < V
+                if PREFETCH:
+                    y = yn
+                    dy = dn
+                    prv = offs - BLOCK
+                    yn = tl.load(y_row + prv, mask=prv >= 0, other=0.0, eviction_policy="evict_first")
+                    dn = tl.load(d_row + prv, mask=prv >= 0, other=0.0, eviction_policy="evict_first")
+                else:
+                    y = tl.load(y_row + offs, mask=mask, other=0.0, eviction_policy="evict_first")
+                    dy = tl.load(d_row + offs, mask=mask, other=0.0, eviction_policy="evict_first")
+                y = y.to(ACC)
+                dy = dy.to(ACC)
+                if LOG:
+                    out = dy - _exp(y, IS_F64) * s
+                else:
+                    out = y * (dy - s)
+                tl.store(o_row + offs, out.to(OUT.dtype.element_ty), mask=mask, eviction_policy="evict_first")
 
 
 def _check_temperature(temperature) -> float:
@@ -164,10 +214,10 @@ def _forward(x, temperature, out, mode):
         res, o, lse = out, out, x
     if N > 0 and V > 0:
         block, warps, single = _config(V, x.element_size())
-        _softmax_fwd_kernel[(N,)](
-            x, o, lse, x.stride(0), o.stride(0), V, *split64(1.0 / t),
+        _softmax_fwd_kernel[(_grid(N, single, x.device),)](
+            x, o, lse, x.stride(0), o.stride(0), N, V, *split64(1.0 / t),
             MODE=mode, HAS_TEMP=t != 1.0, IS_F64=x.dtype == torch.float64, SINGLE=single,
-            BLOCK=block, num_warps=warps)
+            BLOCK=block, PREFETCH=_prefetch(), num_warps=warps)
     elif mode == _LOGSUMEXP:
         res.fill_(float("-inf"))  # log of an empty sum
     return res
@@ -219,9 +269,10 @@ def _backward(y, dy, out, log):
         out = torch.empty_like(y, memory_format=torch.contiguous_format)
     if N > 0 and V > 0:
         block, warps, single = _config(V, y.element_size())
-        _softmax_bwd_kernel[(N,)](
-            y, dy, out, y.stride(0), dy.stride(0), out.stride(0), V,
-            LOG=log, IS_F64=y.dtype == torch.float64, SINGLE=single, BLOCK=block, num_warps=warps)
+        _softmax_bwd_kernel[(_grid(N, single, y.device),)](
+            y, dy, out, y.stride(0), dy.stride(0), out.stride(0), N, V,
+            LOG=log, IS_F64=y.dtype == torch.float64, SINGLE=single, BLOCK=block,
+            PREFETCH=_prefetch(), num_warps=warps)
     return out
 
 
