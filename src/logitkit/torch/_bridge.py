@@ -3,6 +3,9 @@
 :mod:`logitkit.functional` has already checked every argument and moved the class axis of
 cross-entropy last; these functions run the fused autograd paths of :mod:`logitkit.torch`.
 A ``where`` mask on softmax / log_softmax runs the core on torch ops (autograd through them).
+:func:`run_stage` runs one kernel stage on 2-D torch rows without autograd (numba kernels on CPU
+through zero-copy NumPy views, Triton on CUDA, the core otherwise), for callers such as
+``cross_entropy_with_grad``.
 
 >>> import torch, logitkit
 >>> x = torch.zeros(2, 3, requires_grad=True)
@@ -19,8 +22,9 @@ from torch import Tensor
 from .._namespace import TORCH, get_namespace
 from ..core import softmax as core_sm
 from ._functional import ce_lastdim, softmax_lastdim
+from ._ops import run_stage
 
-__all__ = ["cross_entropy", "softmax", "log_softmax"]
+__all__ = ["cross_entropy", "softmax", "log_softmax", "run_stage"]
 
 
 def cross_entropy(x: Tensor, y: Tensor, *, kind: str, ignore_index: int, reduction: str, z_loss: float,
