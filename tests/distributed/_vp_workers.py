@@ -71,10 +71,12 @@ def _run_case(case, rank, dist, log):
 
     s, e = case["bounds"][rank]
     dtype = getattr(torch, case.get("dtype", "float64"))
+    dev = torch.device(case.get("device", "cpu"))
     opts = dict(case.get("opts", {}))
     if opts.get("weight") is not None:
-        opts["weight"] = torch.tensor(opts["weight"], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    y = torch.tensor(case["y"])
+        opts["weight"] = torch.tensor(opts["weight"], dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                                      device=dev)
+    y = torch.tensor(case["y"], device=dev)
     start = None if case.get("equal") else s
     out = {}
     if case["kind"] == "megatron":
@@ -82,23 +84,24 @@ def _run_case(case, rank, dist, log):
         out["loss"] = megatron_forward(x, y, s, case["eps"], dist).numpy()
         return out
     if case["kind"] == "error":
-        x = torch.tensor(case["x"][:, s:e])
-        yy = torch.tensor(case["y_per_rank"][rank]) if "y_per_rank" in case else y
+        x = torch.tensor(case["x"][:, s:e], device=dev)
+        yy = torch.tensor(case["y_per_rank"][rank], device=dev) if "y_per_rank" in case else y
         try:
-            vocab_parallel_cross_entropy(x, yy, vocab_start=None if case.get("equal") else s, **opts)
+            loss = vocab_parallel_cross_entropy(x, yy, vocab_start=None if case.get("equal") else s, **opts)
+            out["loss"] = loss.detach().cpu().double().numpy()  # non-CPU devices: NaN, no exception
         except ValueError as exc:
             out["error"] = str(exc)
         return out
     if case["kind"] == "logits":
-        x = torch.tensor(case["x"][:, s:e]).to(dtype).requires_grad_()
+        x = torch.tensor(case["x"][:, s:e]).to(dtype).to(dev).requires_grad_()
         del log[:]
         loss = vocab_parallel_cross_entropy(x, y, vocab_start=start, **opts)
         out["fwd"] = list(log)
         del log[:]
         loss.sum().backward()
         out["bwd"] = list(log)
-        out["loss"] = loss.detach().double().numpy()
-        out["grad"] = x.grad.double().numpy()
+        out["loss"] = loss.detach().cpu().double().numpy()
+        out["grad"] = x.grad.cpu().double().numpy()
         return out
     # linear head
     h = torch.tensor(case["h"]).to(dtype).requires_grad_()

@@ -114,8 +114,10 @@ def _vec(xp: Any, values: list, dtype: Any, like: Any) -> Any:
     lib = _lib(xp)
     if lib == "torch":
         t = xp._t
+        # torch.full, not torch.tensor: a fill kernel rather than a host-to-device copy, which
+        # would synchronise with the host
         return t.stack([v.to(dtype).reshape(()) if isinstance(v, t.Tensor)
-                        else t.tensor(float(v), dtype=dtype, device=like.device) for v in values])
+                        else t.full((), float(v), dtype=dtype, device=like.device) for v in values])
     return xp.stack([xp.asarray(v).astype(dtype).reshape(()) for v in values])
 
 
@@ -129,6 +131,112 @@ def _iota(xp: Any, n: int, like: Any) -> Any:
     if _lib(xp) == "torch":
         return xp._t.arange(n, device=like.device)
     return xp.arange(n)
+
+
+def _inplace(xp: Any) -> bool:
+    """NumPy and torch update fresh temporaries in place; JAX arrays are immutable."""
+    return _lib(xp) != "jax"
+
+
+def _exp_(xp: Any, a: Any) -> Any:
+    """``exp(a)``, overwriting ``a`` (a fresh temporary) where the library allows."""
+    lib = _lib(xp)
+    if lib == "torch":
+        return a.exp_()
+    if lib == "numpy":
+        return xp.exp(a, out=a)
+    return xp.exp(a)
+
+
+def _neg_(xp: Any, a: Any) -> Any:
+    lib = _lib(xp)
+    if lib == "torch":
+        return a.neg_()
+    if lib == "numpy":
+        return xp.negative(a, out=a)
+    return -a
+
+
+def _sub_(xp: Any, a: Any, b: Any) -> Any:
+    lib = _lib(xp)
+    if lib == "torch":
+        return a.sub_(b)
+    if lib == "numpy":
+        return xp.subtract(a, b, out=a)
+    return a - b
+
+
+def _mul_(xp: Any, a: Any, b: Any) -> Any:
+    lib = _lib(xp)
+    if lib == "torch":
+        return a.mul_(b)
+    if lib == "numpy":
+        return xp.multiply(a, b, out=a)
+    return a * b
+
+
+def _submul_(xp: Any, a: Any, b: Any, c: Any) -> Any:
+    """``a -= b * c`` with broadcasting, without an ``a``-sized temporary for torch."""
+    lib = _lib(xp)
+    if lib == "torch":
+        return a.addcmul_(b, c, value=-1.0)
+    if lib == "numpy":
+        return xp.subtract(a, b * c, out=a)
+    return a - b * c
+
+
+def _zero_rows_(xp: Any, a: Any, keep: Any) -> Any:
+    """Zero the rows of ``a`` where ``keep`` ``(N, 1)`` is false (NaN rows too)."""
+    lib = _lib(xp)
+    if lib == "torch":
+        return a.masked_fill_(~keep, 0.0)
+    if lib == "numpy":
+        a[~keep[:, 0]] = 0.0
+        return a
+    return xp.where(keep, a, 0.0)
+
+
+def _as(xp: Any, x: Any, dtype: Any) -> Any:
+    """``x`` in ``dtype``, without a copy when it already is."""
+    lib = _lib(xp)
+    if lib == "torch":
+        return x.to(dtype)
+    if lib == "numpy":
+        return x.astype(dtype, copy=False)
+    return x.astype(dtype)
+
+
+def _max_argmax(xp: Any, z: Any) -> tuple[Any, Any]:
+    """Row max and the index of one maximal entry, each ``(N, 1)``, in one pass where possible."""
+    if _lib(xp) == "torch":
+        m, idx = xp._t.max(z, dim=-1, keepdim=True)
+        return m, idx
+    idx = xp.expand_dims(xp.argmax(z, axis=-1), -1)
+    return xp.take_along_axis(z, idx, axis=-1), idx
+
+
+def _set_at(xp: Any, a: Any, idx: Any, value: float) -> Any:
+    """``a[i, idx[i]] = value`` for every row (``a`` is a fresh temporary)."""
+    lib = _lib(xp)
+    if lib == "torch":
+        return a.scatter_(-1, idx, value)
+    if lib == "numpy":
+        xp.put_along_axis(a, idx, value, axis=-1)
+        return a
+    rows = xp.arange(a.shape[0])
+    return a.at[rows, idx[:, 0]].set(value)
+
+
+def _add_at(xp: Any, a: Any, idx: Any, values: Any) -> Any:
+    """``a[i, idx[i]] += values[i]`` for every row (``a`` is a fresh temporary)."""
+    lib = _lib(xp)
+    if lib == "torch":
+        return a.scatter_add_(-1, idx, values.to(a.dtype))
+    rows = xp.arange(a.shape[0])
+    if lib == "numpy":
+        a[rows, idx[:, 0]] += values[:, 0]
+        return a
+    return a.at[rows, idx[:, 0]].add(values[:, 0])
 
 
 def label_hash(xp: Any, labels: Any, dtype: Any) -> Any:
@@ -168,40 +276,41 @@ def _local_partials(xp, z, labels, start, ignore_index, label_smoothing, weight_
     N, n = z.shape
     if col_mask is not None:
         z = xp.where(col_mask, z, neg_inf)
-    if n == 0:
-        m = _zeros(xp, (N, 1), z.dtype, z) + neg_inf
-    else:
-        m = xp.max(z, axis=-1, keepdims=True)
-    m0 = xp.where(xp.isfinite(m), m, 0.0)
-    e = xp.exp(z - m0)
-    is_max = z == m
-    c = xp.sum(xp.astype(is_max, z.dtype), axis=-1, keepdims=True)
-    c = xp.where(m == neg_inf, 0.0, c)
-    t = xp.sum(xp.where(is_max, 0.0, e), axis=-1, keepdims=True)
     valid = labels != ignore_index
     loc = labels - start
     own = valid & (loc >= 0) & (loc < n)
     if n == 0:
-        zy = _zeros(xp, (N, 1), z.dtype, z)
-    else:
-        idx = xp.expand_dims(xp.where(own, loc, 0), -1)
-        zy = xp.take_along_axis(z, idx, axis=-1)
-    own = xp.expand_dims(own, -1)
-    zy = xp.where(own, zy, 0.0)
+        m = _zeros(xp, (N, 1), z.dtype, z) + neg_inf
+        t = c = zy = _zeros(xp, (N, 1), z.dtype, z)
+        s = t if label_smoothing > 0.0 else None
+        wsum = _zeros(xp, (), z.dtype, z) if label_smoothing > 0.0 else None
+        return Partials(m, t, c, zy, xp.expand_dims(own, -1), s, wsum)
+    m, imax = _max_argmax(xp, z)
+    m0 = xp.where(xp.isfinite(m), m, 0.0)
     s = wsum = None
     if label_smoothing > 0.0:
+        # d = m_loc − z ≥ 0 feeds the smoothing sum, and exp(−d) is the same e = exp(z − m_loc)
         d = m0 - z
-        if weight_local is not None:
-            d = weight_local * d
+        wd = d if weight_local is None else weight_local * d
         if col_mask is not None:
-            d = xp.where(col_mask, d, 0.0)
-        s = xp.sum(d, axis=-1, keepdims=True)
-        w = weight_local
-        if w is None:
-            w = xp.ones_like(z[0]) if n > 0 else _zeros(xp, (0,), z.dtype, z)
+            wd = xp.where(col_mask, wd, 0.0)
+        s = xp.sum(wd, axis=-1, keepdims=True)
+        w = xp.ones_like(z[0]) if weight_local is None else weight_local
         if col_mask is not None:
             w = xp.where(col_mask, w, 0.0)
         wsum = xp.sum(w)
+        e = _exp_(xp, _neg_(xp, d))
+    else:
+        e = _exp_(xp, z - m0)
+    # Leave one maximal term out of the sum (its exp is exactly 1): the log1p trick. Ties on this
+    # rank stay in as exact ones; c says whether this rank left one out.
+    e = _set_at(xp, e, imax, 0.0)
+    t = xp.sum(e, axis=-1, keepdims=True)
+    c = xp.where(m == neg_inf, 0.0, xp.ones_like(m))
+    idx = xp.expand_dims(xp.where(own, loc, 0), -1)
+    zy = xp.take_along_axis(z, idx, axis=-1)
+    own = xp.expand_dims(own, -1)
+    zy = xp.where(own, zy, 0.0)
     return Partials(m, t, c, zy, own, s, wsum)
 
 
@@ -233,7 +342,7 @@ def finish(xp: Any, m: Any, sums: Any, validf: Any, wy: Any, *, vocab_size: Any,
         T, C, D = sums[0], sums[1], sums[2]
         all_masked = m == -math.inf
         r = xp.log1p(T + (C - 1.0))
-        r = xp.where(all_masked, 0.0, xp.where(m == math.inf, math.nan, r))
+        r = xp.where(all_masked, 0.0, xp.where((m == math.inf) | xp.isnan(m), math.nan, r))
         nll = xp.where(all_masked, math.inf, D + r)
         eps = label_smoothing
         ce = (1.0 - eps) * wy * nll if eps != 1.0 else xp.zeros_like(nll)
@@ -312,30 +421,41 @@ def local_grad(xp: Any, x: Any, labels: Any, m: Any, r: Any, g_ce: Any, g_z: Any
     with _quiet(xp):
         acc = acc_dtype(xp, x.dtype)
         N, n = x.shape
-        xa = xp.astype(x, acc)
+        xa = _as(xp, x, acc)
         z = transform(xp, xa, softcap, temperature)
-        m2, r2 = xp.expand_dims(m, -1), xp.expand_dims(r, -1)
-        finite = xp.isfinite(m2)
-        p = xp.exp((z - xp.where(finite, m2, 0.0)) - r2)
-        p = xp.where(m2 == -math.inf, 0.0, xp.where(finite, p, math.nan))
         if col_mask is not None:
-            p = xp.where(col_mask, p, 0.0)
-        onehot = xp.astype(_iota(xp, n, x) == xp.expand_dims(labels - start, -1), acc)
-        gce = xp.expand_dims(xp.astype(g_ce, acc), -1)
+            z = xp.where(col_mask, z, -math.inf)
+        m2, r2 = xp.expand_dims(m, -1), xp.expand_dims(r, -1)
+        # p = exp((z − m) − r); an all −inf row has z = −inf, so p = 0 with m0 = 0 and r = 0, and
+        # a row with NaN or +inf has r = NaN, so p = NaN there: no extra masking pass is needed.
+        p = z - xp.where(xp.isfinite(m2), m2, 0.0)
+        p = _exp_(xp, _sub_(xp, p, r2))
         eps = label_smoothing
-        dz = gce * ((1.0 - eps) * xp.expand_dims(wy, -1)) * (p - onehot)
+        gce = xp.expand_dims(xp.astype(g_ce, acc), -1)
+        c_label = gce * ((1.0 - eps) * xp.expand_dims(wy, -1))   # weight of (p − onehot)
+        coef = c_label
         if eps > 0.0:
-            w = 1.0 if weight_local is None else weight_local
-            if col_mask is not None:
-                w = xp.where(col_mask, w, 0.0) if weight_local is not None else xp.astype(col_mask, acc)
-            dz = dz + gce * (eps / vocab_size) * (wtotal * p - w)
+            c_smooth = gce * (eps / vocab_size)                    # weight of (W·p − w)
+            coef = coef + c_smooth * wtotal
         if z_loss != 0.0:
-            dz = dz + xp.expand_dims(xp.astype(g_z, acc), -1) * (2.0 * z_loss) * (m2 + r2) * p
+            coef = coef + xp.expand_dims(xp.astype(g_z, acc), -1) * (2.0 * z_loss) * (m2 + r2)
+        dz = _mul_(xp, p, coef)
+        if eps > 0.0:
+            w = xp.ones_like(z[0]) if weight_local is None else weight_local
+            if col_mask is not None:
+                w = xp.where(col_mask, w, 0.0)
+            dz = _submul_(xp, dz, c_smooth, w)
+        if n > 0:
+            loc = labels - start
+            own = xp.expand_dims((loc >= 0) & (loc < n) & (validf > 0), -1)
+            idx = xp.expand_dims(xp.where(own[:, 0], loc, 0), -1)
+            dz = _add_at(xp, dz, idx, xp.where(own, -c_label, 0.0))
         factor = transform_grad_factor(xp, xa, softcap, temperature)
         if factor is not None:
-            dz = dz * factor
-        dz = xp.where(xp.expand_dims(validf, -1) > 0, dz, 0.0)
-        return xp.astype(dz, x.dtype)
+            dz = _mul_(xp, dz, factor)
+        # ignored rows: an exact zero even where the row holds NaN
+        dz = _zero_rows_(xp, dz, xp.expand_dims(validf, -1) > 0)
+        return _as(xp, dz, x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,7 +503,7 @@ def cross_entropy_with_grad(x: Any, labels: Any, *, all_reduce_max: Callable[[An
         if wl.shape[0] < n:
             err = 1
             wl = _cat(xp, [wl, _zeros(xp, (n - wl.shape[0],), acc, x)])
-    z = transform(xp, xp.astype(x, acc), softcap, temperature)
+    z = transform(xp, _as(xp, x, acc), softcap, temperature)
     parts = local_partials(xp, z, labels, start=start, ignore_index=ignore_index,
                            label_smoothing=label_smoothing, weight_local=wl)
     red = reduce_rows(xp, parts, labels, all_reduce_max=all_reduce_max, all_reduce_sum=all_reduce_sum,
