@@ -181,6 +181,26 @@ def exp32(d):
     return (p * float32_from_bits(bits)) * _F32(2.0 ** -64)
 
 
+@_jit_exact()
+def expneg32(d):
+    """exp32 for d <= 0 (or NaN, -inf): the forward passes subtract the row maximum, so the upper
+    clamp is dropped (one instruction of ~20 in the hottest loop)."""
+    d = _F32(-110.0) if d < _F32(-110.0) else d
+    kb = d * _F32(1.4426950408889634) + _F32(12582912.0)
+    kf = kb - _F32(12582912.0)
+    r = d - kf * _F32(0.693359375)
+    r = r - kf * _F32(-2.12194440e-4)
+    p = _E32[0]
+    p = p * r + _E32[1]
+    p = p * r + _E32[2]
+    p = p * r + _E32[3]
+    p = p * r + _E32[4]
+    p = p * r + _E32[5]
+    p = p * r + _F32(1.0)
+    bits = (bits32(kb) - np.int32(0x4B400000) + np.int32(127 + 64)) << np.int32(23)
+    return (p * float32_from_bits(bits)) * _F32(2.0 ** -64)
+
+
 _E64 = tuple(1.0 / float(np.prod(np.arange(1, k + 2, dtype=np.float64))) for k in range(12, -1, -1))
 
 
@@ -251,6 +271,19 @@ def tanh64(u):
     big = 1.0 - 2.0 / (e + 1.0)
     big = big if u > 0.0 else -big
     return small if a < 0.4 else big
+
+
+def vexp_neg(d):
+    """exp for d <= 0 dispatched on the floating type (expneg32 / exp64)."""
+
+
+@overload(vexp_neg)
+def _ol_vexp_neg(d):
+    if d == types.float32:
+        return lambda d: expneg32(d)
+    if d == types.float64:
+        return lambda d: exp64(d)
+    return None
 
 
 def vtanh(u):
