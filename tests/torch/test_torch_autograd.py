@@ -477,3 +477,33 @@ def test_bridge_run_stage_forward_backward(where):
     assert abs(float(ce.double().sum()) / 5 - want) <= 1e-6 * abs(want)
     want_g = torch.from_numpy(cross_entropy_grad64(x.numpy(), y.numpy(), label_smoothing=0.1))
     torch.testing.assert_close(grad.double(), want_g, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3}, {"softcap": 5.0, "reduction": "sum"}])
+def test_float16_logits(opts):
+    g = _gen(10)
+    x = (torch.randn(6, 9, generator=g) * 3).half().requires_grad_(True)
+    y = torch.tensor([0, 8, -100, 4, 4, 2])
+    loss = lt.cross_entropy(x, y, **opts)
+    assert loss.dtype == torch.float16
+    x64 = x.detach().double().requires_grad_(True)
+    ref = ref_cross_entropy(x64, y, **opts)
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-3, atol=1e-4)
+    (gx,) = torch.autograd.grad(loss, x)
+    (gref,) = torch.autograd.grad(ref, x64)
+    assert gx.dtype == torch.float16
+    torch.testing.assert_close(gx.double(), gref, rtol=2e-3, atol=2e-3 * float(gref.abs().max()))
+
+
+def test_inplace_probability_targets_and_lse_gradient():
+    y = torch.tensor([0, 1, 2, -100, 4, 5])
+    t = torch.softmax(torch.randn(6, 7, generator=_gen(11)), 1)
+    for target, extra in ((t, {}), (y, {"return_lse": True})):
+        grads = []
+        for inplace in (False, True):
+            h, W = _model_logits()
+            out = lt.cross_entropy(h @ W.T, target, inplace_backward=inplace, label_smoothing=0.1, **extra)
+            loss = out[0] + 0.3 * out[1].square().sum() if extra else out
+            grads.append(torch.autograd.grad(loss, (h, W)))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b)
