@@ -55,16 +55,19 @@ from logitkit.kernels import triton as tk  # noqa: E402
 # main cells first (logitkit and the peers), then torch.compile (slow to compile), then the
 # logitkit configuration sweep. The table lists them per workload.
 PHASES = ("main", "compile", "tune")
-# logitkit sweep: (input bytes per block step, num_warps, programs per SM (0: one per row), prefetch)
-SWEEP = ((16384, 16, 2, True), (32768, 32, 1, True), (16384, 8, 2, True), (16384, 16, 0, True),
-         (16384, 16, 1, False))
+# logitkit sweep around the default (16 KiB steps, 16 warps, 1 program per SM, prefetch, L2
+# hints): (input bytes per block step, num_warps, programs per SM (0: one per row), prefetch, hints)
+SWEEP = ((16384, 16, 2, True, True), (32768, 32, 1, True, True), (16384, 8, 2, True, True),
+         (16384, 16, 0, True, True), (16384, 16, 1, False, True), (16384, 16, 1, True, False))
 
 
 def sweep_envs(itemsize: int):
-    for block_bytes, warps, persist, prefetch in SWEEP:
-        label = f"[BLOCK={block_bytes // itemsize}, warps={warps}, per-SM={persist or 'row'}, prefetch={int(prefetch)}]"
+    for block_bytes, warps, persist, prefetch, hints in SWEEP:
+        label = (f"[BLOCK={block_bytes // itemsize}, warps={warps}, per-SM={persist or 'row'}, "
+                 f"prefetch={int(prefetch)}, hints={int(hints)}]")
         env = {"LOGITKIT_TRITON_BLOCK": str(block_bytes // itemsize), "LOGITKIT_TRITON_WARPS": str(warps),
-               "LOGITKIT_TRITON_PERSIST": str(persist), "LOGITKIT_TRITON_PREFETCH": str(int(prefetch))}
+               "LOGITKIT_TRITON_PERSIST": str(persist), "LOGITKIT_TRITON_PREFETCH": str(int(prefetch)),
+               "LOGITKIT_TRITON_HINTS": str(int(hints))}
         yield label, env
 
 

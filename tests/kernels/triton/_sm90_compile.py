@@ -66,7 +66,8 @@ def variants():
                        stride_gce=0, stride_gz=0, N=N, V=V, ignore_index=-100, eps_hi=0.1, eps_lo=0.0,
                        zl_hi=0.1, zl_lo=0.0, cap_hi=30.0, cap_lo=0.0, it_hi=1.0, it_lo=0.0)
         opts = dict(HAS_WEIGHT=all_opts, HAS_SMOOTH=all_opts, HAS_ZLOSS=all_opts, HAS_SOFTCAP=all_opts,
-                    HAS_TEMP=all_opts, IS_F64=False, SINGLE=single, BLOCK=block, PREFETCH=True)
+                    HAS_TEMP=all_opts, IS_F64=False, SINGLE=single, BLOCK=block, PREFETCH=True,
+                    EV_KEEP="evict_last", EV_DROP="evict_first")
         for fw, bw in ((True, True), (True, False), (False, True)):
             yield (f"ce {dt} fw={fw} bw={bw} options={all_opts}", C._ce_kernel, ce_args,
                    dict(FORWARD=fw, BACKWARD=bw, **opts), warps)
@@ -75,11 +76,13 @@ def variants():
         sm_args = dict(X=x, OUT=x, LSE=t(f32), stride_x=V, stride_o=V, N=N, V=V, it_hi=1.0, it_lo=0.0)
         for mode in (0, 1, 2):
             yield (f"softmax fwd {dt} mode={mode}", S._softmax_fwd_kernel, sm_args,
-                   dict(MODE=mode, HAS_TEMP=all_opts, IS_F64=False, SINGLE=single, BLOCK=block, PREFETCH=True), warps)
+                   dict(MODE=mode, HAS_TEMP=all_opts, IS_F64=False, SINGLE=single, BLOCK=block, PREFETCH=True,
+                    EV_KEEP="evict_last", EV_DROP="evict_first"), warps)
         for log in (False, True):
             yield (f"softmax bwd {dt} log={log}", S._softmax_bwd_kernel,
                    dict(Y=x, DY=x, OUT=x, stride_y=V, stride_dy=V, stride_o=V, N=N, V=V),
-                   dict(LOG=log, IS_F64=False, SINGLE=single, BLOCK=block, PREFETCH=True), warps)
+                   dict(LOG=log, IS_F64=False, SINGLE=single, BLOCK=block, PREFETCH=True,
+                        EV_KEEP="evict_last", EV_DROP="evict_first"), warps)
     # linear cross-entropy, the benchmark's bf16 tiles
     dt = torch.bfloat16
     tiles = L._tiles(dt)

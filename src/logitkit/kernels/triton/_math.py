@@ -41,6 +41,16 @@ def _scalar(hi, lo, IS_F64: tl.constexpr):
 
 
 @triton.jit
+def _div(a, b, IS_F64: tl.constexpr):
+    """``a / b`` correctly rounded (the GPU's default float32 division is approximate, 2 ulp);
+    for the few per-row divisions whose error would show in a confident row's loss."""
+    if IS_F64:
+        return a / b
+    else:
+        return tl.math.div_rn(a + 0.0 * b, b)
+
+
+@triton.jit
 def _exp(d, IS_F64: tl.constexpr):
     """``exp(d)``: ``exp2(d * log2 e)`` in float32 (one MUFU op, split constant), ``exp`` in float64."""
     if IS_F64:
@@ -87,7 +97,7 @@ def _log1p(t, IS_F64: tl.constexpr):
     For ``t <= 1``: ``2 atanh(s)`` with ``s = t / (2 + t) <= 1/3``, a series in ``s**2 <= 1/9``;
     above that ``log(1 + t) >= log 2`` has no cancellation.
     """
-    s = t / (2.0 + t)
+    s = _div(t, 2.0 + t, IS_F64)
     s2 = s * s
     one = s * 0.0 + 1.0  # a 1 in t's dtype, so float64 coefficients are not rounded to float32
     if IS_F64:

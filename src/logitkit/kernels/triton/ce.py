@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._math import split64, _scalar, _exp, _exp_minus, _expm1, _finish_r, _lane_update, _merge_lanes, _transform
+from ._math import (_div, _exp_minus, _expm1, _finish_r, _lane_update, _merge_lanes, _scalar,
+                    _transform, _exp, split64)
 
 __all__ = ["ce_forward", "ce_backward", "ce_forward_backward", "label_flag", "check_flag",
            "reset_flag"]
@@ -78,6 +79,14 @@ def _grid(N: int, single: bool, device: torch.device) -> int:
     return max(1, min(N, per_sm * sms))
 
 
+def _hints() -> dict:
+    """L2 eviction hints: pass 1 loads ``evict_last`` (the row is read again by pass 2), pass 2
+    loads and all stores ``evict_first``. ``LOGITKIT_TRITON_HINTS=0`` drops them (tuning)."""
+    if os.environ.get("LOGITKIT_TRITON_HINTS", "1") == "0":
+        return dict(EV_KEEP="", EV_DROP="")
+    return dict(EV_KEEP="evict_last", EV_DROP="evict_first")
+
+
 def _prefetch() -> bool:
     """Software-pipeline multi-block loops (``LOGITKIT_TRITON_PREFETCH=0`` turns it off)."""
     return os.environ.get("LOGITKIT_TRITON_PREFETCH", "1") != "0"
@@ -94,7 +103,8 @@ def _ce_kernel(X, OUT, LABELS, WEIGHT, WSUM, GCE, GZ, M_IO, R_IO, CE, FLAG,
                HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_ZLOSS: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_TEMP: tl.constexpr,
                FORWARD: tl.constexpr, BACKWARD: tl.constexpr, IS_F64: tl.constexpr,
-               SINGLE: tl.constexpr, BLOCK: tl.constexpr, PREFETCH: tl.constexpr):
+               SINGLE: tl.constexpr, BLOCK: tl.constexpr, PREFETCH: tl.constexpr,
+               EV_KEEP: tl.constexpr, EV_DROP: tl.constexpr):
     NEG: tl.constexpr = float("-inf")
     if IS_F64:
         ACC: tl.constexpr = tl.float64
@@ -154,7 +164,7 @@ def _ce_kernel(X, OUT, LABELS, WEIGHT, WSUM, GCE, GZ, M_IO, R_IO, CE, FLAG,
                 tv = tl.zeros([BLOCK], ACC)
                 sv = tl.zeros([BLOCK], ACC)
                 if PREFETCH:
-                    xn = tl.load(x_row + cols, mask=cols < V, other=NEG, eviction_policy="evict_last")
+                    xn = tl.load(x_row + cols, mask=cols < V, other=NEG, eviction_policy=EV_KEEP)
                 for start in range(0, V, BLOCK):
                     offs = start + cols
                     mask = offs < V
@@ -162,9 +172,9 @@ def _ce_kernel(X, OUT, LABELS, WEIGHT, WSUM, GCE, GZ, M_IO, R_IO, CE, FLAG,
                         # issue the next block's load before this block's arithmetic
                         xb = xn
                         nxt = offs + BLOCK
-                        xn = tl.load(x_row + nxt, mask=nxt < V, other=NEG, eviction_policy="evict_last")
+                        xn = tl.load(x_row + nxt, mask=nxt < V, other=NEG, eviction_policy=EV_KEEP)
                     else:
-                        xb = tl.load(x_row + offs, mask=mask, other=NEG, eviction_policy="evict_last")
+                        xb = tl.load(x_row + offs, mask=mask, other=NEG, eviction_policy=EV_KEEP)
                     xb = xb.to(ACC)
                     z, fac = _transform(xb, softcap, inv_temp, HAS_SOFTCAP, HAS_TEMP, IS_F64)
                     if HAS_SOFTCAP:
@@ -200,7 +210,7 @@ def _ce_kernel(X, OUT, LABELS, WEIGHT, WSUM, GCE, GZ, M_IO, R_IO, CE, FLAG,
                 zero = tl.zeros([BLOCK], ACC).to(OUT.dtype.element_ty)
                 for start in range(0, V, BLOCK):
                     offs = start + cols
-                    tl.store(o_row + offs, zero, mask=offs < V, eviction_policy="evict_first")
+                    tl.store(o_row + offs, zero, mask=offs < V, eviction_policy=EV_DROP)
             else:
                 gce = tl.load(GCE + row * stride_gce).to(ACC)
                 # dz = B (p - [c == y]) + D p - C w_c   (B, C, D per row; see the contract)
@@ -219,7 +229,7 @@ def _ce_kernel(X, OUT, LABELS, WEIGHT, WSUM, GCE, GZ, M_IO, R_IO, CE, FLAG,
                 qy = _expm1((zy - Ms) - r, IS_F64)
                 if FORWARD and SINGLE:
                     # the row is still in registers: p = exp(z - m) / (1 + T)
-                    scale = tl.where(M == float("inf"), float("nan"), 1.0 / (1.0 + T))
+                    scale = tl.where(M == float("inf"), float("nan"), _div(1.0 + 0.0 * T, 1.0 + T, IS_F64))
                     p = e * scale
                     q = tl.where(cols == y, qy, p)
                     dz = B * q
@@ -237,7 +247,7 @@ def _ce_kernel(X, OUT, LABELS, WEIGHT, WSUM, GCE, GZ, M_IO, R_IO, CE, FLAG,
                     nb = tl.cdiv(V, BLOCK)
                     if PREFETCH:
                         last = (nb - 1) * BLOCK + cols
-                        xn = tl.load(x_row + last, mask=last < V, other=0.0, eviction_policy="evict_first")
+                        xn = tl.load(x_row + last, mask=last < V, other=0.0, eviction_policy=EV_DROP)
                     for k in range(0, nb):
                         # reverse order: the blocks read last in pass 1 are the likeliest L2 hits
                         offs = (nb - 1 - k) * BLOCK + cols
@@ -245,9 +255,9 @@ def _ce_kernel(X, OUT, LABELS, WEIGHT, WSUM, GCE, GZ, M_IO, R_IO, CE, FLAG,
                         if PREFETCH:
                             xb = xn
                             prv = offs - BLOCK
-                            xn = tl.load(x_row + prv, mask=prv >= 0, other=0.0, eviction_policy="evict_first")
+                            xn = tl.load(x_row + prv, mask=prv >= 0, other=0.0, eviction_policy=EV_DROP)
                         else:
-                            xb = tl.load(x_row + offs, mask=mask, other=0.0, eviction_policy="evict_first")
+                            xb = tl.load(x_row + offs, mask=mask, other=0.0, eviction_policy=EV_DROP)
                         xb = xb.to(ACC)
                         z, fac = _transform(xb, softcap, inv_temp, HAS_SOFTCAP, HAS_TEMP, IS_F64)
                         p = _exp_minus(z - Ms, r, IS_F64)
@@ -263,7 +273,7 @@ def _ce_kernel(X, OUT, LABELS, WEIGHT, WSUM, GCE, GZ, M_IO, R_IO, CE, FLAG,
                         if HAS_SOFTCAP or HAS_TEMP:
                             dz = dz * fac
                         tl.store(o_row + offs, dz.to(OUT.dtype.element_ty), mask=mask,
-                                 eviction_policy="evict_first")
+                                 eviction_policy=EV_DROP)
 
         tl.atomic_add(FLAG, 1, mask=bad)
         tl.atomic_min(FLAG + 1, tl.minimum(row, 2147483647).to(tl.int32), mask=bad)
@@ -433,7 +443,7 @@ def _ce_launch(x, labels, g_ce, g_z, m_in, r_in, *, weight, ignore_index, label_
             HAS_WEIGHT=weight is not None, HAS_SMOOTH=eps > 0.0, HAS_ZLOSS=zl != 0.0,
             HAS_SOFTCAP=softcap is not None, HAS_TEMP=float(temperature) != 1.0,
             FORWARD=forward, BACKWARD=backward, IS_F64=x.dtype == torch.float64,
-            SINGLE=single, BLOCK=block, PREFETCH=_prefetch(), num_warps=warps,
+            SINGLE=single, BLOCK=block, PREFETCH=_prefetch(), **_hints(), num_warps=warps,
         )
     return ce, m, r, out
 

@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._math import _exp, _exp_minus, _finish_r, _lane_update, _merge_lanes, _scalar, split64
-from .ce import _acc, _check_x, _config, _grid, _prefetch, _rows
+from ._math import _div, _exp, _exp_minus, _finish_r, _lane_update, _merge_lanes, _scalar, split64
+from .ce import _acc, _check_x, _config, _grid, _hints, _prefetch, _rows
 
 __all__ = ["softmax_forward", "log_softmax_forward", "logsumexp_forward", "softmax_backward",
            "log_softmax_backward"]
@@ -24,7 +24,8 @@ _SOFTMAX, _LOG_SOFTMAX, _LOGSUMEXP = 0, 1, 2
 @triton.jit
 def _softmax_fwd_kernel(X, OUT, LSE, stride_x, stride_o, N, V, it_hi, it_lo,
                         MODE: tl.constexpr, HAS_TEMP: tl.constexpr, IS_F64: tl.constexpr,
-                        SINGLE: tl.constexpr, BLOCK: tl.constexpr, PREFETCH: tl.constexpr):
+                        SINGLE: tl.constexpr, BLOCK: tl.constexpr, PREFETCH: tl.constexpr,
+                        EV_KEEP: tl.constexpr, EV_DROP: tl.constexpr):
     NEG: tl.constexpr = float("-inf")
     if IS_F64:
         ACC: tl.constexpr = tl.float64
@@ -55,15 +56,15 @@ def _softmax_fwd_kernel(X, OUT, LSE, stride_x, stride_o, N, V, it_hi, it_lo,
             tv = tl.zeros([BLOCK], ACC)
             nv = tl.zeros([BLOCK], tl.int32)
             if PREFETCH:
-                xn = tl.load(x_row + cols, mask=cols < V, other=NEG, eviction_policy="evict_last")
+                xn = tl.load(x_row + cols, mask=cols < V, other=NEG, eviction_policy=EV_KEEP)
             for start in range(0, V, BLOCK):
                 offs = start + cols
                 if PREFETCH:
                     z = xn
                     nxt = offs + BLOCK
-                    xn = tl.load(x_row + nxt, mask=nxt < V, other=NEG, eviction_policy="evict_last")
+                    xn = tl.load(x_row + nxt, mask=nxt < V, other=NEG, eviction_policy=EV_KEEP)
                 else:
-                    z = tl.load(x_row + offs, mask=offs < V, other=NEG, eviction_policy="evict_last")
+                    z = tl.load(x_row + offs, mask=offs < V, other=NEG, eviction_policy=EV_KEEP)
                 z = z.to(ACC)
                 if HAS_TEMP:
                     z = z * inv_temp
@@ -84,7 +85,7 @@ def _softmax_fwd_kernel(X, OUT, LSE, stride_x, stride_o, N, V, it_hi, it_lo,
             o_row = OUT + row * stride_o
             if SINGLE:
                 if MODE == 0:
-                    scale = tl.where(M == float("inf"), float("nan"), 1.0 / (1.0 + T))
+                    scale = tl.where(M == float("inf"), float("nan"), _div(1.0 + 0.0 * T, 1.0 + T, IS_F64))
                     out = e * scale
                 else:
                     out = tl.where(M == NEG, NEG, (z - Ms) - r)
@@ -93,16 +94,16 @@ def _softmax_fwd_kernel(X, OUT, LSE, stride_x, stride_o, N, V, it_hi, it_lo,
                 nb = tl.cdiv(V, BLOCK)
                 if PREFETCH:
                     last = (nb - 1) * BLOCK + cols
-                    xn = tl.load(x_row + last, mask=last < V, other=0.0, eviction_policy="evict_first")
+                    xn = tl.load(x_row + last, mask=last < V, other=0.0, eviction_policy=EV_DROP)
                 for k in range(0, nb):
                     offs = (nb - 1 - k) * BLOCK + cols
                     mask = offs < V
                     if PREFETCH:
                         z = xn
                         prv = offs - BLOCK
-                        xn = tl.load(x_row + prv, mask=prv >= 0, other=0.0, eviction_policy="evict_first")
+                        xn = tl.load(x_row + prv, mask=prv >= 0, other=0.0, eviction_policy=EV_DROP)
                     else:
-                        z = tl.load(x_row + offs, mask=mask, other=0.0, eviction_policy="evict_first")
+                        z = tl.load(x_row + offs, mask=mask, other=0.0, eviction_policy=EV_DROP)
                     z = z.to(ACC)
                     if HAS_TEMP:
                         z = z * inv_temp
@@ -111,13 +112,14 @@ def _softmax_fwd_kernel(X, OUT, LSE, stride_x, stride_o, N, V, it_hi, it_lo,
                     else:
                         out = tl.where(M == NEG, NEG, (z - Ms) - r)
                     tl.store(o_row + offs, out.to(OUT.dtype.element_ty), mask=mask,
-                             eviction_policy="evict_first")
+                             eviction_policy=EV_DROP)
 
 
 @triton.jit
 def _softmax_bwd_kernel(Y, DY, OUT, stride_y, stride_dy, stride_o, N, V,
                         LOG: tl.constexpr, IS_F64: tl.constexpr, SINGLE: tl.constexpr,
-                        BLOCK: tl.constexpr, PREFETCH: tl.constexpr):
+                        BLOCK: tl.constexpr, PREFETCH: tl.constexpr,
+                        EV_KEEP: tl.constexpr, EV_DROP: tl.constexpr):
     if IS_F64:
         ACC: tl.constexpr = tl.float64
     else:
@@ -144,34 +146,34 @@ def _softmax_bwd_kernel(Y, DY, OUT, stride_y, stride_dy, stride_o, N, V,
         else:
             acc = tl.zeros([BLOCK], ACC)
             if PREFETCH:
-                dn = tl.load(d_row + cols, mask=cols < V, other=0.0, eviction_policy="evict_last")
+                dn = tl.load(d_row + cols, mask=cols < V, other=0.0, eviction_policy=EV_KEEP)
                 if not LOG:
-                    yn = tl.load(y_row + cols, mask=cols < V, other=0.0, eviction_policy="evict_last")
+                    yn = tl.load(y_row + cols, mask=cols < V, other=0.0, eviction_policy=EV_KEEP)
             for start in range(0, V, BLOCK):
                 offs = start + cols
                 mask = offs < V
                 nxt = offs + BLOCK
                 if PREFETCH:
                     dy = dn
-                    dn = tl.load(d_row + nxt, mask=nxt < V, other=0.0, eviction_policy="evict_last")
+                    dn = tl.load(d_row + nxt, mask=nxt < V, other=0.0, eviction_policy=EV_KEEP)
                 else:
-                    dy = tl.load(d_row + offs, mask=mask, other=0.0, eviction_policy="evict_last")
+                    dy = tl.load(d_row + offs, mask=mask, other=0.0, eviction_policy=EV_KEEP)
                 dy = dy.to(ACC)
                 if LOG:
                     acc += dy
                 else:
                     if PREFETCH:
                         y = yn
-                        yn = tl.load(y_row + nxt, mask=nxt < V, other=0.0, eviction_policy="evict_last")
+                        yn = tl.load(y_row + nxt, mask=nxt < V, other=0.0, eviction_policy=EV_KEEP)
                     else:
-                        y = tl.load(y_row + offs, mask=mask, other=0.0, eviction_policy="evict_last")
+                        y = tl.load(y_row + offs, mask=mask, other=0.0, eviction_policy=EV_KEEP)
                     acc += y.to(ACC) * dy
             s = tl.sum(acc, axis=0)
             nb = tl.cdiv(V, BLOCK)
             if PREFETCH:
                 last = (nb - 1) * BLOCK + cols
-                yn = tl.load(y_row + last, mask=last < V, other=0.0, eviction_policy="evict_first")
-                dn = tl.load(d_row + last, mask=last < V, other=0.0, eviction_policy="evict_first")
+                yn = tl.load(y_row + last, mask=last < V, other=0.0, eviction_policy=EV_DROP)
+                dn = tl.load(d_row + last, mask=last < V, other=0.0, eviction_policy=EV_DROP)
             for k in range(0, nb):
                 offs = (nb - 1 - k) * BLOCK + cols
                 mask = offs < V
@@ -179,18 +181,18 @@ def _softmax_bwd_kernel(Y, DY, OUT, stride_y, stride_dy, stride_o, N, V,
                     y = yn
                     dy = dn
                     prv = offs - BLOCK
-                    yn = tl.load(y_row + prv, mask=prv >= 0, other=0.0, eviction_policy="evict_first")
-                    dn = tl.load(d_row + prv, mask=prv >= 0, other=0.0, eviction_policy="evict_first")
+                    yn = tl.load(y_row + prv, mask=prv >= 0, other=0.0, eviction_policy=EV_DROP)
+                    dn = tl.load(d_row + prv, mask=prv >= 0, other=0.0, eviction_policy=EV_DROP)
                 else:
-                    y = tl.load(y_row + offs, mask=mask, other=0.0, eviction_policy="evict_first")
-                    dy = tl.load(d_row + offs, mask=mask, other=0.0, eviction_policy="evict_first")
+                    y = tl.load(y_row + offs, mask=mask, other=0.0, eviction_policy=EV_DROP)
+                    dy = tl.load(d_row + offs, mask=mask, other=0.0, eviction_policy=EV_DROP)
                 y = y.to(ACC)
                 dy = dy.to(ACC)
                 if LOG:
                     out = dy - _exp(y, IS_F64) * s
                 else:
                     out = y * (dy - s)
-                tl.store(o_row + offs, out.to(OUT.dtype.element_ty), mask=mask, eviction_policy="evict_first")
+                tl.store(o_row + offs, out.to(OUT.dtype.element_ty), mask=mask, eviction_policy=EV_DROP)
 
 
 def _check_temperature(temperature) -> float:
@@ -217,7 +219,7 @@ def _forward(x, temperature, out, mode):
         _softmax_fwd_kernel[(_grid(N, single, x.device),)](
             x, o, lse, x.stride(0), o.stride(0), N, V, *split64(1.0 / t),
             MODE=mode, HAS_TEMP=t != 1.0, IS_F64=x.dtype == torch.float64, SINGLE=single,
-            BLOCK=block, PREFETCH=_prefetch(), num_warps=warps)
+            BLOCK=block, PREFETCH=_prefetch(), **_hints(), num_warps=warps)
     elif mode == _LOGSUMEXP:
         res.fill_(float("-inf"))  # log of an empty sum
     return res
@@ -272,7 +274,7 @@ def _backward(y, dy, out, log):
         _softmax_bwd_kernel[(_grid(N, single, y.device),)](
             y, dy, out, y.stride(0), dy.stride(0), out.stride(0), N, V,
             LOG=log, IS_F64=y.dtype == torch.float64, SINGLE=single, BLOCK=block,
-            PREFETCH=_prefetch(), num_warps=warps)
+            PREFETCH=_prefetch(), **_hints(), num_warps=warps)
     return out
 
 
