@@ -350,3 +350,24 @@ def test_import_is_lazy():
             "import json; print(json.dumps([a, ok, b, c, 'numba' in sys.modules]))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [False, True, False, False, True]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_forked_child_can_use_kernels():
+    # GNU OpenMP aborts a forked child that starts a parallel region after its parent did; the
+    # child must fall back to single-threaded kernels instead of dying.
+    code = (
+        "import numpy as np, multiprocessing as mp\n"
+        "from logitkit.kernels import cpu\n"
+        "x = np.random.default_rng(0).standard_normal((64, 1100)).astype(np.float32)\n"
+        "parent = cpu.softmax_forward(x)\n"
+        "def child(q):\n"
+        "    q.put(cpu.softmax_forward(x))\n"
+        "ctx = mp.get_context('fork')\n"
+        "q = ctx.Queue(); p = ctx.Process(target=child, args=(q,)); p.start()\n"
+        "res = q.get(timeout=120); p.join(30)\n"
+        "assert p.exitcode == 0, p.exitcode\n"
+        "assert np.array_equal(res, parent)\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=200)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

@@ -45,6 +45,35 @@ def available() -> bool:
             and importlib.util.find_spec("llvmlite") is not None)
 
 
+_launched = False   # a parallel kernel has run in this process
+_serial_only = False  # forked from a process whose OpenMP pool is live: stay single-threaded
+
+
+def _after_fork_in_child():
+    global _serial_only
+    if _launched and _mod is not None:
+        import numba
+        try:
+            layer = numba.threading_layer()
+        except ValueError:
+            layer = None
+        if layer == "omp":
+            _serial_only = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _kernel(name):
+    global _launched
+    k = _k()
+    if _serial_only:
+        return k.serial(name)
+    _launched = True
+    return getattr(k, name)
+
+
 def _k():
     global _mod
     if _mod is None:
@@ -240,15 +269,14 @@ def _ce(x, labels, g_ce, g_z, want_grad, weight, ignore_index, label_smoothing, 
             ok = o.target.view(xs.dtype)
         else:  # never written: an (N, 0) array keeps the compiled signature
             ok = np.empty((n, 0), xs.dtype)
-        k = _k()
         nchunk = min(n, _apply_threads(x.size))
         if _direct(xs, cap, temp):
-            k.ce_direct(xk, lab, w, wsum, ii, eps, zl, gce, gz, want_grad, ok,
-                        want_grad and o.inplace, ce, m, r)
+            _kernel("ce_direct")(xk, lab, w, wsum, ii, eps, zl, gce, gz, want_grad, ok,
+                                 want_grad and o.inplace, ce, m, r)
         else:
-            k.ce_buffered(xk, lab, w, wsum, ii, eps, zl, temp, 1.0 if cap is None else cap,
-                          cap is not None, gce, gz, want_grad, ok, ce, m, r,
-                          np.empty(0, acc), nchunk)
+            _kernel("ce_buffered")(xk, lab, w, wsum, ii, eps, zl, temp,
+                                   1.0 if cap is None else cap, cap is not None, gce, gz,
+                                   want_grad, ok, ce, m, r, np.empty(0, acc), nchunk)
     if want_grad:
         return ce, m, r, o.finish()
     return ce, m, r
@@ -311,11 +339,10 @@ def ce_backward(x, labels, m, r, g_ce, g_z, *, weight=None, ignore_index=-100,
     o = _Out(x, out)
     if n:
         xk = xs if xs.flags.c_contiguous else np.ascontiguousarray(xs)
-        k = _k()
         nchunk = min(n, _apply_threads(x.size))
-        k.ce_backward(xk, lab, mm, rr, gce, gz, w, wsum, ii, eps, zl, temp,
-                      1.0 if cap is None else cap, cap is not None, o.target.view(xs.dtype),
-                      o.inplace, np.empty(0, acc), nchunk)
+        _kernel("ce_backward")(xk, lab, mm, rr, gce, gz, w, wsum, ii, eps, zl, temp,
+                               1.0 if cap is None else cap, cap is not None,
+                               o.target.view(xs.dtype), o.inplace, np.empty(0, acc), nchunk)
     return o.finish()
 
 
@@ -335,13 +362,12 @@ def _softmax_family(x, mode, temperature, softcap, out):
     if n:
         xk = xs if xs.flags.c_contiguous else np.ascontiguousarray(xs)
         ok = o.target.view(xs.dtype) if o is not None else np.empty((n, 0), xs.dtype)
-        k = _k()
         nchunk = min(n, _apply_threads(x.size))
         if _direct(xs, cap, t):
-            k.softmax_direct(xk, mode, ok, o is not None and o.inplace, m, r)
+            _kernel("softmax_direct")(xk, mode, ok, o is not None and o.inplace, m, r)
         else:
-            k.softmax_buffered(xk, mode, t, 1.0 if cap is None else cap, cap is not None,
-                               ok, m, r, np.empty(0, acc), nchunk)
+            _kernel("softmax_buffered")(xk, mode, t, 1.0 if cap is None else cap,
+                                        cap is not None, ok, m, r, np.empty(0, acc), nchunk)
     if mode == 2:
         with np.errstate(invalid="ignore"):
             return (m.astype(np.float64) + r).astype(acc)
@@ -404,9 +430,8 @@ def _backward(y, dy, out, log):
         target = np.empty(y.shape, y.dtype)
     n = y.shape[0]
     if n:
-        k = _k()
         _apply_threads(y.size)
-        k.softmax_bwd(_contig(ys), _contig(ds), target.view(ys.dtype), log, alias)
+        _kernel("softmax_bwd")(_contig(ys), _contig(ds), target.view(ys.dtype), log, alias)
     if out is not None and target is not out:
         np.copyto(out, target)
         return out

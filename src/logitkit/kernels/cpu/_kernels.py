@@ -647,3 +647,22 @@ def softmax_bwd(y, dy, out, log, alias):
                 _sm_bwd_dy(yr, orow, d)
             else:
                 _sm_bwd(yr, dr, orow, d)
+
+
+# ----------------------------------------------------------------------------- fork safety
+# GNU OpenMP (numba's "omp" threading layer here) aborts a forked child that launches a parallel
+# region after its parent did.  Such a child gets the same kernels compiled without parallel=True
+# (prange runs as range); they are not cached on disk, so that they never mix with the parallel
+# entries of the same functions.
+_serial = {}
+
+
+def serial(name):
+    """The kernel ``name`` compiled single-threaded (for forked children of an OpenMP parent)."""
+    fn = _serial.get(name)
+    if fn is None:
+        from numba import njit
+
+        from ._intrinsics import EXACT
+        fn = _serial[name] = njit(fastmath=EXACT)(globals()[name].py_func)
+    return fn
