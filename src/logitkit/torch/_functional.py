@@ -58,7 +58,7 @@ def ce_lastdim(x: Tensor, y: Tensor, *, kind: str, out_shape: tuple, weight: Opt
     (``y`` floating, ``x``'s shape). ``out_shape`` is the shape of a ``"none"`` loss and of lse.
     """
     C = x.shape[-1]
-    x2d = x.reshape(-1, C)
+    x2d = x if x.ndim == 2 else x.reshape(-1, C)  # no extra view node for the common 2-D case
     out_dtype = _loss_dtype(x)
     eps, zl, T = float(label_smoothing), float(z_loss), float(temperature)
     cap = None if softcap is None else float(softcap)
