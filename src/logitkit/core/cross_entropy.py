@@ -130,10 +130,15 @@ def ce_backward(xp: Any, x: Any, labels: Any, m: Any, r: Any, g_ce: Any, g_z: An
     z = transform(xp, xp.astype(x, acc), softcap, temperature)
     p = _softmax_from_stats(xp, z, m, r)
     w, W = _class_weights(xp, weight, acc, V)
-    valid, bad, lab, _, wy = _label_parts(xp, z, labels, ignore_index, w)
+    valid, bad, lab, zy, wy = _label_parts(xp, z, labels, ignore_index, w)
     onehot = _iota(xp, V, x) == lab
+    # p_y - 1 as expm1((z_y - m) - r): on a confident row p_y rounds to 1 and the difference
+    # (~1e-13) would be lost; this keeps it to full relative accuracy. A fully masked row has
+    # p = 0, so its label entry is -1.
+    me, re = xp.expand_dims(m, -1), xp.expand_dims(r, -1)
+    py_m1 = xp.where(me == -math.inf, -1.0, xp.expm1((zy - xp.where(me == -math.inf, 0.0, me)) - re))
     gce = xp.expand_dims(xp.astype(g_ce, acc), -1)
-    dz = gce * ((1.0 - label_smoothing) * wy) * (p - xp.astype(onehot, acc))
+    dz = gce * ((1.0 - label_smoothing) * wy) * xp.where(onehot, py_m1, p)
     if label_smoothing > 0.0:
         dz = dz + gce * (label_smoothing / V) * (W * p - (1.0 if w is None else w))
     if z_loss != 0.0:

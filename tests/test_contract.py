@@ -1,0 +1,343 @@
+"""The numerical contract of DESIGN.md, against mpmath (extreme rows) and float64 NumPy.
+
+- float32 per-row loss: relative error ≤ 2^-21 against the exact value, including the confident
+  row (loss ≈ 2.2e-13, where PyTorch and optax return 0) and the 1e4-offset row.
+- float16 / bfloat16: accumulate in float32, so the result is within an ulp of the exact value.
+- -inf is masking and never gives NaN; an ignored fully masked row gives loss 0 and gradient 0.
+- NaN or +inf in a row gives NaN for that row only.
+- Gradients: softmax − target at the same accuracy.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import logitkit as lk
+from logitkit import reference as R
+from lk_helpers import EPS, LIBS, need, rel_err, to_lib, to_np
+
+mpmath = pytest.importorskip("mpmath")
+
+V = 32000
+BOUND = 2.0 ** -21
+
+
+def _case_rows():
+    """Rows of the contract, class axis last; labels chosen per row."""
+    rng = np.random.default_rng(2024)
+    confident = rng.standard_normal(V).astype(np.float32)
+    confident[11] = 40.0                                  # the issue's confident row
+    offset = (1e4 + rng.standard_normal(V)).astype(np.float32)
+    wide = (rng.standard_normal(V) * 30).astype(np.float32)
+    unit = rng.standard_normal(V).astype(np.float32)
+    tiny_gap = np.zeros(V, np.float32)
+    tiny_gap[3] = 1e-3                                    # nearly uniform: loss ≈ log V
+    neg = (-5e3 + rng.standard_normal(V) * 3).astype(np.float32)
+    x = np.stack([confident, offset, wide, unit, tiny_gap, neg])
+    y = np.array([11, int(np.argmax(offset)), 5, 17, 3, int(np.argmin(neg))])
+    return x, y
+
+
+def _grad_mp(row, label):
+    """Exact gradient of lse(row) − row[label] (each entry correctly rounded to float64)."""
+    with mpmath.workdps(40):
+        lse = R.row_lse_mp(row, 40)
+        g = np.array([float(mpmath.exp(mpmath.mpf(float(v)) - lse)) for v in row])
+        g[label] = float(mpmath.exp(mpmath.mpf(float(row[label])) - lse) - 1)
+    return g
+
+
+def _assert_grad_close(g, want, x):
+    """Each entry within 2^-21 relative, plus the rounding of exp's float32 argument
+    (|z − m − r|·2^-24 relative) and float32's subnormal range (entries below 2^-126 lose bits)."""
+    x64 = x.astype(np.float64)
+    # |(z − m) − r|: the size of exp's argument, whose rounding exp turns into relative error.
+    arg = np.abs(x64 - x64.max(-1, keepdims=True)) + (R.logsumexp64(x64) - x64.max(-1))[:, None]
+    tol = np.abs(want) * (BOUND + 2.0 ** -23 * arg) + 2.0 ** -126
+    err = np.abs(np.asarray(g, np.float64) - want)
+    bad = ~(err <= tol)
+    if bad.any():
+        i, j = np.unravel_index(np.argmax(np.where(bad, err / tol, 0)), err.shape)
+        raise AssertionError(f"{bad.sum()} gradient entries off; worst at {(i, j)}: got {g[i, j]!r}, "
+                             f"exact {want[i, j]!r}, tolerance {tol[i, j]:.3g}")
+
+
+@pytest.fixture(scope="module")
+def cases():
+    x, y = _case_rows()
+    loss = np.array([R.row_loss_mp(x[i], y[i]) for i in range(len(x))])
+    return x, y, loss
+
+
+def test_oracle_confident_row_is_the_issue_case(cases):
+    x, y, loss = cases
+    assert 1e-13 < loss[0] < 1e-12  # ≈ 2.2e-13
+    assert loss[1] > 1.0
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_float32_row_loss_within_2_pow_minus_21(lib, cases, kernels):
+    if lib != "numpy" and kernels == "core":
+        pytest.skip("the registry choice only matters for NumPy arrays")
+    x, y, exact = cases
+    xl, yl = to_lib(lib, x), to_lib(lib, y)
+    outs = {
+        "cross_entropy": lk.cross_entropy(xl, yl, reduction="none"),
+        "with_grad": lk.cross_entropy_with_grad(xl, yl, reduction="none")[0],
+        "sparse": lk.sparse_softmax_cross_entropy_with_logits(labels=yl, logits=xl),
+        "token_logprobs": -lk.token_logprobs(xl, yl),
+    }
+    for name, got in outs.items():
+        err = rel_err(to_np(got), exact)
+        assert err.max() <= BOUND, f"{name}: relative errors {err} exceed 2^-21"
+    # The confident row alone, with the mean: still exact, never 0.
+    single = float(to_np(lk.cross_entropy(to_lib(lib, x[:1]), to_lib(lib, y[:1]))))
+    assert rel_err(single, exact[0]) <= BOUND
+
+
+def test_float32_dense_labels_confident_row(cases):
+    """TF-style probability labels on the confident row keep the same accuracy."""
+    x, y, exact = cases
+    onehot = np.zeros((2, V), np.float32)
+    onehot[0, y[0]] = onehot[1, y[1]] = 1.0
+    got = lk.softmax_cross_entropy_with_logits(labels=onehot, logits=x[:2])
+    assert rel_err(got, exact[:2]).max() <= BOUND
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_float32_gradient_accuracy(lib, cases, kernels):
+    """Each gradient entry within 2^-21 relative, plus the rounding of exp's float32 argument."""
+    if lib != "numpy" and kernels == "core":
+        pytest.skip("the registry choice only matters for NumPy arrays")
+    x, y, _ = cases
+    _, g = lk.cross_entropy_with_grad(to_lib(lib, x), to_lib(lib, y), reduction="none")
+    g = to_np(g)
+    want = R.cross_entropy_grad64(x, y, reduction="none")
+    want[0] = _grad_mp(x[0], y[0])  # float64 itself loses p_y − 1 ≈ −2.2e-13 on this row
+    _assert_grad_close(g, want, x)
+    assert g[0, y[0]] < 0  # the confident label's gradient is not rounded to 0
+
+
+@pytest.mark.parametrize("lib", ["torch", "jax"])
+def test_float32_autograd_gradient_accuracy(lib, cases):
+    x, y, _ = cases
+    x, y = x[:2], y[:2]
+    if lib == "torch":
+        tx = to_lib(lib, x, requires_grad=True)
+        lk.cross_entropy(tx, to_lib(lib, y), reduction="sum").backward()
+        g = to_np(tx.grad)
+    else:
+        import jax
+
+        g = to_np(jax.grad(lambda a: lk.cross_entropy(a, to_lib(lib, y), reduction="sum"))(to_lib(lib, x)))
+    want = np.stack([_grad_mp(x[0], y[0]), R.cross_entropy_grad64(x[1:], y[1:], reduction="sum")[0]])
+    _assert_grad_close(g, want, x)
+
+
+# ----------------------------------------------------------------------------------------------
+# -inf: masking, never NaN
+
+
+def _no_warnings():
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.simplefilter("error", RuntimeWarning)
+    return ctx
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_rows_full_of_minus_inf(lib, rng, kernels):
+    if lib != "numpy" and kernels == "core":
+        pytest.skip("the registry choice only matters for NumPy arrays")
+    x = (rng.standard_normal((4, 7)) * 2).astype(np.float32)
+    x[1] = -np.inf
+    x[3] = -np.inf
+    y = np.array([2, -100, 4, 0])  # row 1 masked and ignored, row 3 masked but labelled
+    ctx = _no_warnings()
+    try:
+        xl, yl = to_lib(lib, x), to_lib(lib, y)
+        loss, g = lk.cross_entropy_with_grad(xl, yl, reduction="none")
+        loss, g = to_np(loss), to_np(g)
+        assert not np.isnan(loss).any() and not np.isnan(g).any()
+        assert loss[1] == 0 and not g[1].any()
+        assert loss[3] == np.inf  # the labelled class has probability 0
+        np.testing.assert_allclose(loss[[0, 2]], R.cross_entropy64(x[[0, 2]], y[[0, 2]], reduction="none"),
+                                   rtol=2e-6)
+        # Batch means: the ignored masked row takes no part, with every option on.
+        keep = [0, 2]
+        opts = dict(label_smoothing=0.1, z_loss=1e-3, weight=np.linspace(0.5, 2, 7).astype(np.float32))
+        lo = dict(opts, weight=to_lib(lib, opts["weight"]))
+        yk = y.copy()
+        yk[3] = -100
+        mean, gm = lk.cross_entropy_with_grad(xl, to_lib(lib, yk), **lo)
+        np.testing.assert_allclose(to_np(mean), R.cross_entropy64(x[keep], y[keep], **opts), rtol=2e-6)
+        gm = to_np(gm)
+        assert not np.isnan(gm).any() and not gm[[1, 3]].any()
+        np.testing.assert_allclose(gm[keep], R.cross_entropy_grad64(x[keep], y[keep], **opts),
+                                   rtol=1e-5, atol=1e-8)
+        # The per-row functions agree: zeros / -inf / -inf, no NaN.
+        assert not to_np(lk.softmax(xl))[[1, 3]].any()
+        assert np.all(to_np(lk.log_softmax(xl))[[1, 3]] == -np.inf)
+        assert np.all(to_np(lk.logsumexp(xl))[[1, 3]] == -np.inf)
+        assert np.all(to_np(lk.entropy(xl))[[1, 3]] == 0)
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("lib", ["torch", "jax"])
+def test_minus_inf_autograd_is_finite(lib, rng):
+    """Autograd through -inf entries and a fully masked ignored row: zeros, not NaN."""
+    x = (rng.standard_normal((3, 6)) * 2).astype(np.float32)
+    x[0, [1, 4]] = -np.inf
+    x[2] = -np.inf
+    y = np.array([0, 3, -100])
+    fns = {
+        "ce": lambda a: lk.cross_entropy(a, to_lib(lib, y), label_smoothing=0.0, z_loss=1e-3),
+        "lse": lambda a: lk.logsumexp(a).sum(),
+        "log_softmax": lambda a: lk.log_softmax(a)[:2, 0].sum(),
+        "softmax": lambda a: lk.softmax(a)[:, 2].sum(),
+        "entropy": lambda a: lk.entropy(a).sum(),
+        "token_logprobs": lambda a: lk.token_logprobs(a, to_lib(lib, y)).sum(),
+    }
+    for name, f in fns.items():
+        if lib == "torch":
+            tx = to_lib(lib, x, requires_grad=True)
+            f(tx).backward()
+            g = to_np(tx.grad)
+        else:
+            import jax
+
+            g = to_np(jax.grad(f)(to_lib(lib, x)))
+        assert np.isfinite(g).all(), name
+        assert not g[np.isneginf(x)].any(), name
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_minus_inf_entries_equal_dropping_them(lib, rng):
+    x = (rng.standard_normal((5, 9)) * 3).astype(np.float32)
+    mask = rng.random((5, 9)) < 0.4
+    mask[:, 0] = False
+    xm = np.where(mask, -np.inf, x).astype(np.float32)
+    y = np.zeros(5, np.int64)
+    loss, g = lk.cross_entropy_with_grad(to_lib(lib, xm), to_lib(lib, y), reduction="none")
+    loss, g = to_np(loss), to_np(g)
+    for i in range(5):
+        keep = ~mask[i]
+        np.testing.assert_allclose(loss[i], R.cross_entropy64(x[i][keep][None], y[:1], reduction="none")[0],
+                                   rtol=2e-6)
+        np.testing.assert_allclose(g[i][keep], R.cross_entropy_grad64(x[i][keep][None], y[:1],
+                                                                      reduction="none")[0], rtol=1e-5, atol=1e-8)
+        assert not g[i][mask[i]].any()
+
+
+# ----------------------------------------------------------------------------------------------
+# NaN / +inf: that row only
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_nan_and_plus_inf_poison_only_their_row(lib, rng, kernels):
+    if lib != "numpy" and kernels == "core":
+        pytest.skip("the registry choice only matters for NumPy arrays")
+    x = (rng.standard_normal((5, 8)) * 2).astype(np.float32)
+    x[1, 3] = np.nan
+    x[3, 6] = np.inf
+    y = np.array([1, 2, 3, 4, 5])
+    good = [0, 2, 4]
+    ctx = _no_warnings()
+    try:
+        xl, yl = to_lib(lib, x), to_lib(lib, y)
+        for opts in ({}, {"label_smoothing": 0.2, "z_loss": 1e-3}, {"softcap": 5.0}):
+            loss, g = lk.cross_entropy_with_grad(xl, yl, reduction="none", **opts)
+            loss, g = to_np(loss), to_np(g)
+            # softcap maps +inf to the finite cap c (the capped model's logit), so only NaN
+            # still poisons its row then.
+            poisoned = [1] if "softcap" in opts else [1, 3]
+            good = [i for i in range(5) if i not in poisoned]
+            assert np.isnan(loss[poisoned]).all() and np.isnan(g[poisoned]).all(), opts
+            np.testing.assert_allclose(loss[good], R.cross_entropy64(x[good], y[good], reduction="none",
+                                                                     **opts), rtol=2e-6)
+            np.testing.assert_allclose(g[good], R.cross_entropy_grad64(x[good], y[good], reduction="none",
+                                                                       **opts), rtol=1e-5, atol=1e-8)
+            np.testing.assert_allclose(to_np(lk.cross_entropy(xl, yl, reduction="none", **opts)), loss,
+                                       rtol=1e-6)
+        good = [0, 2, 4]
+        sm = to_np(lk.softmax(xl))
+        assert np.isnan(sm[[1, 3]]).all()
+        np.testing.assert_allclose(sm[good], R.softmax64(x[good]), rtol=1e-6)
+        lse = to_np(lk.logsumexp(xl))
+        assert np.isnan(lse[1]) and lse[3] == np.inf  # +inf without NaN: +inf (scipy's convention)
+        np.testing.assert_allclose(lse[good], R.logsumexp64(x[good]), rtol=1e-6)
+        ent = to_np(lk.entropy(xl))
+        assert np.isnan(ent[[1, 3]]).all() and np.isfinite(ent[good]).all()
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("lib", ["torch", "jax"])
+def test_nan_row_autograd_stays_in_its_row(lib, rng):
+    x = (rng.standard_normal((3, 5)) * 2).astype(np.float32)
+    x[1, 2] = np.nan
+    y = np.array([0, 1, 2])
+    f = lambda a: lk.cross_entropy(a, to_lib(lib, y), reduction="none")[np.array([0, 2])].sum()
+    if lib == "torch":
+        tx = to_lib(lib, x, requires_grad=True)
+        f(tx).backward()
+        g = to_np(tx.grad)
+    else:
+        import jax
+
+        g = to_np(jax.grad(f)(to_lib(lib, x)))
+    np.testing.assert_allclose(g[[0, 2]], R.cross_entropy_grad64(x[[0, 2]], y[[0, 2]], reduction="sum"),
+                               rtol=1e-5, atol=1e-8)
+    assert not np.isnan(g[[0, 2]]).any()
+
+
+# ----------------------------------------------------------------------------------------------
+# float16 / bfloat16
+
+
+@pytest.mark.parametrize("lib", LIBS)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_inputs(lib, dtype, rng, kernels):
+    """Loss and gradient within one ulp of the exact values for the rounded inputs."""
+    if lib != "numpy" and kernels == "core":
+        pytest.skip("the registry choice only matters for NumPy arrays")
+    eps = EPS[dtype]
+    x = (rng.standard_normal((8, 300)) * 3).astype(np.float32)
+    x[0, 5] = 30.0 if dtype == "bfloat16" else 12.0   # confident (float16 keeps the loss normal)
+    x[1] += 200.0                                     # a common offset
+    y = rng.integers(0, 300, 8)
+    y[0] = 5
+    xl = to_lib(lib, x, dtype)
+    xr = to_np(xl)  # the rounded inputs, exactly, in float64
+    yl = to_lib(lib, y)
+    exact = np.array([R.row_loss_mp(xr[i], y[i]) for i in range(8)])
+    loss, g = lk.cross_entropy_with_grad(xl, yl, reduction="none")
+    assert str(loss.dtype).endswith(dtype) and str(g.dtype).endswith(dtype)
+    assert rel_err(to_np(loss), exact).max() <= eps
+    assert rel_err(to_np(lk.cross_entropy(xl, yl, reduction="none")), exact).max() <= eps
+    mean = float(to_np(lk.cross_entropy(xl, yl)))
+    assert abs(mean - exact.mean()) <= eps * exact.mean()
+    want_g = R.cross_entropy_grad64(xr, y, reduction="none")
+    tiny = 2.0 ** -24 if dtype == "float16" else 0.0  # float16's smallest subnormal
+    assert (np.abs(to_np(g) - want_g) <= eps * np.abs(want_g) + tiny).all()
+    # softmax / log_softmax / logsumexp: an ulp too.
+    np.testing.assert_allclose(to_np(lk.softmax(xl)), R.softmax64(xr), rtol=eps, atol=tiny)
+    np.testing.assert_allclose(to_np(lk.log_softmax(xl)), R.log_softmax64(xr), rtol=eps)
+    np.testing.assert_allclose(to_np(lk.logsumexp(xl)), R.logsumexp64(xr), rtol=eps)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_torch_autograd(dtype, rng):
+    torch = need("torch")
+    x = (rng.standard_normal((4, 50)) * 3).astype(np.float32)
+    y = rng.integers(0, 50, 4)
+    tx = to_lib("torch", x, dtype, requires_grad=True)
+    lk.cross_entropy(tx, to_lib("torch", y), reduction="sum").backward()
+    assert tx.grad.dtype == getattr(torch, dtype)
+    want = R.cross_entropy_grad64(to_np(tx), y, reduction="sum")
+    tiny = 2.0 ** -24 if dtype == "float16" else 0.0
+    assert (np.abs(to_np(tx.grad) - want) <= 2 * EPS[dtype] * np.abs(want) + tiny).all()
