@@ -109,7 +109,8 @@ def _run_case(case, rank, dist, log):
     b = torch.tensor(case["b"][s:e]).to(dtype).requires_grad_()
     del log[:]
     loss = vocab_parallel_linear_cross_entropy(h, w, y, local_bias=b, vocab_start=start,
-                                               chunk_size=case["chunk"], **opts)
+                                               chunk_size=case["chunk"],
+                                               reduce_hidden_grad=case.get("reduce_hidden_grad", True), **opts)
     out["fwd"] = list(log)
     del log[:]
     loss.sum().backward()

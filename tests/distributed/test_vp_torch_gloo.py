@@ -66,14 +66,16 @@ def _cases(world):
     cases.append({"kind": "logits", "x": x, "y": _labels(rng, eq), "bounds": eq, "dtype": "float64",
                   "equal": True, "opts": {"label_smoothing": 0.1}})
     H = 6
-    for o, chunk in (({}, 5), ({"label_smoothing": 0.2, "weight": True, "z_loss": 1e-3, "softcap": 5.0}, 4),
-                     ({"reduction": "none", "temperature": 2.0}, 64)):
+    for o, chunk, reduce_dh in (({}, 5, True),
+                                ({"label_smoothing": 0.2, "weight": True, "z_loss": 1e-3, "softcap": 5.0}, 4, True),
+                                ({"reduction": "none", "temperature": 2.0}, 64, True),
+                                ({"label_smoothing": 0.1}, 7, False)):
         o = dict(o)
         if o.get("weight"):
             o["weight"] = rng.uniform(0.2, 2.0, V)
         cases.append({"kind": "linear", "h": rng.normal(size=(N, H)), "w": rng.normal(size=(V, H)),
                       "b": rng.normal(size=V), "y": _labels(rng, bounds), "bounds": bounds, "opts": o,
-                      "dtype": "float64", "chunk": chunk})
+                      "dtype": "float64", "chunk": chunk, "reduce_hidden_grad": reduce_dh})
     # error cases: every rank must raise the same error, none may hang
     x = rng.normal(size=(N, V))
     cases.append({"kind": "error", "x": x, "y": _labels(rng, bounds), "bounds": bounds, "opts": {}, "equal": True})
@@ -153,7 +155,7 @@ def test_collectives_per_forward_and_backward(run):
             out = results[rank][i]
             assert out["fwd"] == [("all_reduce", "MAX", N + 4, (N + 4) * item),
                                   ("all_reduce", "SUM", k * N + 1, (k * N + 1) * item)], (i, out["fwd"])
-            if case["kind"] == "logits":
+            if case["kind"] == "logits" or not case["reduce_hidden_grad"]:
                 assert out["bwd"] == []  # backward needs no communication
             else:  # the linear head all-reduces d loss / d hidden once
                 assert out["bwd"] == [("all_reduce", "SUM", N * 6, N * 6 * 8)]
@@ -171,7 +173,10 @@ def test_linear_head_parity(run):
             s, e = case["bounds"][rank]
             out = results[rank][i]
             np.testing.assert_allclose(out["loss"], ref, rtol=1e-12, atol=1e-14)
-            np.testing.assert_allclose(out["dh"], g @ case["w"], rtol=1e-10, atol=1e-13)  # full, all-reduced
+            if case["reduce_hidden_grad"]:  # the full gradient, all-reduced
+                np.testing.assert_allclose(out["dh"], g @ case["w"], rtol=1e-10, atol=1e-13)
+            else:  # this rank's part; the parts sum to the full gradient
+                np.testing.assert_allclose(out["dh"], g[:, s:e] @ case["w"][s:e], rtol=1e-10, atol=1e-13)
             np.testing.assert_allclose(out["dw"], g[:, s:e].T @ case["h"], rtol=1e-10, atol=1e-13)
             np.testing.assert_allclose(out["db"], g[:, s:e].sum(0), rtol=1e-10, atol=1e-13)
 

@@ -9,9 +9,10 @@ Each of ``P`` ranks holds the logits of the same ``N`` tokens for a contiguous s
 
 Forward, per rank (no logits leave the rank):
 
-1. :func:`local_partials`: over the local slice, ``m_loc``, ``t_loc = Σ_{z≠m_loc} exp(z − m_loc)``,
-   ``c_loc = #{z = m_loc}``, the label logit ``z_y`` (only the rank that owns ``y``), and with
-   smoothing ``s_loc = Σ_c w_c (m_loc − z_c)``.
+1. :func:`local_partials`: over the local slice, ``m_loc`` and ``t_loc``, the sum of
+   ``exp(z − m_loc)`` over every entry but one maximal one (whose term is exactly 1; ties stay
+   in as exact ones), ``c_loc = 1`` (0 for an empty or all ``−inf`` slice), the label logit
+   ``z_y`` (only on the rank that owns ``y``), and with smoothing ``s_loc = Σ_c w_c (m_loc − z_c)``.
 2. ``all_reduce_max`` of ``m_loc`` (N scalars, plus a 3-scalar tail for the checks below).
 3. :func:`global_slots`: rescale to the global ``m`` with O(N) work — the rank that holds the
    maximum keeps ``(t_loc, c_loc)``, the others send ``exp(m_loc − m)·(t_loc + c_loc)``; the owner
@@ -19,13 +20,13 @@ Forward, per rank (no logits leave the rank):
    terms, so a common offset of 1e4 cancels nothing).
 4. ``all_reduce_sum`` of the stacked ``(k, N)`` slots, ``k = 3`` (4 with smoothing), plus a
    1-scalar tail.
-5. :func:`finish`: ``r = log1p(T + (C − 1))``, which is the core's log1p trick across ranks
-   (``C − 1`` is exact, so a confident row keeps its ~1e-13 loss), then the row losses.
+5. :func:`finish`: ``r = log1p(T + (C − 1))`` with ``C`` the number of ranks holding the maximum:
+   the core's log1p trick across ranks (``C − 1`` is exact, so a confident row keeps its ~1e-13
+   loss wherever its maximum lies, tied across ranks or not), then the row losses.
 
 So a forward pass is exactly one MAX and one SUM all-reduce: ``4·(1 + k)`` bytes per token for
-16/32-bit inputs (scalars are float32; float64 for float64 inputs). The count of maximal logits
-``C`` costs 4 of those bytes; it is what keeps the log1p trick exact when the maximum sits on
-another rank or is tied across ranks. Backward (:func:`local_grad`) needs no communication: every
+16/32-bit inputs (scalars are float32; float64 for float64 inputs). The slot ``C`` costs 4 of
+those bytes; it is what keeps the log1p trick exact when the maximum is tied across ranks. Backward (:func:`local_grad`) needs no communication: every
 rank knows ``m`` and ``r`` and computes ``softmax − target`` on its own slice.
 
 Checks that ride along for free (the tails): the shards must tile the vocabulary
@@ -55,8 +56,8 @@ class Partials(NamedTuple):
     """Local row statistics of one shard, each ``(N, 1)`` in the accumulation dtype."""
 
     m: Any        # local max (−inf for an empty or fully masked shard)
-    t: Any        # Σ exp(z − m_loc) over the non-maximal entries
-    c: Any        # number of entries equal to m_loc (0 when m_loc = −inf)
+    t: Any        # Σ exp(z − m_loc) over every entry but one maximal one
+    c: Any        # 1 where a maximal entry was left out of t (0 when m_loc = −inf)
     zy: Any       # label logit where this rank owns the label, else 0
     own: Any      # bool: this rank owns the (non-ignored) label
     s: Any        # Σ_c w_c·(m_loc − z_c) (None without smoothing)
@@ -295,7 +296,7 @@ def _local_partials(xp, z, labels, start, ignore_index, label_smoothing, weight_
         if col_mask is not None:
             wd = xp.where(col_mask, wd, 0.0)
         s = xp.sum(wd, axis=-1, keepdims=True)
-        w = xp.ones_like(z[0]) if weight_local is None else weight_local
+        w = _zeros(xp, (n,), z.dtype, z) + 1.0 if weight_local is None else weight_local
         if col_mask is not None:
             w = xp.where(col_mask, w, 0.0)
         wsum = xp.sum(w)
@@ -318,7 +319,8 @@ def global_slots(xp: Any, p: Partials, m: Any) -> list:
     """Stage 3: this rank's per-row contributions to the SUM all-reduce, given the global ``m``.
 
     Returns ``[t, c, d]`` (plus ``s`` with smoothing), each ``(N, 1)``: summed over ranks they give
-    ``T = Σ_{z≠m} exp(z − m)``, ``C = #{z = m}``, ``m − z_y`` and ``Σ_c w_c (m − z_c)``.
+    ``T`` and ``C`` with ``T + C = Σ_c exp(z_c − m)`` (``C``: the ranks that hold the maximum,
+    each of which left one term of exactly 1 out of ``T``), ``m − z_y`` and ``Σ_c w_c (m − z_c)``.
     """
     with _quiet(xp):
         keep = p.m == m
@@ -441,7 +443,7 @@ def local_grad(xp: Any, x: Any, labels: Any, m: Any, r: Any, g_ce: Any, g_z: Any
             coef = coef + xp.expand_dims(xp.astype(g_z, acc), -1) * (2.0 * z_loss) * (m2 + r2)
         dz = _mul_(xp, p, coef)
         if eps > 0.0:
-            w = xp.ones_like(z[0]) if weight_local is None else weight_local
+            w = _zeros(xp, (n,), z.dtype, z) + 1.0 if weight_local is None else weight_local
             if col_mask is not None:
                 w = xp.where(col_mask, w, 0.0)
             dz = _submul_(xp, dz, c_smooth, w)

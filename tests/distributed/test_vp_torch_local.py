@@ -1,0 +1,92 @@
+"""The torch bindings in one process (no process group: the collectives are the identity).
+
+Argument errors, shapes and dtypes, and parity with float64 NumPy on the whole vocabulary.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from logitkit.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy  # noqa: E402
+from logitkit.reference import cross_entropy64, cross_entropy_grad64  # noqa: E402
+
+
+def _xy(shape=(3, 5), V=11, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(*shape, V)) * 2
+    y = rng.integers(0, V, shape)
+    return x, y
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6), (torch.bfloat16, 1e-2),
+                                       (torch.float16, 2e-3)])
+def test_batch_dims_dtypes_and_reduction_none(dtype, tol):
+    x, y = _xy()
+    y[0, 1] = -100
+    xt = torch.tensor(x).to(dtype).requires_grad_()
+    loss = vocab_parallel_cross_entropy(xt, torch.tensor(y), reduction="none", label_smoothing=0.1)
+    assert loss.shape == (3, 5) and loss.dtype == dtype
+    (loss * torch.arange(15.0).reshape(3, 5).to(dtype)).sum().backward()
+    xr = xt.detach().double().numpy()
+    ref = cross_entropy64(xr, y, reduction="none", label_smoothing=0.1)
+    np.testing.assert_allclose(loss.detach().double().numpy(), ref, rtol=tol, atol=tol * 1e-2)
+    # d/dx of Σ_i c_i·loss_i: the per-row gradient scaled by c_i
+    g = cross_entropy_grad64(xr.reshape(15, -1), y.reshape(15), reduction="none", label_smoothing=0.1)
+    g = (g * np.arange(15.0)[:, None]).reshape(x.shape)
+    assert xt.grad.dtype == dtype
+    np.testing.assert_allclose(xt.grad.double().numpy(), g, rtol=10 * tol, atol=tol * 1e-1)
+    assert loss[0, 1] == 0 and torch.all(xt.grad[0, 1] == 0)
+
+
+def test_empty_batch():
+    xt = torch.zeros(0, 7, requires_grad=True)
+    loss = vocab_parallel_cross_entropy(xt, torch.zeros(0, dtype=torch.int64))
+    loss.backward()
+    assert loss.item() == 0.0 and xt.grad.shape == (0, 7)
+
+
+def test_argument_errors_name_the_argument():
+    x = torch.zeros(4, 6)
+    y = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(TypeError, match="local_logits: expected a floating dtype"):
+        vocab_parallel_cross_entropy(torch.zeros(4, 6, dtype=torch.int64), y)
+    with pytest.raises(TypeError, match="labels: expected an integer tensor"):
+        vocab_parallel_cross_entropy(x, y.float())
+    with pytest.raises(ValueError, match=r"labels: expected shape \(4,\)"):
+        vocab_parallel_cross_entropy(x, torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        vocab_parallel_cross_entropy(x, y, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="reduction"):
+        vocab_parallel_cross_entropy(x, y, reduction="avg")
+    with pytest.raises(ValueError, match="vocab_start: expected None or an int >= 0"):
+        vocab_parallel_cross_entropy(x, y, vocab_start=-1)
+    with pytest.raises(ValueError, match="group: a process group was given"):
+        vocab_parallel_cross_entropy(x, y, group=object())
+    with pytest.raises(ValueError, match=r"labels: class index 6 at position 2 is out of range \[0, 6\)"):
+        vocab_parallel_cross_entropy(x, torch.tensor([0, 1, 6, 2]))
+    with pytest.raises(ValueError, match=r"weight: expected the global class weights, shape \(6,\)"):
+        vocab_parallel_cross_entropy(x, y, weight=torch.ones(5))
+    with pytest.raises(ValueError, match="vocab_start: the shards do not tile"):
+        vocab_parallel_cross_entropy(x, y, vocab_start=3)  # alone, the classes must start at 0
+    with pytest.raises(ValueError, match=r"local_weight: expected shape \(n, 6\)"):
+        vocab_parallel_linear_cross_entropy(torch.zeros(4, 6), torch.zeros(5, 3), y)
+    with pytest.raises(ValueError, match=r"local_bias: expected shape \(5,\)"):
+        vocab_parallel_linear_cross_entropy(torch.zeros(4, 6), torch.zeros(5, 6), y, local_bias=torch.zeros(4))
+    with pytest.raises(ValueError, match="chunk_size"):
+        vocab_parallel_linear_cross_entropy(torch.zeros(4, 6), torch.zeros(5, 6), y, chunk_size=0)
+
+
+def test_linear_without_hidden_grad_needs_no_collective():
+    rng = np.random.default_rng(3)
+    h = torch.tensor(rng.normal(size=(9, 4)))
+    w = torch.tensor(rng.normal(size=(7, 4)), requires_grad=True)
+    y = torch.tensor(rng.integers(0, 7, 9))
+    loss = vocab_parallel_linear_cross_entropy(h, w, y, chunk_size=2, z_loss=1e-2)
+    loss.backward()
+    logits = h.numpy() @ w.detach().numpy().T
+    np.testing.assert_allclose(loss.item(), cross_entropy64(logits, y.numpy(), z_loss=1e-2), rtol=1e-12)
+    g = cross_entropy_grad64(logits, y.numpy(), z_loss=1e-2)
+    np.testing.assert_allclose(w.grad.numpy(), g.T @ h.numpy(), rtol=1e-10, atol=1e-14)
