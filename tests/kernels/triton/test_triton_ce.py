@@ -249,3 +249,18 @@ def test_strided_rows(blocking):
     ce_w, _, _, dx_w = ce_stage(f64(x), y.numpy(), 1.0, 1.0)
     _close(f64(ce), ce_w, 2e-6, "ce")
     _close(f64(dx), dx_w, 2e-6, "grad")
+
+
+@pytest.mark.parametrize("opt", [{}, {"label_smoothing": 0.1, "softcap": 5.0, "temperature": 0.8}],
+                         ids=["plain", "options"])
+def test_agrees_with_logitkit_reference(blocking, opt):
+    """The package's own float64 oracle (``logitkit.reference``) agrees too (reduction="none")."""
+    reference = pytest.importorskip("logitkit.reference")
+    x = _logits(6, 300, torch.float32, seed=21)
+    y = _labels(6, 300, ignore=(2,))
+    w = torch.linspace(0.5, 2.0, 300)
+    ce, _, _, dx = tk.ce_forward_backward(x, y, torch.ones(6), torch.ones(6), weight=w, **opt)
+    want = reference.cross_entropy64(f64(x), y.numpy(), weight=f64(w), reduction="none", **opt)
+    grad = reference.cross_entropy_grad64(f64(x), y.numpy(), weight=f64(w), reduction="none", **opt)
+    _close(f64(ce), want, 2e-6, "ce")
+    _close(f64(dx), grad, 2e-6, "grad")
