@@ -371,3 +371,58 @@ def test_forked_child_can_use_kernels():
         "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=200)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_vector_exp_and_tanh_accuracy():
+    from numba import njit
+
+    from logitkit.kernels.cpu._kernels import FM, vexp, vexp_neg, vtanh
+
+    @njit(fastmath=FM)
+    def apply(a, o, which):
+        for j in range(a.size):
+            o[j] = vexp(a[j]) if which == 0 else (vexp_neg(a[j]) if which == 1 else vtanh(a[j]))
+
+    for dt in (np.float32, np.float64):
+        eps, tiny = np.finfo(dt).eps, np.finfo(dt).tiny
+        lo, hi = (-120.0, 40.0) if dt == np.float32 else (-800.0, 600.0)
+        a = np.concatenate([np.linspace(lo, hi, 200001), [-np.inf, np.inf, np.nan, 0.0, -0.0]])
+        a = a.astype(dt)
+        exact = np.exp(a.astype(np.longdouble))
+        for which in (0, 1):
+            sel = slice(None) if which == 0 else (a <= 0) | ~np.isfinite(a)
+            o = np.empty_like(a[sel])
+            apply(a[sel], o, which)
+            ex, aa = exact[sel], a[sel]
+            normal = np.isfinite(aa) & (ex > tiny)
+            assert np.all(np.abs(o[normal] - ex[normal]) <= 1.0 * eps * ex[normal])
+            sub = np.isfinite(aa) & (ex <= tiny)
+            assert np.all(np.abs(o[sub] - ex[sub]) <= tiny * eps)  # subnormals rounded once
+            assert o[aa == -np.inf][0] == 0 and np.isnan(o[np.isnan(aa)][0])
+            assert np.all(o[aa == 0] == 1)
+        t = np.concatenate([np.linspace(-25, 25, 100001), np.logspace(-30, 1, 500),
+                            -np.logspace(-30, 1, 500), [np.inf, -np.inf, 1e30, -1e30, 0.0]])
+        t = t.astype(dt)
+        o = np.empty_like(t)
+        apply(t, o, 2)
+        ex = np.tanh(t.astype(np.longdouble))
+        assert np.all(np.abs(o - ex) <= 2 * eps * np.abs(ex))
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=IDS)
+def test_softcap_extreme_logits(dt):
+    # softcap maps +-inf and huge logits to +-cap (finite): the transform comes first
+    big = 6e4 if dt == np.float16 else 1e30
+    x = np.random.default_rng(10).standard_normal((4, 50)).astype(dt)
+    x[0, :3] = [np.inf, -np.inf, big]
+    x[1, 5] = -big
+    x[2, :] = -np.inf
+    x[3, 7] = 300
+    labels = np.array([4, 5, 1, 7])
+    kw = dict(softcap=5.0, label_smoothing=0.1)
+    ce, m, r, g = cpu.ce_forward_backward(x, labels, 1.0, None, **kw)
+    np.testing.assert_allclose(ce, ref.ce(x, labels, **kw), rtol=loss_rtol(dt))
+    np.testing.assert_allclose(m, ref.stats(ref.transform(x, 5.0))[0], rtol=1e-6)
+    assert_grad_close(g, ref.ce_grad(x, labels, 1.0, None, **kw), dt)
+    sm = cpu.softmax_forward(x, softcap=5.0).astype(np.float64)
+    assert np.all(np.isfinite(sm)) and np.allclose(sm.sum(1), 1, atol=1e-2)
