@@ -69,3 +69,43 @@ def test_softmax_through_triton(triton_route, log):
     go = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     torch.testing.assert_close(torch.autograd.grad(ours, x, go)[0], torch.autograd.grad(ref, x, go)[0])
     assert len(triton_route) == 2
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cuda_cross_entropy(dtype, inplace):
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(64, 16, generator=g).to("cuda", dtype).requires_grad_(True)
+    W = torch.randn(3000, 16, generator=g).to("cuda", dtype)
+    y = torch.randint(0, 3000, (64,), generator=g).cuda()
+    y[::7] = -100
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=20.0, temperature=1.1)
+    loss = lt.cross_entropy(h @ W.T, y, inplace_backward=inplace, **kw)
+    assert loss.dtype == dtype
+    h64 = h.detach().double().requires_grad_(True)
+    ref = ref_cross_entropy(h64 @ W.double().T, y, **kw)
+    tol = dict(rtol=2e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(loss.double(), ref, **tol)
+    (gh,) = torch.autograd.grad(loss, h)
+    (gref,) = torch.autograd.grad(ref, h64)
+    torch.testing.assert_close(gh.double(), gref, rtol=tol["rtol"] * 10, atol=tol["atol"] * 10)
+
+
+@cuda
+def test_cuda_softmax_and_autocast():
+    x = torch.randn(32, 5000, device="cuda", requires_grad=True)
+    for log in (False, True):
+        ours = (lt.log_softmax if log else lt.softmax)(x, -1)
+        ref = (F.log_softmax if log else F.softmax)(x, -1)
+        torch.testing.assert_close(ours, ref)
+        go = torch.randn_like(ref)
+        torch.testing.assert_close(torch.autograd.grad(ours, x, go)[0], torch.autograd.grad(ref, x, go)[0])
+    xb = x.detach().to(torch.bfloat16)
+    y = torch.randint(0, 5000, (32,), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert lt.cross_entropy(xb, y).dtype == F.cross_entropy(xb, y).dtype
+        assert lt.softmax(xb, -1).dtype == F.softmax(xb, -1).dtype
