@@ -35,3 +35,19 @@ def test_torchrun_example_two_processes():
     assert proc.returncode == 0, out[-4000:]
     assert out.count("-> matches") == 2, out[-4000:]
     assert "step  0  loss" in out
+
+
+def test_readme_scaling_out_shows_this_example():
+    """The README's "Scaling out" section carries the example verbatim, so the suite runs what users read."""
+    readme = EXAMPLE.parents[1] / "README.md"
+    text = readme.read_text(encoding="utf-8") if readme.exists() else ""
+    start = text.find("## Scaling out")
+    if start < 0:
+        pytest.skip("README.md has no '## Scaling out' section")
+    section = text[start:]
+    nxt = section.find("\n## ", 3)
+    section = section if nxt < 0 else section[:nxt]
+    fence = section.find("```python\n")
+    assert fence >= 0, "the Scaling out section shows no ```python block"
+    block = section[fence + len("```python\n"):section.find("\n```", fence + 10)]
+    assert block.strip() == EXAMPLE.read_text(encoding="utf-8").strip()
