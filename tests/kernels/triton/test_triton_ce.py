@@ -53,7 +53,8 @@ def _close(got, want, rtol, what):
     np.testing.assert_array_equal(np.isinf(got[ok]), np.isinf(want[ok]), err_msg=f"{what}: inf pattern")
     fin = ok & np.isfinite(want)
     err = np.abs(got[fin] - want[fin])
-    assert err.size == 0 or err.max() <= rtol * scale, f"{what}: max error {err.max():.3g} > {rtol:.1g} * {scale:.3g}"
+    assert err.size == 0 or err.max() <= rtol * scale, \
+        f"{what}: max error {err.max():.3g} > {rtol:.1g} * {scale:.3g}"
 
 
 OPTIONS = [

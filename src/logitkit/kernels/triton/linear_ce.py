@@ -279,7 +279,8 @@ def _lce_dz_kernel(Hd, Wt, Bias, CW, WSUM, LABELS, M_IN, R_IN, GCE, GZ, DZ, SKIP
 @triton.jit
 def _lce_dw_kernel(DZ, Hd, DW, DB, SKIP, N, H, vc, c0, stride_dz, stride_h, stride_dw, n_vblk,
                    HAS_BIAS: tl.constexpr, FILTER: tl.constexpr, IEEE: tl.constexpr,
-                   UPCAST: tl.constexpr, IS_F64: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, BM: tl.constexpr):
+                   UPCAST: tl.constexpr, IS_F64: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr,
+                   BM: tl.constexpr):
     """``dW[c0 + v, h] = sum_n dz[n, v] hidden[n, h]`` for one ``BN x BH`` tile (reduction over N)."""
     pid_v = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -393,7 +394,8 @@ def _check(hidden, linear_weight, labels, linear_bias, weight, label_smoothing, 
     if linear_weight.shape[1] != H:
         raise ValueError(f"linear_weight: expected shape (V, {H}), got {tuple(linear_weight.shape)}")
     if linear_weight.dtype != hidden.dtype:
-        raise TypeError(f"linear_weight: expected dtype {hidden.dtype} like hidden, got {linear_weight.dtype}")
+        raise TypeError(f"linear_weight: expected dtype {hidden.dtype} like hidden, "
+                        f"got {linear_weight.dtype}")
     if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError("labels: expected an integer torch.Tensor of class indices")
     if labels.numel() != N:
@@ -552,7 +554,8 @@ def linear_ce_backward(hidden, linear_weight, labels, m, r, g_ce, g_z, linear_bi
         _lce_dw_kernel[(triton.cdiv(width, BN), triton.cdiv(H, BH))](
             dz, hidden, dw, db32 if db32 is not None else dummy, skip, N, H, width, c0,
             dz.stride(0), hidden.stride(0), dw.stride(0), n_vblk,
-            HAS_BIAS=bias is not None, FILTER=filt, IEEE=ieee, UPCAST=_upcast(hidden), IS_F64=is64, BN=BN, BH=BH, BM=BM,
+            HAS_BIAS=bias is not None, FILTER=filt, IEEE=ieee, UPCAST=_upcast(hidden), IS_F64=is64,
+            BN=BN, BH=BH, BM=BM,
             num_warps=warps)
         _lce_dh_kernel[(triton.cdiv(N, BM), triton.cdiv(H, BH))](
             dz, lw, dh_acc, skip, N, H, width, c0, dz.stride(0), lw.stride(0),

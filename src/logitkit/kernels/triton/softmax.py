@@ -262,7 +262,8 @@ def _backward(y, dy, out, log):
     if tuple(dy.shape) != tuple(y.shape) or dy.dtype != y.dtype or dy.device != y.device:
         raise ValueError(f"dy: expected shape {tuple(y.shape)}, dtype {y.dtype} and device {y.device}, "
                          f"got {tuple(dy.shape)}, {dy.dtype} and {dy.device}")
-    if out is not None and y.shape[1] > 1 and (y.stride(1) != 1 or dy.stride(1) != 1) and (out is y or out is dy):
+    strided = y.shape[1] > 1 and (y.stride(1) != 1 or dy.stride(1) != 1)
+    if out is not None and strided and (out is y or out is dy):
         raise ValueError("out: in-place needs a contiguous class axis")
     y, out = _rows(y, out)
     dy, _ = _rows(dy, None)
