@@ -137,6 +137,26 @@ def test_float32_autograd_gradient_accuracy(lib, cases):
     _assert_grad_close(g, want, x)
 
 
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_float32_softcap_gradient_accuracy(lib, rng, kernels):
+    """The softcap factor sech²(x/c) keeps its relative accuracy where 1 − tanh² would cancel."""
+    if lib != "numpy" and kernels == "core":
+        pytest.skip("the registry choice only matters for NumPy arrays")
+    c = 5.0
+    x = (rng.uniform(-1, 1, (4, 64)) * 9 * c).astype(np.float32)  # |x/c| up to 9
+    y = rng.integers(0, 64, 4)
+    _, g = lk.cross_entropy_with_grad(to_lib(lib, x), to_lib(lib, y), softcap=c, reduction="sum")
+    g = to_np(g)
+    x64 = x.astype(np.float64)
+    want = R.cross_entropy_grad64(x64, y, softcap=c, reduction="sum")
+    z = c * np.tanh(x64 / c)
+    arg = np.abs(z - z.max(-1, keepdims=True)) + (R.logsumexp64(z) - z.max(-1))[:, None]
+    # plus exp(−2|x/c|) inside sech², whose argument rounds like 2|x/c|·2^-24
+    tol = np.abs(want) * (BOUND + 2.0 ** -23 * (arg + 2 * np.abs(x64 / c))) + 2.0 ** -126
+    err = np.abs(g - want)
+    assert (err <= tol).all(), f"worst relative error {np.max(err / np.abs(want)):.3g}"
+
+
 # ----------------------------------------------------------------------------------------------
 # -inf: masking, never NaN
 

@@ -100,7 +100,8 @@ def cross_entropy_grad64(logits, labels, *, weight=None, ignore_index=-100, labe
         dzz = dzz / denom_z if denom_z else 0 * dzz
     g = dz + dzz
     if softcap is not None:
-        g = g * (1 - np.tanh(x / softcap) ** 2)
+        t = np.exp(-2 * np.abs(x / softcap))
+        g = g * (4 * t / (1 + t) ** 2)  # sech² without the cancellation of 1 - tanh²
     return g / temperature
 
 

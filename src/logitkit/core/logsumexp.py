@@ -48,8 +48,10 @@ def transform_grad_factor(xp: Any, x: Any, softcap: float | None, temperature: f
     """d z / d x of :func:`transform`, or ``None`` where it is the constant 1."""
     factor = None
     if softcap is not None:
-        th = xp.tanh(x / softcap)
-        factor = 1.0 - th * th
+        # 1 - tanh(u)^2 cancels for |u| > ~3; sech(u)^2 = 4t / (1 + t)^2 with t = exp(-2|u|)
+        # keeps full relative accuracy (and underflows to 0 only where the true value does).
+        t = xp.exp(-2.0 * xp.abs(x / softcap))
+        factor = 4.0 * t / ((1.0 + t) * (1.0 + t))
     if temperature != 1.0:
         factor = (1.0 / temperature) if factor is None else factor / temperature
     return factor
