@@ -11,7 +11,7 @@ import torch.nn.functional as F  # noqa: E402
 import logitkit.torch as lt  # noqa: E402
 from logitkit.kernels import registry  # noqa: E402
 
-from _torch_ref import assert_close, ref_cross_entropy, transform64  # noqa: E402
+from _torch_ref import assert_close, ref_cross_entropy  # noqa: E402
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 C = 9
