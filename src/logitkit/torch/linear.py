@@ -136,11 +136,15 @@ def _via_numpy(fn: Any) -> Any:
             return _np_view(a if a.is_contiguous() else a.contiguous())
         return a
 
+    def back(a: np.ndarray) -> Tensor:
+        a = np.ascontiguousarray(a)
+        if a.dtype.name == "bfloat16":
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(a)
+
     def run(*args: Any, **kw: Any) -> Any:
         res = fn(*[conv(a) for a in args], **{k: conv(v) for k, v in kw.items()})
-        if isinstance(res, tuple):
-            return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in res)
-        return torch.from_numpy(np.ascontiguousarray(res))
+        return tuple(back(a) for a in res) if isinstance(res, tuple) else back(res)
 
     return run
 
@@ -375,10 +379,16 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                                     label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                                     temperature=temperature, chunk_size=chunk_size)
         return loss.reshape(()) if reduction == "none" else loss
-    return _public.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
-                                        ignore_index=ii, label_smoothing=label_smoothing, reduction=reduction,
-                                        z_loss=z_loss, softcap=softcap, temperature=temperature,
-                                        chunk_size=chunk_size)
+    from .._namespace import namespace_of
+
+    lib, _ = namespace_of(input=input, linear_weight=linear_weight, target=target, linear_bias=linear_bias,
+                          weight=weight)
+    chunk_size = _public.validate_head(lib, input, linear_weight, target, linear_bias, weight, ignore_index=ii,
+                                       label_smoothing=label_smoothing, reduction=reduction, z_loss=z_loss,
+                                       softcap=softcap, temperature=temperature, chunk_size=chunk_size,
+                                       names=("input", "linear_weight", "target"))
+    opts = _public._opts(weight, ii, label_smoothing, z_loss, softcap, temperature)
+    return fused_linear_cross_entropy(input, linear_weight, target, linear_bias, opts, reduction, chunk_size)
 
 
 def _unfused(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
