@@ -11,9 +11,16 @@ import numpy as np
 from ._namespace import JAX, TORCH, dtype_name, is_floating, is_integer
 
 REDUCTIONS = ("mean", "sum", "none")
+_UNSET = object()
+
+
+def _require_array(name: str, x: Any) -> None:
+    if not (hasattr(x, "dtype") and hasattr(x, "shape") and hasattr(x, "ndim")):
+        raise TypeError(f"{name}: expected a NumPy array, torch tensor or JAX array, got {type(x).__name__}")
 
 
 def check_logits(name: str, x: Any) -> None:
+    _require_array(name, x)
     if not is_floating(x.dtype):
         raise TypeError(f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), "
                         f"got {dtype_name(x.dtype)}")
@@ -29,9 +36,10 @@ def norm_axis(axis: int, ndim: int, name: str = "axis") -> int:
     return int(axis) % ndim
 
 
-def check_options(*, reduction: str | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
+def check_options(*, reduction: Any = _UNSET, label_smoothing: float = 0.0, z_loss: float = 0.0,
                   softcap: float | None = None, temperature: float = 1.0) -> None:
-    if reduction is not None and reduction not in REDUCTIONS:
+    """Check the scalar options that were passed (``reduction`` only when given, even as ``None``)."""
+    if reduction is not _UNSET and reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
     ls = float(label_smoothing)
     if not 0.0 <= ls <= 1.0:
@@ -47,6 +55,7 @@ def check_options(*, reduction: str | None = None, label_smoothing: float = 0.0,
 def check_weight(weight: Any, V: int) -> None:
     if weight is None:
         return
+    _require_array("weight", weight)
     if weight.ndim != 1 or weight.shape[0] != V:
         raise ValueError(f"weight: expected shape ({V},) (one weight per class), got {tuple(weight.shape)}")
     if not is_floating(weight.dtype):
@@ -98,7 +107,7 @@ def check_label_range(lib: str, labels: Any, V: int, ignore_index: int | None, n
     if ignore_index is not None:
         bad &= arr != ignore_index
     if bad.any():
-        pos = np.unravel_index(int(np.argmax(bad)), arr.shape)
+        pos = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), arr.shape))
         where = pos if len(pos) != 1 else pos[0]
         extra = "" if ignore_index is None else f" and is not ignore_index={ignore_index}"
         raise ValueError(f"{name}: class index {int(arr[pos])} at position {where} is out of range "
