@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import math
 import os
 import statistics
@@ -206,36 +207,40 @@ def _relerr(got, want) -> float:
 # peers (None when not importable)
 
 
-def liger_ce():
+def _peer(module: str, attr: str):
+    """The peer's entry point, or the exception that importing it raised."""
     try:
-        from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
-        return LigerCrossEntropyFunction
-    except Exception:
-        return None
+        return getattr(importlib.import_module(module), attr)
+    except Exception as e:  # any failure means "not available here", reported in the table
+        return e
+
+
+def liger_ce():
+    return _peer("liger_kernel.ops.cross_entropy", "LigerCrossEntropyFunction")
 
 
 def liger_softmax():
-    try:
-        from liger_kernel.ops.softmax import LigerSoftmaxFunction
-        return LigerSoftmaxFunction
-    except Exception:
-        return None
+    return _peer("liger_kernel.ops.softmax", "LigerSoftmaxFunction")
 
 
 def liger_flce():
-    try:
-        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
-        return LigerFusedLinearCrossEntropyFunction
-    except Exception:
-        return None
+    return _peer("liger_kernel.ops.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
 
 
 def cce_fn():
-    try:
-        from cut_cross_entropy import linear_cross_entropy
-        return linear_cross_entropy
-    except Exception:
+    return _peer("cut_cross_entropy", "linear_cross_entropy")
+
+
+def peer_or_row(ctx: "Ctx", workload: str, impl: str, peer):
+    """``peer`` if usable; otherwise a table row saying why not (on a GPU) and ``None``."""
+    if not ctx.cuda:
+        return None  # the peers' kernels need CUDA; the CPU smoke test leaves them out
+    if isinstance(peer, Exception):
+        msg = f"{type(peer).__name__}: {peer}".replace("|", "/").replace("\n", " ")[:100]
+        ctx.rows.append(((ctx.workload, DISPLAY.index(ctx.phase), len(ctx.rows)),
+                         [workload, impl, f"not importable ({msg})", "", "", "", ""]))
         return None
+    return peer
 
 
 def _first(x):
@@ -295,7 +300,7 @@ def ce_workload(ctx: Ctx, N: int, V: int, dtype: torch.dtype) -> None:
         cell(ctx, name, "logitkit (new grad)", lk_new, nbytes=nbytes, check=check_with(lk_new))
         x.copy_(x0)
         cell(ctx, name, "torch eager", eager, nbytes=nbytes, check=check_with(eager))
-        L = liger_ce() if ctx.cuda else None
+        L = peer_or_row(ctx, name, "liger-kernel", liger_ce())
         if L is not None:
             def liger():
                 xr = x.detach().requires_grad_()
@@ -361,7 +366,7 @@ def softmax_workload(ctx: Ctx, N: int, V: int, dtype: torch.dtype, backward: boo
             del xi
         eager = torch_fn(lambda a: torch.softmax(a, -1))
         cell(ctx, name, "torch eager", eager, nbytes=nbytes, check=check_with(eager))
-        L = liger_softmax() if ctx.cuda else None
+        L = peer_or_row(ctx, name, "liger-kernel", liger_softmax())
         if L is not None:
             lg = torch_fn(lambda a: L.apply(a))
             cell(ctx, name, "liger-kernel", lg, nbytes=nbytes, check=check_with(lg))
@@ -431,11 +436,11 @@ def linear_ce_workload(ctx: Ctx, N: int, H: int, V: int, dtype: torch.dtype) -> 
         cell(ctx, name, "logitkit", lk, flops=flops, check=check_with(lk), iters=5)
         eager = autograd_fn(torch_lce)
         cell(ctx, name, "torch eager", eager, flops=flops, check=check_with(eager), iters=5)
-        L = liger_flce() if ctx.cuda else None
+        L = peer_or_row(ctx, name, "liger-kernel", liger_flce())
         if L is not None:
             lg = autograd_fn(lambda a, b: _first(L.apply(a, b, y)))
             cell(ctx, name, "liger-kernel", lg, flops=flops, check=check_with(lg), iters=5)
-        C = cce_fn() if ctx.cuda else None
+        C = peer_or_row(ctx, name, "cut-cross-entropy", cce_fn())
         if C is not None:
             cc = autograd_fn(lambda a, b: C(a, b, y))
             cell(ctx, name, "cut-cross-entropy (default filter)", cc, flops=flops, check=check_with(cc),
