@@ -1,0 +1,154 @@
+"""jit(value_and_grad) of logitkit.jax against optax, on CPU (or whatever JAX's default device is).
+
+    .venv/bin/python benchmarks/jax_bench.py                      # llm: 4096 x 32000 float32
+    .venv/bin/python benchmarks/jax_bench.py --workload small --repeats 21
+    .venv/bin/python benchmarks/jax_bench.py --rss                # also peak RSS, one child per case
+
+Every case is ``jax.jit(jax.value_and_grad(lambda x: loss(x, labels).mean()))``, compiled
+before timing. Repetitions are interleaved (case A, case B, case A, ...) so that a machine whose
+load drifts penalizes every case alike; the table gives the median and the minimum. Memory:
+XLA's own account of the compiled program (``memory_analysis()``: temporaries, and outputs),
+and with ``--rss`` the peak resident set of a fresh process that builds the inputs, compiles
+and runs the case once (inputs and outputs included, so compare cases with each other).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+WORKLOADS = {"llm": (4096, 32000), "llm3": (1024, 128256), "small": (256, 1000)}
+
+
+def _cases():
+    import jax
+    import optax
+
+    import logitkit.jax as lj
+
+    def onehot(y, V):
+        return jax.nn.one_hot(y, V, dtype=jax.numpy.float32)
+
+    return {
+        "optax.softmax_cross_entropy_with_integer_labels":
+            lambda x, y: optax.softmax_cross_entropy_with_integer_labels(x, y).mean(),
+        "logitkit.jax.softmax_cross_entropy_with_integer_labels":
+            lambda x, y: lj.softmax_cross_entropy_with_integer_labels(x, y).mean(),
+        "logitkit.jax.cross_entropy":
+            lambda x, y: lj.cross_entropy(x, y),
+        "optax.softmax_cross_entropy (one-hot)":
+            lambda x, y: optax.softmax_cross_entropy(x, onehot(y, x.shape[-1])).mean(),
+        "logitkit.jax.softmax_cross_entropy (one-hot)":
+            lambda x, y: lj.softmax_cross_entropy(x, onehot(y, x.shape[-1])).mean(),
+    }
+
+
+def _inputs(N: int, V: int, seed: int = 0):
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((N, V), dtype=np.float32))
+    y = jnp.asarray(rng.integers(0, V, N).astype(np.int32))
+    return x, y
+
+
+def _compiled(fn, x, y):
+    import jax
+
+    step = jax.jit(jax.value_and_grad(fn))
+    compiled = step.lower(x, y).compile()
+    return step, compiled
+
+
+def _mem(compiled) -> tuple[float, float]:
+    ma = compiled.memory_analysis()
+    if ma is None:
+        return float("nan"), float("nan")
+    return ma.temp_size_in_bytes / 2**20, ma.output_size_in_bytes / 2**20
+
+
+def _child(name: str, N: int, V: int) -> None:
+    """Run one case once in this (fresh) process and print its peak RSS in MiB."""
+    import jax
+
+    x, y = _inputs(N, V)
+    step, _ = _compiled(_cases()[name], x, y)
+    jax.block_until_ready(step(x, y))
+    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def _peak_rss(name: str, N: int, V: int) -> float:
+    out = subprocess.run([sys.executable, __file__, "--child", name, "--shape", f"{N}x{V}"],
+                         capture_output=True, text=True, check=True, env=os.environ.copy())
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="llm")
+    ap.add_argument("--shape", help="N x V, e.g. 4096x32000 (overrides --workload)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed runs per case (median of these)")
+    ap.add_argument("--cases", default="", help="comma-separated substrings selecting cases")
+    ap.add_argument("--rss", action="store_true", help="also measure peak RSS in child processes")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    N, V = (map(int, args.shape.lower().split("x")) if args.shape else WORKLOADS[args.workload])
+    if args.child:
+        _child(args.child, N, V)
+        return 0
+
+    import jax
+    import numpy as np
+
+    if args.repeats < 1:
+        ap.error("--repeats: expected at least 1")
+    cases = _cases()
+    if args.cases:
+        keys = [k for k in cases if any(s in k for s in args.cases.split(","))]
+        cases = {k: cases[k] for k in keys}
+    x, y = _inputs(N, V)
+    steps, mem = {}, {}
+    for name, fn in cases.items():
+        steps[name], compiled = _compiled(fn, x, y)
+        mem[name] = _mem(compiled)
+        jax.block_until_ready(steps[name](x, y))  # warm-up
+    times = {k: [] for k in steps}
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(step(x, y))
+            times[name].append(time.perf_counter() - t0)
+    rss = {k: _peak_rss(k, N, V) for k in steps} if args.rss else {}
+
+    dev = jax.devices()[0]
+    print(f"jit(value_and_grad(loss.mean())), {N} x {V} float32, {dev.platform} ({dev.device_kind}), "
+          f"jax {jax.__version__}, {os.cpu_count()} CPUs, {args.repeats} interleaved runs per case\n")
+    head = "| case | median ms | min ms | XLA temp MiB | XLA output MiB |" + (" peak RSS MiB |" if rss else "")
+    print(head)
+    print("|" + " --- |" * (head.count("|") - 1))
+    for name in steps:
+        med, mn = np.median(times[name]) * 1e3, np.min(times[name]) * 1e3
+        tmp, out = mem[name]
+        line = f"| {name} | {med:.1f} | {mn:.1f} | {tmp:.1f} | {out:.1f} |"
+        if rss:
+            line += f" {rss[name]:.0f} |"
+        print(line)
+    pairs = [("optax.softmax_cross_entropy_with_integer_labels",
+              "logitkit.jax.softmax_cross_entropy_with_integer_labels"),
+             ("optax.softmax_cross_entropy (one-hot)", "logitkit.jax.softmax_cross_entropy (one-hot)")]
+    print()
+    for a, b in pairs:
+        if a in times and b in times:
+            print(f"speed-up of {b.split('.', 2)[-1]} over optax: median "
+                  f"{np.median(times[a]) / np.median(times[b]):.2f}x, min {np.min(times[a]) / np.min(times[b]):.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
