@@ -114,9 +114,14 @@ def _log1p(t, IS_F64: tl.constexpr):
 
 
 @triton.jit
-def _tanh(u, IS_F64: tl.constexpr):
-    """``tanh(u)`` to a few ulp: ``-expm1(-2a) / (2 + expm1(-2a))`` for small ``a = |u|``,
-    ``(1 - e) / (1 + e)`` with ``e = exp(-2a)`` otherwise; the sign restored last."""
+def _tanh_sech2(u, IS_F64: tl.constexpr):
+    """``(tanh(u), sech(u)**2)`` to a few ulp each.
+
+    ``tanh``: ``-expm1(-2a) / (2 + expm1(-2a))`` for small ``a = |u|``, ``(1 - e) / (1 + e)`` with
+    ``e = exp(-2a)`` otherwise; the sign restored last. ``sech**2 = 4e / (1 + e)**2`` keeps full
+    relative accuracy where ``1 - tanh**2`` would cancel (``|u| > 3`` or so); below ``a = 0.35``
+    ``tanh**2 < 0.12`` and ``1 - tanh**2`` is exact enough.
+    """
     a = tl.abs(u)
     if IS_F64:
         em = _expm1_taylor(-2.0 * a, 17)
@@ -125,8 +130,10 @@ def _tanh(u, IS_F64: tl.constexpr):
     small = -em / (2.0 + em)
     e = _exp(-2.0 * a, IS_F64)
     big = (1.0 - e) / (1.0 + e)
-    th = tl.where(a < 0.35, small, big)
-    return tl.where(u < 0.0, -th, th)
+    is_small = a < 0.35
+    th = tl.where(is_small, small, big)
+    sech2 = tl.where(is_small, 1.0 - small * small, (4.0 * e) / ((1.0 + e) * (1.0 + e)))
+    return tl.where(u < 0.0, -th, th), sech2
 
 
 @triton.jit
@@ -134,9 +141,8 @@ def _transform(x, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr, HAS_TEMP: tl.con
                IS_F64: tl.constexpr):
     """``z = softcap * tanh(x / softcap) * inv_temp`` and ``dz/dx`` (1.0 when neither is set)."""
     if HAS_SOFTCAP:
-        th = _tanh(x / softcap, IS_F64)
+        th, fac = _tanh_sech2(x / softcap, IS_F64)
         z = softcap * th
-        fac = 1.0 - th * th
         if HAS_TEMP:
             z = z * inv_temp
             fac = fac * inv_temp
