@@ -1,6 +1,6 @@
 # Vocabulary-parallel training with logitkit: torchrun --nproc-per-node 2 examples/vocab_parallel_torchrun.py
 # Each rank holds the same trunk and V/world rows of the output head; the loss never gathers
-# the head or the logits (gloo on CPU, NCCL when there is a GPU per process).
+# the head or the logits (NCCL when every process has a GPU, else gloo on the CPU).
 import os
 
 import torch
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from logitkit.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
-use_cuda = torch.cuda.is_available()
+use_cuda = torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # a GPU per process
 dist.init_process_group("nccl" if use_cuda else "gloo")
 try:
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -13,7 +13,7 @@ Forward, per rank (no logits leave the rank):
    ``exp(z − m_loc)`` over every entry but one maximal one (whose term is exactly 1; ties stay
    in as exact ones), ``c_loc = 1`` (0 for an empty or all ``−inf`` slice), the label logit
    ``z_y`` (only on the rank that owns ``y``), and with smoothing ``s_loc = Σ_c w_c (m_loc − z_c)``.
-2. ``all_reduce_max`` of ``m_loc`` (N scalars, plus a 3-scalar tail for the checks below).
+2. ``all_reduce_max`` of ``m_loc`` (N scalars, plus a 4-scalar tail for the checks below).
 3. :func:`global_slots`: rescale to the global ``m`` with O(N) work — the rank that holds the
    maximum keeps ``(t_loc, c_loc)``, the others send ``exp(m_loc − m)·(t_loc + c_loc)``; the owner
    of the label sends ``m − z_y``; ``s = s_loc + (m − m_loc)·Σ_local w`` (a sum of non-negative
@@ -25,13 +25,14 @@ Forward, per rank (no logits leave the rank):
    loss wherever its maximum lies, tied across ranks or not), then the row losses.
 
 So a forward pass is exactly one MAX and one SUM all-reduce: ``4·(1 + k)`` bytes per token for
-16/32-bit inputs (scalars are float32; float64 for float64 inputs). The slot ``C`` costs 4 of
-those bytes; it is what keeps the log1p trick exact when the maximum is tied across ranks. Backward (:func:`local_grad`) needs no communication: every
-rank knows ``m`` and ``r`` and computes ``softmax − target`` on its own slice.
+16/32-bit inputs (scalars are float32; float64 for float64 inputs), 16 bytes, 20 with smoothing.
+The slot ``C`` costs 4 of those bytes; it is what keeps the log1p trick exact when the maximum is
+tied across ranks. Backward (:func:`local_grad`) needs no communication: every rank knows ``m``
+and ``r`` and computes ``softmax − target`` on its own slice.
 
 Checks that ride along for free (the tails): the shards must tile the vocabulary
-(``max(start + n) == Σ n``) and the labels must be identical on every rank (a 20-bit hash, whose
-max and min must agree). Every rank sees the same reduced values, so every rank reaches the same
+(``max(start + n) == Σ n``), the labels must be identical on every rank (a 20-bit hash, whose
+max and min must agree), and no rank may have found a local problem (an error code). Every rank sees the same reduced values, so every rank reaches the same
 verdict and none is left waiting in a collective.
 """
 
@@ -132,11 +133,6 @@ def _iota(xp: Any, n: int, like: Any) -> Any:
     if _lib(xp) == "torch":
         return xp._t.arange(n, device=like.device)
     return xp.arange(n)
-
-
-def _inplace(xp: Any) -> bool:
-    """NumPy and torch update fresh temporaries in place; JAX arrays are immutable."""
-    return _lib(xp) != "jax"
 
 
 def _exp_(xp: Any, a: Any) -> Any:
