@@ -15,6 +15,9 @@ import logitkit as lk
 from logitkit import reference as R
 from lk_helpers import LIBS, dtype_name, lib_of, need, rows, to_lib, to_np
 
+# NumPy must not warn on masked, empty or non-finite rows: the core discards those values.
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
 N, C = 6, 5
 
 
@@ -186,6 +189,46 @@ def test_cross_entropy_jax_jit_matches_eager(rng):
     np.testing.assert_allclose(to_np(got[1]), want[1], rtol=1e-5, atol=1e-7)
 
 
+def test_cross_entropy_jax_jit_bad_labels_give_nan_rows(rng):
+    """Traced labels cannot be checked on the host: a bad row is NaN (and so is the mean)."""
+    jax = pytest.importorskip("jax")
+    x = rows(rng, N, C)
+    y = rng.integers(0, C, N)
+    y[1], y[2], y[4] = -1, C, -100
+    f = jax.jit(lambda a, b: lk.cross_entropy(a, b, reduction="none"))
+    got = to_np(f(to_lib("jax", x), to_lib("jax", y)))
+    assert np.isnan(got[[1, 2]]).all() and got[4] == 0
+    keep = [0, 3, 5]
+    np.testing.assert_allclose(got[keep], R.cross_entropy64(x[keep], y[keep], reduction="none"), rtol=2e-6)
+    mean = jax.jit(lambda a, b: lk.cross_entropy(a, b))(to_lib("jax", x), to_lib("jax", y))
+    assert np.isnan(to_np(mean))
+    g = jax.jit(jax.grad(lambda a, b: lk.cross_entropy(a, b, reduction="sum")))(to_lib("jax", x), to_lib("jax", y))
+    g = to_np(g)
+    assert np.isnan(g[[1, 2]]).all() and np.isfinite(g[keep]).all() and not g[4].any()
+
+
+PROB_OPTIONS = [{}, {"weight": True}, {"label_smoothing": 0.2, "weight": True}, {"z_loss": 1e-2},
+                {"softcap": 3.0, "temperature": 0.6, "z_loss": 1e-3, "label_smoothing": 0.1}]
+
+
+@pytest.mark.parametrize("lib", LIBS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opts", PROB_OPTIONS, ids=_opt_id)
+def test_cross_entropy_probability_labels_options(lib, reduction, opts, rng):
+    """Probability labels with every option: the mean divides by the number of rows, z-loss too."""
+    o = _materialize(opts, rng, C)
+    x = rows(rng, N, C)
+    p = R.softmax64(rows(rng, N, C, dtype=np.float64)).astype(np.float32)
+    w = o.pop("weight", None)
+    kw = dict(o, weight=None if w is None else to_lib(lib, w, "float32"), reduction=reduction)
+    want = R.cross_entropy64(x, p, weight=w, reduction=reduction, **o)
+    want_g = R.cross_entropy_grad64(x, p, weight=w, reduction=reduction, **o)
+    loss, g = lk.cross_entropy_with_grad(to_lib(lib, x), to_lib(lib, p), **kw)
+    np.testing.assert_allclose(to_np(lk.cross_entropy(to_lib(lib, x), to_lib(lib, p), **kw)), want, rtol=2e-6)
+    np.testing.assert_allclose(to_np(loss), want, rtol=2e-6)
+    np.testing.assert_allclose(to_np(g), want_g, rtol=1e-5, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------------------------
 # parity with torch.nn.functional.cross_entropy (float64), every option of it
 
@@ -287,6 +330,17 @@ def test_parity_optax(rng):
     np.testing.assert_allclose(
         to_np(lk.softmax_cross_entropy_with_logits(labels=to_lib("jax", p), logits=jx)),
         to_np(optax.softmax_cross_entropy(jx, to_lib("jax", p))), rtol=2e-6)
+    # Label smoothing is optax.smooth_labels on one-hot targets.
+    import jax
+
+    onehot = jax.nn.one_hot(to_lib("jax", y), C)
+    np.testing.assert_allclose(
+        to_np(lk.cross_entropy(jx, to_lib("jax", y), label_smoothing=0.2, reduction="none")),
+        to_np(optax.softmax_cross_entropy(jx, optax.smooth_labels(onehot, 0.2))), rtol=2e-6)
+    # Gradients agree too.
+    g_lk = jax.grad(lambda a: lk.cross_entropy(a, to_lib("jax", y), reduction="sum"))(jx)
+    g_ox = jax.grad(lambda a: optax.softmax_cross_entropy_with_integer_labels(a, to_lib("jax", y)).sum())(jx)
+    np.testing.assert_allclose(to_np(g_lk), to_np(g_ox), rtol=1e-5, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,6 +18,9 @@ import logitkit as lk  # noqa: E402
 from logitkit import reference as R  # noqa: E402
 from logitkit.kernels import registry  # noqa: E402
 
+# NumPy must not warn on masked, empty or non-finite rows: the core discards those values.
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
 
 @st.composite
 def logits(draw, max_rows=5, max_classes=12, lo=-60.0, hi=60.0, min_classes=1):
