@@ -746,3 +746,34 @@ def test_where_gradients_are_finite_and_zero_on_masked(lib, rng):
             g = to_np(jax.grad(f)(to_lib(lib, x), to_lib(lib, mask)))
         assert np.isfinite(g).all()
         assert np.all(g[~mask] == 0)
+
+
+@pytest.mark.parametrize("lib", ["torch", "jax"])
+def test_entropy_and_kl_autograd(lib, rng):
+    """dH/dx = −p·(log p + H); dKL(p‖q)/dq = softmax(q) − p; dKL/dp = p·(d − Σ p·d), d = log p − log q."""
+    p_l = rows(rng, N, C)
+    q_l = rows(rng, N, C)
+    lp, lq = R.log_softmax64(p_l), R.log_softmax64(q_l)
+    pp = np.exp(lp)
+    H = -(pp * lp).sum(-1, keepdims=True)
+    d = lp - lq
+    want = {
+        "entropy": -pp * (lp + H),
+        "kl_q": np.exp(lq) - pp,
+        "kl_p": pp * (d - (pp * d).sum(-1, keepdims=True)),
+    }
+    fns = {
+        "entropy": (lambda a, b: lk.entropy(a).sum(), 0),
+        "kl_q": (lambda a, b: lk.kl_divergence(a, b).sum(), 1),
+        "kl_p": (lambda a, b: lk.kl_divergence(a, b).sum(), 0),
+    }
+    for name, (f, arg) in fns.items():
+        if lib == "torch":
+            a, b = to_lib(lib, p_l, requires_grad=True), to_lib(lib, q_l, requires_grad=True)
+            f(a, b).backward()
+            g = to_np((a, b)[arg].grad)
+        else:
+            import jax
+
+            g = to_np(jax.grad(f, argnums=arg)(to_lib(lib, p_l), to_lib(lib, q_l)))
+        np.testing.assert_allclose(g, want[name], rtol=1e-4, atol=1e-6, err_msg=name)
