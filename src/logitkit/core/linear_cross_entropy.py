@@ -34,6 +34,7 @@ object (:class:`NumpyOps` here, ``logitkit.torch.linear.TorchOps`` for torch); J
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -114,7 +115,11 @@ def choose_strategy(reduction: str, plan: Plan, grad_output_known: bool) -> str:
     possible: the per-row multipliers must be known at forward time (``mean``/``sum``, or an
     explicit per-row ``grad_output``) and a chunk must hold whole rows (a row's softmax needs its
     final logsumexp before any gradient of it exists).
+
+    ``LOGITKIT_LCE_STRATEGY=recompute`` forces recomputation (the benchmark measures both).
     """
+    if os.environ.get("LOGITKIT_LCE_STRATEGY", "").lower() == "recompute":
+        return "recompute"
     if plan.full_rows and (reduction != "none" or grad_output_known):
         return "fused"
     return "recompute"

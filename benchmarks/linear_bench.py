@@ -1,0 +1,221 @@
+"""Fused linear + cross-entropy, workload ``head`` (N=4096, H=1024, V=32000, float32, CPU).
+
+Forward + backward of the loss of a language-model head, for:
+
+- ``logitkit`` (``logitkit.torch.linear_cross_entropy``, automatic strategy: gradients in forward);
+- ``logitkit recompute`` (the same, ``LOGITKIT_LCE_STRATEGY=recompute``: logits recomputed in
+  backward), measured to justify the automatic choice;
+- ``logitkit NumPy`` (``logitkit.linear_cross_entropy_with_grad`` on NumPy arrays);
+- ``torch eager`` (``h @ W.T`` then ``F.cross_entropy``);
+- ``torch F.linear_cross_entropy`` (torch 2.13's chunked path, ``LinearCrossEntropyOptions()``).
+
+Every variant runs in a fresh subprocess: its peak memory beyond the inputs is the growth of the
+process's peak resident set (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) over the first
+forward + backward, after the inputs exist and after a small warm-up call (kernel compilation,
+thread pools) that leaves the peak far below. The time is the median of the later calls. Rounds
+alternate the variants so that a noisy machine slows them alike.
+
+    python benchmarks/linear_bench.py [--rounds 2] [--repeat 2] [--out DIR] [--variants a,b]
+
+``--out DIR`` writes ``linear_head.csv`` and ``linear_head.png`` (bar charts of memory and time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+N, H, V = 4096, 1024, 32000
+
+VARIANTS = {
+    "logitkit": "logitkit.torch.linear_cross_entropy",
+    "logitkit recompute": "logitkit.torch.linear_cross_entropy, logits recomputed in backward",
+    "logitkit NumPy": "logitkit.linear_cross_entropy_with_grad (NumPy)",
+    "torch eager": "h @ W.T, then F.cross_entropy",
+    "torch F.linear_cross_entropy": "torch 2.13, LinearCrossEntropyOptions()",
+}
+
+
+def _child(variant: str, repeat: int) -> dict:
+    """Runs inside the subprocess: inputs, warm-up, measured call, timed calls."""
+    import resource
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    import logitkit
+    import logitkit.linear as lin
+    import logitkit.torch as lt
+
+    rng = np.random.default_rng(0)
+    # generated in float32 and scaled in place: no transient copy may raise the peak before the
+    # measurement starts
+    h_np = rng.standard_normal((N, H), dtype=np.float32)
+    h_np *= 0.5
+    w_np = rng.standard_normal((V, H), dtype=np.float32)
+    w_np *= 1.0 / np.sqrt(H)
+    y_np = rng.integers(0, V, N).astype(np.int64)
+    h, W, y = torch.from_numpy(h_np), torch.from_numpy(w_np), torch.from_numpy(y_np)
+    lce = getattr(lt, "linear_cross_entropy", None)
+    if lce is None:
+        from logitkit.torch.linear import linear_cross_entropy as lce
+
+    def torch_step(fn):
+        def run(hh, WW, yy):
+            hg = hh.detach().requires_grad_()
+            Wg = WW.detach().requires_grad_()
+            loss = fn(hg, Wg, yy)
+            loss.backward()
+            return float(loss), hg.grad, Wg.grad
+        return run
+
+    if variant in ("logitkit", "logitkit recompute"):
+        step = torch_step(lambda a, b, c: lce(a, b, c))
+        args = (h, W, y)
+    elif variant == "logitkit NumPy":
+        def step(a, b, c):
+            loss, dh, dw, _ = lin.linear_cross_entropy_with_grad(a, b, c)
+            return float(loss), dh, dw
+        args = (h_np, w_np, y_np)
+    elif variant == "torch eager":
+        step = torch_step(lambda a, b, c: F.cross_entropy(a @ b.T, c))
+        args = (h, W, y)
+    elif variant == "torch F.linear_cross_entropy":
+        if not hasattr(F, "linear_cross_entropy"):
+            return {"error": "torch has no F.linear_cross_entropy"}
+        opts = torch.nn.LinearCrossEntropyOptions() if hasattr(torch.nn, "LinearCrossEntropyOptions") else None
+        step = torch_step(lambda a, b, c: F.linear_cross_entropy(a, b, c, options=opts))
+        args = (h, W, y)
+    else:
+        raise SystemExit(f"unknown variant {variant!r}")
+    # warm-up on a slice: compiles kernels and starts thread pools, far below the peak to come
+    step(args[0][:64], args[1][:2000], (args[2][:64] % 2000))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    loss, dh, dw = step(*args)
+    first = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    del dh, dw
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = step(*args)
+        times.append(time.perf_counter() - t0)
+        del out
+    return {"variant": variant, "peak_bytes": peak, "first_s": first, "times": times, "loss": loss,
+            "threads": torch.get_num_threads(), "logitkit": logitkit.__version__}
+
+
+def run(variants: list[str], rounds: int, repeat: int) -> list[dict]:
+    rows = {v: {"variant": v, "what": VARIANTS[v], "peaks": [], "times": []} for v in variants}
+    for _ in range(rounds):
+        for v in variants:
+            env = dict(os.environ)
+            if v == "logitkit recompute":
+                env["LOGITKIT_LCE_STRATEGY"] = "recompute"
+            out = subprocess.run([sys.executable, __file__, "--child", v, "--repeat", str(repeat)],
+                                 capture_output=True, text=True, env=env)
+            if out.returncode != 0:
+                rows[v]["error"] = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"
+                continue
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            if "error" in res:
+                rows[v]["error"] = res["error"]
+                continue
+            rows[v]["peaks"].append(res["peak_bytes"])
+            rows[v]["times"].extend(res["times"])
+            rows[v]["loss"] = res["loss"]
+            print(f"  {v}: peak {res['peak_bytes'] / 2**20:.0f} MB, times "
+                  f"{', '.join(f'{t:.2f}' for t in res['times'])} s", file=sys.stderr, flush=True)
+    out = []
+    for v in variants:
+        r = rows[v]
+        r["peak_mb"] = statistics.median(r["peaks"]) / 2 ** 20 if r["peaks"] else float("nan")
+        r["time_s"] = statistics.median(r["times"]) if r["times"] else float("nan")
+        out.append(r)
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    grads_mb = 4 * (N * H + V * H) / 2 ** 20
+    eager = next((r["time_s"] for r in rows if r["variant"] == "torch eager"), float("nan"))
+    lines = [f"workload head: N={N}, H={H}, V={V}, float32, CPU, forward + backward "
+             f"(gradients of hidden and weight: {grads_mb:.0f} MB; target: peak extra <= "
+             f"{grads_mb + 32:.0f} MB, time <= 1.05x torch eager)", "",
+             "| variant | peak memory beyond inputs | time (median) | vs torch eager |",
+             "| --- | --- | --- | --- |"]
+    for r in rows:
+        if "error" in r and not r["times"]:
+            lines.append(f"| {r['variant']} | - | - | {r['error']} |")
+            continue
+        lines.append(f"| {r['variant']} ({r['what']}) | {r['peak_mb']:.0f} MB | {r['time_s']:.2f} s | "
+                     f"{r['time_s'] / eager:.2f}x |")
+    return "\n".join(lines)
+
+
+def chart(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["times"]]
+    names = [r["variant"] for r in ok]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    grads_mb = 4 * (N * H + V * H) / 2 ** 20
+    axes[0].barh(names, [r["peak_mb"] for r in ok], color="tab:blue")
+    axes[0].axvline(grads_mb + 32, color="tab:red", ls="--", label="gradients + 32 MB")
+    axes[0].set_xlabel("peak memory beyond inputs (MB)")
+    axes[0].legend()
+    axes[1].barh(names, [r["time_s"] for r in ok], color="tab:green")
+    eager = next((r["time_s"] for r in ok if r["variant"] == "torch eager"), None)
+    if eager:
+        axes[1].axvline(1.05 * eager, color="tab:red", ls="--", label="1.05 x torch eager")
+        axes[1].legend()
+    axes[1].set_xlabel("forward + backward time (s, median)")
+    for ax in axes:
+        ax.invert_yaxis()
+    fig.suptitle(f"fused linear + cross-entropy, N={N}, H={H}, V={V}, float32 CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=2, help="fresh subprocesses per variant")
+    p.add_argument("--repeat", type=int, default=2, help="timed calls per subprocess")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+    p.add_argument("--out", help="directory for linear_head.csv and linear_head.png")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        print(json.dumps(_child(a.child, a.repeat)))
+        return 0
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    rows = run(variants, a.rounds, a.repeat)
+    print(table(rows))
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "linear_head.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["variant", "peak_mb", "time_s", "times"])
+            for r in rows:
+                w.writerow([r["variant"], f"{r['peak_mb']:.1f}", f"{r['time_s']:.3f}",
+                            " ".join(f"{t:.3f}" for t in r["times"])])
+        chart(rows, os.path.join(a.out, "linear_head.png"))
+        print(f"wrote {a.out}/linear_head.csv and {a.out}/linear_head.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
