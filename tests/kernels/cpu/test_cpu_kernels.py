@@ -285,8 +285,9 @@ def test_non_contiguous_inputs_and_outputs():
 
 @pytest.mark.parametrize("dt,kw", [(np.float32, {}), (BF16, dict(softcap=3.0))], ids=["f32", "bf16"])
 def test_threads_do_not_change_results(dt, kw):
-    # large enough (> 2**15 elements per thread) to run on several threads and row chunks
-    x, labels = make(67, 1500, dt, seed=9)
+    # large enough (> 2**17 elements per thread) to run the parallel kernels on 2+ threads; one
+    # thread runs the serial variants, which must give the same bits
+    x, labels = make(67, 4500, dt, seed=9)
     m, r = cpu.ce_forward(x, labels, **kw)[1:]
     calls = (lambda: cpu.ce_forward_backward(x, labels, 1.0, None, **kw),
              lambda: cpu.ce_backward(x, labels, m, r, 1.0, None, **kw),
@@ -426,3 +427,58 @@ def test_softcap_extreme_logits(dt):
     assert_grad_close(g, ref.ce_grad(x, labels, 1.0, None, **kw), dt)
     sm = cpu.softmax_forward(x, softcap=5.0).astype(np.float64)
     assert np.all(np.isfinite(sm)) and np.allclose(sm.sum(1), 1, atol=1e-2)
+
+
+@pytest.mark.parametrize("dt", DTYPES, ids=IDS)
+def test_log_softmax_large_common_offset(dt):
+    # regression: x - (m + r) rounded m + r at the offset's ulp (float32 [1e4, 1e4] gave -0.69336);
+    # (x - m) - r is exact up to the final rounding
+    x = np.array([[1e4, 1e4], [-3e3, -3e3]], dt)
+    for kw in ({}, dict(temperature=1.0), dict(softcap=1e30)):
+        for inplace in (False, True):
+            xx = x.copy()
+            o = cpu.log_softmax_forward(xx, out=xx if inplace else None, **kw)
+            expected = np.array(-np.log(2.0), dtype=dt)  # float64 -log 2 rounded once
+            assert np.all(o == expected), (kw, inplace, o)
+    if dt in (np.float32, np.float64):
+        rng = np.random.default_rng(12)
+        x = (rng.standard_normal((3, 1000)) + np.array([[1e4], [-2e4], [0.0]])).astype(dt)
+        e = ref.log_softmax(x.astype(np.float64))
+        eps = np.finfo(dt).eps
+        for inplace in (False, True):
+            xx = x.copy()
+            o = cpu.log_softmax_forward(xx, out=xx if inplace else None).astype(np.float64)
+            assert np.all(np.abs(o - e) <= 4 * eps * (np.abs(e) + 1)), np.abs(o - e).max()
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64], ids=["f32", "f64"])
+def test_softcap_plus_inf_is_finite(dt):
+    # regression: +inf under softcap is cap*tanh(inf) = cap, a finite logit, not a NaN row
+    x = np.array([[0.5, 1.0, np.inf, -1.0]], dt)
+    z = 5.0 * np.tanh(np.array([0.5, 1.0, np.inf, -1.0]) / 5.0)
+    expected = np.log(np.sum(np.exp(z - z.max()))) + z.max() - z[1]  # float64, ~4.0443
+    ce, m, r = cpu.ce_forward(x, np.array([1]), softcap=5.0)
+    np.testing.assert_allclose(ce, [expected], rtol=loss_rtol(dt))
+    assert m[0] == 5.0
+    g = cpu.ce_forward_backward(x, np.array([1]), 1.0, None, softcap=5.0)[3]
+    assert np.all(np.isfinite(g)) and g[0, 2] == 0  # d tanh / dx = 0 at +inf
+
+
+def test_small_inputs_start_no_parallel_region():
+    # below 2 * 2**17 elements every stage runs the serial variant: no thread pool is started
+    code = (
+        "import json, numpy as np\n"
+        "from logitkit.kernels import cpu\n"
+        "from numba.np.ufunc import parallel\n"
+        "x = np.random.default_rng(0).standard_normal((256, 1000)).astype(np.float32)\n"
+        "y = np.arange(256) % 1000\n"
+        "ce, m, r, g = cpu.ce_forward_backward(x, y, 1.0, None)\n"
+        "cpu.ce_backward(x, y, m, r, 1.0, None, softcap=3.0)\n"
+        "cpu.ce_forward(x.astype(np.float16), y)\n"
+        "s = cpu.softmax_forward(x); cpu.softmax_backward(s, x)\n"
+        "before = [cpu._launched, parallel._is_initialized]\n"
+        "cpu.softmax_forward(np.zeros((512, 1024), np.float32))\n"
+        "print(json.dumps(before + [cpu._launched or cpu.get_num_threads() == 1]))\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         timeout=300)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [False, False, True]

@@ -65,10 +65,12 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _kernel(name):
+def _kernel(name, threads):
+    """The compiled kernel ``name``: the parallel one for ``threads`` > 1, else the serial
+    variant, which starts no parallel region (a pool wake-up costs more than a small input)."""
     global _launched
     k = _k()
-    if _serial_only:
+    if _serial_only or threads <= 1:
         return k.serial(name)
     _launched = True
     return getattr(k, name)
@@ -112,16 +114,23 @@ def get_num_threads() -> int:
     return max(1, n)
 
 
-_MIN_PER_THREAD = 1 << 15  # elements; below this a thread's wake-up costs more than its share
+# Elements per thread (~50 us of float32 CE forward+backward).  Below 2 * _MIN_PER_THREAD the
+# serial kernels run and no parallel region starts.  Measured on 2 cores (float32, 3 ms between
+# calls so the pool threads sleep): serial 256 x 1000 takes 0.10 ms; a parallel call first pays
+# the wake-up, 4-9 ms with the machine loaded (back to back, with the pool spinning, 2 threads
+# only win 0.05 ms at that size).
+_MIN_PER_THREAD = 1 << 17
 
 
 def _apply_threads(size=None):
-    """Set numba's thread count for the next call: the budget, fewer for small arrays."""
-    import numba
+    """Threads for the next call: the budget, fewer for small arrays; numba's count is set only
+    when it is above 1 (one thread runs the serial kernels, which need no pool)."""
     n = get_num_threads()
     if size is not None:
         n = max(1, min(n, size // _MIN_PER_THREAD))
-    numba.set_num_threads(n)
+    if n > 1:
+        import numba
+        numba.set_num_threads(n)
     return n
 
 
@@ -269,12 +278,13 @@ def _ce(x, labels, g_ce, g_z, want_grad, weight, ignore_index, label_smoothing, 
             ok = o.target.view(xs.dtype)
         else:  # never written: an (N, 0) array keeps the compiled signature
             ok = np.empty((n, 0), xs.dtype)
-        nchunk = min(n, _apply_threads(x.size))
+        nt = _apply_threads(x.size)
+        nchunk = min(n, nt)
         if _direct(xs, cap, temp):
-            _kernel("ce_direct")(xk, lab, w, wsum, ii, eps, zl, gce, gz, want_grad, ok,
+            _kernel("ce_direct", nt)(xk, lab, w, wsum, ii, eps, zl, gce, gz, want_grad, ok,
                                  want_grad and o.inplace, ce, m, r)
         else:
-            _kernel("ce_buffered")(xk, lab, w, wsum, ii, eps, zl, temp,
+            _kernel("ce_buffered", nt)(xk, lab, w, wsum, ii, eps, zl, temp,
                                    1.0 if cap is None else cap, cap is not None, gce, gz,
                                    want_grad, ok, ce, m, r, np.empty(0, acc), nchunk)
     if want_grad:
@@ -339,8 +349,9 @@ def ce_backward(x, labels, m, r, g_ce, g_z, *, weight=None, ignore_index=-100,
     o = _Out(x, out)
     if n:
         xk = xs if xs.flags.c_contiguous else np.ascontiguousarray(xs)
-        nchunk = min(n, _apply_threads(x.size))
-        _kernel("ce_backward")(xk, lab, mm, rr, gce, gz, w, wsum, ii, eps, zl, temp,
+        nt = _apply_threads(x.size)
+        nchunk = min(n, nt)
+        _kernel("ce_backward", nt)(xk, lab, mm, rr, gce, gz, w, wsum, ii, eps, zl, temp,
                                1.0 if cap is None else cap, cap is not None,
                                o.target.view(xs.dtype), o.inplace, np.empty(0, acc), nchunk)
     return o.finish()
@@ -362,11 +373,12 @@ def _softmax_family(x, mode, temperature, softcap, out):
     if n:
         xk = xs if xs.flags.c_contiguous else np.ascontiguousarray(xs)
         ok = o.target.view(xs.dtype) if o is not None else np.empty((n, 0), xs.dtype)
-        nchunk = min(n, _apply_threads(x.size))
+        nt = _apply_threads(x.size)
+        nchunk = min(n, nt)
         if _direct(xs, cap, t):
-            _kernel("softmax_direct")(xk, mode, ok, o is not None and o.inplace, m, r)
+            _kernel("softmax_direct", nt)(xk, mode, ok, o is not None and o.inplace, m, r)
         else:
-            _kernel("softmax_buffered")(xk, mode, t, 1.0 if cap is None else cap,
+            _kernel("softmax_buffered", nt)(xk, mode, t, 1.0 if cap is None else cap,
                                         cap is not None, ok, m, r, np.empty(0, acc), nchunk)
     if mode == 2:
         with np.errstate(invalid="ignore"):
@@ -430,8 +442,8 @@ def _backward(y, dy, out, log):
         target = np.empty(y.shape, y.dtype)
     n = y.shape[0]
     if n:
-        _apply_threads(y.size)
-        _kernel("softmax_bwd")(_contig(ys), _contig(ds), target.view(ys.dtype), log, alias)
+        nt = _apply_threads(y.size)
+        _kernel("softmax_bwd", nt)(_contig(ys), _contig(ds), target.view(ys.dtype), log, alias)
     if out is not None and target is not out:
         np.copyto(out, target)
         return out

@@ -28,6 +28,7 @@ file of the cached function, so a helper in another file could change without in
 from __future__ import annotations
 
 import math
+import types as _pytypes
 
 import numpy as np
 from llvmlite import ir
@@ -960,19 +961,31 @@ def softmax_bwd(y, dy, out, log, alias):
                 _sm_bwd(yr, dr, orow, d)
 
 
-# ----------------------------------------------------------------------------- fork safety
-# GNU OpenMP (numba's "omp" threading layer here) aborts a forked child that launches a parallel
-# region after its parent did.  Such a child gets the same kernels compiled without parallel=True
-# (prange runs as range); they are not cached on disk, so that they never mix with the parallel
-# entries of the same functions.
-_serial = {}
+# ----------------------------------------------------------------------------- serial variants
+# Every parallel kernel also exists compiled without parallel=True (prange runs as range), so that
+# no OpenMP/TBB parallel region starts at all:
+# * small inputs: waking the thread pool costs ~0.1 ms on an idle machine and 10-20 ms on a loaded
+#   one, while a 256 x 1000 float32 row pass takes ~0.1 ms on one thread;
+# * a child forked from a process whose GNU OpenMP pool is live (it aborts in a parallel region).
+# The clones have their own qualname ("<name>_serial"), hence their own on-disk cache entries, which
+# never mix with the parallel entries of the same source.
+_PARALLEL = ("ce_direct", "ce_buffered", "ce_backward", "softmax_direct", "softmax_buffered",
+             "softmax_bwd")
+
+
+def _serial_clone(fn):
+    py = fn.py_func
+    f = _pytypes.FunctionType(py.__code__, py.__globals__, py.__name__ + "_serial",
+                              py.__defaults__, py.__closure__)
+    f.__qualname__ = py.__qualname__ + "_serial"
+    f.__module__ = py.__module__
+    f.__doc__ = py.__doc__
+    return _jit_exact()(f)
+
+
+_serial = {name: _serial_clone(globals()[name]) for name in _PARALLEL}
 
 
 def serial(name):
-    """The kernel ``name`` compiled single-threaded (for forked children of an OpenMP parent)."""
-    fn = _serial.get(name)
-    if fn is None:
-        from numba import njit
-
-        fn = _serial[name] = njit(fastmath=EXACT)(globals()[name].py_func)
-    return fn
+    """The kernel ``name`` compiled single-threaded (small inputs, forked children)."""
+    return _serial[name]
