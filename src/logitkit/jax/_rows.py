@@ -3,26 +3,35 @@ r"""Per-row cross-entropy, softmax and log-softmax with ``jax.custom_vjp`` rules
 The maths is the kernel stage contract of :mod:`logitkit.kernels` (``ce_forward`` /
 ``ce_backward`` / ``prob_*`` / softmax stages), written for XLA:
 
-* the forward keeps only per-row statistics ``m = max z`` and ``r = log Σ exp(z - m)`` as
-  residuals (plus the inputs, which exist anyway), never an ``N×V`` softmax;
+* the forward keeps only per-row statistics as residuals (the row's raw maximum and
+  ``r = log Σ exp(z - m)``, plus the inputs, which exist anyway), never an ``N×V`` softmax;
 * the backward rebuilds ``p = exp((z - m) - r)`` and the whole gradient in one elementwise
   expression, e.g. for class indices ``dz = p·a - [c = y]·b - c₀·w``, with per-row ``a, b, c₀``.
 
-Why the row statistics are written the way they are: XLA on CPU fuses a row reduction (max,
-Σ exp) into one vectorized loop only when its body is plain arithmetic; a ``select`` or a
-comparison inside it makes XLA write the whole ``N×V`` operand to memory first (5-7× slower).
-The log1p-of-the-sum-without-one-term trick that keeps confident rows accurate therefore uses
-arithmetic masks:
+Two facts about XLA on CPU shape the code:
 
-* class indices: leave the *label* term out, ``t = Σ_c e_c · min(1, |c - y|)``, then
-  ``r = log1p(expm1(z_y - m) + t)`` (exact for ``y = argmax``, where the loss is ``r`` itself);
-* probabilities (no label to leave out): ``u = Σ_c e_c · min(1, (m - z_c)·2^126)`` leaves every
-  maximal term out; if ``s = Σ_c e_c < 2`` there is exactly one, so ``r = log1p(u)``, else
-  ``r = log s`` (see :func:`row_stats`).
+1. A row reduction (max, Σ exp) runs as one vectorized loop only when its body is arithmetic; a
+   ``select`` or a comparison inside it makes XLA write the whole ``N×V`` operand to memory first
+   (5-7× slower). So the log1p-of-the-sum-without-one-term trick that keeps confident rows exact
+   uses arithmetic masks:
+
+   * class indices: leave the *label* term out, ``t = Σ_c e_c · min(1, |c - y|)``, then
+     ``r = log1p(expm1(z_y - m) + t)`` (exact for ``y = argmax``, where the loss is ``r`` itself);
+   * probabilities: ``u = Σ_c e_c · min(1, |x_max - x_c|·2^126)`` leaves every maximal term out;
+     ``s = Σ_c e_c < 2`` means there is exactly one, so ``r = log1p(u)``, else ``r = log s``.
+
+2. XLA evaluates the transform (``x / T``, softcap) again inside every fusion that uses it, and
+   may contract ``m - x·(1/T)`` into a fused multiply-add in one fusion and not in another, so a
+   transformed maximum need not equal the transformed logit it came from. Maxima and ties are
+   therefore found on the *raw* logits (the transform is increasing), and ``z - m`` is computed
+   as ``(x - x_max)·(1/T)`` (softcap: ``c·(tanh(x/c) - tanh(x_max/c))/T``, set to exactly 0 at
+   raw ties), which is exactly 0 for the maximal terms in every fusion.
 
 ``mask`` (optax's ``where``) hides classes from the statistics; for class indices the label logit
 is still read from the unmasked logits, as optax does. Rows that are ignored (label equal to
-``ignore_index``, or every class masked) give 0 and a zero gradient.
+``ignore_index``, or every class masked) give 0 and a zero gradient. With ``softcap`` a ``-inf``
+logit becomes ``-c``, as in the core (the cap is part of the model); masks and softcap are not
+combined by any caller.
 """
 
 from __future__ import annotations
@@ -35,11 +44,10 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from .._namespace import acc_dtype
-from ..core.logsumexp import transform, transform_grad_factor
 
 __all__ = ["Options", "index_rows", "prob_rows", "softmax", "log_softmax", "row_stats"]
 
-# Differences m - z below 2^-126 count as maximal terms (their exp is exactly 1).
+# |x_max - x| below 2^-126 counts as a tie with the maximum (its exp is exactly 1).
 _TIE = 2.0 ** 126
 # Float iota is exact up to 2^24 classes in float32; beyond that the (slower) integer compare.
 _FLOAT_IOTA_MAX = 2 ** 24
@@ -67,66 +75,95 @@ def _perturbed(p: Any) -> bool:
     return p is not None and bool(getattr(p, "perturbed", True))
 
 
-def _z(x: Any, opts: Options) -> Any:
-    return transform(jnp, x.astype(acc_dtype(jnp, x.dtype)), opts.softcap, opts.temperature)
+# ----------------------------------------------------------------------------------------------
+# the transform, expressed relative to the row maximum
 
 
-def _masked(z: Any, mask: Any) -> Any:
-    return z if mask is None else jnp.where(mask, z, -jnp.inf)
+def _raw(x: Any, mask: Any, opts: Options) -> Any:
+    """Logits in the accumulation dtype, ready for the max: masked -> -inf; with softcap,
+    clipped to the finite range (tanh maps ±inf and ±max-float to the same ±c)."""
+    xa = x.astype(acc_dtype(jnp, x.dtype))
+    if opts.softcap is not None:
+        if mask is not None:
+            raise ValueError("mask and softcap cannot be combined")
+        big = float(jnp.finfo(xa.dtype).max)
+        xa = jnp.clip(xa, -big, big)
+    if mask is not None:
+        xa = jnp.where(mask, xa, -jnp.inf)
+    return xa
 
 
-def _row_max(zs: Any, axis: int) -> Any:
-    if zs.shape[axis] == 0:  # the max of nothing is -inf: an empty row behaves as fully masked
-        return jnp.full(zs.shape[:axis % zs.ndim] + (1,) + zs.shape[axis % zs.ndim + 1:], -jnp.inf, zs.dtype)
-    return jnp.max(zs, axis=axis, keepdims=True)
+def _transform(xa: Any, opts: Options) -> Any:
+    """``softcap·tanh(x/softcap) / T`` of (per-row) values."""
+    if opts.softcap is not None:
+        xa = jnp.tanh(xa * (1.0 / opts.softcap)) * opts.softcap
+    if opts.temperature != 1.0:
+        xa = xa * (1.0 / opts.temperature)
+    return xa
 
 
-def _finish_r(m: Any, r: Any) -> Any:
-    """Contract values for the special rows: all ``-inf`` -> ``r = 0``; ``m = +inf`` -> NaN."""
-    return jnp.where(m == -jnp.inf, 0.0, jnp.where(m == jnp.inf, jnp.nan, r))
+def _shift(xa: Any, mx0: Any, opts: Options) -> Any:
+    """``z - m`` of logits ``xa`` against the finite raw row maximum ``mx0``; exactly 0 where
+    ``xa == mx0`` in every fusion (see the module notes)."""
+    inv_t = 1.0 / opts.temperature
+    if opts.softcap is None:
+        d = xa - mx0
+        return d if inv_t == 1.0 else d * inv_t
+    k = 1.0 / opts.softcap
+    d = (jnp.tanh(xa * k) - jnp.tanh(mx0 * k)) * (opts.softcap * inv_t)
+    return d * _not_tie(xa, mx0)
 
 
-def row_stats(zs: Any, axis: int = -1) -> tuple[Any, Any]:
-    """``(m, r)`` along ``axis`` (kept with size 1), ``r`` exact for confident rows.
+def _not_tie(xa: Any, mx0: Any) -> Any:
+    """1 for logits below the maximum, 0 for ties with it; arithmetic, so reductions fuse.
 
-    With ``e = exp(z - m)``: ``s = Σ e`` and ``u = Σ e·min(1, (m - z)·2^126)``, the sum without
-    the maximal terms. ``s < 2`` means exactly one maximal term, so ``r = log1p(u)``; otherwise
-    ``r ≥ log 2`` and ``log s`` is accurate. (A term with ``0 < m - z < 2^-126`` has ``e = 1``, so
-    it pushes ``s`` to 2 and takes the second branch.) Both sums share one ``exp`` and no select.
+    Piecewise constant, so no gradient: autodiff would see a slope of ±2^126 at ties, whose
+    cancelling halves swallow every other term of a second derivative.
     """
-    m = _row_max(zs, axis)
-    m0 = jnp.where(jnp.isfinite(m), m, 0.0)
-    d = m0 - zs
-    e = jnp.exp(-d)
+    return jax.lax.stop_gradient(jnp.minimum(1.0, jnp.abs(mx0 - xa) * _TIE))
+
+
+def _row_max(xa: Any, axis: int) -> Any:
+    if xa.shape[axis] == 0:  # the max of nothing is -inf: an empty row behaves as fully masked
+        shape = list(xa.shape)
+        shape[axis] = 1
+        return jnp.full(tuple(shape), -jnp.inf, xa.dtype)
+    return jnp.max(xa, axis=axis, keepdims=True)
+
+
+def _finite0(mx: Any) -> Any:
+    return jnp.where(jnp.isfinite(mx), mx, 0.0)
+
+
+def _finish_r(mx: Any, r: Any) -> Any:
+    """Contract values for the special rows: all ``-inf`` -> ``r = 0``; ``+inf`` -> NaN."""
+    return jnp.where(mx == -jnp.inf, 0.0, jnp.where(mx == jnp.inf, jnp.nan, r))
+
+
+def row_stats(xa: Any, opts: Options, axis: int = -1) -> tuple[Any, Any, Any]:
+    """``(mx, d, r)``: raw row maximum, ``d = z - m`` and ``r = log Σ exp(d)`` (exact for confident
+    rows). ``mx`` and ``r`` keep ``axis`` with size 1; ``xa`` comes from :func:`_raw`.
+
+    ``s = Σ e`` and ``u = Σ e·[not a tie]`` share one ``exp``; ``s < 2`` means a single maximal
+    term, so ``r = log1p(u)``, otherwise ``r ≥ log 2`` and ``log s`` is accurate.
+    """
+    mx = _row_max(xa, axis)
+    mx0 = _finite0(mx)
+    d = _shift(xa, mx0, opts)
+    e = jnp.exp(d)
     s = jnp.sum(e, axis=axis, keepdims=True)
-    u = jnp.sum(e * jnp.minimum(1.0, d * _TIE), axis=axis, keepdims=True)
+    u = jnp.sum(e * _not_tie(xa, mx0), axis=axis, keepdims=True)
     r = jnp.where(s < 2.0, jnp.log1p(u), jnp.log(s))
-    return m, _finish_r(m, r)
+    return mx, d, _finish_r(mx, r)
 
 
-def _label_stats(zs: Any, zys: Any, lab: Any) -> tuple[Any, Any]:
-    """``(m, r)`` (size-1 last axis) for rows whose label ``lab`` is known: the label term is
-    left out of the sum and added back with ``expm1``, exact for confident rows."""
-    m = _row_max(zs, -1)
-    m0 = jnp.where(jnp.isfinite(m), m, 0.0)
-    V = zs.shape[-1]
-    e = jnp.exp(zs - m0)
-    if V <= _FLOAT_IOTA_MAX:
-        iota = jax.lax.broadcasted_iota(zs.dtype, zs.shape, zs.ndim - 1)
-        not_label = jnp.minimum(1.0, jnp.abs(iota - lab.astype(zs.dtype)))
-        t = jnp.sum(e * not_label, axis=-1, keepdims=True)
-    else:
-        iota = jax.lax.broadcasted_iota(lab.dtype, zs.shape, zs.ndim - 1)
-        t = jnp.sum(jnp.where(iota == lab, 0.0, e), axis=-1, keepdims=True)
-    r = jnp.log1p(jnp.expm1(zys - m0) + t)
-    return m, _finish_r(m, r)
+def _recompute_d(x: Any, mask: Any, mx: Any, opts: Options) -> Any:
+    return _shift(_raw(x, mask, opts), _finite0(mx), opts)
 
 
-def _softmax_from(zs: Any, m: Any, r: Any) -> Any:
-    """``exp((z - m) - r)``: 0 on fully masked rows, NaN on rows with NaN or ``+inf``."""
-    m0 = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.exp((zs - m0) - r)
-    return jnp.where(m == jnp.inf, jnp.nan, p)
+def _softmax_from(d: Any, mx: Any, r: Any) -> Any:
+    """``exp(d - r)``: 0 on fully masked rows, NaN on rows with NaN or ``+inf``."""
+    return jnp.where(mx == jnp.inf, jnp.nan, jnp.exp(d - r))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,30 +192,49 @@ def _class_weights(weight: Any, acc: Any, V: int) -> tuple[Any, Any]:
     return w, jnp.sum(w)
 
 
+def _label_shift(x: Any, lab: Any, mx: Any, mask: Any, opts: Options) -> tuple[Any, Any]:
+    """``(z_y - m unmasked, z_y - m masked)`` per row (size-1 last axis), exactly 0 for a label
+    that is the row maximum. optax reads the label logit unmasked; the normalizer is masked."""
+    xy = _raw(_gather_last(x, lab), None, opts)
+    mx0 = _finite0(mx)
+    dy = jnp.where(xy == mx, 0.0, _shift(xy, mx0, opts))
+    if mask is None:
+        return dy, dy
+    shown = _gather_last(jnp.broadcast_to(mask, x.shape), lab)
+    return dy, jnp.where(shown, dy, -jnp.inf)
+
+
 def _index_forward(opts: Options, x: Any, labels: Any, weight: Any, mask: Any):
     acc = acc_dtype(jnp, x.dtype)
     V = x.shape[-1]
     eps = opts.label_smoothing
     mask_any = None if mask is None else jnp.broadcast_to(jnp.any(mask, axis=-1), labels.shape)
     valid, bad, lab = _index_parts(labels, mask_any, V, opts.ignore_index)
-    z = _z(x, opts)
-    zs = _masked(z, mask)
-    # The label logit is gathered from x and transformed alone, so z is never materialized.
-    zy = _z(_gather_last(x, lab), opts)
-    zys = zy if mask is None else jnp.where(_gather_last(jnp.broadcast_to(mask, x.shape), lab), zy, -jnp.inf)
-    m, r = _label_stats(zs, zys, lab[..., None])
+    xa = _raw(x, mask, opts)
+    mx = _row_max(xa, -1)
+    mx0 = _finite0(mx)
+    d = _shift(xa, mx0, opts)
+    dy, dys = _label_shift(x, lab, mx, mask, opts)
+    # r with the label's term left out of the sum (exact when the label is the maximum)
+    e = jnp.exp(d)
+    if V <= _FLOAT_IOTA_MAX:
+        iota = jax.lax.broadcasted_iota(acc, x.shape, x.ndim - 1)
+        t = jnp.sum(e * jnp.minimum(1.0, jnp.abs(iota - lab[..., None].astype(acc))), axis=-1, keepdims=True)
+    else:
+        iota = jax.lax.broadcasted_iota(lab.dtype, x.shape, x.ndim - 1)
+        t = jnp.sum(jnp.where(iota == lab[..., None], 0.0, e), axis=-1, keepdims=True)
+    r = _finish_r(mx, jnp.log1p(jnp.expm1(dys) + t))
     w, W = _class_weights(weight, acc, V)
     wy = 1.0 if w is None else jnp.take(w, lab)[..., None]
-    all_masked = m == -jnp.inf
-    nll = jnp.where(all_masked, jnp.inf, (m - zy) + r)
+    all_masked = mx == -jnp.inf
+    nll = jnp.where(all_masked, jnp.inf, r - dy)
     ce = (1.0 - eps) * wy * nll if eps != 1.0 else jnp.zeros_like(nll)
     if eps > 0.0:
-        shifted = m - zs if w is None else w * (m - zs)
-        smooth = jnp.sum(shifted, axis=-1, keepdims=True) + W * r
+        smooth = -jnp.sum(d if w is None else w * d, axis=-1, keepdims=True) + W * r
         ce = ce + (eps / V) * jnp.where(all_masked, jnp.inf, smooth)
     ce = jnp.where(bad, jnp.nan, jnp.where(valid, ce[..., 0], 0.0))
-    lse = jnp.where(valid, (m + r)[..., 0], 0.0)
-    return (ce, lse), (m, r, nll, valid, bad, lab)
+    lse = jnp.where(valid, (_transform(mx, opts) + r)[..., 0], 0.0)
+    return (ce, lse), (mx, r, nll, valid, bad, lab)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -188,20 +244,31 @@ def _index_rows(opts: Options, x: Any, labels: Any, weight: Any, mask: Any) -> t
 
 def _index_fwd(opts, x, labels, weight, mask):
     xv, lv, wv, mv = _value(x), _value(labels), _value(weight), _value(mask)
-    out, (m, r, nll, valid, bad, lab) = _index_forward(opts, xv, lv, wv, mv)
-    # Residuals: the inputs (alive anyway) and per-row numbers; a weight that is not being
-    # differentiated leaves its gradient terms out (``nll`` is only needed for them).
-    res = (xv, wv, mv, m, r, valid, bad, lab, nll if _perturbed(weight) else None)
-    return out, res
+    out, (mx, r, nll, valid, bad, lab) = _index_forward(opts, xv, lv, wv, mv)
+    # Residuals: the inputs (alive anyway) and per-row numbers; ``nll`` only when the weight is
+    # being differentiated (its gradient needs it).
+    return out, (xv, wv, mv, mx, r, valid, bad, lab, nll if _perturbed(weight) else None)
+
+
+def _grad_factor(x: Any, acc: Any, opts: Options) -> Any:
+    """d z / d x of the transform, or ``None`` where it is the constant 1."""
+    factor = None
+    if opts.softcap is not None:
+        th = jnp.tanh(x.astype(acc) * (1.0 / opts.softcap))
+        factor = 1.0 - th * th
+    if opts.temperature != 1.0:
+        inv_t = 1.0 / opts.temperature
+        factor = inv_t if factor is None else factor * inv_t
+    return factor
 
 
 def _index_bwd(opts, res, g):
-    x, w_in, mask, m, r, valid, bad, lab, nll = res
+    x, w_in, mask, mx, r, valid, bad, lab, nll = res
     g_ce, g_lse = g
     acc = acc_dtype(jnp, x.dtype)
     V = x.shape[-1]
     eps = opts.label_smoothing
-    g_ce = jnp.zeros(m.shape[:-1], acc) if _is_zero(g_ce) else g_ce.astype(acc)
+    g_ce = jnp.zeros(mx.shape[:-1], acc) if _is_zero(g_ce) else g_ce.astype(acc)
     g_ce = jnp.where(valid, g_ce, 0.0)
     w, W = _class_weights(w_in, acc, V)
     wy = 1.0 if w is None else jnp.take(w, lab)
@@ -210,8 +277,8 @@ def _index_bwd(opts, res, g):
     a = b + g_ce * (eps / V * W)
     if not _is_zero(g_lse):
         a = a + jnp.where(valid, g_lse.astype(acc), 0.0)
-    z = _z(x, opts)
-    p = _softmax_from(_masked(z, mask), m, r)
+    d = _recompute_d(x, mask, mx, opts)
+    p = _softmax_from(d, mx, r)
     onehot = jax.lax.broadcasted_iota(lab.dtype, x.shape, x.ndim - 1) == lab[..., None]
     dz = p * a[..., None] - jnp.where(onehot, b[..., None], 0.0)
     if eps > 0.0:
@@ -219,19 +286,18 @@ def _index_bwd(opts, res, g):
         dz = dz - (c0 if w is None else c0 * w)
     dz = jnp.where(valid[..., None], dz, 0.0)
     dz = jnp.where(bad[..., None], jnp.nan, dz)
-    factor = transform_grad_factor(jnp, x.astype(acc), opts.softcap, opts.temperature)
+    factor = _grad_factor(x, acc, opts)
     if factor is not None:
         dz = dz * factor
     dx = dz.astype(x.dtype)
     dw = None
     if nll is not None:
-        # d ce / d w_c = (1-eps)·[c = y]·nll + eps/V·((m - z_c) + r), summed over valid rows.
-        gv = jnp.where(valid, g_ce, 0.0)
-        term = jnp.where(valid, (1.0 - eps) * gv * nll[..., 0], 0.0)
+        # d ce / d w_c = (1-eps)·[c = y]·nll + eps/V·(r - d_c), summed over valid rows.
+        term = jnp.where(valid, (1.0 - eps) * g_ce * nll[..., 0], 0.0)
         dw = jnp.zeros((V,), acc).at[lab.reshape(-1)].add(term.reshape(-1))
         if eps > 0.0:
-            shifted = jnp.where(valid[..., None], (m - z) + r, 0.0)
-            dw = dw + (eps / V) * jnp.einsum("...,...c->c", gv, shifted)
+            lz = jnp.where(valid[..., None], r - d, 0.0)
+            dw = dw + (eps / V) * jnp.einsum("...,...c->c", g_ce, lz)
         dw = dw.astype(w_in.dtype)
     return dx, None, dw, None
 
@@ -269,15 +335,14 @@ def _targets(y: Any, weight: Any, mask: Any, acc: Any, eps: float) -> Any:
 
 def _prob_forward(opts: Options, x: Any, y: Any, weight: Any, mask: Any):
     acc = acc_dtype(jnp, x.dtype)
-    zs = _masked(_z(x, opts), mask)
-    m, r = row_stats(zs, -1)
+    mx, d, r = row_stats(_raw(x, mask, opts), opts, -1)
     wy = _targets(y, weight, mask, acc, opts.label_smoothing)
     # Classes with w·y = 0 take no part (0·log 0 = 0), so a -inf logit with zero target is fine.
-    terms = jnp.where(wy == 0.0, 0.0, wy * (m - zs))
+    terms = jnp.where(wy == 0.0, 0.0, wy * d)
     mass = jnp.sum(wy, axis=-1, keepdims=True)
-    ce = jnp.sum(terms, axis=-1, keepdims=True) + mass * r
-    ce = jnp.where(m == -jnp.inf, jnp.where(mass == 0.0, 0.0, jnp.inf), ce)
-    return (ce[..., 0], (m + r)[..., 0]), (m, r, mass)
+    ce = mass * r - jnp.sum(terms, axis=-1, keepdims=True)
+    ce = jnp.where(mx == -jnp.inf, jnp.where(mass == 0.0, 0.0, jnp.inf), ce)
+    return (ce[..., 0], (_transform(mx, opts) + r)[..., 0]), (mx, r, mass)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -287,40 +352,35 @@ def _prob_rows(opts: Options, x: Any, y: Any, weight: Any, mask: Any) -> tuple[A
 
 def _prob_fwd(opts, x, y, weight, mask):
     xv, yv, wv, mv = _value(x), _value(y), _value(weight), _value(mask)
-    out, (m, r, mass) = _prob_forward(opts, xv, yv, wv, mv)
+    out, (mx, r, mass) = _prob_forward(opts, xv, yv, wv, mv)
     # Markers (an empty array, or None) say which of labels / weight are being differentiated:
     # the label gradient is a whole N×V array, not worth building when nobody asked for it.
     flags = tuple(jnp.zeros((0,), bool) if _perturbed(a) else None for a in (y, weight))
-    return out, (xv, yv, wv, mv, m, r, mass, flags)
-
-
-def _log_term(z: Any, m: Any, r: Any, wy: Any) -> Any:
-    """``lse - z_c = (m - z_c) + r`` where the target is nonzero; +inf for a ``-inf`` logit."""
-    lz = (m - z) + r
-    return jnp.where(m == -jnp.inf, jnp.inf, lz)
+    return out, (xv, yv, wv, mv, mx, r, mass, flags)
 
 
 def _prob_bwd(opts, res, g):
-    x, y, w_in, mask, m, r, mass, (need_y, need_w) = res
+    x, y, w_in, mask, mx, r, mass, (need_y, need_w) = res
     g_ce, g_lse = g
     acc = acc_dtype(jnp, x.dtype)
     eps = opts.label_smoothing
-    g_ce = jnp.zeros(m.shape[:-1], acc) if _is_zero(g_ce) else g_ce.astype(acc)
+    g_ce = jnp.zeros(mx.shape[:-1], acc) if _is_zero(g_ce) else g_ce.astype(acc)
     gc = g_ce[..., None]
     a = gc * mass
     if not _is_zero(g_lse):
         a = a + g_lse.astype(acc)[..., None]
-    zs = _masked(_z(x, opts), mask)
-    p = _softmax_from(zs, m, r)
+    d = _recompute_d(x, mask, mx, opts)
+    p = _softmax_from(d, mx, r)
     wy = _targets(y, w_in, mask, acc, eps)
     dz = p * a - gc * wy
-    factor = transform_grad_factor(jnp, x.astype(acc), opts.softcap, opts.temperature)
+    factor = _grad_factor(x, acc, opts)
     if factor is not None:
         dz = dz * factor
     dx = dz.astype(x.dtype)
     dy = dw = None
     if need_y is not None or need_w is not None:
-        lz = _log_term(zs, m, r, wy)
+        # lse - z_c = r - d_c (+inf for a -inf logit; also for a fully -inf row)
+        lz = jnp.where(mx == -jnp.inf, jnp.inf, r - d)
     if need_y is not None:
         w = 1.0 if w_in is None else w_in.astype(acc)
         dyv = gc * ((1.0 - eps) * w) * lz
@@ -352,12 +412,11 @@ def prob_rows(x: Any, y: Any, weight: Any = None, mask: Any = None, *,
 
 
 def _softmax_forward(x: Any, axis: int, mask: Any, temperature: float, log: bool) -> Any:
-    zs = _masked(_z(x, Options(temperature=temperature)), mask)
-    m, r = row_stats(zs, axis)
+    mx, d, r = row_stats(_raw(x, mask, Options(temperature=temperature)), Options(temperature=temperature), axis)
     if log:
-        out = jnp.where(m == -jnp.inf, -jnp.inf, (zs - m) - r)
+        out = jnp.where(mx == -jnp.inf, -jnp.inf, d - r)
     else:
-        out = _softmax_from(zs, m, r)
+        out = _softmax_from(d, mx, r)
     return out.astype(x.dtype)
 
 
@@ -384,7 +443,7 @@ def _softmax_bwd(axis, temperature, log, res, g):
     if mask is not None:
         dz = jnp.where(mask, dz, 0.0)
     if temperature != 1.0:
-        dz = dz / temperature
+        dz = dz * (1.0 / temperature)
     return dz.astype(out.dtype), None
 
 
@@ -405,4 +464,3 @@ def log_softmax(x: Any, axis: int = -1, *, where: Any = None, temperature: float
     Backward ``(g - softmax·Σ g) / T`` over entries not masked (masked entries get 0).
     """
     return _softmax(axis, float(temperature), x, where, True)
-
