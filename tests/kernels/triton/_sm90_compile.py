@@ -59,7 +59,9 @@ def variants():
     V, N = 128256, 16384
     f32, i64, i32, i8 = torch.float32, torch.int64, torch.int32, torch.int8
     for dt, all_opts in ((torch.bfloat16, False), (torch.float32, True)):
-        block, warps, single = C._config(V, t(dt).element_size())
+        block, warps, single = C._config(V, t(dt).element_size(), "ce")
+        sm_block, sm_warps, sm_single = C._config(V, t(dt).element_size(), "softmax")
+        bw_block, bw_warps, bw_single = C._config(V, t(dt).element_size(), "softmax_bwd")
         x = t(dt)
         ce_args = dict(X=x, OUT=x, LABELS=t(i64), WEIGHT=t(f32), WSUM=t(f32), GCE=t(f32), GZ=t(f32),
                        M_IO=t(f32), R_IO=t(f32), CE=t(f32), FLAG=t(i32, 3), stride_x=V, stride_o=V,
@@ -76,13 +78,13 @@ def variants():
         sm_args = dict(X=x, OUT=x, LSE=t(f32), stride_x=V, stride_o=V, N=N, V=V, it_hi=1.0, it_lo=0.0)
         for mode in (0, 1, 2):
             yield (f"softmax fwd {dt} mode={mode}", S._softmax_fwd_kernel, sm_args,
-                   dict(MODE=mode, HAS_TEMP=all_opts, IS_F64=False, SINGLE=single, BLOCK=block, PREFETCH=True,
-                    EV_KEEP="evict_last", EV_DROP="evict_first"), warps)
+                   dict(MODE=mode, HAS_TEMP=all_opts, IS_F64=False, SINGLE=sm_single, BLOCK=sm_block,
+                        PREFETCH=True, EV_KEEP="evict_last", EV_DROP="evict_first"), sm_warps)
         for log in (False, True):
             yield (f"softmax bwd {dt} log={log}", S._softmax_bwd_kernel,
                    dict(Y=x, DY=x, OUT=x, stride_y=V, stride_dy=V, stride_o=V, N=N, V=V),
-                   dict(LOG=log, IS_F64=False, SINGLE=single, BLOCK=block, PREFETCH=True,
-                        EV_KEEP="evict_last", EV_DROP="evict_first"), warps)
+                   dict(LOG=log, IS_F64=False, SINGLE=bw_single, BLOCK=bw_block, PREFETCH=True,
+                        EV_KEEP="evict_last", EV_DROP="evict_first"), bw_warps)
     # linear cross-entropy, the benchmark's bf16 tiles
     dt = torch.bfloat16
     tiles = L._tiles(dt)

@@ -9,8 +9,9 @@ Memory traffic of the fused kernel: a row that fits one block is read once into 
 row is streamed twice: pass 1 (``evict_last``) computes per-lane ``(max, sum without the max)``
 states with the next block's load in flight, pass 2 re-reads the row *in reverse block order*
 (the most recently read blocks first, the likeliest L2 hits) and writes the gradient once. Wide
-rows run on a persistent grid of one program per SM (:func:`_grid`), so only one row per SM sits
-between its two passes: 132 x 256 KB for bf16 V = 128256 on an H100, well inside its 50 MB L2.
+rows run on a persistent grid of one or two programs per SM (:func:`_grid`), so only that many
+rows per SM sit between their two passes: 132 x 256 KB per program for bf16 V = 128256 on an
+H100, well inside its 50 MB L2.
 All tunables (block, warps, persistence, prefetch, hints) have ``LOGITKIT_TRITON_*`` overrides
 that ``benchmarks/gpu.py`` sweeps.
 
@@ -41,28 +42,56 @@ _INT32_MAX = 2**31 - 1
 # launch configuration
 
 
-def _config(V: int, itemsize: int) -> tuple[int, int, bool]:
+# Wide rows (more than one block): (BLOCK, num_warps, programs per SM) by stage family and input
+# element size, the winners of the configuration sweep of benchmarks/gpu.py on an H100 80GB HBM3
+# at N x V = 16384 x 128256 (benchmarks/results/gpu-h100-2026-11-28.md; previous default in
+# brackets, % of device copy bandwidth):
+#   CE fwd+bwd float32:  8192, 32 warps, 1/SM: 7.24 ms, 77%  [4096, 16, 1: 8.46 ms, 66%]
+#   CE fwd+bwd bfloat16: 8192,  8 warps, 2/SM: 4.04 ms, 69%  [8192, 16, 1: 4.22 ms, 66%]
+#   softmax fwd float32: 8192, 32 warps, 1/SM: 7.25 ms, 77%  [4096, 16, 1: 8.47 ms, 66%]
+#   softmax fwd bfloat16: 16384, 32 warps, 1/SM: 3.25 ms, 86% [8192, 16, 1: 3.91 ms, 72%]
+# i.e. 32 KiB of input per step (8 elements a thread) except for bf16 CE, whose fused backward
+# needs more registers per element.  float16 shares bfloat16's element size and traffic.  Not
+# swept, so unchanged: float64, and the softmax backward (two input streams): 16 KiB a step at
+# 16 warps, one program per SM.
+_WIDE = {
+    ("ce", 4): (8192, 32, 1),
+    ("ce", 2): (8192, 8, 2),
+    ("softmax", 4): (8192, 32, 1),
+    ("softmax", 2): (16384, 32, 1),
+}
+
+
+def _wide(itemsize: int, kind: str) -> tuple[int, int, int]:
+    """``(BLOCK, num_warps, programs per SM)`` for rows wider than one block (see ``_WIDE``)."""
+    return _WIDE.get((kind, itemsize), (16384 // itemsize, 16, 1))
+
+
+def _config(V: int, itemsize: int, kind: str = "ce") -> tuple[int, int, bool]:
     """``(BLOCK, num_warps, single)``: a row that fits one block is held in registers.
 
-    Wider rows stream 16 KiB of input per step (8192 bf16 / 4096 float32 elements, 16 or 8 per
-    thread at 16 warps) with the next step's load in flight (:func:`_prefetch`): about 32 KiB
-    outstanding per SM, enough for HBM bandwidth at one program per SM, which also keeps the
-    rows between the two passes (132 x 256 KB for bf16 V = 128256) within L2.
+    Wider rows are streamed in blocks with the next block's load in flight (:func:`_prefetch`);
+    block and warps per ``kind`` (``"ce"``, ``"softmax"`` forward, ``"softmax_bwd"``) and element
+    size come from the H100 sweep recorded in ``_WIDE``.  At one or two programs per SM
+    (:func:`_grid`) the rows between the two passes (132 x 256 KB for bf16 V = 128256) stay in L2.
     ``LOGITKIT_TRITON_BLOCK`` / ``LOGITKIT_TRITON_WARPS`` override (for tuning runs).
     """
     env_block = os.environ.get("LOGITKIT_TRITON_BLOCK")
     env_warps = os.environ.get("LOGITKIT_TRITON_WARPS")
     vp = triton.next_power_of_2(max(int(V), 1))
     single_max = 16384 if itemsize <= 2 else 8192
+    wide_block, wide_warps, _ = _wide(itemsize, kind)
     if env_block:
         block = int(env_block)
     elif vp <= single_max:
         block = max(vp, 16)
     else:
-        block = 16384 // itemsize
+        block = wide_block
     single = block >= vp
     if env_warps:
         warps = int(env_warps)
+    elif not single and block == wide_block:
+        warps = wide_warps
     elif block <= 1024:
         warps = 4
     elif block <= 4096 and single:
@@ -72,11 +101,13 @@ def _config(V: int, itemsize: int) -> tuple[int, int, bool]:
     return block, warps, single
 
 
-def _grid(N: int, single: bool, device: torch.device) -> int:
-    """Programs to launch: one per row for rows that fit a block; for wider rows
-    ``LOGITKIT_TRITON_PERSIST`` (default 1) programs per SM walk the rows, so that only that many
-    rows per SM are between their two passes (their L2 footprint)."""
-    per_sm = int(os.environ.get("LOGITKIT_TRITON_PERSIST", "1"))
+def _grid(N: int, single: bool, device: torch.device, itemsize: int = 2, kind: str = "ce") -> int:
+    """Programs to launch: one per row for rows that fit a block; for wider rows a persistent
+    grid of ``_WIDE``'s programs per SM (``LOGITKIT_TRITON_PERSIST`` overrides; 0: one per row)
+    walks the rows, so that only that many rows per SM are between their two passes (their L2
+    footprint)."""
+    env = os.environ.get("LOGITKIT_TRITON_PERSIST")
+    per_sm = int(env) if env else _wide(itemsize, kind)[2]
     if single or per_sm <= 0:
         return N
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
@@ -434,9 +465,9 @@ def _ce_launch(x, labels, g_ce, g_z, m_in, r_in, *, weight, ignore_index, label_
         s1 = s2 = 0
     flag = label_flag(dev)
     if N > 0:
-        block, warps, single = _config(V, x.element_size())
+        block, warps, single = _config(V, x.element_size(), "ce")
         dummy = x  # never read: constexpr flags turn off every use
-        _ce_kernel[(_grid(N, single, dev),)](
+        _ce_kernel[(_grid(N, single, dev, x.element_size(), "ce"),)](
             x, out if out is not None else dummy, labels,
             weight if weight is not None else dummy, wsum if wsum is not None else dummy,
             g1 if g1 is not None else dummy, g2 if g2 is not None else dummy,

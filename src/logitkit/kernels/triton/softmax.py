@@ -215,8 +215,8 @@ def _forward(x, temperature, out, mode):
             out = torch.empty_like(x, memory_format=torch.contiguous_format)
         res, o, lse = out, out, x
     if N > 0 and V > 0:
-        block, warps, single = _config(V, x.element_size())
-        _softmax_fwd_kernel[(_grid(N, single, x.device),)](
+        block, warps, single = _config(V, x.element_size(), "softmax")
+        _softmax_fwd_kernel[(_grid(N, single, x.device, x.element_size(), "softmax"),)](
             x, o, lse, x.stride(0), o.stride(0), N, V, *split64(1.0 / t),
             MODE=mode, HAS_TEMP=t != 1.0, IS_F64=x.dtype == torch.float64, SINGLE=single,
             BLOCK=block, PREFETCH=_prefetch(), **_hints(), num_warps=warps)
@@ -271,8 +271,8 @@ def _backward(y, dy, out, log):
     if out is None:
         out = torch.empty_like(y, memory_format=torch.contiguous_format)
     if N > 0 and V > 0:
-        block, warps, single = _config(V, y.element_size())
-        _softmax_bwd_kernel[(_grid(N, single, y.device),)](
+        block, warps, single = _config(V, y.element_size(), "softmax_bwd")
+        _softmax_bwd_kernel[(_grid(N, single, y.device, y.element_size(), "softmax_bwd"),)](
             y, dy, out, y.stride(0), dy.stride(0), out.stride(0), N, V,
             LOG=log, IS_F64=y.dtype == torch.float64, SINGLE=single, BLOCK=block,
             PREFETCH=_prefetch(), **_hints(), num_warps=warps)
