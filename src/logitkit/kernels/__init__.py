@@ -34,7 +34,11 @@ scale times grad_output; the caller zeroes them for ignored rows)::
     p_c = exp(z_c - m - r)
     dL/dz_c = g_ce * [(1-eps) * w[y] * (p_c - [c == y]) + eps/V * (W * p_c - w[c])]
               + g_z * 2 * z_loss * (m + r) * p_c                    (W = sum_c w[c])
-    dL/dx_c = dL/dz_c / temperature * (1 - tanh(x_c/softcap)**2)   (softcap factor if set)
+    dL/dx_c = dL/dz_c / temperature * sech(x_c/softcap)**2          (softcap factor if set)
+
+The label entry's ``p_y - 1`` is computed as ``expm1((z_y - m) - r)`` (a confident row's
+gradient is ~1e-13, not 0), and ``sech²`` as ``4t/(1+t)²`` with ``t = exp(-2|x/softcap|)``, which
+does not cancel the way ``1 - tanh²`` does for large ``|x/softcap|``.
 
 Ignored rows get an exact zero gradient. ``out`` has ``x``'s dtype and may be ``x`` itself
 (in place); the label term is subtracted in the accumulation dtype before rounding.
