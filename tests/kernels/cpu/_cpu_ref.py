@@ -77,6 +77,8 @@ def ce_grad(x, labels, g_ce, g_z, weight=None, ignore_index=-100, label_smoothin
             dz = dz + g_z[i] * 2 * z_loss * (m[i] + r[i]) * p[i]
         dx = dz / temperature
         if softcap is not None:
-            dx = dx * (1 - np.tanh(np.asarray(x[i], np.float64) / softcap) ** 2)
+            # sech^2 (1 - tanh^2 cancels for |x / softcap| > ~3, even in float64)
+            with np.errstate(over="ignore"):  # cosh(inf) = inf: factor 0
+                dx = dx / np.cosh(np.asarray(x[i], np.float64) / softcap) ** 2
         out[i] = dx
     return out

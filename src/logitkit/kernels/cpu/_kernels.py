@@ -331,6 +331,16 @@ def _ol_vtanh(u):
     return None
 
 
+@_jit_exact()
+def sech2(u):
+    """sech(u)**2 = 4e / (1 + e)**2 with e = exp(-2|u|): a few ulp relative error for every u
+    (1 - tanh(u)**2 cancels for |u| > ~3 and would lose all digits); 0 at +-inf, NaN for NaN."""
+    one = cast(1.0, u)
+    a = abs(u)
+    e = vexp_neg(-(a + a))
+    return ((one + one) * (e + e)) / ((one + e) * (one + e))
+
+
 def acc_zero(arr):
     """Zero of the accumulation type of ``arr``'s elements (float64 for float64, else float32)."""
 
@@ -501,14 +511,19 @@ def _store_affine_w(buf, out, a, b, w):
 
 
 @_jit_exact()
-def _store_softcap(buf, out, m, a, b, w, k):
-    """out = (exp(z - m) a - b w) (1 - (z k)^2), the softcap chain rule with tanh = z T / cap."""
-    one = cast(1.0, m)
+def _store_softcap(buf, out, m, a, b, w, f):
+    """out = (exp(z - m) a - b w) f, the softcap chain rule with f = sech(x / cap)^2."""
     for j in range(buf.size):
-        z = buf[j]
-        t = z * k
-        g = vexp(z - m) * a - b * w[j]
-        out[j] = from_acc(g * (one - t * t), out)
+        g = vexp(buf[j] - m) * a - b * w[j]
+        out[j] = from_acc(g * f[j], out)
+
+
+@_jit_exact()
+def _sech2_fill(row, f, cap):
+    """f = sech(x / cap)^2, from x itself (recovering it from z = cap tanh(x / cap) would cancel);
+    a loop of its own, so that it vectorizes."""
+    for j in range(row.size):
+        f[j] = sech2(to_acc(row[j]) / cap)
 
 
 @_jit_exact()
@@ -650,11 +665,11 @@ def ce_buffered(x, labels, w, wsum, ignore_index, eps, zl, temp, cap, use_cap, g
     n, v = x.shape
     for ch in prange(nchunk):
         buf = np.empty(v, buf_proto.dtype)
+        fac = np.empty(v if use_cap and want_grad else 0, buf_proto.dtype)
         zero = acc_zero(buf)
         inv_t = 1.0 / temp
         tz = cast(temp, zero)
         capa = cast(cap, zero)
-        k = cast(temp / cap, zero)
         for i in range(ch * n // nchunk, (ch + 1) * n // nchunk):
             xr = x[i]
             orow = out[i]
@@ -698,9 +713,9 @@ def ce_buffered(x, labels, w, wsum, ignore_index, eps, zl, temp, cap, use_cap, g
                 s1 = 1.0 + sp
                 gy = _label_grad(c, a, b, wy, (math.expm1(dy) - sp) / s1)
                 if use_cap:
-                    _store_softcap(buf, orow, m, cast(a / s1, zero), cast(b, zero), w, k)
-                    t = zy * k
-                    gy = gy * np.float64(cast(1.0, zero) - t * t)
+                    _sech2_fill(xr, fac, capa)  # reads x before orow (maybe x) is written
+                    gy = gy * np.float64(fac[y])
+                    _store_softcap(buf, orow, m, cast(a / s1, zero), cast(b, zero), w, fac)
                 else:
                     _store_affine_w(buf, orow, cast(a / s1, zero), cast(b, zero), w)
                 orow[y] = from_acc(cast(gy, zero), orow)
@@ -728,17 +743,16 @@ def _bwd_inplace(row, m, r, a, b, w, temp, use_t):
 
 
 @_jit_exact()
-def _bwd_cap(src, dst, buf, m, r, a, b, w, temp, cap, k):
-    """Softcap backward in two loops through ``buf`` (one loop holding both tanh and exp is not
-    inlined/vectorized by LLVM); dst may be src, since each loop reads one array and writes another."""
-    one = cast(1.0, m)
+def _bwd_cap(src, dst, buf, fac, m, r, a, b, w, temp, cap):
+    """Softcap backward in loops through ``buf`` (z) and ``fac`` (sech(x/cap)^2; one loop holding
+    both tanh and exp is not inlined/vectorized by LLVM); dst may be src, since each loop reads
+    one array and writes another."""
     for j in range(src.size):
         buf[j] = cap * vtanh(to_acc(src[j]) / cap) / temp
+    _sech2_fill(src, fac, cap)
     for j in range(src.size):
-        z = buf[j]
-        t = z * k
-        p = vexp((z - m) - r)
-        dst[j] = from_acc((p * a - b * w[j]) * (one - t * t), dst)
+        p = vexp((buf[j] - m) - r)
+        dst[j] = from_acc((p * a - b * w[j]) * fac[j], dst)
 
 
 @_jit_exact(parallel=True)
@@ -749,7 +763,7 @@ def ce_backward(x, labels, m_in, r_in, g_ce, g_z, w, wsum, ignore_index, eps, zl
     inv_t = 1.0 / temp
     use_t = temp != 1.0
     for ch in prange(nchunk):
-        buf = np.empty(v if use_cap else 0, buf_proto.dtype)
+        buf = np.empty(2 * v if use_cap else 0, buf_proto.dtype)  # z and sech^2 rows
         for i in range(ch * n // nchunk, (ch + 1) * n // nchunk):
             _ce_backward_row(x[i], out[i], labels[i], m_in[i], r_in[i], g_ce[i], g_z[i], w, wsum,
                              ignore_index, eps, zl, temp, inv_t, use_t, cap, use_cap, inplace, buf)
@@ -782,12 +796,11 @@ def _ce_backward_row(xr, orow, y, m_in, r_in, gce, gz, w, wsum, ignore_index, ep
     bz = cast(b, zero)
     if use_cap:
         capa = cast(cap, zero)
-        k = cast(temp / cap, zero)
         zy = capa * vtanh(xy / capa) / tz
-        _bwd_cap(xr, orow, buf, ma, ra, az, bz, w, tz, capa, k)
-        t = zy * k
+        fy = np.float64(sech2(xy / capa))
+        _bwd_cap(xr, orow, buf[:v], buf[v:], ma, ra, az, bz, w, tz, capa)
         pm1 = math.expm1((np.float64(zy) - m) - r)
-        gy = _label_grad(c, a, b, wy, pm1) * np.float64(cast(1.0, zero) - t * t)
+        gy = _label_grad(c, a, b, wy, pm1) * fy
     else:
         if inplace:
             _bwd_inplace(xr, ma, ra, az, bz, w, tz, use_t)
