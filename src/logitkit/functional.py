@@ -7,6 +7,7 @@ autograd) or, for NumPy, the kernel registry (fused kernel if one fits, else the
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from typing import Any
@@ -320,9 +321,16 @@ def _fused_rows(lib, xp, x, y, g_ce, g_z, ignore_index, opts, grad_target):
         out2 = grad_target.reshape(-1, nclass)
     else:
         out2 = None
-    _, fused = registry.select("ce_forward_backward", lib, x2)
     y2 = y.reshape(-1)
-    y2 = y2.astype("int64") if lib == NUMPY else y2.long()
+    if lib == NUMPY:
+        _, fused = registry.select("ce_forward_backward", lib, x2)
+        y2 = y2.astype("int64")
+    else:
+        # torch's bridge reaches the numba kernels through zero-copy views and Triton on CUDA.
+        from .torch._ops import run_stage
+
+        fused = functools.partial(run_stage, "ce_forward_backward")
+        y2 = y2.long()
     ce, m, r, grad2 = fused(x2, y2, g_ce.reshape(-1), g_z.reshape(-1), ignore_index=ignore_index,
                             out=out2, **opts)
     grad = grad2.reshape(x.shape)
