@@ -254,8 +254,9 @@ def _grad_factor(x: Any, acc: Any, opts: Options) -> Any:
     """d z / d x of the transform, or ``None`` where it is the constant 1."""
     factor = None
     if opts.softcap is not None:
-        th = jnp.tanh(x.astype(acc) * (1.0 / opts.softcap))
-        factor = 1.0 - th * th
+        # sech²(u) = 4t/(1+t)² with t = exp(-2|u|): 1 - tanh²(u) would cancel for |u| > ~3.
+        t = jnp.exp(jnp.abs(x.astype(acc)) * (-2.0 / opts.softcap))
+        factor = 4.0 * t / ((1.0 + t) * (1.0 + t))
     if opts.temperature != 1.0:
         inv_t = 1.0 / opts.temperature
         factor = inv_t if factor is None else factor * inv_t
@@ -280,7 +281,13 @@ def _index_bwd(opts, res, g):
     d = _recompute_d(x, mask, mx, opts)
     p = _softmax_from(d, mx, r)
     onehot = jax.lax.broadcasted_iota(lab.dtype, x.shape, x.ndim - 1) == lab[..., None]
-    dz = p * a[..., None] - jnp.where(onehot, b[..., None], 0.0)
+    # At the label, p_y·a - b = b·(p_y - 1) + p_y·(a - b), with p_y - 1 = expm1(z_y - m - r):
+    # on a confident row p_y rounds to 1 and p_y - 1 (~1e-13) would be lost. A masked label
+    # (optax's where) has z_y - m = -inf there, so p_y - 1 = -1.
+    _, dys = _label_shift(x, lab, mx, mask, opts)
+    py_m1 = jnp.where(mx == jnp.inf, jnp.nan, jnp.expm1(dys - r))
+    a_, b_ = a[..., None], b[..., None]
+    dz = jnp.where(onehot, b_ * py_m1 + p * (a_ - b_), p * a_)
     if eps > 0.0:
         c0 = (g_ce * (eps / V))[..., None]
         dz = dz - (c0 if w is None else c0 * w)
