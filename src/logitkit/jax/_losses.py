@@ -108,7 +108,7 @@ def softmax_cross_entropy(logits: Any, labels: Any, axis: int | tuple[int, ...] 
 
     >>> import jax.numpy as jnp, logitkit.jax as lj
     >>> lj.softmax_cross_entropy(jnp.array([[1.2, -0.8, -0.5]]), jnp.array([[1.0, 0.0, 0.0]]))
-    Array([0.27614...], dtype=float32)
+    Array([0.2761...], dtype=float32)
     """
     logits, labels = _array("logits", logits), _array("labels", labels)
     _check_floating("logits", logits)
@@ -161,7 +161,7 @@ def softmax_cross_entropy_with_integer_labels(logits: Any, labels: Any,
 
     >>> import jax.numpy as jnp, logitkit.jax as lj
     >>> lj.softmax_cross_entropy_with_integer_labels(jnp.array([[1.2, -0.8, -0.5]]), jnp.array([0]))
-    Array([0.27614...], dtype=float32)
+    Array([0.2761...], dtype=float32)
     """
     logits, labels = _array("logits", logits), _array("labels", labels)
     _check_floating("logits", logits)
