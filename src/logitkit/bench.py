@@ -186,18 +186,46 @@ def _torch_cases(x, y, fresh_copy):
         try:
             import logitkit.torch as lkt
 
-            def lk_torch(a, inplace=False):
+            _Logits = _logits_function()
+
+            def lk_torch(a):
                 t = torch.from_numpy(a).requires_grad_()
-                loss = lkt.cross_entropy(t, yt, inplace_backward=inplace) if inplace else lkt.cross_entropy(t, yt)
+                loss = lkt.cross_entropy(t, yt)
                 loss.backward()
                 return loss.detach(), t.grad
 
+            def lk_torch_inplace(a):
+                # In a model the logits are an intermediate (a matmul's output), never a leaf: the
+                # in-place path refuses leaves. _Logits hands out the buffer ``a`` as such a tensor.
+                anchor = torch.zeros((), requires_grad=True)
+                logits = _Logits.apply(anchor, a)
+                loss = lkt.cross_entropy(logits, yt, inplace_backward=True)
+                loss.backward()
+                return loss.detach(), logits.detach()
+
             cases.append(("logitkit.torch cross_entropy", "copy", lambda: x, lk_torch, lambda r: r[1].numpy()))
-            cases.append(("logitkit.torch inplace_backward", "copyto", fresh_copy,
-                          lambda a: lk_torch(a, True), lambda r: r[1].numpy()))
+            cases.append(("logitkit.torch inplace_backward", "copyto", fresh_copy, lk_torch_inplace,
+                          lambda r: r[1].numpy()))
         except Exception:
             pass
     return cases
+
+
+def _logits_function():
+    import torch
+
+    class _Logits(torch.autograd.Function):
+        """A non-leaf tensor over an existing NumPy buffer (the gradient stops at a scalar anchor)."""
+
+        @staticmethod
+        def forward(ctx, anchor, buffer):
+            return torch.from_numpy(buffer)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return torch.zeros(()), None
+
+    return _Logits
 
 
 def _jax_cases(x, y):
