@@ -17,6 +17,12 @@ from .functional import (
     sparse_softmax_cross_entropy_with_logits,
     token_logprobs,
 )
+from .linear import (
+    linear_cross_entropy,
+    linear_cross_entropy_with_grad,
+    linear_entropy,
+    linear_token_logprobs,
+)
 
 __version__ = "0.1.0"
 
@@ -31,5 +37,9 @@ __all__ = [
     "token_logprobs",
     "entropy",
     "kl_divergence",
+    "linear_cross_entropy",
+    "linear_cross_entropy_with_grad",
+    "linear_token_logprobs",
+    "linear_entropy",
     "__version__",
 ]

@@ -16,6 +16,8 @@ break.
 from ._autograd import InplaceError
 from ._functional import cross_entropy, log_softmax, softmax
 from ._modules import CrossEntropyLoss, LogSoftmax, Softmax
+from .linear import LinearCrossEntropyLoss, linear_cross_entropy, linear_entropy, linear_token_logprobs
 
 __all__ = ["cross_entropy", "softmax", "log_softmax", "CrossEntropyLoss", "Softmax", "LogSoftmax",
-           "InplaceError"]
+           "InplaceError", "linear_cross_entropy", "LinearCrossEntropyLoss", "linear_token_logprobs",
+           "linear_entropy"]
