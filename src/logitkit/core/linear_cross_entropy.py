@@ -50,11 +50,12 @@ __all__ = [
     "merge_entropy", "entropy_finish", "entropy_grad", "NumpyOps", "Head", "DEFAULT_WORKSPACE",
 ]
 
-# Bytes of chunk workspace (logits and what is computed from them) per call. 16 MiB keeps a chunk
-# of a 32k vocabulary at 128 float32 rows: enough rows that the three products run at the
-# BLAS's full speed (measured in benchmarks/linear_bench.py), and far under the 32 MB the
-# issue allows beyond the gradients.
-DEFAULT_WORKSPACE = 16 << 20
+# Bytes of chunk workspace (logits and what is computed from them) per call. 24 MiB holds 192
+# float32 rows of a 32k vocabulary: each weight row loaded from memory serves 192 tokens and
+# ``dW += dz.T @ h`` has an inner dimension of 192. Head workload, CPU, one process, alternating
+# (fwd + bwd, eager torch 4.37 s): 64 rows 5.5 s, 128 rows 4.40 s, 192 rows 4.29 s, 256 rows
+# 4.18 s; 192 rows keep the peak beyond the gradients under the issue's 32 MB.
+DEFAULT_WORKSPACE = 24 << 20
 # Fewer whole rows than this per chunk and the products degenerate into matrix-vector work that
 # re-reads the whole weight for every few tokens: cut the vocabulary into tiles instead.
 MIN_FULL_ROWS = 64
@@ -108,8 +109,8 @@ def choose_strategy(reduction: str, plan: Plan, grad_output_known: bool) -> str:
     """``"fused"`` or ``"recompute"`` for a call that needs gradients.
 
     Fused costs three matrix products, recompute four: the logits product is as expensive as each
-    gradient product (all are ``2·N·H·V`` flops), so recompute is ~4/3 the time for the same
-    memory traffic (head workload, CPU: measured in benchmarks/linear_bench.py, ``--strategies``).
+    gradient product (all are ``2·N·H·V`` flops), so recompute costs ~4/3 the time (head
+    workload, CPU: variants "logitkit" and "logitkit recompute" of benchmarks/linear_bench.py).
     Fused holds the gradients from forward to backward, which costs nothing extra at the loss of
     a model: they are allocated either way and backward follows at once. So fused whenever it is
     possible: the per-row multipliers must be known at forward time (``mean``/``sum``, or an
