@@ -7,7 +7,6 @@ product (``dh = dz @ W``, ``dW = dz.T @ h``, ``db = Σ dz``), all in float64 Num
 from __future__ import annotations
 
 import itertools
-import math
 
 import numpy as np
 import pytest

@@ -21,12 +21,10 @@ products) and backward scales them by the cotangent; otherwise backward recomput
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from .. import linear as _public
