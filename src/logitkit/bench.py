@@ -317,11 +317,23 @@ def _head_cases(h, w, y):
             return loss.detach(), ht.grad, wt.grad
 
         cases.append(("torch eager (h @ W.T, F.cross_entropy)", "", lambda: h, eager, None))
+        if importlib.util.find_spec("logitkit.torch") is not None:
+            import logitkit.torch as lkt
+
+            def lk_head(a):
+                ht = torch.from_numpy(a).requires_grad_()
+                wt = torch.from_numpy(w).requires_grad_()
+                loss = lkt.linear_cross_entropy(ht, wt, yt)
+                loss.backward()
+                return loss.detach(), ht.grad, wt.grad
+
+            cases.insert(0, ("logitkit.torch linear_cross_entropy", "", lambda: h, lk_head, None))
         if hasattr(F, "linear_cross_entropy"):
             def chunked(a):
                 ht = torch.from_numpy(a).requires_grad_()
                 wt = torch.from_numpy(w).requires_grad_()
-                loss = F.linear_cross_entropy(ht, wt, yt)
+                opts = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+                loss = F.linear_cross_entropy(ht, wt, yt, **({"options": opts()} if opts else {}))
                 loss.backward()
                 return loss.detach(), ht.grad, wt.grad
 
