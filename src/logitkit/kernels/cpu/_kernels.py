@@ -573,9 +573,10 @@ def _ce_loss(eps, wy, r, dy, sm, wsum, v):
 
 
 @_jit_exact()
-def _ce_coefs(eps, wy, wsum, v, m, r, gce, gz, zl, inv_t):
-    """Per-row coefficients: grad_z = A p - B w_c - C [c == y] (times 1/T already)."""
-    a = inv_t * (gce * ((1.0 - eps) * wy + eps / v * wsum) + gz * 2.0 * zl * (m + r))
+def _ce_coefs(eps, wy, wsum, v, gce, gp, inv_t):
+    """Per-row coefficients: grad_z = A p - B w_c - C [c == y] (times 1/T already); ``gp`` is the
+    extra multiplier of p (``g_z * 2 z_loss (m + r)``, or the cotangent of lse)."""
+    a = inv_t * (gce * ((1.0 - eps) * wy + eps / v * wsum) + gp)
     b = inv_t * gce * eps / v
     c = inv_t * gce * (1.0 - eps) * wy
     return a, b, c
@@ -607,6 +608,24 @@ def _ce_special(orow, y, ignored, w, wsum, eps, inv_t, gce, mval, want_grad, zer
     return np.nan, mval, np.nan
 
 
+@_jit_exact()
+def _bad_label(y, ignored, v):
+    """A label neither ignored nor in [0, V).  Host callers validate first; labels that come
+    unvalidated from a compiled program (the XLA FFI handlers) give NaN rows instead of reading
+    outside the row."""
+    return (not ignored) and (y < 0 or y >= v)
+
+
+@_jit_exact()
+def _bad_row(orow, bad, want_grad, ce, zero):
+    """The row's loss: ``ce``, or NaN (and a NaN gradient row) for a bad label."""
+    if not bad:
+        return ce
+    if want_grad:
+        _fill(orow, cast(np.nan, zero))
+    return np.nan
+
+
 @_jit_exact(parallel=True)
 def ce_direct(x, labels, w, wsum, ignore_index, eps, zl, g_ce, g_z, want_grad, out,
               inplace, ce, m_out, r_out):
@@ -618,20 +637,21 @@ def ce_direct(x, labels, w, wsum, ignore_index, eps, zl, g_ce, g_z, want_grad, o
         zero = acc_zero(xr)
         y = labels[i]
         ignored = y == ignore_index
+        bad = _bad_label(y, ignored, v)
         mx = _rowmax(xr, zero)
         if not (mx > _NINF and mx < np.inf):
-            c_, m_, r_ = _ce_special(orow, y, ignored, w, wsum, eps, 1.0, g_ce[i], mx,
+            c_, m_, r_ = _ce_special(orow, y, ignored or bad, w, wsum, eps, 1.0, g_ce[i], mx,
                                      want_grad, zero)
-            ce[i] = c_
+            ce[i] = _bad_row(orow, bad, want_grad, c_, zero)
             m_out[i] = m_
             r_out[i] = r_
             continue
         m = np.float64(mx)
-        if ignored:
+        if ignored or bad:
             s, ties = _exp_sum(xr, mx)
             if want_grad:
                 _fill(orow, zero)
-            ce[i] = 0.0
+            ce[i] = _bad_row(orow, bad, want_grad, 0.0, zero)
             m_out[i] = m
             r_out[i] = math.log1p(s + (ties - 1))
             continue
@@ -651,7 +671,7 @@ def ce_direct(x, labels, w, wsum, ignore_index, eps, zl, g_ce, g_z, want_grad, o
         m_out[i] = m
         r_out[i] = r
         if want_grad:
-            a, b, c = _ce_coefs(eps, wy, wsum, v, m, r, g_ce[i], g_z[i], zl, 1.0)
+            a, b, c = _ce_coefs(eps, wy, wsum, v, g_ce[i], g_z[i] * 2.0 * zl * (m + r), 1.0)
             s1 = 1.0 + sp
             if eps != 0.0:
                 _affine_w(orow, cast(a / s1, zero), cast(b, zero), w)
@@ -678,23 +698,24 @@ def ce_buffered(x, labels, w, wsum, ignore_index, eps, zl, temp, cap, use_cap, g
             orow = out[i]
             y = labels[i]
             ignored = y == ignore_index
+            bad = _bad_label(y, ignored, v)
             if use_cap:
                 m = _zfill_cap(xr, buf, capa, tz)
             else:
                 m = _zfill(xr, buf, tz)
             if not (m > _NINF and m < np.inf):
-                c_, m_, r_ = _ce_special(orow, y, ignored, w, wsum, eps, inv_t, g_ce[i], m,
+                c_, m_, r_ = _ce_special(orow, y, ignored or bad, w, wsum, eps, inv_t, g_ce[i], m,
                                          want_grad, zero)
-                ce[i] = c_
+                ce[i] = _bad_row(orow, bad, want_grad, c_, zero)
                 m_out[i] = m_
                 r_out[i] = r_
                 continue
             m64 = np.float64(m)
-            if ignored:
+            if ignored or bad:
                 s, ties = _exp_sum(buf, m)
                 if want_grad:
                     _fill(orow, zero)
-                ce[i] = 0.0
+                ce[i] = _bad_row(orow, bad, want_grad, 0.0, zero)
                 m_out[i] = m
                 r_out[i] = math.log1p(s + (ties - 1))
                 continue
@@ -712,7 +733,8 @@ def ce_buffered(x, labels, w, wsum, ignore_index, eps, zl, temp, cap, use_cap, g
             m_out[i] = m
             r_out[i] = r
             if want_grad:
-                a, b, c = _ce_coefs(eps, wy, wsum, v, m64, r, g_ce[i], g_z[i], zl, inv_t)
+                a, b, c = _ce_coefs(eps, wy, wsum, v, g_ce[i], g_z[i] * 2.0 * zl * (m64 + r),
+                                    inv_t)
                 s1 = 1.0 + sp
                 gy = _label_grad(c, a, b, wy, (math.expm1(dy) - sp) / s1)
                 if use_cap:
@@ -768,22 +790,26 @@ def ce_backward(x, labels, m_in, r_in, g_ce, g_z, w, wsum, ignore_index, eps, zl
     for ch in prange(nchunk):
         buf = np.empty(2 * v if use_cap else 0, buf_proto.dtype)  # z and sech^2 rows
         for i in range(ch * n // nchunk, (ch + 1) * n // nchunk):
-            _ce_backward_row(x[i], out[i], labels[i], m_in[i], r_in[i], g_ce[i], g_z[i], w, wsum,
-                             ignore_index, eps, zl, temp, inv_t, use_t, cap, use_cap, inplace, buf)
+            gp = g_z[i] * 2.0 * zl * (np.float64(m_in[i]) + np.float64(r_in[i]))
+            _ce_backward_row(x[i], out[i], labels[i], m_in[i], r_in[i], g_ce[i], gp, w, wsum,
+                             ignore_index, eps, temp, inv_t, use_t, cap, use_cap, inplace, buf)
 
 
 @_jit_exact()
-def _ce_backward_row(xr, orow, y, m_in, r_in, gce, gz, w, wsum, ignore_index, eps, zl, temp,
+def _ce_backward_row(xr, orow, y, m_in, r_in, gce, gp, w, wsum, ignore_index, eps, temp,
                      inv_t, use_t, cap, use_cap, inplace, buf):
     v = xr.size
     zero = acc_zero(xr)
     if y == ignore_index:
         _fill(orow, zero)
         return
+    if y < 0 or y >= v:  # unvalidated labels (XLA FFI): a NaN row, never a read out of bounds
+        _fill(orow, cast(np.nan, zero))
+        return
     m = np.float64(m_in)
     r = np.float64(r_in)
     wy = np.float64(w[y])
-    a, b, c = _ce_coefs(eps, wy, wsum, v, m, r, gce, gz, zl, inv_t)
+    a, b, c = _ce_coefs(eps, wy, wsum, v, gce, gp, inv_t)
     if not (m > _NINF and m < np.inf and r == r and r < np.inf):
         if m == _NINF and r == 0.0:
             _fill_masked_grad(orow, y, b, w, c, zero)
