@@ -16,3 +16,27 @@ def x64():
         yield
     finally:
         jax.config.update("jax_enable_x64", before)
+
+
+# The parity and accuracy modules run twice: through the numba kernels (XLA FFI custom calls,
+# the default on the CPU) and through the XLA route (``use_core``), which other platforms and
+# class masks take.
+_BOTH_ROUTES = {"test_accuracy", "test_cross_entropy", "test_grads", "test_optax_parity"}
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.module.__name__.rsplit(".", 1)[-1] in _BOTH_ROUTES:
+        metafunc.parametrize("jax_route", ["kernels", "xla"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def jax_route(request):
+    """"kernels" (default) or "xla": the route class-index losses take while the test traces."""
+    route = getattr(request, "param", "kernels")
+    if route == "xla":
+        from logitkit.kernels.registry import use_core
+
+        with use_core():
+            yield route
+    else:
+        yield route

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from .._namespace import acc_dtype
+from . import _ffi
 
 __all__ = ["Options", "index_rows", "prob_rows", "softmax", "log_softmax", "row_stats"]
 
@@ -320,8 +321,123 @@ def index_rows(x: Any, labels: Any, weight: Any = None, mask: Any = None, *,
     (label ``== opts.ignore_index``, or every class masked), NaN where the index is out of range
     (only possible for traced labels). ``lse`` is 0 on ignored rows. Differentiable in ``x`` and
     ``weight``; ``mask`` (broadcastable to ``x``) hides classes from the normalizer only.
+
+    Without a mask, on the CPU, the numba kernels run both passes (see :mod:`._ffi`).
     """
+    if mask is None and _ffi.usable(x):
+        return _index_rows_k(opts, x, labels, weight)
     return _index_rows(opts, x, labels, weight, mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# class indices through the numba kernels (XLA FFI)
+#
+# The custom VJP below calls two kernels: ``_k_forward`` (ce, lse and the row statistics m, r)
+# and ``_k_dx`` (the gradient). Each is a ``custom_jvp`` whose tangent is the JVP of the XLA code
+# above, so second-order reverse mode (and the Hessian) works as it does on the XLA route; the
+# tangents of ``m, r`` are left out (zero) because their only consumer, ``_k_dx``'s rule, rebuilds
+# them from ``x``. ``lax.platform_dependent`` keeps an XLA fallback for arrays on other platforms.
+
+
+def _k_labels(labels: Any, V: int, ignore_index: int | None) -> Any:
+    """int32 labels for the kernels: -1 ignored, -2 out of range and not ignored (a NaN row)."""
+    lab = jnp.where((labels >= 0) & (labels < V), labels, -2)
+    if ignore_index is not None:
+        lab = jnp.where(labels == ignore_index, -1, lab)
+    return lab.astype(jnp.int32)
+
+
+def _k_opts(opts: Options) -> Options:
+    return opts._replace(ignore_index=-1)
+
+
+def _xla_forward(opts: Options, x: Any, lab: Any, weight: Any) -> tuple[Any, Any, Any, Any]:
+    (ce, lse), (mx, r, *_rest) = _index_forward(_k_opts(opts), x, lab, weight, None)
+    return ce, lse, _transform(mx, opts)[..., 0], r[..., 0]
+
+
+def _ffi_forward(opts: Options, x: Any, lab: Any, weight: Any) -> tuple[Any, Any, Any, Any]:
+    ce, m, r = _ffi.ce_forward(opts, x, lab, weight)
+    return ce, jnp.where(lab == -1, 0.0, m + r), m, r
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _k_forward(opts: Options, x: Any, lab: Any, weight: Any) -> tuple[Any, Any, Any, Any]:
+    return jax.lax.platform_dependent(x, lab, weight, cpu=functools.partial(_ffi_forward, opts),
+                                      default=functools.partial(_xla_forward, opts))
+
+
+@_k_forward.defjvp
+def _k_forward_jvp(opts, primals, tangents):
+    x, lab, weight = primals
+    tx, _, tw = tangents
+    out = _k_forward(opts, x, lab, weight)
+    _, (tce, tlse, _, _) = jax.jvp(lambda a, w: _xla_forward(opts, a, lab, w), (x, weight), (tx, tw))
+    return out, (tce, tlse, jnp.zeros_like(out[2]), jnp.zeros_like(out[3]))
+
+
+def _xla_dx(opts: Options, x: Any, lab: Any, weight: Any, g_ce: Any, g_lse: Any) -> Any:
+    ko = _k_opts(opts)
+    _, (mx, r, _, valid, bad, lab0) = _index_forward(ko, x, lab, weight, None)
+    return _index_bwd(ko, (x, weight, None, mx, r, valid, bad, lab0, None), (g_ce, g_lse))[0]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _k_dx(opts: Options, x: Any, lab: Any, m: Any, r: Any, weight: Any, g_ce: Any, g_lse: Any) -> Any:
+    return jax.lax.platform_dependent(
+        x, lab, m, r, weight, g_ce, g_lse,
+        cpu=functools.partial(_ffi.ce_backward, opts),
+        default=lambda x, lab, m, r, w, gc, gl: _xla_dx(opts, x, lab, w, gc, gl))
+
+
+@_k_dx.defjvp
+def _k_dx_jvp(opts, primals, tangents):
+    x, lab, m, r, weight, g_ce, g_lse = primals
+    tx, _, _, _, tw, tgc, tgl = tangents
+    out = _k_dx(opts, *primals)
+    _, t = jax.jvp(lambda a, w, gc, gl: _xla_dx(opts, a, lab, w, gc, gl),
+                   (x, weight, g_ce, g_lse), (tx, tw, tgc, tgl))
+    return out, t
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _index_rows_k(opts: Options, x: Any, labels: Any, weight: Any) -> tuple[Any, Any]:
+    lab = _k_labels(labels, x.shape[-1], opts.ignore_index)
+    return _k_forward(opts, x, lab, weight)[:2]
+
+
+def _index_k_fwd(opts, x, labels, weight):
+    xv, lv, wv = _value(x), _value(labels), _value(weight)
+    lab = _k_labels(lv, xv.shape[-1], opts.ignore_index)
+    ce, lse, m, r = _k_forward(opts, xv, lab, wv)
+    return (ce, lse), (xv, lab, wv, m, r, _perturbed(weight))
+
+
+def _index_k_bwd(opts, res, g):
+    x, lab, w_in, m, r, need_w = res
+    g_ce, g_lse = g
+    acc = acc_dtype(jnp, x.dtype)
+    g_ce = jnp.zeros(m.shape, acc) if _is_zero(g_ce) else g_ce.astype(acc)
+    g_lse = jnp.zeros(m.shape, acc) if _is_zero(g_lse) else g_lse.astype(acc)
+    dx = _k_dx(opts, x, lab, m, r, w_in, g_ce, g_lse)
+    dw = None
+    if need_w:
+        # d ce / d w_c = (1-eps)·[c = y]·(lse - z_y) + eps/V·(lse - z_c), over valid rows
+        V, eps = x.shape[-1], opts.label_smoothing
+        valid = (lab >= 0)[..., None]
+        lab0 = jnp.where(valid[..., 0], lab, 0)
+        mr, rr = m[..., None], r[..., None]
+        zy = _transform(_raw(_gather_last(x, lab0), None, opts), opts)
+        term = jnp.where(valid, (1.0 - eps) * g_ce[..., None] * (rr - (zy - mr)), 0.0)
+        dw = jnp.zeros((V,), acc).at[lab0.reshape(-1)].add(term.reshape(-1))
+        if eps > 0.0:
+            lz = jnp.where(valid, rr - (_transform(_raw(x, None, opts), opts) - mr), 0.0)
+            dw = dw + (eps / V) * jnp.einsum("...,...c->c", g_ce, lz)
+        dw = dw.astype(w_in.dtype)
+    return dx, None, dw
+
+
+_index_rows_k.defvjp(_index_k_fwd, _index_k_bwd, symbolic_zeros=True)
 
 
 # ----------------------------------------------------------------------------------------------

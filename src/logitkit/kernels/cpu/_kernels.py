@@ -32,7 +32,7 @@ import types as _pytypes
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import carray, cfunc, njit, prange, types
 from numba.extending import intrinsic, overload
 
 
@@ -1011,8 +1011,23 @@ def softmax_bwd(y, dy, out, log, alias):
 # * a child forked from a process whose GNU OpenMP pool is live (it aborts in a parallel region).
 # The clones have their own qualname ("<name>_serial"), hence their own on-disk cache entries, which
 # never mix with the parallel entries of the same source.
-_PARALLEL = ("ce_direct", "ce_buffered", "ce_backward", "softmax_direct", "softmax_buffered",
-             "softmax_bwd")
+@_jit_exact(parallel=True)
+def ce_backward_p(x, labels, m_in, r_in, g_ce, g_p, w, wsum, ignore_index, eps, temp, cap,
+                  use_cap, out, buf_proto, nchunk):
+    """``ce_backward`` with the whole multiplier of ``p`` given per row (``g_p``: the cotangent of
+    the row's lse), as the XLA handler needs; never in place."""
+    n, v = x.shape
+    inv_t = 1.0 / temp
+    use_t = temp != 1.0
+    for ch in prange(nchunk):
+        buf = np.empty(2 * v if use_cap else 0, buf_proto.dtype)
+        for i in range(ch * n // nchunk, (ch + 1) * n // nchunk):
+            _ce_backward_row(x[i], out[i], labels[i], m_in[i], r_in[i], g_ce[i], g_p[i], w, wsum,
+                             ignore_index, eps, temp, inv_t, use_t, cap, use_cap, False, buf)
+
+
+_PARALLEL = ("ce_direct", "ce_buffered", "ce_backward", "ce_backward_p", "softmax_direct",
+             "softmax_buffered", "softmax_bwd")
 
 
 def _serial_clone(fn):
@@ -1031,3 +1046,225 @@ _serial = {name: _serial_clone(globals()[name]) for name in _PARALLEL}
 def serial(name):
     """The kernel ``name`` compiled single-threaded (small inputs, forked children)."""
     return _serial[name]
+
+
+# ============================================================================ XLA FFI handlers
+# JAX on the CPU calls these through XLA's typed FFI (``jax.ffi.ffi_call``; registration and the
+# JAX side live in :mod:`logitkit.jax._ffi`).  A handler is a C function ``XLA_FFI_Error*(
+# XLA_FFI_CallFrame*)`` compiled here with ``cfunc``; it reads XLA's call frame at the byte offsets
+# of ``xla/ffi/api/c_api.h`` (API 0.x, x86-64/aarch64 LP64 layout), so the kernels read XLA's
+# input buffers and write its output buffers directly: no copy, no Python, no GIL.
+#
+# Call frame: +8 extension_start, +32 stage, +56 args.size, +72 args.args, +112 rets.rets,
+# +136 attrs.size, +160 attrs.attrs.  Buffer: +24 data, +32 rank, +40 dims.  Array attribute:
+# +8 size, +16 data.  ``threads`` 1 runs the serial kernels; above 1, the parallel kernels run
+# on the pool of the XLA thread that calls (numba's thread count is per calling thread and not
+# set here: ``numba.set_num_threads`` in compiled code would make the handlers uncacheable), the
+# chunked ones on ``threads`` chunks.  Labels arrive as int32 already mapped by the JAX side: -1 ignored, -2 (or
+# anything outside [0, V)) a bad index, which gives a NaN row.  ``params`` (float64 array
+# attribute): eps, temperature, softcap, use_softcap, threads.
+
+_FFI_OK = 0                  # a NULL XLA_FFI_Error*: success
+_FFI_EXECUTE = 3             # XLA_FFI_ExecutionStage_EXECUTE
+_FFI_METADATA = 1            # XLA_FFI_Extension_Metadata
+_FFI_IGNORE = -1             # the ignore code of the labels the JAX side passes
+
+
+@intrinsic
+def _addr(typingctx, a):
+    """int64 address -> void* (for ``carray``)."""
+    sig = types.voidptr(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.voidptr))
+
+    return sig, codegen
+
+
+@_jit_exact()
+def _i64(a):
+    return carray(_addr(a), 1, np.int64)[0]
+
+
+@_jit_exact()
+def _i32(a):
+    return carray(_addr(a), 1, np.int32)[0]
+
+
+@_jit_exact()
+def _ffi_execute(frame):
+    """True for the execute stage; answers XLA's metadata query (API version 0.1, no traits)."""
+    ext = _i64(frame + 8)
+    if ext != 0 and _i32(ext + 8) == _FFI_METADATA:
+        md = _i64(ext + 24)
+        ver = carray(_addr(md + 24), 2, np.int32)
+        ver[0] = 0
+        ver[1] = 1
+        carray(_addr(md + 32), 1, np.uint32)[0] = 0
+        return False
+    return _i32(frame + 32) == _FFI_EXECUTE
+
+
+@_jit_exact()
+def _ffi_shape(lst, k):
+    """(rows, last dim) of buffer ``k`` of an args/rets list: leading dims flattened."""
+    b = _i64(lst + 8 * k)
+    rank = _i64(b + 32)
+    dims = carray(_addr(_i64(b + 40)), rank, np.int64)
+    n = 1
+    for d in range(rank - 1):
+        n *= dims[d]
+    return n, (dims[rank - 1] if rank > 0 else 1)
+
+
+@_jit_exact()
+def _ffi_data(lst, k):
+    return _i64(_i64(lst + 8 * k) + 24)
+
+
+@_jit_exact()
+def _ffi_weight(lst, k, v, acc):
+    """The class weights: buffer ``k`` when it has V entries, ones when it is empty (no weight:
+    the ones live on numba's heap, not among XLA's temporaries)."""
+    if _ffi_shape(lst, k)[1] == 0:
+        return np.ones(v, acc)
+    return carray(_addr(_ffi_data(lst, k)), v, acc)
+
+
+@_jit_exact()
+def _ffi_params(frame):
+    at = _i64(_i64(frame + 160))
+    return carray(_addr(_i64(at + 16)), _i64(at + 8), np.float64)
+
+
+@_jit()
+def _wsum(w):
+    s = 0.0
+    for j in range(w.size):
+        s += np.float64(w[j])
+    return s
+
+
+@_jit_exact()
+def _ffi_forward_buffered(x, lab, w, wsum, eps, temp, cap, use_cap, nt, g, ok, ce, m, r):
+    if nt > 1:
+        ce_buffered(x, lab, w, wsum, _FFI_IGNORE, eps, 0.0, temp, cap, use_cap, g, g, False, ok,
+                    ce, m, r, w[:0], min(x.shape[0], nt))
+    else:
+        ce_buffered_serial(x, lab, w, wsum, _FFI_IGNORE, eps, 0.0, temp, cap, use_cap, g, g,
+                           False, ok, ce, m, r, w[:0], 1)
+
+
+@_jit_exact()
+def _ffi_forward_any(x, lab, w, prm, ce, m, r):
+    """float32/float64 storage: the direct kernel where no transform applies."""
+    n = x.shape[0]
+    eps, temp, cap, use_cap, nt = prm[0], prm[1], prm[2], prm[3] != 0.0, int(prm[4])
+    wsum = _wsum(w)
+    g = np.zeros(n)
+    ok = np.empty((n, 0), x.dtype)
+    if use_cap or temp != 1.0:
+        _ffi_forward_buffered(x, lab, w, wsum, eps, temp, cap, use_cap, nt, g, ok, ce, m, r)
+    elif nt > 1:
+        ce_direct(x, lab, w, wsum, _FFI_IGNORE, eps, 0.0, g, g, False, ok, False, ce, m, r)
+    else:
+        ce_direct_serial(x, lab, w, wsum, _FFI_IGNORE, eps, 0.0, g, g, False, ok, False, ce, m, r)
+
+
+@_jit_exact()
+def _ffi_forward_half(x, lab, w, prm, ce, m, r):
+    """float16 (int16 view) / bfloat16 (uint16 view) storage: always through the row buffer."""
+    n = x.shape[0]
+    g = np.zeros(n)
+    ok = np.empty((n, 0), x.dtype)
+    _ffi_forward_buffered(x, lab, w, _wsum(w), prm[0], prm[1], prm[2], prm[3] != 0.0,
+                          int(prm[4]), g, ok, ce, m, r)
+
+
+@_jit_exact()
+def _ffi_backward(x, lab, m, r, gce, gp, w, prm, out):
+    eps, temp, cap, use_cap, nt = prm[0], prm[1], prm[2], prm[3] != 0.0, int(prm[4])
+    wsum = _wsum(w)
+    if nt > 1:
+        ce_backward_p(x, lab, m, r, gce, gp, w, wsum, _FFI_IGNORE, eps, temp, cap, use_cap, out,
+                      w[:0], min(x.shape[0], nt))
+    else:
+        ce_backward_p_serial(x, lab, m, r, gce, gp, w, wsum, _FFI_IGNORE, eps, temp, cap,
+                             use_cap, out, w[:0], 1)
+
+
+# Handler templates: ``_XDT`` (storage dtype), ``_ACC`` and ``_FWD`` are globals bound per clone
+# (see ``ffi_handler``), so each compiled handler holds the kernels of one dtype only.
+def _ffi_ce_forward(frame):
+    """args: x (..., V), labels (...) int32, weight (V,) or (0,) acc; rets: ce, m, r (...) acc."""
+    if not _ffi_execute(frame):
+        return _FFI_OK
+    args = _i64(frame + 72)
+    rets = _i64(frame + 112)
+    n, v = _ffi_shape(args, 0)
+    if n == 0:
+        return _FFI_OK
+    x = carray(_addr(_ffi_data(args, 0)), (n, v), _XDT)
+    lab = carray(_addr(_ffi_data(args, 1)), n, np.int32)
+    w = _ffi_weight(args, 2, v, _ACC)
+    ce = carray(_addr(_ffi_data(rets, 0)), n, _ACC)
+    m = carray(_addr(_ffi_data(rets, 1)), n, _ACC)
+    r = carray(_addr(_ffi_data(rets, 2)), n, _ACC)
+    _FWD(x, lab, w, _ffi_params(frame), ce, m, r)
+    return _FFI_OK
+
+
+def _ffi_ce_backward(frame):
+    """args: x (..., V), labels (...) int32, m, r, g_ce, g_lse (...) acc, weight (V,) or (0,) acc;
+    rets: dx (..., V) in x's dtype."""
+    if not _ffi_execute(frame):
+        return _FFI_OK
+    args = _i64(frame + 72)
+    rets = _i64(frame + 112)
+    n, v = _ffi_shape(args, 0)
+    if n == 0:
+        return _FFI_OK
+    x = carray(_addr(_ffi_data(args, 0)), (n, v), _XDT)
+    lab = carray(_addr(_ffi_data(args, 1)), n, np.int32)
+    m = carray(_addr(_ffi_data(args, 2)), n, _ACC)
+    r = carray(_addr(_ffi_data(args, 3)), n, _ACC)
+    gce = carray(_addr(_ffi_data(args, 4)), n, _ACC)
+    gp = carray(_addr(_ffi_data(args, 5)), n, _ACC)
+    w = _ffi_weight(args, 6, v, _ACC)
+    out = carray(_addr(_ffi_data(rets, 0)), (n, v), _XDT)
+    _ffi_backward(x, lab, m, r, gce, gp, w, _ffi_params(frame), out)
+    return _FFI_OK
+
+
+ce_direct_serial = _serial["ce_direct"]
+ce_buffered_serial = _serial["ce_buffered"]
+ce_backward_p_serial = _serial["ce_backward_p"]
+
+# dtype name -> (storage dtype, accumulation dtype, forward driver)
+_FFI_DTYPES = {
+    "float32": (np.float32, np.float32, _ffi_forward_any),
+    "float64": (np.float64, np.float64, _ffi_forward_any),
+    "float16": (np.int16, np.float32, _ffi_forward_half),
+    "bfloat16": (np.uint16, np.float32, _ffi_forward_half),
+}
+_FFI_TEMPLATES = {"ce_forward": _ffi_ce_forward, "ce_backward": _ffi_ce_backward}
+_ffi_compiled = {}
+
+
+def ffi_handler(kind, dtype):
+    """The compiled XLA FFI handler ``kind`` ("ce_forward" / "ce_backward") for logits of dtype
+    name ``dtype``; its ``.ctypes`` is the function pointer to register."""
+    key = (kind, dtype)
+    if key not in _ffi_compiled:
+        # A handler loaded from the on-disk cache links against the threading layer's symbols
+        # (allocate_sched, ...), which numba loads only when a parallel kernel first launches.
+        from numba.np.ufunc.parallel import _launch_threads
+        _launch_threads()
+        xdt, acc, fwd = _FFI_DTYPES[dtype]
+        tmpl = _FFI_TEMPLATES[kind]
+        g = dict(globals(), _XDT=xdt, _ACC=acc, _FWD=fwd)
+        f = _pytypes.FunctionType(tmpl.__code__, g, f"{tmpl.__name__}_{dtype}")
+        f.__qualname__ = f"{tmpl.__qualname__}_{dtype}"
+        f.__module__ = tmpl.__module__
+        _ffi_compiled[key] = cfunc(types.int64(types.int64), cache=True, error_model="numpy")(f)
+    return _ffi_compiled[key]

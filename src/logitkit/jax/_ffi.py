@@ -1,0 +1,113 @@
+r"""The numba CPU kernels as XLA custom calls (typed FFI) for JAX arrays on the CPU.
+
+XLA on the CPU makes one pass over memory per row reduction and per elementwise output, so
+cross-entropy forward + backward reads a 128 KB row from DRAM three times and writes it once. The
+numba kernels of :mod:`logitkit.kernels.cpu` read each row from DRAM once per stage and keep the
+rest in cache; through ``jax.ffi.ffi_call`` they read XLA's input buffers and write its output
+buffers in place (no copy, no Python, no GIL: the handlers are ``numba.cfunc`` C functions,
+compiled on first use and cached on disk).
+
+Used by :func:`logitkit.jax._rows.index_rows` when :func:`usable` says so: class-index labels,
+no class mask, float16/bfloat16/float32/float64 logits, JAX's default backend is the CPU, numba
+importable, and kernels not switched off (``LOGITKIT_KERNELS=core`` or
+:func:`logitkit.kernels.registry.use_core` while the function is traced). Each call still carries
+an XLA fallback (``lax.platform_dependent``) for arrays placed on another platform.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+from .._namespace import acc_dtype, dtype_name
+
+__all__ = ["usable", "ce_forward", "ce_backward"]
+
+_DTYPES = ("float32", "float64", "float16", "bfloat16")
+_lock = threading.Lock()
+_handlers: dict[tuple[str, str], Any] = {}  # keeps the compiled handlers (their code) alive
+
+
+@functools.lru_cache(maxsize=None)
+def _importable() -> bool:
+    from ..kernels import cpu
+
+    return cpu.available() and hasattr(jax, "ffi") and hasattr(jax.ffi, "ffi_call")
+
+
+def usable(x: Any) -> bool:
+    """True when ``x``'s cross-entropy can run on the numba kernels through the FFI."""
+    from ..kernels import registry
+
+    if registry._forced_core[0] or dtype_name(x.dtype) not in _DTYPES:
+        return False
+    if x.ndim < 1 or x.shape[-1] == 0 or x.shape[-1] >= 2 ** 31:
+        return False
+    return jax.default_backend() == "cpu" and _importable()
+
+
+def _target(kind: str, dtype: str) -> str:
+    name = f"logitkit_{kind}_{dtype}"
+    with _lock:
+        if (kind, dtype) not in _handlers:
+            from ..kernels import cpu
+
+            handler = cpu._k().ffi_handler(kind, dtype)
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler.ctypes), platform="cpu")
+            _handlers[(kind, dtype)] = handler
+    return name
+
+
+def _threads(size: int) -> int:
+    """1 (serial kernels) for small inputs, a forked child or numba's workqueue layer (which must
+    not be entered from two XLA threads at once); otherwise the kernel thread budget."""
+    from ..kernels import cpu
+
+    if cpu._serial_only:
+        return 1
+    import numba
+
+    try:
+        if numba.threading_layer() == "workqueue":
+            return 1
+    except ValueError:  # no parallel region has run yet; the layer is chosen on the first one
+        pass
+    n = max(1, min(cpu.get_num_threads(), size // cpu._MIN_PER_THREAD))
+    if n > 1:
+        cpu._launched = True  # the fork guard must know a pool may be live
+    return n
+
+
+def _params(opts: Any, size: int) -> np.ndarray:
+    cap = opts.softcap
+    return np.array([opts.label_smoothing, opts.temperature, 1.0 if cap is None else cap,
+                     0.0 if cap is None else 1.0, _threads(size)], np.float64)
+
+
+def _weight(weight: Any, V: int, acc: Any) -> Any:
+    return jnp.zeros((0,), acc) if weight is None else weight.astype(acc)  # (0,): no weight
+
+
+def ce_forward(opts: Any, x: Any, lab: Any, weight: Any) -> tuple[Any, Any, Any]:
+    """``(ce, m, r)`` per row (accumulation dtype) of logits ``x`` (..., V) and int32 labels
+    ``lab`` (...) coded -1 ignored, outside [0, V) bad (NaN row)."""
+    acc = acc_dtype(jnp, x.dtype)
+    row = jax.ShapeDtypeStruct(lab.shape, acc)
+    call = jax.ffi.ffi_call(_target("ce_forward", dtype_name(x.dtype)), (row, row, row),
+                            vmap_method="sequential")
+    return tuple(call(x, lab, _weight(weight, x.shape[-1], acc), params=_params(opts, x.size)))
+
+
+def ce_backward(opts: Any, x: Any, lab: Any, m: Any, r: Any, weight: Any, g_ce: Any, g_lse: Any) -> Any:
+    """``d(Σ g_ce·ce + g_lse·lse)/dx`` from the forward's ``m, r``; 0 on ignored rows, NaN on bad."""
+    acc = acc_dtype(jnp, x.dtype)
+    call = jax.ffi.ffi_call(_target("ce_backward", dtype_name(x.dtype)),
+                            jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential")
+    return call(x, lab, m, r, g_ce.astype(acc), g_lse.astype(acc),
+                _weight(weight, x.shape[-1], acc), params=_params(opts, x.size))

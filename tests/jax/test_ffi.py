@@ -1,0 +1,191 @@
+"""The class-index losses on the numba kernels (XLA FFI custom calls) against the XLA route."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+import logitkit.jax as lj  # noqa: E402
+from logitkit import reference  # noqa: E402
+from logitkit.jax import _ffi  # noqa: E402
+from logitkit.kernels.registry import use_core  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not _ffi._importable() or jax.default_backend() != "cpu",
+                                reason="needs numba and JAX on the CPU")
+
+
+def _data(n=24, v=37, dtype=np.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (3 * rng.standard_normal((n, v))).astype(dtype)
+    y = rng.integers(0, v, n)
+    y[::5] = -100
+    w = rng.uniform(0.2, 2.0, v).astype(np.float32)
+    return x, y, w
+
+
+def _both(f, *args):
+    """f(*args) on the kernel route and on the XLA route."""
+    a = f(*args)
+    with use_core():
+        b = f(*args)
+    return a, b
+
+
+def _hlo(f, *args):
+    return jax.jit(f).lower(*args).as_text()
+
+
+def test_kernel_route_is_a_custom_call_and_use_core_is_not():
+    x, y, _ = _data()
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    f = lambda a: lj.cross_entropy(a, y)  # noqa: E731
+    assert "logitkit_ce_forward_float32" in _hlo(f, x)
+    text = _hlo(jax.grad(f), x)
+    assert "logitkit_ce_forward_float32" in text and "logitkit_ce_backward_float32" in text
+    with use_core():
+        assert "logitkit_ce" not in _hlo(jax.grad(f), x)
+    # a class mask always takes the XLA route
+    where = jnp.ones(x.shape, bool)
+    yy = jnp.abs(y) % x.shape[-1]
+    assert "logitkit_ce" not in _hlo(lambda a: lj.softmax_cross_entropy_with_integer_labels(a, yy, where=where), x)
+
+
+OPTIONS = [
+    {},
+    {"label_smoothing": 0.1},
+    {"label_smoothing": 1.0},
+    {"softcap": 5.0},
+    {"temperature": 0.7},
+    {"softcap": 3.0, "temperature": 1.6, "label_smoothing": 0.05},
+    {"z_loss": 1e-2, "reduction": "sum"},
+    {"ignore_index": 3, "reduction": "none"},
+]
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_values_and_gradients_match_the_xla_route(opts, weighted, dtype, x64):
+    x, y, w = _data(dtype=np.float64)
+    x = jnp.asarray(x).astype(dtype)
+    y = jnp.asarray(np.where(y == -100, opts.get("ignore_index", -100), y))
+    w = jnp.asarray(w, jnp.float32 if dtype != "float64" else jnp.float64) if weighted else None
+
+    def f(a, c):
+        out = lj.cross_entropy(a, y, weight=c, **opts)
+        return out.sum() if out.ndim else out
+
+    (v1, (g1, gw1)), (v2, (g2, gw2)) = _both(lambda: jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, w))
+    tol = {"float64": 1e-12, "float32": 2e-6, "float16": 2e-6, "bfloat16": 2e-6}[dtype]
+    np.testing.assert_allclose(float(v1), float(v2), rtol=tol * 4)
+    gtol = {"float64": 1e-12, "float32": 1e-6, "float16": 1e-3, "bfloat16": 8e-3}[dtype]
+    np.testing.assert_allclose(np.asarray(g1, np.float64), np.asarray(g2, np.float64), rtol=gtol, atol=gtol * 1e-3)
+    if weighted:
+        # float32 sums over rows in another order: compare at the scale of the largest entry
+        scale = float(np.abs(np.asarray(gw2)).max())
+        np.testing.assert_allclose(np.asarray(gw1), np.asarray(gw2), rtol=tol * 10, atol=tol * 10 * scale)
+
+
+def test_float32_against_the_float64_oracle_with_options():
+    x, y, w = _data(n=40, v=300)
+    xj, yj = jnp.asarray(x), jnp.asarray(y)
+    got = lj.cross_entropy(xj, yj, weight=jnp.asarray(w), label_smoothing=0.1, reduction="none")
+    want = reference.cross_entropy64(x, y, weight=w, label_smoothing=0.1, reduction="none")
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-6, atol=1e-6)
+    g = jax.grad(lambda a: lj.cross_entropy(a, yj, reduction="sum"))(xj)
+    np.testing.assert_allclose(np.asarray(g), reference.cross_entropy_grad64(x, y, reduction="sum"), atol=2e-7)
+
+
+def test_confident_row_keeps_its_tiny_loss_and_gradient():
+    x = np.zeros((1, 4), np.float32)
+    x[0, 2] = 30.0
+    y = jnp.asarray([2])
+    ce = lj.softmax_cross_entropy_with_integer_labels(jnp.asarray(x), y)
+    want = 3 * np.exp(-30.0)
+    np.testing.assert_allclose(float(ce[0]), want, rtol=1e-6)
+    g = jax.grad(lambda a: lj.softmax_cross_entropy_with_integer_labels(a, y).sum())(jnp.asarray(x))
+    np.testing.assert_allclose(float(g[0, 2]), -want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [-1, 37, 10**6])
+def test_traced_out_of_range_label_gives_a_nan_row_not_garbage(bad):
+    x, y, _ = _data()
+    y = np.where(y == -100, 0, y)  # optax's function has no ignore_index
+    y[1] = bad
+    xj, yj = jnp.asarray(x), jnp.asarray(y)
+    f = jax.jit(lambda a, b: lj.softmax_cross_entropy_with_integer_labels(a, b))
+    ce = np.asarray(f(xj, yj))
+    assert np.isnan(ce[1]) and np.isfinite(ce[np.arange(len(y)) != 1]).all()
+    g = np.asarray(jax.jit(jax.grad(lambda a, b: f(a, b).sum()))(xj, yj))
+    assert np.isnan(g[1]).all() and np.isfinite(np.delete(g, 1, axis=0)).all()
+
+
+def test_int64_labels_beyond_int32_are_bad_not_wrapped(x64):
+    x, y, _ = _data()
+    y = np.where(y == -100, 0, y).astype(np.int64)
+    y[2] = 2**32 + 1  # would be class 1 if cast to int32 first
+    f = jax.jit(lj.softmax_cross_entropy_with_integer_labels)  # traced labels: not checked eagerly
+    ce = np.asarray(f(jnp.asarray(x), jnp.asarray(y)))
+    assert np.isnan(ce[2])
+
+
+def test_ignored_rows_are_zero_with_zero_gradient():
+    x, y, _ = _data()
+    xj, yj = jnp.asarray(x), jnp.asarray(y)
+    loss = np.asarray(lj.cross_entropy(xj, yj, reduction="none"))
+    assert (loss[y == -100] == 0).all() and (loss[y != -100] > 0).all()
+    g = np.asarray(jax.grad(lambda a: lj.cross_entropy(a, yj, z_loss=1e-2))(xj))
+    assert (g[y == -100] == 0).all() and (np.abs(g[y != -100]).sum(-1) > 0).all()
+
+
+def test_special_rows_match_the_xla_route():
+    x = np.zeros((4, 5), np.float32)
+    x[0] = -np.inf
+    x[1, 2] = np.inf
+    x[2, 3] = np.nan
+    x[3, :] = [1e4, 1e4 + 1, 1e4, 1e4 - 2, 1e4]
+    y = jnp.asarray([0, 1, 2, 1])
+    f = lambda a: lj.softmax_cross_entropy_with_integer_labels(a, y)  # noqa: E731
+    a, b = _both(f, jnp.asarray(x))
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
+def test_vmap_over_logits_and_weights():
+    x, y, w = _data()
+    xs = jnp.stack([jnp.asarray(x), 2 * jnp.asarray(x)])
+    ws = jnp.stack([jnp.asarray(w), jnp.ones_like(jnp.asarray(w))])
+    yj = jnp.asarray(y)
+    f = lambda a, c: lj.cross_entropy(a, yj, weight=c, label_smoothing=0.1)  # noqa: E731
+    vals, grads = jax.jit(jax.vmap(jax.value_and_grad(f, argnums=(0, 1))))(xs, ws)
+    for i in range(2):
+        v, (gx, gw) = jax.value_and_grad(f, argnums=(0, 1))(xs[i], ws[i])
+        np.testing.assert_allclose(float(vals[i]), float(v), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(grads[0][i]), np.asarray(gx), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(np.asarray(grads[1][i]), np.asarray(gw), rtol=1e-5, atol=1e-9)
+
+
+def test_parallel_size_and_higher_rank_inputs():
+    # above the serial threshold (2 x 2^17 elements), with two batch axes
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 64, 1200)).astype(np.float32)
+    y = rng.integers(0, 1200, (4, 64))
+    xj, yj = jnp.asarray(x), jnp.asarray(y)
+    f = lambda a: lj.softmax_cross_entropy_with_integer_labels(a, yj).mean()  # noqa: E731
+    (v1, g1), (v2, g2) = _both(lambda: jax.jit(jax.value_and_grad(f))(xj))
+    np.testing.assert_allclose(float(v1), float(v2), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), rtol=1e-5, atol=1e-10)
+    want = reference.cross_entropy64(x.reshape(-1, 1200), y.reshape(-1))
+    np.testing.assert_allclose(float(v1), want, rtol=1e-6)
+
+
+def test_second_order_through_the_kernels(x64):
+    x, y, w = _data(n=3, v=6, dtype=np.float64)
+    y = np.abs(y) % 6
+    xj, yj = jnp.asarray(x), jnp.asarray(y)
+    f = lambda a: lj.cross_entropy(a, yj, weight=jnp.asarray(w, jnp.float64), label_smoothing=0.1)  # noqa: E731
+    h1, h2 = _both(lambda: jax.hessian(f)(xj))
+    np.testing.assert_allclose(np.asarray(h1), np.asarray(h2), rtol=1e-10, atol=1e-14)
