@@ -189,3 +189,16 @@ def test_second_order_through_the_kernels(x64):
     f = lambda a: lj.cross_entropy(a, yj, weight=jnp.asarray(w, jnp.float64), label_smoothing=0.1)  # noqa: E731
     h1, h2 = _both(lambda: jax.hessian(f)(xj))
     np.testing.assert_allclose(np.asarray(h1), np.asarray(h2), rtol=1e-10, atol=1e-14)
+
+
+def test_large_gradient_buffer_with_huge_page_advice():
+    # a 16 MB gradient: the backward handler advises huge pages on XLA's fresh output first
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((512, 8192)).astype(np.float32))
+    y = jnp.asarray(rng.integers(0, 8192, 512))
+    f = jax.jit(jax.grad(lambda a: lj.softmax_cross_entropy_with_integer_labels(a, y).sum()))
+    g1 = f(x)
+    with use_core():
+        g2 = jax.jit(jax.grad(lambda a: lj.softmax_cross_entropy_with_integer_labels(a, y).sum()))(x)
+    np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), rtol=1e-5, atol=1e-10)
+    np.testing.assert_allclose(np.asarray(g1).sum(-1), 0.0, atol=1e-5)
