@@ -202,3 +202,86 @@ def test_large_gradient_buffer_with_huge_page_advice():
         g2 = jax.jit(jax.grad(lambda a: lj.softmax_cross_entropy_with_integer_labels(a, y).sum()))(x)
     np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), rtol=1e-5, atol=1e-10)
     np.testing.assert_allclose(np.asarray(g1).sum(-1), 0.0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- probability labels
+def _probs(n=24, v=37, seed=1):
+    rng = np.random.default_rng(seed)
+    p = rng.dirichlet(np.full(v, 0.3), n)
+    p[::4] = np.eye(v)[rng.integers(0, v, len(p[::4]))]  # some one-hot rows
+    return p
+
+
+def test_probability_labels_take_the_kernel_route():
+    x, _, _ = _data()
+    p = jnp.asarray(_probs(), jnp.float32)
+    f = lambda a: lj.softmax_cross_entropy(a, p).sum()  # noqa: E731
+    text = _hlo(jax.grad(f), jnp.asarray(x))
+    assert "logitkit_prob_forward_float32" in text and "logitkit_prob_backward_float32" in text
+
+
+PROB_OPTIONS = [{}, {"label_smoothing": 0.1}, {"softcap": 4.0, "temperature": 1.3}, {"z_loss": 1e-2},
+                {"temperature": 0.5, "reduction": "none"}]
+
+
+@pytest.mark.parametrize("opts", PROB_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+def test_probability_values_and_all_gradients_match_the_xla_route(opts, weighted, dtype, x64):
+    x, _, w = _data(dtype=np.float64)
+    x = jnp.asarray(x).astype(dtype)
+    acc = jnp.float64 if dtype == "float64" else jnp.float32
+    p = jnp.asarray(_probs(), acc)
+    w = jnp.asarray(w, acc) if weighted else None
+
+    def f(a, b, c):
+        out = lj.cross_entropy(a, b, weight=c, **opts)
+        return out.sum() if out.ndim else out
+
+    (v1, g1), (v2, g2) = _both(lambda: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(x, p, w))
+    tol = 1e-12 if dtype == "float64" else 2e-6
+    np.testing.assert_allclose(float(v1), float(v2), rtol=tol * 4)
+    for a, b in zip(g1, g2):
+        if b is None:
+            continue
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        gtol = {"float64": 1e-11, "float32": 2e-6, "bfloat16": 8e-3}[dtype] if a.shape == x.shape else tol * 10
+        np.testing.assert_allclose(a, b, rtol=gtol, atol=gtol * max(1e-3, np.abs(b).max() * 1e-2))
+
+
+def test_probability_oracle_confident_and_special_rows():
+    x, _, _ = _data(n=20, v=50)
+    p = _probs(n=20, v=50)
+    got = lj.softmax_cross_entropy(jnp.asarray(x), jnp.asarray(p, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), reference.cross_entropy64(x, p, reduction="none"), rtol=3e-6)
+    # one-hot on a confident row: exact tiny loss; -inf row with zero target: 0; NaN row: NaN
+    x = np.zeros((3, 4), np.float32)
+    x[0, 1] = 30.0
+    x[1] = -np.inf
+    x[2, 0] = np.nan
+    p = np.zeros((3, 4), np.float32)
+    p[0, 1] = 1.0
+    p[2, 2] = 1.0
+    a, b = _both(lambda: lj.softmax_cross_entropy(jnp.asarray(x), jnp.asarray(p)))
+    np.testing.assert_allclose(float(a[0]), 3 * np.exp(-30.0), rtol=1e-6)
+    assert float(a[1]) == 0.0 and np.isnan(float(a[2]))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+    g = np.asarray(jax.grad(lambda a: lj.softmax_cross_entropy(a, jnp.asarray(p)).sum())(jnp.asarray(x)))
+    assert (g[1] == 0).all() and np.isnan(g[2]).all()
+
+
+def test_probability_second_order_and_vmap(x64):
+    x, _, _ = _data(n=3, v=5, dtype=np.float64)
+    p = jnp.asarray(_probs(n=3, v=5))
+    f = lambda a: lj.cross_entropy(a, p, label_smoothing=0.1, z_loss=1e-2)  # noqa: E731
+    h1, h2 = _both(lambda: jax.hessian(f)(jnp.asarray(x)))
+    np.testing.assert_allclose(np.asarray(h1), np.asarray(h2), rtol=1e-10, atol=1e-14)
+    xs = jnp.stack([jnp.asarray(x), -jnp.asarray(x)])
+    ps = jnp.stack([p, p[::-1]])
+    g = lambda a, b: lj.softmax_cross_entropy(a, b).sum()  # noqa: E731
+    vals, grads = jax.vmap(jax.value_and_grad(g, argnums=(0, 1)))(xs, ps)
+    for i in range(2):
+        v, (gx, gp) = jax.value_and_grad(g, argnums=(0, 1))(xs[i], ps[i])
+        np.testing.assert_allclose(float(vals[i]), float(v), rtol=1e-12)
+        np.testing.assert_allclose(np.asarray(grads[0][i]), np.asarray(gx), rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(np.asarray(grads[1][i]), np.asarray(gp), rtol=1e-12, atol=1e-15)

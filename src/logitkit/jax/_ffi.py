@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from .._namespace import acc_dtype, dtype_name
 
-__all__ = ["usable", "ce_forward", "ce_backward"]
+__all__ = ["usable", "ce_forward", "ce_backward", "prob_forward", "prob_backward"]
 
 _DTYPES = ("float32", "float64", "float16", "bfloat16")
 _lock = threading.Lock()
@@ -110,4 +110,25 @@ def ce_backward(opts: Any, x: Any, lab: Any, m: Any, r: Any, weight: Any, g_ce: 
     call = jax.ffi.ffi_call(_target("ce_backward", dtype_name(x.dtype)),
                             jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential")
     return call(x, lab, m, r, g_ce.astype(acc), g_lse.astype(acc),
+                _weight(weight, x.shape[-1], acc), params=_params(opts, x.size))
+
+
+def prob_forward(opts: Any, x: Any, y: Any, weight: Any) -> tuple[Any, Any, Any, Any]:
+    """``(ce, m, r, mass)`` per row for probability labels ``y`` (x's shape); ``mass = Σ_c t_c``
+    with ``t = ((1-eps)·y + eps/V)·w``."""
+    acc = acc_dtype(jnp, x.dtype)
+    row = jax.ShapeDtypeStruct(x.shape[:-1], acc)
+    call = jax.ffi.ffi_call(_target("prob_forward", dtype_name(x.dtype)), (row,) * 4,
+                            vmap_method="sequential")
+    return tuple(call(x, y.astype(acc), _weight(weight, x.shape[-1], acc),
+                      params=_params(opts, x.size)))
+
+
+def prob_backward(opts: Any, x: Any, y: Any, m: Any, r: Any, mass: Any, weight: Any, g_ce: Any,
+                  g_lse: Any) -> Any:
+    """``dx = (p·(g_ce·mass + g_lse) - g_ce·t)·dz/dx`` from the forward's ``m, r, mass``."""
+    acc = acc_dtype(jnp, x.dtype)
+    call = jax.ffi.ffi_call(_target("prob_backward", dtype_name(x.dtype)),
+                            jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential")
+    return call(x, y.astype(acc), m, r, mass, g_ce.astype(acc), g_lse.astype(acc),
                 _weight(weight, x.shape[-1], acc), params=_params(opts, x.size))

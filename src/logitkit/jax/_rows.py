@@ -526,8 +526,92 @@ def prob_rows(x: Any, y: Any, weight: Any = None, mask: Any = None, *,
 
     ``ce = Σ_c w_c·ỹ_c·(lse - z_c)`` with ``ỹ = (1-eps)·y + eps/V`` over classes not masked;
     differentiable in ``x``, ``y`` (``d/dy_c = (1-eps)·w_c·(lse - z_c)``) and ``weight``.
+    Without a mask, on the CPU, the numba kernels run both passes (see :mod:`._ffi`).
     """
+    if mask is None and y.shape == x.shape and _ffi.usable(x):
+        return _prob_rows_k(opts, x, y, weight)
     return _prob_rows(opts, x, y, weight, mask)
+
+
+# probability labels through the numba kernels: the same construction as for class indices
+
+
+def _xla_prob_forward(opts: Options, x: Any, y: Any, weight: Any) -> tuple[Any, ...]:
+    (ce, lse), (mx, r, mass) = _prob_forward(opts, x, y, weight, None)
+    return ce, lse, _transform(mx, opts)[..., 0], r[..., 0], mass[..., 0]
+
+
+def _ffi_prob_forward(opts: Options, x: Any, y: Any, weight: Any) -> tuple[Any, ...]:
+    ce, m, r, mass = _ffi.prob_forward(opts, x, y, weight)
+    return ce, m + r, m, r, mass
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _kp_forward(opts: Options, x: Any, y: Any, weight: Any) -> tuple[Any, ...]:
+    return jax.lax.platform_dependent(x, y, weight, cpu=functools.partial(_ffi_prob_forward, opts),
+                                      default=functools.partial(_xla_prob_forward, opts))
+
+
+@_kp_forward.defjvp
+def _kp_forward_jvp(opts, primals, tangents):
+    out = _kp_forward(opts, *primals)
+    _, (tce, tlse, *_) = jax.jvp(lambda *a: _xla_prob_forward(opts, *a), primals, tangents)
+    return out, (tce, tlse) + tuple(jnp.zeros_like(o) for o in out[2:])
+
+
+def _xla_prob_dx(opts: Options, x: Any, y: Any, weight: Any, g_ce: Any, g_lse: Any) -> Any:
+    _, (mx, r, mass) = _prob_forward(opts, x, y, weight, None)
+    return _prob_bwd(opts, (x, y, weight, None, mx, r, mass, (None, None)), (g_ce, g_lse))[0]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _kp_dx(opts: Options, x: Any, y: Any, m: Any, r: Any, mass: Any, weight: Any, g_ce: Any,
+           g_lse: Any) -> Any:
+    return jax.lax.platform_dependent(
+        x, y, m, r, mass, weight, g_ce, g_lse,
+        cpu=functools.partial(_ffi.prob_backward, opts),
+        default=lambda x, y, m, r, s, w, gc, gl: _xla_prob_dx(opts, x, y, w, gc, gl))
+
+
+@_kp_dx.defjvp
+def _kp_dx_jvp(opts, primals, tangents):
+    x, y, m, r, mass, weight, g_ce, g_lse = primals
+    tx, ty, _, _, _, tw, tgc, tgl = tangents
+    out = _kp_dx(opts, *primals)
+    _, t = jax.jvp(lambda *a: _xla_prob_dx(opts, *a), (x, y, weight, g_ce, g_lse),
+                   (tx, ty, tw, tgc, tgl))
+    return out, t
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _prob_rows_k(opts: Options, x: Any, y: Any, weight: Any) -> tuple[Any, Any]:
+    return _kp_forward(opts, x, y, weight)[:2]
+
+
+def _prob_k_fwd(opts, x, y, weight):
+    xv, yv, wv = _value(x), _value(y), _value(weight)
+    ce, lse, m, r, mass = _kp_forward(opts, xv, yv, wv)
+    flags = tuple(jnp.zeros((0,), bool) if _perturbed(a) else None for a in (y, weight))
+    return (ce, lse), (xv, yv, wv, m, r, mass, flags)
+
+
+def _prob_k_bwd(opts, res, g):
+    x, y, w_in, m, r, mass, flags = res
+    g_ce, g_lse = g
+    acc = acc_dtype(jnp, x.dtype)
+    g_ce = jnp.zeros(m.shape, acc) if _is_zero(g_ce) else g_ce.astype(acc)
+    g_lse = jnp.zeros(m.shape, acc) if _is_zero(g_lse) else g_lse.astype(acc)
+    dx = _kp_dx(opts, x, y, m, r, mass, w_in, g_ce, g_lse)
+    dy = dw = None
+    if flags[0] is not None or flags[1] is not None:
+        # label / weight gradients on the XLA route (its dx is computed but unused: XLA drops it)
+        mx = _row_max(_raw(x, None, opts), -1)
+        _, dy, dw, _ = _prob_bwd(opts, (x, y, w_in, None, mx, r[..., None], mass[..., None], flags),
+                                 (g_ce, g_lse))
+    return dx, dy, dw
+
+
+_prob_rows_k.defvjp(_prob_k_fwd, _prob_k_bwd, symbolic_zeros=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1028,8 +1028,114 @@ def ce_backward_p(x, labels, m_in, r_in, g_ce, g_p, w, wsum, ignore_index, eps, 
                              ignore_index, eps, temp, inv_t, use_t, cap, use_cap, False, buf)
 
 
+# ----------------------------------------------------------------------------- probability labels
+# Targets t_c = ((1 - eps) y_c + eps / V) w_c (w = 1 when ``w`` is empty); classes with t_c = 0 take
+# no part in the loss (0 log 0 = 0, so a -inf logit there is fine).
+@_jit_exact()
+def _target(yv, j, w, eps, inv_v):
+    t = np.float64(yv) * (1.0 - eps) + eps * inv_v
+    return t * np.float64(w[j]) if w.size else t
+
+
+@_jit()
+def _prob_dot(buf, yr, m, w, eps, inv_v):
+    """(sum_c t_c (z_c - m) over t_c != 0, sum_c t_c), in float64."""
+    dot = 0.0
+    mass = 0.0
+    for j in range(buf.size):
+        t = _target(yr[j], j, w, eps, inv_v)
+        d = np.float64(buf[j]) - np.float64(m)
+        dot += 0.0 if t == 0.0 else t * d
+        mass += t
+    return dot, mass
+
+
+@_jit_exact(parallel=True)
+def prob_forward(x, y, w, eps, temp, cap, use_cap, ce, m_out, r_out, mass_out, buf_proto, nchunk):
+    """Per row: ``ce = mass r - sum_c t_c (z_c - m)``, ``m``, ``r`` and ``mass = sum_c t_c``;
+    ``y`` (N, V) in the accumulation dtype.  All -inf rows: r = 0, ce = 0 if mass == 0 else inf."""
+    n, v = x.shape
+    inv_v = 1.0 / v
+    for ch in prange(nchunk):
+        buf = np.empty(v, buf_proto.dtype)
+        zero = acc_zero(buf)
+        tz = cast(temp, zero)
+        capa = cast(cap, zero)
+        for i in range(ch * n // nchunk, (ch + 1) * n // nchunk):
+            if use_cap:
+                m = _zfill_cap(x[i], buf, capa, tz)
+            else:
+                m = _zfill(x[i], buf, tz)
+            if not (m > _NINF and m < np.inf):
+                mass = 0.0
+                for j in range(v):
+                    mass += _target(y[i, j], j, w, eps, inv_v)
+                m_out[i] = m
+                mass_out[i] = mass
+                if m == _NINF:
+                    r_out[i] = 0.0
+                    ce[i] = 0.0 if mass == 0.0 else np.inf
+                else:
+                    r_out[i] = np.nan
+                    ce[i] = np.nan
+                continue
+            s, ties = _exp_sum(buf, m)
+            r = math.log1p(s + (ties - 1))
+            dot, mass = _prob_dot(buf, y[i], m, w, eps, inv_v)
+            ce[i] = mass * r - dot
+            m_out[i] = m
+            r_out[i] = r
+            mass_out[i] = mass
+
+
+@_jit_exact()
+def _prob_store(buf, yr, orow, m, r, a, g, w, eps, inv_v):
+    """out = exp(z - m - r) a - g t_c."""
+    for j in range(buf.size):
+        p = vexp((buf[j] - m) - r)
+        orow[j] = from_acc(p * a - g * cast(_target(yr[j], j, w, eps, inv_v), a), orow)
+
+
+@_jit_exact(parallel=True)
+def prob_backward(x, y, m_in, r_in, mass, g_ce, g_lse, w, eps, temp, cap, use_cap, out,
+                  buf_proto, nchunk):
+    """``dz_c = p_c (g_ce mass + g_lse) - g_ce t_c``, times ``sech(x/cap)^2 / T``."""
+    n, v = x.shape
+    inv_v = 1.0 / v
+    inv_t = 1.0 / temp
+    for ch in prange(nchunk):
+        buf = np.empty(v, buf_proto.dtype)
+        fac = np.empty(v if use_cap else 0, buf_proto.dtype)
+        zero = acc_zero(buf)
+        tz = cast(temp, zero)
+        capa = cast(cap, zero)
+        for i in range(ch * n // nchunk, (ch + 1) * n // nchunk):
+            xr = x[i]
+            orow = out[i]
+            if use_cap:
+                _zfill_cap(xr, buf, capa, tz)
+                _sech2_fill(xr, fac, capa)
+            else:
+                _zfill(xr, buf, tz)
+            m = np.float64(m_in[i])
+            r = np.float64(r_in[i])
+            if m == np.inf or m != m or r != r:
+                _fill(orow, cast(np.nan, zero))
+                continue
+            if m == _NINF:  # p = 0 (and z - m would be NaN)
+                m = 0.0
+                r = np.inf
+            gce = np.float64(g_ce[i])
+            a = (gce * np.float64(mass[i]) + np.float64(g_lse[i])) * inv_t
+            _prob_store(buf, y[i], orow, cast(m, zero), cast(r, zero), cast(a, zero),
+                        cast(gce * inv_t, zero), w, eps, inv_v)
+            if use_cap:
+                for j in range(v):
+                    orow[j] = from_acc(to_acc(orow[j]) * fac[j], orow)
+
+
 _PARALLEL = ("ce_direct", "ce_buffered", "ce_backward", "ce_backward_p", "softmax_direct",
-             "softmax_buffered", "softmax_bwd")
+             "softmax_buffered", "softmax_bwd", "prob_forward", "prob_backward")
 
 
 def _serial_clone(fn):
@@ -1168,6 +1274,13 @@ def _ffi_weight(lst, k, v, acc):
 
 
 @_jit_exact()
+def _ffi_weight_or_empty(lst, k, v, acc):
+    """The class weights (V,), or an empty array meaning none (the probability kernels test
+    ``w.size``)."""
+    return carray(_addr(_ffi_data(lst, k)), v if _ffi_shape(lst, k)[1] != 0 else 0, acc)
+
+
+@_jit_exact()
 def _ffi_params(frame):
     at = _i64(_i64(frame + 160))
     return carray(_addr(_i64(at + 16)), _i64(at + 8), np.float64)
@@ -1273,6 +1386,66 @@ def _ffi_ce_backward(frame):
     return _FFI_OK
 
 
+def _ffi_prob_forward(frame):
+    """args: x (..., V), y (..., V) acc, weight (V,) or (0,) acc; rets: ce, m, r, mass (...) acc."""
+    if not _ffi_execute(frame):
+        return _FFI_OK
+    args = _i64(frame + 72)
+    rets = _i64(frame + 112)
+    n, v = _ffi_shape(args, 0)
+    if n == 0:
+        return _FFI_OK
+    x = carray(_addr(_ffi_data(args, 0)), (n, v), _XDT)
+    y = carray(_addr(_ffi_data(args, 1)), (n, v), _ACC)
+    w = _ffi_weight_or_empty(args, 2, v, _ACC)
+    ce = carray(_addr(_ffi_data(rets, 0)), n, _ACC)
+    m = carray(_addr(_ffi_data(rets, 1)), n, _ACC)
+    r = carray(_addr(_ffi_data(rets, 2)), n, _ACC)
+    mass = carray(_addr(_ffi_data(rets, 3)), n, _ACC)
+    prm = _ffi_params(frame)
+    nt = int(prm[4])
+    if nt > 1:
+        prob_forward(x, y, w, prm[0], prm[1], prm[2], prm[3] != 0.0, ce, m, r, mass, w[:0],
+                     min(n, nt))
+    else:
+        prob_forward_serial(x, y, w, prm[0], prm[1], prm[2], prm[3] != 0.0, ce, m, r, mass,
+                            w[:0], 1)
+    return _FFI_OK
+
+
+def _ffi_prob_backward(frame):
+    """args: x, y (..., V), m, r, mass, g_ce, g_lse (...) acc, weight (V,) or (0,) acc;
+    rets: dx (..., V) in x's dtype."""
+    if not _ffi_execute(frame):
+        return _FFI_OK
+    args = _i64(frame + 72)
+    rets = _i64(frame + 112)
+    n, v = _ffi_shape(args, 0)
+    if n == 0:
+        return _FFI_OK
+    x = carray(_addr(_ffi_data(args, 0)), (n, v), _XDT)
+    y = carray(_addr(_ffi_data(args, 1)), (n, v), _ACC)
+    m = carray(_addr(_ffi_data(args, 2)), n, _ACC)
+    r = carray(_addr(_ffi_data(args, 3)), n, _ACC)
+    mass = carray(_addr(_ffi_data(args, 4)), n, _ACC)
+    gce = carray(_addr(_ffi_data(args, 5)), n, _ACC)
+    glse = carray(_addr(_ffi_data(args, 6)), n, _ACC)
+    w = _ffi_weight_or_empty(args, 7, v, _ACC)
+    out = carray(_addr(_ffi_data(rets, 0)), (n, v), _XDT)
+    _advise_huge_pages(_ffi_data(rets, 0), out.nbytes)
+    prm = _ffi_params(frame)
+    nt = int(prm[4])
+    if nt > 1:
+        prob_backward(x, y, m, r, mass, gce, glse, w, prm[0], prm[1], prm[2], prm[3] != 0.0, out,
+                      w[:0], min(n, nt))
+    else:
+        prob_backward_serial(x, y, m, r, mass, gce, glse, w, prm[0], prm[1], prm[2],
+                             prm[3] != 0.0, out, w[:0], 1)
+    return _FFI_OK
+
+
+prob_forward_serial = _serial["prob_forward"]
+prob_backward_serial = _serial["prob_backward"]
 ce_direct_serial = _serial["ce_direct"]
 ce_buffered_serial = _serial["ce_buffered"]
 ce_backward_p_serial = _serial["ce_backward_p"]
@@ -1284,12 +1457,13 @@ _FFI_DTYPES = {
     "float16": (np.int16, np.float32, _ffi_forward_half),
     "bfloat16": (np.uint16, np.float32, _ffi_forward_half),
 }
-_FFI_TEMPLATES = {"ce_forward": _ffi_ce_forward, "ce_backward": _ffi_ce_backward}
+_FFI_TEMPLATES = {"ce_forward": _ffi_ce_forward, "ce_backward": _ffi_ce_backward,
+                  "prob_forward": _ffi_prob_forward, "prob_backward": _ffi_prob_backward}
 _ffi_compiled = {}
 
 
 def ffi_handler(kind, dtype):
-    """The compiled XLA FFI handler ``kind`` ("ce_forward" / "ce_backward") for logits of dtype
+    """The compiled XLA FFI handler ``kind`` (a key of ``_FFI_TEMPLATES``) for logits of dtype
     name ``dtype``; its ``.ctypes`` is the function pointer to register."""
     key = (kind, dtype)
     if key not in _ffi_compiled:
