@@ -45,7 +45,23 @@ def _cases():
             lambda x, y: optax.softmax_cross_entropy(x, onehot(y, x.shape[-1])).mean(),
         "logitkit.jax.softmax_cross_entropy (one-hot)":
             lambda x, y: lj.softmax_cross_entropy(x, onehot(y, x.shape[-1])).mean(),
+        # probabilities given as an input (not built in the step): the loss itself
+        "optax.softmax_cross_entropy (probabilities input)":
+            lambda x, p: optax.softmax_cross_entropy(x, p).mean(),
+        "logitkit.jax.softmax_cross_entropy (probabilities input)":
+            lambda x, p: lj.softmax_cross_entropy(x, p).mean(),
     }
+
+
+def _second_input(name, y, x):
+    """The case's second argument: labels, or (for "probabilities input") a softmax of noise."""
+    if "probabilities input" not in name:
+        return y
+    import jax
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    return jax.nn.softmax(jax.numpy.asarray(rng.standard_normal(x.shape, dtype=np.float32)), axis=-1)
 
 
 def _inputs(N: int, V: int, seed: int = 0):
@@ -78,6 +94,7 @@ def _child(name: str, N: int, V: int) -> None:
     import jax
 
     x, y = _inputs(N, V)
+    y = _second_input(name, y, x)
     step, _ = _compiled(_cases()[name], x, y)
     jax.block_until_ready(step(x, y))
     print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -113,16 +130,20 @@ def main(argv: list[str] | None = None) -> int:
         keys = [k for k in cases if any(s in k for s in args.cases.split(","))]
         cases = {k: cases[k] for k in keys}
     x, y = _inputs(N, V)
-    steps, mem = {}, {}
+    probs = None
+    steps, mem, second = {}, {}, {}
     for name, fn in cases.items():
-        steps[name], compiled = _compiled(fn, x, y)
+        if "probabilities input" in name:
+            probs = _second_input(name, y, x) if probs is None else probs
+        second[name] = probs if "probabilities input" in name else y
+        steps[name], compiled = _compiled(fn, x, second[name])
         mem[name] = _mem(compiled)
-        jax.block_until_ready(steps[name](x, y))  # warm-up
+        jax.block_until_ready(steps[name](x, second[name]))  # warm-up
     times = {k: [] for k in steps}
     for _ in range(args.repeats):
         for name, step in steps.items():
             t0 = time.perf_counter()
-            jax.block_until_ready(step(x, y))
+            jax.block_until_ready(step(x, second[name]))
             times[name].append(time.perf_counter() - t0)
     rss = {k: _peak_rss(k, N, V) for k in steps} if args.rss else {}
 
@@ -141,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     pairs = [("optax.softmax_cross_entropy_with_integer_labels",
               "logitkit.jax.softmax_cross_entropy_with_integer_labels"),
-             ("optax.softmax_cross_entropy (one-hot)", "logitkit.jax.softmax_cross_entropy (one-hot)")]
+             ("optax.softmax_cross_entropy (one-hot)", "logitkit.jax.softmax_cross_entropy (one-hot)"),
+             ("optax.softmax_cross_entropy (probabilities input)",
+              "logitkit.jax.softmax_cross_entropy (probabilities input)")]
     print()
     for a, b in pairs:
         if a in times and b in times:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import math
 import os
 import platform
@@ -151,6 +152,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("kernel backends:")
     for name, ok in registry.backends().items():
         print(f"  {name:8s} {'available' if ok else 'unavailable (falls back to the core)'}")
+    if importlib.util.find_spec("jax") is not None:
+        # importing jax is what an info command is for; `import logitkit` itself never does
+        from .jax import _ffi
+
+        state = ("CPU kernels via XLA FFI" if registry.backends().get("cpu") and _ffi._importable()
+                 else "XLA only")
+        print(f"  {'jax':8s} {state}")
     return 0
 
 

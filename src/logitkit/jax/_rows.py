@@ -27,6 +27,12 @@ Two facts about XLA on CPU shape the code:
    as ``(x - x_max)·(1/T)`` (softcap: ``c·(tanh(x/c) - tanh(x_max/c))/T``, set to exactly 0 at
    raw ties), which is exactly 0 for the maximal terms in every fusion.
 
+Two routes compute the cross-entropies. On the CPU, without a mask, :func:`index_rows` and
+:func:`prob_rows` call the numba kernels as XLA custom calls (:mod:`._ffi`): one forward call
+(``ce``, ``m``, ``r`` per row) and one backward call that writes the gradient; their tangents for
+higher-order derivatives come from the XLA code below. Everything else (masks, other platforms,
+``LOGITKIT_KERNELS=core``) runs the XLA code itself.
+
 ``mask`` (optax's ``where``) hides classes from the statistics; for class indices the label logit
 is still read from the unmasked logits, as optax does. Rows that are ignored (label equal to
 ``ignore_index``, or every class masked) give 0 and a zero gradient. With ``softcap`` a ``-inf``

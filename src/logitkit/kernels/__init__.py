@@ -50,6 +50,13 @@ pass over ``x`` (possible because ``g_ce``/``g_z`` are known from the labels bef
 ``logsumexp_forward(x) -> (N,)``, ``softmax_backward(y, dy, out)`` (``y * (dy - sum(y*dy))``),
 ``log_softmax_backward(y, dy, out)`` (``dy - exp(y) * sum(dy)``).
 
+Probability labels (CPU kernels, used by JAX): ``prob_forward`` gives per row ``ce = mass·r -
+Σ_c t_c (z_c - m)``, ``m``, ``r`` and ``mass = Σ_c t_c`` with targets ``t = ((1-eps) y + eps/V) w``;
+``prob_backward`` writes ``dz = p (g_ce·mass + g_lse) - g_ce·t`` (times the transform's
+derivative).
+
 Class-index validation (label in ``[0, V)`` or equal to ``ignore_index``) happens before any
 kernel runs on host arrays; device kernels write NaN for a bad row and set a device-side flag.
+The CPU kernels also write a NaN row for an index outside ``[0, V)`` that reaches them
+unvalidated (traced JAX labels through the XLA FFI handlers), rather than read outside the row.
 """
