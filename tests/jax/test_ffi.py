@@ -285,3 +285,21 @@ def test_probability_second_order_and_vmap(x64):
         np.testing.assert_allclose(float(vals[i]), float(v), rtol=1e-12)
         np.testing.assert_allclose(np.asarray(grads[0][i]), np.asarray(gx), rtol=1e-12, atol=1e-15)
         np.testing.assert_allclose(np.asarray(grads[1][i]), np.asarray(gp), rtol=1e-12, atol=1e-15)
+
+
+def test_independent_kernel_calls_in_one_program():
+    # XLA may run independent custom calls on different threads at once; both launch the
+    # parallel kernels (each above the serial threshold)
+    rng = np.random.default_rng(5)
+    xs = [jnp.asarray(rng.standard_normal((256, 2048)).astype(np.float32)) for _ in range(3)]
+    ys = [jnp.asarray(rng.integers(0, 2048, 256)) for _ in range(3)]
+
+    def f(a, b, c):
+        return sum(lj.softmax_cross_entropy_with_integer_labels(t, y).mean() for t, y in zip((a, b, c), ys))
+
+    v, g = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(*xs)
+    for i in range(3):
+        np.testing.assert_allclose(np.asarray(g[i]), reference.cross_entropy_grad64(np.asarray(xs[i]), np.asarray(ys[i])),
+                                   atol=1e-8)
+    want = sum(reference.cross_entropy64(np.asarray(t), np.asarray(y)) for t, y in zip(xs, ys))
+    np.testing.assert_allclose(float(v), want, rtol=1e-6)
