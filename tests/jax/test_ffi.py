@@ -303,3 +303,48 @@ def test_independent_kernel_calls_in_one_program():
                                    atol=1e-8)
     want = sum(reference.cross_entropy64(np.asarray(t), np.asarray(y)) for t, y in zip(xs, ys))
     np.testing.assert_allclose(float(v), want, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- softmax / log_softmax
+import logitkit  # noqa: E402
+
+
+def test_softmax_takes_the_kernel_route_only_over_the_last_axis_without_mask():
+    x = jnp.asarray(_data()[0])
+    assert "logitkit_softmax_forward_float32" in _hlo(logitkit.softmax, x)
+    assert "logitkit_softmax_backward_float32" in _hlo(jax.grad(lambda a: (logitkit.log_softmax(a) ** 2).sum()), x)
+    assert "logitkit_softmax" not in _hlo(lambda a: logitkit.softmax(a, axis=0), x)
+    assert "logitkit_softmax" not in _hlo(lambda a: logitkit.softmax(a, where=a > 0), x)
+
+
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_softmax_values_and_gradients_match_the_xla_route_and_float64(log, temperature, dtype, x64):
+    x64_, _, _ = _data(n=17, v=300, dtype=np.float64)
+    x = jnp.asarray(x64_).astype(dtype)
+    xr = np.asarray(x.astype(jnp.float64))
+    fn = logitkit.log_softmax if log else logitkit.softmax
+    gw = jnp.asarray(np.random.default_rng(7).standard_normal(x.shape)).astype(dtype)
+    f = lambda a: (fn(a, temperature=temperature).astype(jnp.float64) * gw.astype(jnp.float64)).sum()  # noqa: E731
+    (o1, g1), (o2, g2) = _both(lambda: (jax.jit(lambda a: fn(a, temperature=temperature))(x), jax.jit(jax.grad(f))(x)))
+    want = reference.log_softmax64(xr / temperature) if log else reference.softmax64(xr / temperature)
+    tol = {"float64": 1e-13, "float32": 2e-6, "float16": 1e-3, "bfloat16": 8e-3}[dtype]
+    for o in (o1, o2):
+        np.testing.assert_allclose(np.asarray(o, np.float64), want, rtol=tol, atol=tol * 1e-2)
+    np.testing.assert_allclose(np.asarray(g1, np.float64), np.asarray(g2, np.float64), rtol=tol * 4,
+                               atol=tol * np.abs(np.asarray(g2, np.float64)).max())
+
+
+def test_softmax_special_rows_vmap_and_second_order(x64):
+    x = np.zeros((3, 4))
+    x[0] = -np.inf
+    x[1, 2] = np.inf
+    x[2, 1] = 1e4
+    for fn in (logitkit.softmax, logitkit.log_softmax):
+        a, b = _both(lambda: fn(jnp.asarray(x)))
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    xs = jnp.asarray(np.random.default_rng(8).standard_normal((2, 5, 6)))
+    np.testing.assert_allclose(np.asarray(jax.vmap(logitkit.softmax)(xs)), np.asarray(jax.nn.softmax(xs)), rtol=1e-13)
+    h1, h2 = _both(lambda: jax.hessian(lambda a: logitkit.log_softmax(a)[0, 1] + logitkit.softmax(a)[1, 2])(xs[0]))
+    np.testing.assert_allclose(np.asarray(h1), np.asarray(h2), rtol=1e-10, atol=1e-14)

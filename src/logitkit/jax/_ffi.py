@@ -27,7 +27,8 @@ import jax.numpy as jnp
 
 from .._namespace import acc_dtype, dtype_name
 
-__all__ = ["usable", "ce_forward", "ce_backward", "prob_forward", "prob_backward"]
+__all__ = ["usable", "ce_forward", "ce_backward", "prob_forward", "prob_backward",
+           "softmax_forward", "softmax_backward"]
 
 _DTYPES = ("float32", "float64", "float16", "bfloat16")
 _lock = threading.Lock()
@@ -132,3 +133,17 @@ def prob_backward(opts: Any, x: Any, y: Any, m: Any, r: Any, mass: Any, weight: 
                             jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential")
     return call(x, y.astype(acc), m, r, mass, g_ce.astype(acc), g_lse.astype(acc),
                 _weight(weight, x.shape[-1], acc), params=_params(opts, x.size))
+
+
+def softmax_forward(x: Any, log: bool, temperature: float) -> Any:
+    """Softmax (or log-softmax) of ``x / temperature`` over the last axis, in x's dtype."""
+    call = jax.ffi.ffi_call(_target("softmax_forward", dtype_name(x.dtype)),
+                            jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="broadcast_all")
+    return call(x, params=np.array([1.0 if log else 0.0, temperature, _threads(x.size)], np.float64))
+
+
+def softmax_backward(y: Any, dy: Any, log: bool) -> Any:
+    """``y·(dy - Σ y·dy)`` (softmax) or ``dy - exp(y)·Σ dy`` (log-softmax) over the last axis."""
+    call = jax.ffi.ffi_call(_target("softmax_backward", dtype_name(y.dtype)),
+                            jax.ShapeDtypeStruct(y.shape, y.dtype), vmap_method="broadcast_all")
+    return call(y, dy.astype(y.dtype), params=np.array([1.0 if log else 0.0, _threads(y.size)], np.float64))

@@ -663,17 +663,87 @@ def _softmax_bwd(axis, temperature, log, res, g):
 _softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
+def _on_kernels(x: Any, axis: int, where: Any) -> bool:
+    return where is None and x.ndim >= 1 and axis in (-1, x.ndim - 1) and _ffi.usable(x)
+
+
 def softmax(x: Any, axis: int = -1, *, where: Any = None, temperature: float = 1.0) -> Any:
     """``exp(z - lse)`` with ``z = x / T`` along ``axis``; masked entries and fully masked rows 0.
 
-    Saves only its output for the backward (``y·(g - Σ y·g) / T``).
+    Saves only its output for the backward (``y·(g - Σ y·g) / T``). Over the last axis without a
+    mask, on the CPU, forward and backward run the numba kernels.
     """
+    if _on_kernels(x, axis, where):
+        return _softmax_k(float(temperature), False, x)
     return _softmax(axis, float(temperature), x, where, False)
 
 
 def log_softmax(x: Any, axis: int = -1, *, where: Any = None, temperature: float = 1.0) -> Any:
     """``(z - m) - r`` along ``axis``; masked entries and fully masked rows ``-inf``.
 
-    Backward ``(g - softmax·Σ g) / T`` over entries not masked (masked entries get 0).
+    Backward ``(g - softmax·Σ g) / T`` over entries not masked (masked entries get 0). Over the
+    last axis without a mask, on the CPU, forward and backward run the numba kernels.
     """
+    if _on_kernels(x, axis, where):
+        return _softmax_k(float(temperature), True, x)
     return _softmax(axis, float(temperature), x, where, True)
+
+
+# softmax / log_softmax over the last axis through the numba kernels (XLA FFI); tangents for
+# higher orders from the XLA code above, as for the losses
+
+
+def _xla_sm(temperature: float, log: bool, x: Any) -> Any:
+    return _softmax_forward(x, -1, None, temperature, log)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _k_sm(temperature: float, log: bool, x: Any) -> Any:
+    return jax.lax.platform_dependent(
+        x, cpu=lambda a: _ffi.softmax_forward(a, log, temperature),
+        default=functools.partial(_xla_sm, temperature, log))
+
+
+@_k_sm.defjvp
+def _k_sm_jvp(temperature, log, primals, tangents):
+    out = _k_sm(temperature, log, *primals)
+    _, t = jax.jvp(functools.partial(_xla_sm, temperature, log), primals, tangents)
+    return out, t
+
+
+def _xla_smb(log: bool, y: Any, g: Any) -> Any:
+    return _softmax_bwd(-1, 1.0, log, (y, None), g)[0]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _k_smb(log: bool, y: Any, g: Any) -> Any:
+    return jax.lax.platform_dependent(
+        y, g, cpu=lambda a, b: _ffi.softmax_backward(a, b, log),
+        default=functools.partial(_xla_smb, log))
+
+
+@_k_smb.defjvp
+def _k_smb_jvp(log, primals, tangents):
+    out = _k_smb(log, *primals)
+    _, t = jax.jvp(functools.partial(_xla_smb, log), primals, tangents)
+    return out, t
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _softmax_k(temperature: float, log: bool, x: Any) -> Any:
+    return _k_sm(temperature, log, x)
+
+
+def _softmax_k_fwd(temperature, log, x):
+    out = _k_sm(temperature, log, x)
+    return out, out
+
+
+def _softmax_k_bwd(temperature, log, out, g):
+    if temperature == 1.0:
+        return (_k_smb(log, out, g),)
+    # the kernel has no 1/T factor: the XLA expression, one fused pass
+    return (_softmax_bwd(-1, temperature, log, (out, None), g)[0],)
+
+
+_softmax_k.defvjp(_softmax_k_fwd, _softmax_k_bwd)

@@ -1444,21 +1444,90 @@ def _ffi_prob_backward(frame):
     return _FFI_OK
 
 
+def _ffi_softmax_forward(frame):
+    """args: x (..., V); rets: softmax or log_softmax of x / T (x's dtype).
+    params: mode (0 softmax, 1 log_softmax), temperature, threads."""
+    if not _ffi_execute(frame):
+        return _FFI_OK
+    args = _i64(frame + 72)
+    rets = _i64(frame + 112)
+    n, v = _ffi_shape(args, 0)
+    if n == 0 or v == 0:
+        return _FFI_OK
+    x = carray(_addr(_ffi_data(args, 0)), (n, v), _XDT)
+    out = carray(_addr(_ffi_data(rets, 0)), (n, v), _XDT)
+    _advise_huge_pages(_ffi_data(rets, 0), out.nbytes)
+    prm = _ffi_params(frame)
+    _SMF(x, int(prm[0]), prm[1], int(prm[2]), out, np.empty(n, _ACC), np.empty(n, _ACC))
+    return _FFI_OK
+
+
+@_jit_exact()
+def _ffi_sm_buffered(x, mode, temp, nt, out, m, r, proto):
+    if nt > 1:
+        softmax_buffered(x, mode, temp, 1.0, False, out, m, r, proto, min(x.shape[0], nt))
+    else:
+        softmax_buffered_serial(x, mode, temp, 1.0, False, out, m, r, proto, 1)
+
+
+@_jit_exact()
+def _ffi_sm_any(x, mode, temp, nt, out, m, r):
+    """float32/float64 storage: the direct kernel at temperature 1."""
+    if temp != 1.0:
+        _ffi_sm_buffered(x, mode, temp, nt, out, m, r, m[:0])
+    elif nt > 1:
+        softmax_direct(x, mode, out, False, m, r)
+    else:
+        softmax_direct_serial(x, mode, out, False, m, r)
+
+
+@_jit_exact()
+def _ffi_sm_half(x, mode, temp, nt, out, m, r):
+    _ffi_sm_buffered(x, mode, temp, nt, out, m, r, m[:0])
+
+
+def _ffi_softmax_backward(frame):
+    """args: y (the forward's output), dy (..., V); rets: dx = y (dy - sum y dy), or for
+    log_softmax dy - exp(y) sum dy.  params: log (0/1), threads."""
+    if not _ffi_execute(frame):
+        return _FFI_OK
+    args = _i64(frame + 72)
+    rets = _i64(frame + 112)
+    n, v = _ffi_shape(args, 0)
+    if n == 0 or v == 0:
+        return _FFI_OK
+    y = carray(_addr(_ffi_data(args, 0)), (n, v), _XDT)
+    dy = carray(_addr(_ffi_data(args, 1)), (n, v), _XDT)
+    out = carray(_addr(_ffi_data(rets, 0)), (n, v), _XDT)
+    _advise_huge_pages(_ffi_data(rets, 0), out.nbytes)
+    prm = _ffi_params(frame)
+    if int(prm[1]) > 1:
+        softmax_bwd(y, dy, out, prm[0] != 0.0, 0)
+    else:
+        softmax_bwd_serial(y, dy, out, prm[0] != 0.0, 0)
+    return _FFI_OK
+
+
+softmax_direct_serial = _serial["softmax_direct"]
+softmax_buffered_serial = _serial["softmax_buffered"]
+softmax_bwd_serial = _serial["softmax_bwd"]
 prob_forward_serial = _serial["prob_forward"]
 prob_backward_serial = _serial["prob_backward"]
 ce_direct_serial = _serial["ce_direct"]
 ce_buffered_serial = _serial["ce_buffered"]
 ce_backward_p_serial = _serial["ce_backward_p"]
 
-# dtype name -> (storage dtype, accumulation dtype, forward driver)
+# dtype name -> (storage dtype, accumulation dtype, CE forward driver, softmax forward driver)
 _FFI_DTYPES = {
-    "float32": (np.float32, np.float32, _ffi_forward_any),
-    "float64": (np.float64, np.float64, _ffi_forward_any),
-    "float16": (np.int16, np.float32, _ffi_forward_half),
-    "bfloat16": (np.uint16, np.float32, _ffi_forward_half),
+    "float32": (np.float32, np.float32, _ffi_forward_any, _ffi_sm_any),
+    "float64": (np.float64, np.float64, _ffi_forward_any, _ffi_sm_any),
+    "float16": (np.int16, np.float32, _ffi_forward_half, _ffi_sm_half),
+    "bfloat16": (np.uint16, np.float32, _ffi_forward_half, _ffi_sm_half),
 }
 _FFI_TEMPLATES = {"ce_forward": _ffi_ce_forward, "ce_backward": _ffi_ce_backward,
-                  "prob_forward": _ffi_prob_forward, "prob_backward": _ffi_prob_backward}
+                  "prob_forward": _ffi_prob_forward, "prob_backward": _ffi_prob_backward,
+                  "softmax_forward": _ffi_softmax_forward,
+                  "softmax_backward": _ffi_softmax_backward}
 _ffi_compiled = {}
 
 
@@ -1471,9 +1540,9 @@ def ffi_handler(kind, dtype):
         # (allocate_sched, ...), which numba loads only when a parallel kernel first launches.
         from numba.np.ufunc.parallel import _launch_threads
         _launch_threads()
-        xdt, acc, fwd = _FFI_DTYPES[dtype]
+        xdt, acc, fwd, smf = _FFI_DTYPES[dtype]
         tmpl = _FFI_TEMPLATES[kind]
-        g = dict(globals(), _XDT=xdt, _ACC=acc, _FWD=fwd)
+        g = dict(globals(), _XDT=xdt, _ACC=acc, _FWD=fwd, _SMF=smf)
         f = _pytypes.FunctionType(tmpl.__code__, g, f"{tmpl.__name__}_{dtype}")
         f.__qualname__ = f"{tmpl.__qualname__}_{dtype}"
         f.__module__ = tmpl.__module__
