@@ -284,6 +284,8 @@ def _softmax_cases(x):
         xj = jnp.asarray(x)
         f = jax.jit(lambda a: jax.nn.softmax(a, axis=-1))
         cases.append(("jax.nn.softmax (jit)", "copy", lambda: xj, f, lambda r: np.asarray(r)))
+        g = jax.jit(lambda a: lk.softmax(a, axis=-1))
+        cases.append(("logitkit.softmax on JAX (jit)", "copy", lambda: xj, g, lambda r: np.asarray(r)))
     return cases
 
 
