@@ -348,3 +348,17 @@ def test_softmax_special_rows_vmap_and_second_order(x64):
     np.testing.assert_allclose(np.asarray(jax.vmap(logitkit.softmax)(xs)), np.asarray(jax.nn.softmax(xs)), rtol=1e-13)
     h1, h2 = _both(lambda: jax.hessian(lambda a: logitkit.log_softmax(a)[0, 1] + logitkit.softmax(a)[1, 2])(xs[0]))
     np.testing.assert_allclose(np.asarray(h1), np.asarray(h2), rtol=1e-10, atol=1e-14)
+
+
+def test_a_handler_that_cannot_be_built_falls_back_to_xla_with_a_warning(monkeypatch):
+    def fail(kind, dtype):
+        raise OSError("no toolchain")
+
+    monkeypatch.setattr(_ffi, "_target", fail)
+    monkeypatch.setattr(_ffi, "_broken", {})
+    x, y, _ = _data()
+    xj, yj = jnp.asarray(x), jnp.asarray(y)
+    with pytest.warns(RuntimeWarning, match="no toolchain"):
+        text = _hlo(lambda a: lj.cross_entropy(a, yj), xj)
+    assert "logitkit_ce" not in text
+    np.testing.assert_allclose(float(lj.cross_entropy(xj, yj)), reference.cross_entropy64(x, y), rtol=1e-6)

@@ -42,15 +42,38 @@ def _importable() -> bool:
     return cpu.available() and hasattr(jax, "ffi") and hasattr(jax.ffi, "ffi_call")
 
 
-def usable(x: Any) -> bool:
-    """True when ``x``'s cross-entropy can run on the numba kernels through the FFI."""
+_FAMILIES = {"ce": ("ce_forward", "ce_backward"), "prob": ("prob_forward", "prob_backward"),
+             "softmax": ("softmax_forward", "softmax_backward")}
+_broken: dict[tuple[str, str], str] = {}  # (family, dtype) -> why its handlers are unusable
+
+
+def usable(x: Any, family: str) -> bool:
+    """True when ``family`` ("ce", "prob", "softmax") can run on the numba kernels for ``x``.
+
+    The family's two handlers are compiled (or loaded from numba's cache) and registered here, at
+    trace time; if that fails (an unusual platform, a broken toolchain) the reason is warned once
+    and the XLA route is used instead.
+    """
     from ..kernels import registry
 
-    if registry._forced_core[0] or dtype_name(x.dtype) not in _DTYPES:
+    dtype = dtype_name(x.dtype)
+    if registry._forced_core[0] or dtype not in _DTYPES:
         return False
     if x.ndim < 1 or x.shape[-1] == 0 or x.shape[-1] >= 2 ** 31:
         return False
-    return jax.default_backend() == "cpu" and _importable()
+    if jax.default_backend() != "cpu" or not _importable() or (family, dtype) in _broken:
+        return False
+    try:
+        for kind in _FAMILIES[family]:
+            _target(kind, dtype)
+    except Exception as exc:  # noqa: BLE001 - any failure means: use the XLA route
+        _broken[(family, dtype)] = repr(exc)
+        import warnings
+
+        warnings.warn(f"logitkit.jax: the CPU kernels for {family} ({dtype}) are unavailable, using "
+                      f"XLA instead: {exc!r}", RuntimeWarning, stacklevel=3)
+        return False
+    return True
 
 
 def _target(kind: str, dtype: str) -> str:

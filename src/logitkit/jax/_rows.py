@@ -330,7 +330,7 @@ def index_rows(x: Any, labels: Any, weight: Any = None, mask: Any = None, *,
 
     Without a mask, on the CPU, the numba kernels run both passes (see :mod:`._ffi`).
     """
-    if mask is None and _ffi.usable(x):
+    if mask is None and _ffi.usable(x, "ce"):
         return _index_rows_k(opts, x, labels, weight)
     return _index_rows(opts, x, labels, weight, mask)
 
@@ -534,7 +534,7 @@ def prob_rows(x: Any, y: Any, weight: Any = None, mask: Any = None, *,
     differentiable in ``x``, ``y`` (``d/dy_c = (1-eps)·w_c·(lse - z_c)``) and ``weight``.
     Without a mask, on the CPU, the numba kernels run both passes (see :mod:`._ffi`).
     """
-    if mask is None and y.shape == x.shape and _ffi.usable(x):
+    if mask is None and y.shape == x.shape and _ffi.usable(x, "prob"):
         return _prob_rows_k(opts, x, y, weight)
     return _prob_rows(opts, x, y, weight, mask)
 
@@ -664,7 +664,7 @@ _softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
 def _on_kernels(x: Any, axis: int, where: Any) -> bool:
-    return where is None and x.ndim >= 1 and axis in (-1, x.ndim - 1) and _ffi.usable(x)
+    return where is None and x.ndim >= 1 and axis in (-1, x.ndim - 1) and _ffi.usable(x, "softmax")
 
 
 def softmax(x: Any, axis: int = -1, *, where: Any = None, temperature: float = 1.0) -> Any:
