@@ -2,14 +2,17 @@
 
     .venv/bin/python benchmarks/jax_bench.py                      # llm: 4096 x 32000 float32
     .venv/bin/python benchmarks/jax_bench.py --workload small --repeats 21
-    .venv/bin/python benchmarks/jax_bench.py --rss                # also peak RSS, one child per case
+    .venv/bin/python benchmarks/jax_bench.py --rss                # also each step's peak RSS growth
 
 Every case is ``jax.jit(jax.value_and_grad(lambda x: loss(x, labels).mean()))``, compiled
 before timing. Repetitions are interleaved (case A, case B, case A, ...) so that a machine whose
-load drifts penalizes every case alike; the table gives the median and the minimum. Memory:
+load drifts penalizes every case alike; each timed call follows an untimed call of the same case
+(as in a training loop), so that no case pays for the previous one's teardown. The table gives
+the median and the minimum. Memory:
 XLA's own account of the compiled program (``memory_analysis()``: temporaries, and outputs),
-and with ``--rss`` the peak resident set of a fresh process that builds the inputs, compiles
-and runs the case once (inputs and outputs included, so compare cases with each other).
+and with ``--rss`` the growth of a fresh process's peak resident set during one step, after the
+inputs are built and the step compiled and run once (outputs and temporaries, as the OS sees
+them).
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -64,12 +66,14 @@ def _second_input(name, y, x):
     return jax.nn.softmax(jax.numpy.asarray(rng.standard_normal(x.shape, dtype=np.float32)), axis=-1)
 
 
-def _inputs(N: int, V: int, seed: int = 0):
+def _inputs(N: int, V: int, seed: int = 0, dtype: str = "float32"):
     import jax.numpy as jnp
     import numpy as np
 
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((N, V), dtype=np.float32))
+    if dtype != "float32":  # astype copies even to the same dtype: keep RSS comparable
+        x = x.astype(dtype)
     y = jnp.asarray(rng.integers(0, V, N).astype(np.int32))
     return x, y
 
@@ -89,21 +93,40 @@ def _mem(compiled) -> tuple[float, float]:
     return ma.temp_size_in_bytes / 2**20, ma.output_size_in_bytes / 2**20
 
 
-def _child(name: str, N: int, V: int) -> None:
-    """Run one case once in this (fresh) process and print its peak RSS in MiB."""
+def _vm_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _child(name: str, N: int, V: int, dtype: str) -> None:
+    """In this fresh process: build the inputs, compile and run the case once, then print the
+    growth of the peak resident set during one more step (Linux: ``/proc/self/clear_refs`` resets
+    the peak), i.e. the step's own outputs and temporaries beyond the inputs, in MiB."""
+    import gc
+
     import jax
 
-    x, y = _inputs(N, V)
+    x, y = _inputs(N, V, dtype=dtype)
     y = _second_input(name, y, x)
     step, _ = _compiled(_cases()[name], x, y)
     jax.block_until_ready(step(x, y))
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _vm_kib("VmRSS")
+    out = step(x, y)
+    jax.block_until_ready(out)
+    print(json.dumps({"peak_extra_mib": (_vm_kib("VmHWM") - base) / 1024}))
 
 
-def _peak_rss(name: str, N: int, V: int) -> float:
-    out = subprocess.run([sys.executable, __file__, "--child", name, "--shape", f"{N}x{V}"],
+def _peak_rss(name: str, N: int, V: int, dtype: str) -> float:
+    out = subprocess.run([sys.executable, __file__, "--child", name, "--shape", f"{N}x{V}",
+                          "--dtype", dtype],
                          capture_output=True, text=True, check=True, env=os.environ.copy())
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_mib"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,12 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", help="N x V, e.g. 4096x32000 (overrides --workload)")
     ap.add_argument("--repeats", type=int, default=7, help="timed runs per case (median of these)")
     ap.add_argument("--cases", default="", help="comma-separated substrings selecting cases")
-    ap.add_argument("--rss", action="store_true", help="also measure peak RSS in child processes")
+    ap.add_argument("--rss", action="store_true",
+                    help="also measure each step's peak RSS growth, one fresh child per case (Linux)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="dtype of the logits")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     N, V = (map(int, args.shape.lower().split("x")) if args.shape else WORKLOADS[args.workload])
     if args.child:
-        _child(args.child, N, V)
+        _child(args.child, N, V, args.dtype)
         return 0
 
     import jax
@@ -129,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cases:
         keys = [k for k in cases if any(s in k for s in args.cases.split(","))]
         cases = {k: cases[k] for k in keys}
-    x, y = _inputs(N, V)
+    x, y = _inputs(N, V, dtype=args.dtype)
     probs = None
     steps, mem, second = {}, {}, {}
     for name, fn in cases.items():
@@ -142,15 +168,22 @@ def main(argv: list[str] | None = None) -> int:
     times = {k: [] for k in steps}
     for _ in range(args.repeats):
         for name, step in steps.items():
-            t0 = time.perf_counter()
+            # One untimed call first, so that the timed one follows the same step, as in a
+            # training loop. Without it the case after another pays for the other's teardown
+            # (GBs of 4 KiB pages released while it runs) and, on this VM, for memory that the
+            # host reclaimed while idle and faults back in: 2-8x, whichever case it is.
             jax.block_until_ready(step(x, second[name]))
+            t0 = time.perf_counter()
+            out = step(x, second[name])
+            jax.block_until_ready(out)
             times[name].append(time.perf_counter() - t0)
-    rss = {k: _peak_rss(k, N, V) for k in steps} if args.rss else {}
+            del out
+    rss = {k: _peak_rss(k, N, V, args.dtype) for k in steps} if args.rss else {}
 
     dev = jax.devices()[0]
-    print(f"jit(value_and_grad(loss.mean())), {N} x {V} float32, {dev.platform} ({dev.device_kind}), "
+    print(f"jit(value_and_grad(loss.mean())), {N} x {V} {args.dtype}, {dev.platform} ({dev.device_kind}), "
           f"jax {jax.__version__}, {os.cpu_count()} CPUs, {args.repeats} interleaved runs per case\n")
-    head = "| case | median ms | min ms | XLA temp MiB | XLA output MiB |" + (" peak RSS MiB |" if rss else "")
+    head = "| case | median ms | min ms | XLA temp MiB | XLA output MiB |" + (" step peak RSS growth MiB |" if rss else "")
     print(head)
     print("|" + " --- |" * (head.count("|") - 1))
     for name in steps:
