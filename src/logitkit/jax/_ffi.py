@@ -39,7 +39,28 @@ _handlers: dict[tuple[str, str], Any] = {}  # keeps the compiled handlers (their
 def _importable() -> bool:
     from ..kernels import cpu
 
-    return cpu.available() and hasattr(jax, "ffi") and hasattr(jax.ffi, "ffi_call")
+    if not (cpu.available() and hasattr(jax, "ffi") and hasattr(jax.ffi, "ffi_call")):
+        return False
+    import sys
+
+    # the handlers' byte offsets assume 8-byte pointers and size_t
+    return sys.maxsize > 2 ** 32 and _ffi_api_major() == 0
+
+
+def _ffi_api_major() -> int:
+    """XLA FFI's major API version from the header jaxlib ships (0 if it cannot be read).
+
+    The handlers read XLA's call frame at the byte offsets of API 0.x, which minor versions keep;
+    a major version would change them, so the kernels are not used under one."""
+    import os
+    import re
+
+    try:
+        with open(os.path.join(jax.ffi.include_dir(), "xla", "ffi", "api", "c_api.h")) as f:
+            m = re.search(r"#define XLA_FFI_API_MAJOR (\d+)", f.read())
+    except (OSError, AttributeError):
+        return 0
+    return int(m.group(1)) if m else 0
 
 
 _FAMILIES = {"ce": ("ce_forward", "ce_backward"), "prob": ("prob_forward", "prob_backward"),
