@@ -7,11 +7,11 @@ rest in cache; through ``jax.ffi.ffi_call`` they read XLA's input buffers and wr
 buffers in place (no copy, no Python, no GIL: the handlers are ``numba.cfunc`` C functions,
 compiled on first use and cached on disk).
 
-Used by :func:`logitkit.jax._rows.index_rows` when :func:`usable` says so: class-index labels,
-no class mask, float16/bfloat16/float32/float64 logits, JAX's default backend is the CPU, numba
-importable, and kernels not switched off (``LOGITKIT_KERNELS=core`` or
-:func:`logitkit.kernels.registry.use_core` while the function is traced). Each call still carries
-an XLA fallback (``lax.platform_dependent``) for arrays placed on another platform.
+Used by :mod:`logitkit.jax._rows` (``index_rows``, ``prob_rows``, last-axis ``softmax`` and
+``log_softmax``) when :func:`usable` says so: no class mask, float16/bfloat16/float32/float64
+logits, JAX's default backend is the CPU, numba importable, and kernels not switched off
+(``LOGITKIT_KERNELS=core`` or :func:`logitkit.kernels.registry.use_core` while the function is
+traced). Each call still carries an XLA fallback (``lax.platform_dependent``) for arrays placed on another platform.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def _params(opts: Any, size: int) -> np.ndarray:
                      0.0 if cap is None else 1.0, _threads(size)], np.float64)
 
 
-def _weight(weight: Any, V: int, acc: Any) -> Any:
+def _weight(weight: Any, acc: Any) -> Any:
     return jnp.zeros((0,), acc) if weight is None else weight.astype(acc)  # (0,): no weight
 
 
@@ -146,7 +146,7 @@ def ce_forward(opts: Any, x: Any, lab: Any, weight: Any) -> tuple[Any, Any, Any]
     row = jax.ShapeDtypeStruct(lab.shape, acc)
     call = jax.ffi.ffi_call(_target("ce_forward", dtype_name(x.dtype)), (row, row, row),
                             vmap_method="sequential")
-    return tuple(call(x, lab, _weight(weight, x.shape[-1], acc), params=_params(opts, x.size)))
+    return tuple(call(x, lab, _weight(weight, acc), params=_params(opts, x.size)))
 
 
 def ce_backward(opts: Any, x: Any, lab: Any, m: Any, r: Any, weight: Any, g_ce: Any, g_lse: Any) -> Any:
@@ -155,7 +155,7 @@ def ce_backward(opts: Any, x: Any, lab: Any, m: Any, r: Any, weight: Any, g_ce: 
     call = jax.ffi.ffi_call(_target("ce_backward", dtype_name(x.dtype)),
                             jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential")
     return call(x, lab, m, r, g_ce.astype(acc), g_lse.astype(acc),
-                _weight(weight, x.shape[-1], acc), params=_params(opts, x.size))
+                _weight(weight, acc), params=_params(opts, x.size))
 
 
 def prob_forward(opts: Any, x: Any, y: Any, weight: Any) -> tuple[Any, Any, Any, Any]:
@@ -165,7 +165,7 @@ def prob_forward(opts: Any, x: Any, y: Any, weight: Any) -> tuple[Any, Any, Any,
     row = jax.ShapeDtypeStruct(x.shape[:-1], acc)
     call = jax.ffi.ffi_call(_target("prob_forward", dtype_name(x.dtype)), (row,) * 4,
                             vmap_method="sequential")
-    return tuple(call(x, y.astype(acc), _weight(weight, x.shape[-1], acc),
+    return tuple(call(x, y.astype(acc), _weight(weight, acc),
                       params=_params(opts, x.size)))
 
 
@@ -176,7 +176,7 @@ def prob_backward(opts: Any, x: Any, y: Any, m: Any, r: Any, mass: Any, weight: 
     call = jax.ffi.ffi_call(_target("prob_backward", dtype_name(x.dtype)),
                             jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential")
     return call(x, y.astype(acc), m, r, mass, g_ce.astype(acc), g_lse.astype(acc),
-                _weight(weight, x.shape[-1], acc), params=_params(opts, x.size))
+                _weight(weight, acc), params=_params(opts, x.size))
 
 
 def softmax_forward(x: Any, log: bool, temperature: float) -> Any:
