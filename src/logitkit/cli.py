@@ -154,10 +154,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {name:8s} {'available' if ok else 'unavailable (falls back to the core)'}")
     if importlib.util.find_spec("jax") is not None:
         # importing jax is what an info command is for; `import logitkit` itself never does
+        import jax
+
         from .jax import _ffi
 
         state = ("CPU kernels via XLA FFI" if registry.backends().get("cpu") and _ffi._importable()
                  else "XLA only")
+        if state != "XLA only" and jax.device_count() > 1:
+            state += f" (in shard_map bodies; {jax.device_count()} devices)"
         print(f"  {'jax':8s} {state}")
     return 0
 

@@ -362,3 +362,93 @@ def test_a_handler_that_cannot_be_built_falls_back_to_xla_with_a_warning(monkeyp
         text = _hlo(lambda a: lj.cross_entropy(a, yj), xj)
     assert "logitkit_ce" not in text
     np.testing.assert_allclose(float(lj.cross_entropy(xj, yj)), reference.cross_entropy64(x, y), rtol=1e-6)
+
+
+_SHARDED = r"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+import logitkit
+import logitkit.jax as lj
+from logitkit import reference
+
+assert jax.device_count() == 2
+rng = np.random.default_rng(0)
+x64 = 3 * rng.standard_normal((16, 50))
+y = rng.integers(0, 50, 16)
+ref = reference.cross_entropy64(x64, y, reduction="none")
+grad_ref = reference.cross_entropy_grad64(x64, y)
+mesh = jax.make_mesh((2,), ("b",))
+spec = NamedSharding(mesh, P("b"))
+xs = jax.device_put(jnp.asarray(x64, jnp.float32), spec)
+ys = jax.device_put(jnp.asarray(y), spec)
+loss = lambda a, b: lj.softmax_cross_entropy_with_integer_labels(a, b).mean()
+
+# jit over two devices: the XLA route, which keeps the batch sharding (no all-gather)
+step = jax.jit(jax.value_and_grad(loss))
+hlo = step.lower(xs, ys).compile().as_text()
+assert "logitkit_ce_forward" not in hlo and "all-gather" not in hlo
+v, g = step(xs, ys)
+assert g.sharding.is_equivalent_to(spec, 2), g.sharding
+np.testing.assert_allclose(float(v), ref.mean(), rtol=1e-5)
+np.testing.assert_allclose(np.asarray(g), grad_ref, rtol=1e-4, atol=1e-7)
+
+# inside shard_map each device runs the kernels on its own rows
+body = jax.shard_map(jax.grad(lambda a, b: lj.softmax_cross_entropy_with_integer_labels(a, b).sum()),
+                     mesh=mesh, in_specs=(P("b"), P("b")), out_specs=P("b"))
+sm = jax.jit(body)
+hlo = sm.lower(xs, ys).compile().as_text()
+assert "logitkit_ce_forward" in hlo and "logitkit_ce_backward" in hlo and "all-gather" not in hlo
+np.testing.assert_allclose(np.asarray(sm(xs, ys)), grad_ref * 16, rtol=1e-4, atol=1e-6)
+
+# probability labels and softmax in a shard_map body: kernels, per-device rows
+t64 = reference.softmax64(rng.standard_normal((16, 50)))
+ts = jax.device_put(jnp.asarray(t64, jnp.float32), spec)
+def body(a, t):
+    ce, g = jax.value_and_grad(lambda u: lj.softmax_cross_entropy(u, t).sum())(a)
+    return lj.softmax_cross_entropy(a, t), g, logitkit.log_softmax(a)
+sm = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("b"), P("b")), out_specs=P("b")))
+hlo = sm.lower(xs, ts).compile().as_text()
+assert "logitkit_prob_forward" in hlo and "logitkit_softmax_forward" in hlo and "all-gather" not in hlo
+ce, g, ls = sm(xs, ts)
+np.testing.assert_allclose(np.asarray(ce), -(t64 * reference.log_softmax64(x64)).sum(-1), rtol=1e-5)
+np.testing.assert_allclose(np.asarray(g), reference.softmax64(x64) - t64, rtol=1e-4, atol=1e-6)
+np.testing.assert_allclose(np.asarray(ls), reference.log_softmax64(x64), rtol=1e-5, atol=1e-6)
+print("ok")
+"""
+
+
+def test_multi_device_jit_keeps_xla_partitioning_and_shard_map_bodies_use_the_kernels():
+    # XLA knows no partitioning rule for the custom calls: under a multi-device jit they would
+    # all-gather the logits. A fresh process, because the device count is fixed at JAX's start.
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    run = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+def test_shard_map_body_on_one_device_runs_the_kernels():
+    # the custom calls' results must carry the body's varying mesh axes, or shard_map rejects them
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    x, y, w = _data()
+    mesh = jax.make_mesh((1,), ("b",))
+    xs, ys = (jax.device_put(jnp.asarray(a), NamedSharding(mesh, P("b"))) for a in (x, y))
+
+    def rows_and_grad(a, b):
+        ce = lj.cross_entropy(a, b, reduction="none")
+        return ce, jax.grad(lambda u: lj.cross_entropy(u, b, reduction="sum"))(a)
+
+    body = jax.shard_map(rows_and_grad, mesh=mesh, in_specs=(P("b"), P("b")), out_specs=P("b"))
+    assert "logitkit_ce_forward" in _hlo(body, xs, ys)
+    ce, g = jax.jit(body)(xs, ys)
+    np.testing.assert_allclose(np.asarray(ce), reference.cross_entropy64(x, y, reduction="none"),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(g), reference.cross_entropy_grad64(x, y, reduction="sum"),
+                               rtol=1e-4, atol=1e-6)

@@ -9,9 +9,11 @@ compiled on first use and cached on disk).
 
 Used by :mod:`logitkit.jax._rows` (``index_rows``, ``prob_rows``, last-axis ``softmax`` and
 ``log_softmax``) when :func:`usable` says so: no class mask, float16/bfloat16/float32/float64
-logits, JAX's default backend is the CPU, numba importable, and kernels not switched off
+logits, JAX's default backend is the CPU with one device (or the code runs inside a ``shard_map``,
+see :func:`_per_device`), numba importable, and kernels not switched off
 (``LOGITKIT_KERNELS=core`` or :func:`logitkit.kernels.registry.use_core` while the function is
-traced). Each call still carries an XLA fallback (``lax.platform_dependent``) for arrays placed on another platform.
+traced). Each call still carries an XLA fallback (``lax.platform_dependent``) for arrays placed
+on another platform.
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ def usable(x: Any, family: str) -> bool:
         return False
     if jax.default_backend() != "cpu" or not _importable() or (family, dtype) in _broken:
         return False
+    if not _per_device(x):
+        return False
     try:
         for kind in _FAMILIES[family]:
             _target(kind, dtype)
@@ -95,6 +99,24 @@ def usable(x: Any, family: str) -> bool:
                       f"XLA instead: {exc!r}", RuntimeWarning, stacklevel=3)
         return False
     return True
+
+
+def _per_device(x: Any) -> bool:
+    """True when the custom call sees whole, unsharded operands: a single device, or the body of a
+    ``shard_map`` whose mesh axes are all manual.
+
+    XLA's SPMD partitioner knows no sharding rule for these custom calls: under ``jit`` over several
+    devices it would all-gather sharded logits onto every device and return a replicated gradient.
+    With automatic sharding the placement is unknown at trace time, so any multi-device ``jit``
+    outside ``shard_map`` keeps the XLA route, which XLA partitions.
+    """
+    if jax.device_count() == 1:
+        return True
+    try:
+        mesh = jax.sharding.get_abstract_mesh()
+        return (not mesh.empty) and bool(mesh.are_all_axes_manual)
+    except AttributeError:  # an older JAX without abstract meshes
+        return False
 
 
 def _target(kind: str, dtype: str) -> str:
@@ -139,23 +161,45 @@ def _weight(weight: Any, acc: Any) -> Any:
     return jnp.zeros((0,), acc) if weight is None else weight.astype(acc)  # (0,): no weight
 
 
+def _varying_axes(args: Any) -> tuple[str, ...]:
+    """The ``shard_map`` mesh axes over which any of ``args`` varies (empty outside one)."""
+    axes: set[str] = set()
+    for a in args:
+        t = jax.typeof(a)
+        mat = getattr(t, "manual_axis_type", None)
+        axes |= set(mat.varying) if mat is not None else set(getattr(t, "vma", ()))
+    return tuple(sorted(axes))
+
+
+def _call(kind: str, x: Any, out: Any, vmap_method: str, *args: Any, params: np.ndarray) -> Any:
+    """The custom call ``kind`` for ``x``'s dtype on ``args``, results of type ``out``.
+
+    XLA gives custom-call results no ``shard_map`` axis types; inside one they vary over the
+    axes their operands vary over (each device computes its own rows), so they are cast to that.
+    """
+    call = jax.ffi.ffi_call(_target(kind, dtype_name(x.dtype)), out, vmap_method=vmap_method)
+    res = call(*args, params=params)
+    axes = _varying_axes(args)
+    if axes:
+        res = jax.tree_util.tree_map(lambda o: jax.lax.pcast(o, axes, to="varying"), res)
+    return res
+
+
 def ce_forward(opts: Any, x: Any, lab: Any, weight: Any) -> tuple[Any, Any, Any]:
     """``(ce, m, r)`` per row (accumulation dtype) of logits ``x`` (..., V) and int32 labels
     ``lab`` (...) coded -1 ignored, outside [0, V) bad (NaN row)."""
     acc = acc_dtype(jnp, x.dtype)
     row = jax.ShapeDtypeStruct(lab.shape, acc)
-    call = jax.ffi.ffi_call(_target("ce_forward", dtype_name(x.dtype)), (row, row, row),
-                            vmap_method="sequential")
-    return tuple(call(x, lab, _weight(weight, acc), params=_params(opts, x.size)))
+    return tuple(_call("ce_forward", x, (row,) * 3, "sequential", x, lab, _weight(weight, acc),
+                       params=_params(opts, x.size)))
 
 
 def ce_backward(opts: Any, x: Any, lab: Any, m: Any, r: Any, weight: Any, g_ce: Any, g_lse: Any) -> Any:
     """``d(Σ g_ce·ce + g_lse·lse)/dx`` from the forward's ``m, r``; 0 on ignored rows, NaN on bad."""
     acc = acc_dtype(jnp, x.dtype)
-    call = jax.ffi.ffi_call(_target("ce_backward", dtype_name(x.dtype)),
-                            jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential")
-    return call(x, lab, m, r, g_ce.astype(acc), g_lse.astype(acc),
-                _weight(weight, acc), params=_params(opts, x.size))
+    return _call("ce_backward", x, jax.ShapeDtypeStruct(x.shape, x.dtype), "sequential",
+                 x, lab, m, r, g_ce.astype(acc), g_lse.astype(acc), _weight(weight, acc),
+                 params=_params(opts, x.size))
 
 
 def prob_forward(opts: Any, x: Any, y: Any, weight: Any) -> tuple[Any, Any, Any, Any]:
@@ -163,31 +207,27 @@ def prob_forward(opts: Any, x: Any, y: Any, weight: Any) -> tuple[Any, Any, Any,
     with ``t = ((1-eps)·y + eps/V)·w``."""
     acc = acc_dtype(jnp, x.dtype)
     row = jax.ShapeDtypeStruct(x.shape[:-1], acc)
-    call = jax.ffi.ffi_call(_target("prob_forward", dtype_name(x.dtype)), (row,) * 4,
-                            vmap_method="sequential")
-    return tuple(call(x, y.astype(acc), _weight(weight, acc),
-                      params=_params(opts, x.size)))
+    return tuple(_call("prob_forward", x, (row,) * 4, "sequential", x, y.astype(acc),
+                       _weight(weight, acc), params=_params(opts, x.size)))
 
 
 def prob_backward(opts: Any, x: Any, y: Any, m: Any, r: Any, mass: Any, weight: Any, g_ce: Any,
                   g_lse: Any) -> Any:
     """``dx = (p·(g_ce·mass + g_lse) - g_ce·t)·dz/dx`` from the forward's ``m, r, mass``."""
     acc = acc_dtype(jnp, x.dtype)
-    call = jax.ffi.ffi_call(_target("prob_backward", dtype_name(x.dtype)),
-                            jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential")
-    return call(x, y.astype(acc), m, r, mass, g_ce.astype(acc), g_lse.astype(acc),
-                _weight(weight, acc), params=_params(opts, x.size))
+    return _call("prob_backward", x, jax.ShapeDtypeStruct(x.shape, x.dtype), "sequential",
+                 x, y.astype(acc), m, r, mass, g_ce.astype(acc), g_lse.astype(acc),
+                 _weight(weight, acc), params=_params(opts, x.size))
 
 
 def softmax_forward(x: Any, log: bool, temperature: float) -> Any:
     """Softmax (or log-softmax) of ``x / temperature`` over the last axis, in x's dtype."""
-    call = jax.ffi.ffi_call(_target("softmax_forward", dtype_name(x.dtype)),
-                            jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="broadcast_all")
-    return call(x, params=np.array([1.0 if log else 0.0, temperature, _threads(x.size)], np.float64))
+    return _call("softmax_forward", x, jax.ShapeDtypeStruct(x.shape, x.dtype), "broadcast_all", x,
+                 params=np.array([1.0 if log else 0.0, temperature, _threads(x.size)], np.float64))
 
 
 def softmax_backward(y: Any, dy: Any, log: bool) -> Any:
     """``y·(dy - Σ y·dy)`` (softmax) or ``dy - exp(y)·Σ dy`` (log-softmax) over the last axis."""
-    call = jax.ffi.ffi_call(_target("softmax_backward", dtype_name(y.dtype)),
-                            jax.ShapeDtypeStruct(y.shape, y.dtype), vmap_method="broadcast_all")
-    return call(y, dy.astype(y.dtype), params=np.array([1.0 if log else 0.0, _threads(y.size)], np.float64))
+    return _call("softmax_backward", y, jax.ShapeDtypeStruct(y.shape, y.dtype), "broadcast_all",
+                 y, dy.astype(y.dtype),
+                 params=np.array([1.0 if log else 0.0, _threads(y.size)], np.float64))
