@@ -52,6 +52,11 @@ def _cases():
             lambda x, p: optax.softmax_cross_entropy(x, p).mean(),
         "logitkit.jax.softmax_cross_entropy (probabilities input)":
             lambda x, p: lj.softmax_cross_entropy(x, p).mean(),
+        # the per-example idiom: a loss of one row, vmapped over the batch
+        "optax.softmax_cross_entropy_with_integer_labels (per-example vmap)":
+            lambda x, y: jax.vmap(optax.softmax_cross_entropy_with_integer_labels)(x, y).mean(),
+        "logitkit.jax.softmax_cross_entropy_with_integer_labels (per-example vmap)":
+            lambda x, y: jax.vmap(lj.softmax_cross_entropy_with_integer_labels)(x, y).mean(),
     }
 
 
@@ -197,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
               "logitkit.jax.softmax_cross_entropy_with_integer_labels"),
              ("optax.softmax_cross_entropy (one-hot)", "logitkit.jax.softmax_cross_entropy (one-hot)"),
              ("optax.softmax_cross_entropy (probabilities input)",
-              "logitkit.jax.softmax_cross_entropy (probabilities input)")]
+              "logitkit.jax.softmax_cross_entropy (probabilities input)"),
+             ("optax.softmax_cross_entropy_with_integer_labels (per-example vmap)",
+              "logitkit.jax.softmax_cross_entropy_with_integer_labels (per-example vmap)")]
     print()
     for a, b in pairs:
         if a in times and b in times:

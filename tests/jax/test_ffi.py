@@ -452,3 +452,64 @@ def test_shard_map_body_on_one_device_runs_the_kernels():
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(g), reference.cross_entropy_grad64(x, y, reduction="sum"),
                                rtol=1e-4, atol=1e-6)
+
+
+def _custom_calls(f, *args):
+    hlo = jax.jit(f).lower(*args).compile().as_text()
+    return {k: hlo.count(f'custom_call_target="logitkit_{k}_float32"')
+            for k in ("ce_forward", "ce_backward", "prob_forward", "prob_backward")}, hlo
+
+
+@pytest.mark.parametrize("in_axis", [0, 1])
+def test_per_example_vmap_folds_the_batch_into_one_kernel_call(in_axis):
+    # the JAX idiom: a per-example loss under vmap, and per-example gradients
+    rng = np.random.default_rng(5)
+    x = (3 * rng.standard_normal((6, 4, 29))).astype(np.float32)  # 6 examples of 4 rows
+    y = rng.integers(0, 29, (6, 4))
+    y[2, 1] = -100
+    xb = np.moveaxis(x, 0, in_axis)
+    yb = np.moveaxis(y, 0, in_axis)
+    one = lambda a, b: lj.cross_entropy(a, b, label_smoothing=0.1, reduction="sum")  # noqa: E731
+    per_ex = jax.vmap(jax.value_and_grad(one), in_axes=(in_axis, in_axis))
+    calls, hlo = _custom_calls(per_ex, xb, yb)
+    assert calls["ce_forward"] == 1 and calls["ce_backward"] == 1 and "while" not in hlo
+    vals, grads = jax.jit(per_ex)(jnp.asarray(xb), jnp.asarray(yb))
+    for i in range(6):
+        kw = dict(label_smoothing=0.1, reduction="sum")
+        np.testing.assert_allclose(float(vals[i]), reference.cross_entropy64(x[i], y[i], **kw), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(grads[i]), reference.cross_entropy_grad64(x[i], y[i], **kw),
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_vmap_that_cannot_fold_runs_per_element_and_stays_correct():
+    x, y, w = _data(n=8, v=23)
+    xj, yj = jnp.asarray(x), jnp.asarray(y)
+    ys = jnp.stack([yj, jnp.roll(yj, 1), jnp.roll(yj, 2)])
+    ws = jnp.stack([jnp.asarray(w), jnp.ones(23), 2 * jnp.asarray(w)])
+    # labels mapped over shared logits: folding would copy the logits; a mapped weight cannot fold
+    by_labels = jax.vmap(lambda b: lj.cross_entropy(xj, b, weight=ws[0]), in_axes=0)
+    by_weight = jax.vmap(lambda c: lj.cross_entropy(xj, yj, weight=c), in_axes=0)
+    for f, arg in ((by_labels, ys), (by_weight, ws)):
+        calls, hlo = _custom_calls(f, arg)
+        assert calls["ce_forward"] == 1 and "while" in hlo  # one call inside a loop
+        got = np.asarray(jax.jit(f)(arg))
+        with use_core():
+            want = np.asarray(jax.jit(f)(arg))
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(by_labels(ys))[1],
+        reference.cross_entropy64(x, np.roll(y, 1), weight=w.astype(np.float64)), rtol=1e-5)
+
+
+def test_nested_vmap_and_probability_labels_fold():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 3, 5, 17)).astype(np.float32)
+    t = reference.softmax64(rng.standard_normal((2, 3, 5, 17)))
+    one = lambda a, b: lj.softmax_cross_entropy(a, b).sum()  # noqa: E731
+    f = jax.vmap(jax.vmap(jax.value_and_grad(one)))
+    calls, hlo = _custom_calls(f, x, t.astype(np.float32))
+    assert calls["prob_forward"] == 1 and calls["prob_backward"] == 1 and "while" not in hlo
+    vals, grads = jax.jit(f)(jnp.asarray(x), jnp.asarray(t, jnp.float32))
+    logp = reference.log_softmax64(x)
+    np.testing.assert_allclose(np.asarray(vals), -(t * logp).sum((-1, -2)), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grads), np.exp(logp) - t, rtol=1e-4, atol=1e-6)

@@ -14,6 +14,9 @@ see :func:`_per_device`), numba importable, and kernels not switched off
 (``LOGITKIT_KERNELS=core`` or :func:`logitkit.kernels.registry.use_core` while the function is
 traced). Each call still carries an XLA fallback (``lax.platform_dependent``) for arrays placed
 on another platform.
+
+Under ``vmap`` the loss calls fold the mapped axis into their rows (:func:`_row_batched`): a
+per-example loss vmapped over a batch is one kernel call, not one per example.
 """
 
 from __future__ import annotations
@@ -185,39 +188,89 @@ def _call(kind: str, x: Any, out: Any, vmap_method: str, *args: Any, params: np.
     return res
 
 
+def _row_batched(kinds: str, impl: Any) -> Any:
+    """``impl`` with a vmap rule that folds the mapped axis into the rows.
+
+    ``kinds`` has one letter per argument: ``x`` for arrays shaped like the logits (..., V), ``r``
+    for per-row arrays (...), ``w`` for the class weight (V,) or (0,). The kernels treat every
+    leading axis as rows, so a ``vmap`` over the logits is one kernel call on ``(B·N, V)`` instead
+    of ``B`` calls in a loop (a per-example loss under ``vmap`` is the common JAX idiom). Per-row
+    arguments that are not mapped are broadcast (they are small). When the weight is mapped, or a
+    logits-shaped argument is not (broadcasting it would copy the logits), the batch runs one
+    call per element (``lax.map``).
+    """
+    f = jax.custom_batching.custom_vmap(impl)
+
+    @f.def_vmap
+    def _rule(axis_size: int, in_batched: Any, *args: Any) -> tuple[Any, Any]:
+        if any(b for b, k in zip(in_batched, kinds) if k == "w") or not all(
+                b for b, k in zip(in_batched, kinds) if k == "x"):
+            mapped = [i for i, b in enumerate(in_batched) if b]
+
+            def one(vals: Any) -> Any:
+                full = list(args)
+                for i, v in zip(mapped, vals):
+                    full[i] = v
+                return f(*full)
+
+            out = jax.lax.map(one, [args[i] for i in mapped])
+        else:
+            out = f(*(a if b or k != "r" else jnp.broadcast_to(a, (axis_size,) + a.shape)
+                      for a, b, k in zip(args, in_batched, kinds)))
+        return out, jax.tree_util.tree_map(lambda _: True, out)
+
+    return f
+
+
 def ce_forward(opts: Any, x: Any, lab: Any, weight: Any) -> tuple[Any, Any, Any]:
     """``(ce, m, r)`` per row (accumulation dtype) of logits ``x`` (..., V) and int32 labels
     ``lab`` (...) coded -1 ignored, outside [0, V) bad (NaN row)."""
     acc = acc_dtype(jnp, x.dtype)
-    row = jax.ShapeDtypeStruct(lab.shape, acc)
-    return tuple(_call("ce_forward", x, (row,) * 3, "sequential", x, lab, _weight(weight, acc),
-                       params=_params(opts, x.size)))
+
+    def impl(x: Any, lab: Any, w: Any) -> tuple[Any, ...]:
+        row = jax.ShapeDtypeStruct(lab.shape, acc)
+        return tuple(_call("ce_forward", x, (row,) * 3, "sequential", x, lab, w,
+                           params=_params(opts, x.size)))
+
+    return _row_batched("xrw", impl)(x, lab, _weight(weight, acc))
 
 
 def ce_backward(opts: Any, x: Any, lab: Any, m: Any, r: Any, weight: Any, g_ce: Any, g_lse: Any) -> Any:
     """``d(Σ g_ce·ce + g_lse·lse)/dx`` from the forward's ``m, r``; 0 on ignored rows, NaN on bad."""
     acc = acc_dtype(jnp, x.dtype)
-    return _call("ce_backward", x, jax.ShapeDtypeStruct(x.shape, x.dtype), "sequential",
-                 x, lab, m, r, g_ce.astype(acc), g_lse.astype(acc), _weight(weight, acc),
-                 params=_params(opts, x.size))
+
+    def impl(x: Any, *args: Any) -> Any:
+        return _call("ce_backward", x, jax.ShapeDtypeStruct(x.shape, x.dtype), "sequential",
+                     x, *args, params=_params(opts, x.size))
+
+    return _row_batched("xrrrrrw", impl)(x, lab, m, r, g_ce.astype(acc), g_lse.astype(acc),
+                                         _weight(weight, acc))
 
 
 def prob_forward(opts: Any, x: Any, y: Any, weight: Any) -> tuple[Any, Any, Any, Any]:
     """``(ce, m, r, mass)`` per row for probability labels ``y`` (x's shape); ``mass = Σ_c t_c``
     with ``t = ((1-eps)·y + eps/V)·w``."""
     acc = acc_dtype(jnp, x.dtype)
-    row = jax.ShapeDtypeStruct(x.shape[:-1], acc)
-    return tuple(_call("prob_forward", x, (row,) * 4, "sequential", x, y.astype(acc),
-                       _weight(weight, acc), params=_params(opts, x.size)))
+
+    def impl(x: Any, y: Any, w: Any) -> tuple[Any, ...]:
+        row = jax.ShapeDtypeStruct(x.shape[:-1], acc)
+        return tuple(_call("prob_forward", x, (row,) * 4, "sequential", x, y, w,
+                           params=_params(opts, x.size)))
+
+    return _row_batched("xxw", impl)(x, y.astype(acc), _weight(weight, acc))
 
 
 def prob_backward(opts: Any, x: Any, y: Any, m: Any, r: Any, mass: Any, weight: Any, g_ce: Any,
                   g_lse: Any) -> Any:
     """``dx = (p·(g_ce·mass + g_lse) - g_ce·t)·dz/dx`` from the forward's ``m, r, mass``."""
     acc = acc_dtype(jnp, x.dtype)
-    return _call("prob_backward", x, jax.ShapeDtypeStruct(x.shape, x.dtype), "sequential",
-                 x, y.astype(acc), m, r, mass, g_ce.astype(acc), g_lse.astype(acc),
-                 _weight(weight, acc), params=_params(opts, x.size))
+
+    def impl(x: Any, *args: Any) -> Any:
+        return _call("prob_backward", x, jax.ShapeDtypeStruct(x.shape, x.dtype), "sequential",
+                     x, *args, params=_params(opts, x.size))
+
+    return _row_batched("xxrrrrrw", impl)(x, y.astype(acc), m, r, mass, g_ce.astype(acc),
+                                          g_lse.astype(acc), _weight(weight, acc))
 
 
 def softmax_forward(x: Any, log: bool, temperature: float) -> Any:
