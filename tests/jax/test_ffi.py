@@ -513,3 +513,26 @@ def test_nested_vmap_and_probability_labels_fold():
     logp = reference.log_softmax64(x)
     np.testing.assert_allclose(np.asarray(vals), -(t * logp).sum((-1, -2)), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(grads), np.exp(logp) - t, rtol=1e-4, atol=1e-6)
+
+
+def test_folded_vmap_composes_with_grad_checkpoint_and_hessian(x64):
+    rng = np.random.default_rng(7)
+    X = jnp.asarray(rng.standard_normal((5, 3, 11)))
+    Y = jnp.asarray(rng.integers(0, 11, (5, 3)))
+    W = jnp.asarray(rng.uniform(0.5, 2, 11))
+    P = jax.nn.softmax(jnp.asarray(rng.standard_normal((5, 3, 11))))
+    ce = lj.cross_entropy
+    cases = [
+        lambda: jax.grad(lambda X: jax.vmap(lambda a, b: ce(a, b, weight=W))(X, Y).sum())(X),
+        lambda: jax.grad(lambda w: jax.vmap(lambda a, b: ce(a, b, weight=w, label_smoothing=0.1))(X, Y).sum())(W),
+        lambda: jax.vmap(jax.grad(jax.checkpoint(lambda a, b: ce(a, b))))(X, Y),
+        lambda: jax.vmap(jax.hessian(lambda a, b: ce(a, b, z_loss=1e-2)))(X[:, 0], Y[:, 0]),
+        lambda: jax.vmap(jax.grad(lambda a, p: lj.softmax_cross_entropy(a, p).sum(), argnums=1))(X, P),
+    ]
+    for f in cases:
+        assert "logitkit_" in jax.jit(f).lower().as_text()
+        got = jax.jit(f)()
+        with use_core():
+            assert "logitkit_" not in jax.jit(lambda f=f: f()).lower().as_text()
+            want = jax.jit(lambda f=f: f())()  # a new function: traced again, on the XLA route
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12, atol=1e-14)
