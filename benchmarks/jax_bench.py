@@ -52,12 +52,23 @@ def _cases():
             lambda x, p: optax.softmax_cross_entropy(x, p).mean(),
         "logitkit.jax.softmax_cross_entropy (probabilities input)":
             lambda x, p: lj.softmax_cross_entropy(x, p).mean(),
+        # optax's batch-shaped `where`: padding positions (every 7th row) left out
+        "optax.softmax_cross_entropy_with_integer_labels (padding where)":
+            lambda x, y: optax.softmax_cross_entropy_with_integer_labels(x, y, where=_padding(x)).mean(),
+        "logitkit.jax.softmax_cross_entropy_with_integer_labels (padding where)":
+            lambda x, y: lj.softmax_cross_entropy_with_integer_labels(x, y, where=_padding(x)).mean(),
         # the per-example idiom: a loss of one row, vmapped over the batch
         "optax.softmax_cross_entropy_with_integer_labels (per-example vmap)":
             lambda x, y: jax.vmap(optax.softmax_cross_entropy_with_integer_labels)(x, y).mean(),
         "logitkit.jax.softmax_cross_entropy_with_integer_labels (per-example vmap)":
             lambda x, y: jax.vmap(lj.softmax_cross_entropy_with_integer_labels)(x, y).mean(),
     }
+
+
+def _padding(x):
+    import jax.numpy as jnp
+
+    return jnp.arange(x.shape[0]) % 7 != 0
 
 
 def _second_input(name, y, x):
@@ -203,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
              ("optax.softmax_cross_entropy (one-hot)", "logitkit.jax.softmax_cross_entropy (one-hot)"),
              ("optax.softmax_cross_entropy (probabilities input)",
               "logitkit.jax.softmax_cross_entropy (probabilities input)"),
+             ("optax.softmax_cross_entropy_with_integer_labels (padding where)",
+              "logitkit.jax.softmax_cross_entropy_with_integer_labels (padding where)"),
              ("optax.softmax_cross_entropy_with_integer_labels (per-example vmap)",
               "logitkit.jax.softmax_cross_entropy_with_integer_labels (per-example vmap)")]
     print()

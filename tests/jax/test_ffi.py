@@ -536,3 +536,32 @@ def test_folded_vmap_composes_with_grad_checkpoint_and_hessian(x64):
             assert "logitkit_" not in jax.jit(lambda f=f: f()).lower().as_text()
             want = jax.jit(lambda f=f: f())()  # a new function: traced again, on the XLA route
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12, atol=1e-14)
+
+
+def test_row_mask_where_runs_the_kernels_as_ignored_rows():
+    # optax's batch-shaped `where` (padding positions): masked rows are 0 with zero gradient
+    x, y, _ = _data(n=12, v=19)
+    y = np.where(y < 0, 3, y)
+    keep = np.arange(12) % 3 != 0
+    f = lambda a, b, m: lj.softmax_cross_entropy_with_integer_labels(a, b, where=m).sum()  # noqa: E731
+    args = (jnp.asarray(x), jnp.asarray(y), jnp.asarray(keep))
+    assert "logitkit_ce_forward" in _hlo(f, *args)
+    (v1, g1), (v2, g2) = _both(lambda: jax.jit(jax.value_and_grad(f))(*args))
+    want = reference.cross_entropy64(x[keep], y[keep], reduction="sum")
+    np.testing.assert_allclose(float(v1), want, rtol=1e-5)
+    np.testing.assert_allclose(float(v1), float(v2), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), rtol=1e-5, atol=1e-8)
+    assert (np.asarray(g1)[~keep] == 0).all()
+    v3 = jax.jit(f)(args[0], args[1], args[2][:, None])  # (N, 1): the same row mask
+    np.testing.assert_allclose(float(v3), float(v1), rtol=1e-7)
+    # an out-of-range traced label stays NaN on a masked row, as on the XLA route
+    bad = np.array(y)
+    bad[0] = 19
+    rows = jax.jit(lambda a, b, m: lj.softmax_cross_entropy_with_integer_labels(a, b, where=m))
+    got = np.asarray(rows(jnp.asarray(x), jnp.asarray(bad), jnp.asarray(keep)))
+    with use_core():
+        ref = np.asarray(jax.jit(lambda a, b, m: lj.softmax_cross_entropy_with_integer_labels(
+            a, b, where=m))(jnp.asarray(x), jnp.asarray(bad), jnp.asarray(keep)))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    assert np.isnan(got[0]) and (got[~keep][1:] == 0).all()
+    np.testing.assert_allclose(got[keep], ref[keep], rtol=1e-6)

@@ -22,4 +22,4 @@ def test_every_case_runs_and_is_reported(capsys):
     for r in rows:
         median, minimum = (float(v) for v in r.split(" | ")[1:3])
         assert 0 <= minimum <= median  # ms to one decimal: a tiny step may print 0.0
-    assert out.count("speed-up of") == 4
+    assert out.count("speed-up of") == 5

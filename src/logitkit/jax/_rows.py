@@ -27,8 +27,9 @@ Two facts about XLA on CPU shape the code:
    as ``(x - x_max)·(1/T)`` (softcap: ``c·(tanh(x/c) - tanh(x_max/c))/T``, set to exactly 0 at
    raw ties), which is exactly 0 for the maximal terms in every fusion.
 
-Two routes compute the cross-entropies. On the CPU, without a mask, :func:`index_rows` and
-:func:`prob_rows` call the numba kernels as XLA custom calls (:mod:`._ffi`): one forward call
+Two routes compute the cross-entropies. On the CPU, without a class mask, :func:`index_rows`
+(which takes a per-row mask as ignored rows) and :func:`prob_rows` (no mask) call the numba
+kernels as XLA custom calls (:mod:`._ffi`): one forward call
 (``ce``, ``m``, ``r`` per row) and one backward call that writes the gradient; their tangents for
 higher-order derivatives come from the XLA code below. Everything else (masks, other platforms,
 ``LOGITKIT_KERNELS=core``) runs the XLA code itself.
@@ -328,10 +329,16 @@ def index_rows(x: Any, labels: Any, weight: Any = None, mask: Any = None, *,
     (only possible for traced labels). ``lse`` is 0 on ignored rows. Differentiable in ``x`` and
     ``weight``; ``mask`` (broadcastable to ``x``) hides classes from the normalizer only.
 
-    Without a mask, on the CPU, the numba kernels run both passes (see :mod:`._ffi`).
+    Without a class mask, on the CPU, the numba kernels run both passes (see :mod:`._ffi`); a
+    per-row mask (size 1 on the class axis, optax's batch-shaped ``where``) becomes ignored rows.
     """
-    if mask is None and _ffi.usable(x, "ce"):
-        return _index_rows_k(opts, x, labels, weight)
+    if (mask is None or mask.shape[-1] == 1) and _ffi.usable(x, "ce"):
+        lab = _k_labels(labels, x.shape[-1], opts.ignore_index)
+        if mask is not None:
+            # a masked row is an ignored row (0, zero gradient); a bad label stays NaN, as below
+            keep = jnp.broadcast_to(mask[..., 0], lab.shape)
+            lab = jnp.where(keep | (lab == -2), lab, -1)
+        return _index_rows_k(opts, x, lab, weight)
     return _index_rows(opts, x, labels, weight, mask)
 
 
@@ -407,14 +414,13 @@ def _k_dx_jvp(opts, primals, tangents):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _index_rows_k(opts: Options, x: Any, labels: Any, weight: Any) -> tuple[Any, Any]:
-    lab = _k_labels(labels, x.shape[-1], opts.ignore_index)
+def _index_rows_k(opts: Options, x: Any, lab: Any, weight: Any) -> tuple[Any, Any]:
+    """``index_rows`` on the kernels, for labels coded by :func:`_k_labels`."""
     return _k_forward(opts, x, lab, weight)[:2]
 
 
-def _index_k_fwd(opts, x, labels, weight):
-    xv, lv, wv = _value(x), _value(labels), _value(weight)
-    lab = _k_labels(lv, xv.shape[-1], opts.ignore_index)
+def _index_k_fwd(opts, x, lab, weight):
+    xv, lab, wv = _value(x), _value(lab), _value(weight)
     ce, lse, m, r = _k_forward(opts, xv, lab, wv)
     return (ce, lse), (xv, lab, wv, m, r, _perturbed(weight))
 
