@@ -89,7 +89,7 @@ def usable(x: Any, family: str) -> bool:
         return False
     if jax.default_backend() != "cpu" or not _importable() or (family, dtype) in _broken:
         return False
-    if not _per_device(x):
+    if not _per_device():
         return False
     try:
         for kind in _FAMILIES[family]:
@@ -104,7 +104,7 @@ def usable(x: Any, family: str) -> bool:
     return True
 
 
-def _per_device(x: Any) -> bool:
+def _per_device() -> bool:
     """True when the custom call sees whole, unsharded operands: a single device, or the body of a
     ``shard_map`` whose mesh axes are all manual.
 
