@@ -222,55 +222,47 @@ def _row_batched(kinds: str, impl: Any) -> Any:
     return f
 
 
+def _loss_call(kind: str, kinds: str, opts: Any, x: Any, rows_out: int, *args: Any) -> Any:
+    """The loss kernel ``kind`` on logits ``x`` and ``args`` (their kinds after ``x`` in
+    ``kinds``, see :func:`_row_batched`): ``rows_out`` per-row results in the accumulation dtype,
+    or for ``rows_out=0`` the gradient (x's shape and dtype)."""
+    acc = acc_dtype(jnp, x.dtype)
+
+    def impl(x: Any, *a: Any) -> Any:
+        out = ((jax.ShapeDtypeStruct(x.shape[:-1], acc),) * rows_out if rows_out
+               else jax.ShapeDtypeStruct(x.shape, x.dtype))
+        res = _call(kind, x, out, "sequential", x, *a, params=_params(opts, x.size))
+        return tuple(res) if rows_out else res
+
+    return _row_batched(kinds, impl)(x, *args)
+
+
 def ce_forward(opts: Any, x: Any, lab: Any, weight: Any) -> tuple[Any, Any, Any]:
     """``(ce, m, r)`` per row (accumulation dtype) of logits ``x`` (..., V) and int32 labels
     ``lab`` (...) coded -1 ignored, outside [0, V) bad (NaN row)."""
-    acc = acc_dtype(jnp, x.dtype)
-
-    def impl(x: Any, lab: Any, w: Any) -> tuple[Any, ...]:
-        row = jax.ShapeDtypeStruct(lab.shape, acc)
-        return tuple(_call("ce_forward", x, (row,) * 3, "sequential", x, lab, w,
-                           params=_params(opts, x.size)))
-
-    return _row_batched("xrw", impl)(x, lab, _weight(weight, acc))
+    return _loss_call("ce_forward", "xrw", opts, x, 3, lab, _weight(weight, acc_dtype(jnp, x.dtype)))
 
 
 def ce_backward(opts: Any, x: Any, lab: Any, m: Any, r: Any, weight: Any, g_ce: Any, g_lse: Any) -> Any:
     """``d(Σ g_ce·ce + g_lse·lse)/dx`` from the forward's ``m, r``; 0 on ignored rows, NaN on bad."""
     acc = acc_dtype(jnp, x.dtype)
-
-    def impl(x: Any, *args: Any) -> Any:
-        return _call("ce_backward", x, jax.ShapeDtypeStruct(x.shape, x.dtype), "sequential",
-                     x, *args, params=_params(opts, x.size))
-
-    return _row_batched("xrrrrrw", impl)(x, lab, m, r, g_ce.astype(acc), g_lse.astype(acc),
-                                         _weight(weight, acc))
+    return _loss_call("ce_backward", "xrrrrrw", opts, x, 0, lab, m, r, g_ce.astype(acc),
+                      g_lse.astype(acc), _weight(weight, acc))
 
 
 def prob_forward(opts: Any, x: Any, y: Any, weight: Any) -> tuple[Any, Any, Any, Any]:
     """``(ce, m, r, mass)`` per row for probability labels ``y`` (x's shape); ``mass = Σ_c t_c``
     with ``t = ((1-eps)·y + eps/V)·w``."""
     acc = acc_dtype(jnp, x.dtype)
-
-    def impl(x: Any, y: Any, w: Any) -> tuple[Any, ...]:
-        row = jax.ShapeDtypeStruct(x.shape[:-1], acc)
-        return tuple(_call("prob_forward", x, (row,) * 4, "sequential", x, y, w,
-                           params=_params(opts, x.size)))
-
-    return _row_batched("xxw", impl)(x, y.astype(acc), _weight(weight, acc))
+    return _loss_call("prob_forward", "xxw", opts, x, 4, y.astype(acc), _weight(weight, acc))
 
 
 def prob_backward(opts: Any, x: Any, y: Any, m: Any, r: Any, mass: Any, weight: Any, g_ce: Any,
                   g_lse: Any) -> Any:
     """``dx = (p·(g_ce·mass + g_lse) - g_ce·t)·dz/dx`` from the forward's ``m, r, mass``."""
     acc = acc_dtype(jnp, x.dtype)
-
-    def impl(x: Any, *args: Any) -> Any:
-        return _call("prob_backward", x, jax.ShapeDtypeStruct(x.shape, x.dtype), "sequential",
-                     x, *args, params=_params(opts, x.size))
-
-    return _row_batched("xxrrrrrw", impl)(x, y.astype(acc), m, r, mass, g_ce.astype(acc),
-                                          g_lse.astype(acc), _weight(weight, acc))
+    return _loss_call("prob_backward", "xxrrrrrw", opts, x, 0, y.astype(acc), m, r, mass,
+                      g_ce.astype(acc), g_lse.astype(acc), _weight(weight, acc))
 
 
 def softmax_forward(x: Any, log: bool, temperature: float) -> Any:
