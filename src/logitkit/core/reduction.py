@@ -27,8 +27,13 @@ def row_weights(xp: Any, labels: Any, weight: Any, ignore_index: int, acc: Any) 
 
 
 def _safe_recip(xp: Any, d: Any) -> Any:
-    """1/d, and 0 where d == 0: a mean over nothing is 0 with a zero gradient."""
-    return xp.where(d > 0, 1.0 / xp.where(d > 0, d, 1.0), 0.0)
+    """1/d, and 0 where d == 0: a mean over nothing is 0 with a zero gradient.
+
+    Only an exact zero is special: a negative Σ w_y (torch accepts negative class weights)
+    divides as torch does, ``_safe_recip(-2) = -0.5``.
+    """
+    nonzero = d != 0
+    return xp.where(nonzero, 1.0 / xp.where(nonzero, d, 1.0), 0.0)
 
 
 def denominators(xp: Any, validf: Any, wy: Any) -> tuple[Any, Any]:

@@ -1,0 +1,76 @@
+"""Regressions for issue 13 (core numerics and validation), one test per item, named after it.
+
+References come from torch.nn.functional, float64 NumPy or mpmath, never from logitkit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import logitkit
+from lk_helpers import need, to_lib, to_np
+
+# ----------------------------------------------------------------------------------------------
+# item 1: a negative Σ w[y] divides the weighted mean as torch does (only exactly 0 gives 0)
+
+_X1 = np.array([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
+_Y1 = np.array([0, 2])
+_W1 = np.array([-4.0, 2.0, 1.0])
+
+
+def _torch_ce_and_grad(x, y, w):
+    torch = need("torch")
+    import torch.nn.functional as F
+
+    xt = torch.tensor(x, requires_grad=True)
+    loss = F.cross_entropy(xt, torch.tensor(y), weight=torch.tensor(w))
+    loss.backward()
+    return loss.item(), xt.grad.numpy()
+
+
+def test_issue13_item1_negative_weight_sum_follows_torch():
+    want, want_grad = _torch_ce_and_grad(_X1, _Y1, _W1)
+    assert abs(want - 3.1297041870) < 1e-9  # the issue's value, from torch
+    torch = need("torch")
+    import logitkit.torch as lt
+
+    # NumPy: loss and fused gradient
+    assert float(logitkit.cross_entropy(_X1, _Y1, weight=_W1)) == pytest.approx(want, rel=1e-12)
+    loss, grad = logitkit.cross_entropy_with_grad(_X1, _Y1, weight=_W1)
+    assert float(loss) == pytest.approx(want, rel=1e-12)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-12, atol=1e-15)
+    # torch: the top-level function and the drop-in, with autograd
+    for fn in (logitkit.cross_entropy, None):
+        xt = torch.tensor(_X1, requires_grad=True)
+        if fn is None:
+            out = lt.cross_entropy(xt, torch.tensor(_Y1), weight=torch.tensor(_W1))
+        else:
+            out = fn(xt, torch.tensor(_Y1), weight=torch.tensor(_W1))
+        out.backward()
+        assert out.item() == pytest.approx(want, rel=1e-12)
+        np.testing.assert_allclose(xt.grad.numpy(), want_grad, rtol=1e-12, atol=1e-15)
+    # JAX (float32): value and gradient
+    jnp = need("jax")
+    import jax
+
+    xj, yj, wj = (to_lib("jax", a, "float32") for a in (_X1, _Y1, _W1))
+    yj = to_lib("jax", _Y1)
+    val, g = jax.value_and_grad(lambda a: logitkit.cross_entropy(a, yj, weight=wj))(xj)
+    assert float(val) == pytest.approx(want, rel=1e-6)
+    np.testing.assert_allclose(np.asarray(g), want_grad, rtol=1e-5, atol=1e-6)
+    # linear head: hidden @ I = the same logits
+    eye = np.eye(3)
+    got = logitkit.linear_cross_entropy(_X1, eye, _Y1, weight=_W1)
+    assert float(got) == pytest.approx(want, rel=1e-12)
+    got_t = logitkit.linear_cross_entropy(torch.tensor(_X1), torch.tensor(eye), torch.tensor(_Y1),
+                                          weight=torch.tensor(_W1))
+    assert float(got_t) == pytest.approx(want, rel=1e-12)
+
+
+def test_issue13_item1_exactly_zero_weight_sum_is_zero():
+    # Σ w[y] = -1 + 1 = 0 exactly: the documented 0 with a zero gradient (torch gives nan here)
+    w = np.array([-1.0, 2.0, 1.0])
+    loss, grad = logitkit.cross_entropy_with_grad(_X1, _Y1, weight=w)
+    assert float(loss) == 0.0
+    assert not np.any(grad)
