@@ -91,10 +91,13 @@ def check_label_range(lib: str, labels: Any, V: int, ignore_index: int | None, n
     """Raise on the first class index outside ``[0, V)`` that is not ``ignore_index``.
 
     Runs where the labels can be read cheaply: NumPy, torch CPU tensors, concrete JAX arrays.
-    Traced JAX labels and CUDA tensors are checked on the device instead (the row's loss is NaN).
+    Traced JAX labels and CUDA tensors are checked on the device instead (the row's loss is NaN);
+    torch labels under ``torch.compile`` are checked by the custom ops when they run.
     """
     if lib == TORCH:
-        if labels.device.type != "cpu":
+        # Under torch.compile reading the labels would end the graph: the compiled kernels'
+        # custom ops repeat this check when they run.
+        if labels.device.type != "cpu" or sys.modules["torch"].compiler.is_compiling():
             return
         arr = labels.detach().numpy()
     elif lib == JAX:
