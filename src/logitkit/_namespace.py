@@ -13,13 +13,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["library_of", "namespace_of", "is_floating", "acc_dtype", "NUMPY", "TORCH", "JAX"]
+__all__ = ["library_of", "namespace_of", "is_floating", "acc_dtype", "NUMPY", "TORCH", "JAX", "TENSORFLOW"]
 
-NUMPY, TORCH, JAX = "numpy", "torch", "jax"
+NUMPY, TORCH, JAX, TENSORFLOW = "numpy", "torch", "jax", "tensorflow"
 
 
 def library_of(x: Any) -> str | None:
-    """Return ``"numpy"``, ``"torch"``, ``"jax"`` for an array of that library, else ``None``."""
+    """Return ``"numpy"``, ``"torch"``, ``"jax"``, ``"tensorflow"`` for an array of that library, else ``None``."""
     if isinstance(x, (np.ndarray, np.generic)):
         return NUMPY
     torch = sys.modules.get("torch")
@@ -28,6 +28,10 @@ def library_of(x: Any) -> str | None:
     jax = sys.modules.get("jax")
     if jax is not None and isinstance(x, jax.Array):
         return JAX
+    tf = sys.modules.get("tensorflow")
+    # getattr: the module may be half-imported; tf.Variable is not a tf.Tensor.
+    if tf is not None and isinstance(x, (getattr(tf, "Tensor", ()), getattr(tf, "Variable", ()))):
+        return TENSORFLOW
     return None
 
 
@@ -38,7 +42,7 @@ def _lib_of_arg(name: str, x: Any) -> str | None:
     if lib is None:
         if isinstance(x, (list, tuple)):
             return None
-        raise TypeError(f"{name}: expected a NumPy array, torch tensor or JAX array, got {type(x).__name__}")
+        raise TypeError(f"{name}: expected a NumPy array, torch tensor, JAX array or TensorFlow tensor, got {type(x).__name__}")
     return lib
 
 
@@ -69,6 +73,10 @@ def get_namespace(lib: str) -> Any:
         return jnp
     if lib == TORCH:
         return _torch_namespace()
+    if lib == TENSORFLOW:
+        from .tensorflow._namespace import namespace
+
+        return namespace()
     raise ValueError(f"unknown array library {lib!r}")
 
 
@@ -140,12 +148,14 @@ class _TorchNamespace:
 
 
 def is_floating(dtype: Any) -> bool:
-    """True for float16/bfloat16/float32/float64 in any of the three libraries."""
-    name = str(dtype).replace("torch.", "")
+    """True for float16/bfloat16/float32/float64 in any of the four libraries."""
+    name = dtype_name(dtype)
     return name in ("float16", "bfloat16", "float32", "float64")
 
 
 def dtype_name(dtype: Any) -> str:
+    if hasattr(dtype, "as_numpy_dtype"):  # tf.DType, whose str() is "<dtype: 'float32'>"
+        return dtype.name
     return str(dtype).replace("torch.", "")
 
 
