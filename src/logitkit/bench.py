@@ -33,6 +33,25 @@ WORKLOADS = {
 }
 DEFAULT_WORKLOADS = ("llm", "small", "softmax")
 HEAD_H = 1024
+_KIND = {"ce": "cross-entropy forward + backward, mean over rows",
+         "softmax": "softmax forward",
+         "head": "fused linear head + cross-entropy forward + backward"}
+
+
+def workload_shape(name: str) -> str:
+    """``"4096 x 32000 float32"`` (for the head: ``"N=4096, H=1024, V=32000 float32"``).
+
+    >>> workload_shape("llm")
+    '4096 x 32000 float32'
+    """
+    N, V, kind = WORKLOADS[name]
+    return f"N={N}, H={HEAD_H}, V={V} float32" if kind == "head" else f"{N} x {V} float32"
+
+
+def describe_workloads(indent: str = "") -> str:
+    """One line per workload: name, shape, dtype and what it times."""
+    return "\n".join(f"{indent}{name:8s} {workload_shape(name):32s} {_KIND[WORKLOADS[name][2]]}"
+                     for name in WORKLOADS)
 _ERR_ROWS = 64
 
 
@@ -413,13 +432,20 @@ def format_table(results: list[Result]) -> str:
         for r in group:
             xl = lim.get(r.limit)
             rows.append([
-                wl, r.impl, _num(r.median_ms, "{:.1f}"),
+                wl, r.impl, _num(r.median_ms, "{:.1f}"), _spread(r),
                 f"{r.median_ms / xl:.2f}× {r.limit}" if xl and r.median_ms == r.median_ms else "",
                 f"{eager / r.median_ms:.2f}×" if eager and r.median_ms == r.median_ms else "",
                 _num(r.peak_mb, "{:.0f}"), _num(r.err, "{:.1e}"), r.note,
             ])
-    return _table(["workload", "implementation", "median ms", "× copy limit", "speed vs torch eager",
+    return _table(["workload", "implementation", "median ms", "min-max ms", "× copy limit",
+                   "speed vs torch eager",
                    "peak extra MB", "max rel err", "note"], rows)
+
+
+def _spread(r: Result) -> str:
+    if not r.times:
+        return ""
+    return f"{min(r.times) * 1e3:.1f}-{max(r.times) * 1e3:.1f}"
 
 
 def _find(group, key):
@@ -433,37 +459,79 @@ def _num(v, fmt):
     return "" if v is None or v != v else fmt.format(v)
 
 
-def write_outputs(results: list[Result], out_dir: str) -> None:
+def write_outputs(results: list[Result], out_dir: str) -> tuple[list[str], str]:
+    """Write ``results.csv`` and, when matplotlib is installed, ``bench.png`` into ``out_dir``.
+
+    Returns the paths written and a note on what was not written ("" when nothing is missing).
+    """
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+    csv_path = os.path.join(out_dir, "results.csv")
+    with open(csv_path, "w", newline="") as f:
         wr = csv.writer(f)
-        wr.writerow(["workload", "implementation", "median_ms", "peak_extra_mb", "max_rel_err", "times_ms"])
+        wr.writerow(["workload", "shape", "implementation", "median_ms", "min_ms", "max_ms",
+                     "peak_extra_mb", "max_rel_err", "times_ms"])
         for r in results:
-            wr.writerow([r.workload, r.impl, r.median_ms, r.peak_mb, r.err,
-                         " ".join(f"{t * 1e3:.2f}" for t in r.times)])
+            lo, hi = (min(r.times) * 1e3, max(r.times) * 1e3) if r.times else (math.nan, math.nan)
+            wr.writerow([r.workload, workload_shape(r.workload), r.impl, r.median_ms, lo, hi,
+                         r.peak_mb, r.err, " ".join(f"{t * 1e3:.2f}" for t in r.times)])
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return [csv_path], ("no chart: matplotlib is not installed "
+                            "(pip install 'logitkit[bench]' to get bench.png)")
+    png_path = os.path.join(out_dir, "bench.png")
+    _chart(results, plt).savefig(png_path, dpi=110)
+    plt.close("all")
+    return [csv_path, png_path], ""
+
+
+_COLORS = {"logitkit": "#2a9d8f", "peer": "#e76f51", "limit": "#bbbbbb"}
+
+
+def _role(impl: str) -> str:
+    if impl.startswith("copy"):
+        return "limit"
+    return "logitkit" if impl.startswith("logitkit") else "peer"
+
+
+def _chart(results: list[Result], plt):
+    """One horizontal bar panel per workload: median with min-max error bars, coloured by role."""
+    from matplotlib.patches import Patch
+
     wls = list(dict.fromkeys(r.workload for r in results))
-    fig, axes = plt.subplots(len(wls), 1, figsize=(9, 2.2 + 0.45 * max(
-        len([r for r in results if r.workload == w]) for w in wls) * len(wls)), squeeze=False)
+    tallest = max(len([r for r in results if r.workload == w]) for w in wls)
+    fig, axes = plt.subplots(len(wls), 1, figsize=(9.5, (1.4 + 0.42 * tallest) * len(wls) + 0.6),
+                             squeeze=False)
     for ax, wl in zip(axes[:, 0], wls):
         group = [r for r in results if r.workload == wl and r.median_ms == r.median_ms]
-        names = [r.impl for r in group]
-        vals = [r.median_ms for r in group]
-        colors = ["#2a9d8f" if r.impl.startswith("logitkit") else
-                  "#bbbbbb" if "copy" in r.impl else "#e76f51" for r in group]
-        ax.barh(names, vals, color=colors)
+        if not group:
+            ax.set_title(f"{wl}: {workload_shape(wl)} (no result)")
+            ax.axis("off")
+            continue
+        med = np.array([r.median_ms for r in group])
+        lo = np.array([min(r.times) * 1e3 if r.times else m for r, m in zip(group, med)])
+        hi = np.array([max(r.times) * 1e3 if r.times else m for r, m in zip(group, med)])
+        ax.barh([r.impl for r in group], med, color=[_COLORS[_role(r.impl)] for r in group],
+                xerr=np.vstack([med - lo, hi - med]), ecolor="#333333", capsize=3)
         ax.invert_yaxis()
-        ax.set_xlabel("median ms (lower is better)")
-        ax.set_title(f"workload {wl}")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "bench.png"), dpi=110)
-    plt.close(fig)
+        # Times that span decades (a 256-row workload beside 500 MB copies) need a log axis to
+        # show the small bars at all.
+        log = med.max() / max(med.min(), 1e-9) > 30
+        if log:
+            ax.set_xscale("log")
+        ax.set_xlabel("median ms, bars from min to max of the repeats"
+                      + (" (log scale)" if log else "") + "; lower is better")
+        ax.set_title(f"{wl}: {workload_shape(wl)}, {_KIND[WORKLOADS[wl][2]]}", fontsize=10)
+        ax.tick_params(axis="y", labelsize=8)
+    fig.legend(handles=[Patch(color=_COLORS["logitkit"], label="logitkit"),
+                        Patch(color=_COLORS["peer"], label="peers"),
+                        Patch(color=_COLORS["limit"], label="physical limit (a copy of the logits)")],
+               loc="upper center", ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_size_inches()[1]))
+    return fig
 
 
 def main(args: Any) -> int:
@@ -473,6 +541,10 @@ def main(args: Any) -> int:
             raise SystemExit(f"--workload: unknown workload {w!r}; expected one of {sorted(WORKLOADS)}")
     if args.repeat < 1:
         raise SystemExit("--repeat: expected at least 1")
+    print(f"workloads (--workload, default {', '.join(DEFAULT_WORKLOADS)}):")
+    print(describe_workloads("  "))
+    print(f"each implementation: 1 warm-up call, then --repeat {args.repeat} timed calls "
+          "(median and min-max reported; default 5)\n", flush=True)
     results = []
     for w in workloads:
         results += run_workload(w, args.repeat, not args.no_progress)
@@ -480,8 +552,10 @@ def main(args: Any) -> int:
     print(f"machine: {os.cpu_count()} CPUs, {_cpu_name()}; median of {args.repeat}")
     print(format_table(results))
     if args.out:
-        write_outputs(results, args.out)
-        print(f"wrote {args.out}/results.csv and {args.out}/bench.png")
+        written, missing = write_outputs(results, args.out)
+        print("wrote " + " and ".join(written))
+        if missing:
+            print(missing)
     return 0
 
 

@@ -1,4 +1,8 @@
-"""``python -m logitkit demo | check | info | bench``."""
+"""``python -m logitkit demo | check | info | bench``: the command line of logitkit.
+
+Each command that needs an optional package says which one and the extra that installs it,
+instead of a traceback; see :func:`require`.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,40 @@ import numpy as np
 
 CONTRACT_REL = 2.0 ** -21
 
+# argparse prints these verbatim, so they are plain text, not reST.
+DESCRIPTION = """\
+Exact, fused softmax and softmax cross-entropy for NumPy, PyTorch and JAX.
+
+commands:
+  demo    hard float32 rows: naive NumPy, each installed framework, logitkit, the exact value
+  check   the numerical contract on this machine (exit 1 if logitkit fails it)
+  info    versions, kernel backends and why a backend is unavailable
+  bench   time, peak memory and error against every installed peer
+
+Run `python -m logitkit COMMAND --help` for a command's options."""
+
+
+class MissingDependency(RuntimeError):
+    """An optional package a command needs is not installed (the message says how to install it)."""
+
+
+def require(module: str, extra: str, purpose: str):
+    """Import ``module`` or raise :class:`MissingDependency` naming it and the extra to install.
+
+    >>> require("math", "demo", "nothing").__name__
+    'math'
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:  # also a module blocked with sys.modules[name] = None
+        raise MissingDependency(
+            f"{purpose} needs {module}, which is not installed here. Install it with\n"
+            f"    pip install 'logitkit[{extra}]'     (or: pip install {module})\n"
+            f"into the environment that runs logitkit (in this repository: make {extra} "
+            f"or .venv/bin/python -m pip install -e '.[{extra}]')") from None
+
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
@@ -24,6 +62,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _fmt(v: float) -> str:
+    """A float32 loss as the shortest text that reads back to the same float32; 0, never -0."""
     if v is None:
         return "-"
     if isinstance(v, str):
@@ -32,7 +71,11 @@ def _fmt(v: float) -> str:
         return "nan"
     if math.isinf(v):
         return "inf" if v > 0 else "-inf"
-    return f"{v:.10g}"
+    if v == 0:
+        return "0"
+    # Every column is a float32 result (the exact value rounded to float32), so more digits
+    # than float32 holds would make a correctly rounded value look wrong.
+    return str(np.float32(v))
 
 
 def _safe(fn, *args):
@@ -45,16 +88,21 @@ def _safe(fn, *args):
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import _cases
 
+    require("mpmath", "demo", "the exact column")
+    if args.vocab < 16:
+        raise SystemExit("--vocab: expected at least 16 (the wide rows hold labels 3, 7 and 11)")
     peers = _cases.peers()
     print("logitkit demo: per-row softmax cross-entropy of hard float32 rows\n")
     rows = []
-    for case in _cases.cases(V=args.vocab):
-        exact = case.exact
-        rows.append([case.name] + [_fmt(_safe(fn, case.logits, case.label)) for fn in peers.values()]
-                    + [_fmt(exact)])
-    print(_table(["case", *peers, "exact (mpmath)"], rows))
-    print("\nnaive = softmax, then log, then pick the label; exact = 50-digit mpmath.")
-    for case in _cases.cases(V=args.vocab):
+    cases = _cases.cases(V=args.vocab)
+    for case in cases:
+        rows.append([case.name, f"1 x {case.logits.shape[1]}"]
+                    + [_fmt(_safe(fn, case.logits, case.label)) for fn in peers.values()]
+                    + [_fmt(case.exact)])
+    print(_table(["case", "shape", *peers, "exact"], rows))
+    print("\nnaive = softmax, then log, then pick the label; exact = 50-digit mpmath, rounded to")
+    print("float32 (each value is printed with the digits float32 holds; 0 is exactly zero).")
+    for case in cases:
         print(f"  {case.name}: {case.note}")
     return 0
 
@@ -114,6 +162,7 @@ def _check_properties() -> list[tuple[str, bool, str]]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    require("mpmath", "demo", "the exact values it compares against")
     rows = _check_rows()
     impls = list(rows[0][1])
     table = []
@@ -151,7 +200,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {dist:8s} {_version(dist)}")
     print("kernel backends:")
     for name, ok in registry.backends().items():
-        print(f"  {name:8s} {'available' if ok else 'unavailable (falls back to the core)'}")
+        state = "available" if ok else f"unavailable, the core is used instead: {_why_unavailable(name)}"
+        print(f"  {name:8s} {state}")
     if importlib.util.find_spec("jax") is not None:
         # importing jax is what an info command is for; `import logitkit` itself never does
         import jax
@@ -166,6 +216,33 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _why_unavailable(backend: str) -> str:
+    """The reason a kernel backend reports itself unavailable, probed without side effects."""
+    if os.environ.get("LOGITKIT_KERNELS", "").lower() in ("core", "off", "0", "none"):
+        return "LOGITKIT_KERNELS forces the core"
+    if backend == "cpu":
+        if importlib.util.find_spec("numba") is None:
+            return "numba is not installed (pip install numba)"
+        return "numba did not load (run `python -c 'import numba'` to see why)"
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install 'logitkit[triton]')"
+        if importlib.util.find_spec("torch") is None:
+            return "torch is not installed (the Triton kernels take torch CUDA tensors)"
+        import torch
+
+        try:
+            if not torch.cuda.is_available():
+                build = ("is a CPU-only build" if torch.version.cuda is None
+                         else f"(CUDA {torch.version.cuda}) sees no GPU")
+                return (f"no CUDA device (torch {torch.__version__} {build}; TRITON_INTERPRET=1 "
+                        "runs the kernels in Triton's slow CPU interpreter)")
+        except Exception as exc:
+            return f"torch.cuda failed: {type(exc).__name__}: {exc}"
+        return "triton did not load (run `python -c 'import triton'` to see why)"
+    return "its module did not load"
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
@@ -173,20 +250,53 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="logitkit", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="show hard rows: naive, each framework, logitkit, exact")
-    d.add_argument("--vocab", type=int, default=32000, help="vocabulary size of the wide rows")
+    from . import __version__
+    from .bench import DEFAULT_WORKLOADS, describe_workloads
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="logitkit", description=DESCRIPTION, formatter_class=fmt)
+    p.add_argument("--version", action="version", version=f"logitkit {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    d = sub.add_parser(
+        "demo", formatter_class=fmt, help="hard rows: naive, each framework, logitkit, exact",
+        description="Per-row float32 cross-entropy of five hard rows (logits near 1000, a confident\n"
+                    "prediction whose loss is ~2e-13, a 1e4 offset, a masked row, a confidently wrong\n"
+                    "row) from naive NumPy, each installed framework and logitkit, beside the exact\n"
+                    "value from 50-digit mpmath. Needs mpmath: pip install 'logitkit[demo]'.")
+    d.add_argument("--vocab", type=int, default=32000,
+                   help="number of classes of the wide rows (default: %(default)s)")
     d.set_defaults(func=cmd_demo)
-    c = sub.add_parser("check", help="run the accuracy contract on this machine (exit 1 on failure)")
+    c = sub.add_parser(
+        "check", formatter_class=fmt, help="the numerical contract on this machine (exit 1 on failure)",
+        description="Checks logitkit's numerical contract here: float32 per-row loss within 2^-21\n"
+                    "relative error of 50-digit mpmath on the demo's rows (PyTorch, optax and scipy\n"
+                    "beside it when installed), masks, NaN isolation, gradients against float64.\n"
+                    "Exit status 0 when logitkit passes, 1 when it fails, 2 when mpmath is missing\n"
+                    "(pip install 'logitkit[demo]').")
     c.set_defaults(func=cmd_check)
-    i = sub.add_parser("info", help="versions, backends and kernels")
+    i = sub.add_parser(
+        "info", formatter_class=fmt, help="versions, kernel backends and why one is unavailable",
+        description="Prints the Python, NumPy, numba and framework versions, each kernel backend\n"
+                    "(numba CPU kernels, Triton GPU kernels) with the reason when it is unavailable,\n"
+                    "and the route JAX losses take.")
     i.set_defaults(func=cmd_info)
-    b = sub.add_parser("bench", help="time and memory against installed peers")
+    b = sub.add_parser(
+        "bench", formatter_class=fmt, help="time, peak memory and error against installed peers",
+        description="Times logitkit against every installed peer (NumPy, scipy, torch eager and\n"
+                    "torch.compile, jax.jit + optax) in one process, with the copy limits beside them:\n"
+                    "median and min-max of --repeat calls after one warm-up, peak extra memory, max\n"
+                    "relative error against float64. Workloads (N x V, float32):\n"
+                    + describe_workloads("  ") +
+                    "\n--out DIR writes results.csv and, with matplotlib installed, bench.png\n"
+                    "(pip install 'logitkit[bench]' for the chart and a progress bar).")
     b.add_argument("--workload", action="append", default=None,
-                   help="llm, llm3, small, head, softmax (repeatable; default: llm, small, softmax)")
-    b.add_argument("--repeat", type=int, default=5, help="timed repetitions (median reported)")
-    b.add_argument("--out", default=None, help="directory for results.csv and a PNG chart")
+                   help="one of the workloads above; repeat the option for several "
+                        f"(default: {', '.join(DEFAULT_WORKLOADS)})")
+    b.add_argument("--repeat", type=int, default=5,
+                   help="timed calls per implementation; the median and min-max are reported "
+                        "(default: %(default)s)")
+    b.add_argument("--out", default=None, metavar="DIR",
+                   help="directory for results.csv and the chart bench.png (default: none)")
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     b.set_defaults(func=cmd_bench)
     return p
@@ -194,7 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except MissingDependency as exc:
+        print(f"logitkit {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
