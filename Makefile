@@ -18,13 +18,13 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 $(VENV)/.test-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
-	$(BIN)/python -m pip install -q -e '.[test,demo,jax,triton]' $(TORCH_PIN)
+	$(BIN)/python -m pip install -q -e '.[test,demo,jax,triton,transformers,trl]' $(TORCH_PIN)
 	touch $@
 
 # The demo's exact column needs mpmath; its peer columns show each framework that is installed.
 $(VENV)/.demo-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
-	$(BIN)/python -m pip install -q -e '.[demo,jax]' $(TORCH_PIN)
+	$(BIN)/python -m pip install -q -e '.[demo,jax,transformers]' $(TORCH_PIN)
 	touch $@
 
 install: $(VENV)/.installed
