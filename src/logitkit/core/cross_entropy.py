@@ -59,7 +59,8 @@ def _label_parts(xp: Any, z: Any, labels: Any, ignore_index: int,
     lab = xp.where(valid & ~bad, labels, 0)
     lab = xp.expand_dims(lab, -1)
     zy = xp.take_along_axis(z, lab, axis=-1)
-    wy = 1.0 if w is None else xp.take_along_axis(w, lab.reshape(-1), axis=0).reshape(lab.shape)
+    # xp.reshape, not the method: a tf.Tensor has none.
+    wy = 1.0 if w is None else xp.reshape(xp.take_along_axis(w, xp.reshape(lab, (-1,)), axis=0), lab.shape)
     return xp.expand_dims(valid, -1), xp.expand_dims(bad, -1), lab, zy, wy
 
 

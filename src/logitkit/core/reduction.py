@@ -22,7 +22,8 @@ def row_weights(xp: Any, labels: Any, weight: Any, ignore_index: int, acc: Any) 
     # Out-of-range labels (only possible where they could not be checked first) gather class 0;
     # their rows' losses are NaN already.
     lab = xp.where(valid & (labels >= 0) & (labels < V), labels, 0)
-    wy = xp.take_along_axis(xp.astype(weight, acc), lab.reshape(-1), axis=0).reshape(lab.shape)
+    # xp.reshape, not the method: a tf.Tensor has none.
+    wy = xp.reshape(xp.take_along_axis(xp.astype(weight, acc), xp.reshape(lab, (-1,)), axis=0), lab.shape)
     return validf, wy * validf
 
 
