@@ -385,7 +385,7 @@ def revert(model: Any) -> Any:
     """Undo :func:`apply`: the instance's ``forward`` is what it was before. Returns the model.
 
     >>> import transformers, logitkit.transformers as lkt
-    >>> m = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2))
+    >>> m = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2)).eval()
     >>> lkt.is_applied(lkt.revert(lkt.apply(m)))
     False
     """
@@ -412,7 +412,7 @@ def token_logprobs(model: Any, input_ids: Tensor, attention_mask: Optional[Tenso
     it is verified as in :func:`apply` (once per call: patch it to verify once).
 
     >>> import torch, transformers, logitkit.transformers as lkt
-    >>> m = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2))
+    >>> m = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2)).eval()
     >>> ids = torch.randint(0, 64, (2, 5))
     >>> ref = torch.log_softmax(m(ids).logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
     >>> torch.allclose(lkt.token_logprobs(m, ids), ref, atol=1e-5)
