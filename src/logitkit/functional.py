@@ -10,10 +10,11 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import sys
 from typing import Any
 
 from . import _validate as V
-from ._namespace import JAX, NUMPY, TORCH, acc_dtype, namespace_of
+from ._namespace import JAX, NUMPY, TENSORFLOW, TORCH, acc_dtype, library_of, namespace_of
 from .core import cross_entropy as core_ce
 from .core import logsumexp as core_lse
 from .core import softmax as core_sm
@@ -26,7 +27,8 @@ __all__ = [
     "token_logprobs", "entropy", "kl_divergence",
 ]
 
-_ADAPTER_MODULES = {TORCH: "logitkit.torch._bridge", JAX: "logitkit.jax._bridge"}
+_ADAPTER_MODULES = {TORCH: "logitkit.torch._bridge", JAX: "logitkit.jax._bridge",
+                    TENSORFLOW: "logitkit.tensorflow._bridge"}
 
 
 def _adapter(lib: str) -> Any:
@@ -452,3 +454,34 @@ def kl_divergence(p_logits: Any, q_logits: Any, axis: int = -1, temperature: flo
         raise ValueError(f"q_logits: expected p_logits' shape {tuple(p_logits.shape)}, got {tuple(q_logits.shape)}")
     ax = V.norm_axis(axis, p_logits.ndim)
     return core_sm.kl_divergence(xp, _moved(xp, p_logits, ax), _moved(xp, q_logits, ax), temperature)
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorFlow entry
+
+
+def _tensorflow_entry(fn: Any) -> Any:
+    """``fn``, sending calls that hold a TensorFlow tensor or variable to the TensorFlow bridge.
+
+    The bridge reads variables (so that a tape sees the read), runs TensorFlow's own semantics for
+    the functions with TensorFlow's names and custom gradients for the rest, and calls ``fn``
+    back for what this module does for every library.
+    """
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        # Only when TensorFlow is imported already: logitkit never imports it for a call.
+        if "tensorflow" in sys.modules and any(
+                library_of(a) == TENSORFLOW for a in (*args, *kwargs.values())):
+            from .tensorflow import _bridge
+
+            return _bridge.dispatch(name, fn, args, kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+for _name in __all__:
+    globals()[_name] = _tensorflow_entry(globals()[_name])
+del _name
