@@ -104,6 +104,12 @@ def check_label_range(lib: str, labels: Any, V: int, ignore_index: int | None, n
         if _is_tracer(labels):
             return
         arr = np.asarray(labels)
+    elif lib == "tensorflow":
+        # Symbolic labels (inside tf.function) cannot be read: their bad rows give NaN, as traced
+        # JAX labels do (the TensorFlow-named functions add a graph assertion).
+        if sys.modules["tensorflow"].is_symbolic_tensor(labels):
+            return
+        arr = labels.numpy()
     else:
         arr = np.asarray(labels)
     bad = (arr < 0) | (arr >= V)
