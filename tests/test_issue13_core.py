@@ -74,3 +74,73 @@ def test_issue13_item1_exactly_zero_weight_sum_is_zero():
     loss, grad = logitkit.cross_entropy_with_grad(_X1, _Y1, weight=w)
     assert float(loss) == 0.0
     assert not np.any(grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# item 13: options of a wrong type raise TypeError/ValueError naming the argument
+
+_BAD_SCALARS = [
+    ("temperature", None), ("temperature", "0.1"), ("temperature", np.array([2.0, 3.0])),
+    ("temperature", np.array(2.0)), ("temperature", 2 + 0j), ("temperature", True),
+    ("label_smoothing", "0.1"), ("label_smoothing", None), ("label_smoothing", True),
+    ("z_loss", "1e-4"), ("z_loss", None), ("z_loss", 1j), ("softcap", "30"), ("softcap", True),
+    ("softcap", np.array([30.0])),
+]
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize("name,value", _BAD_SCALARS, ids=lambda v: repr(v)[:20])
+def test_issue13_item13_scalar_option_of_wrong_type_names_it(lib, name, value):
+    x = to_lib(lib, np.zeros((2, 3)), "float32")
+    y = to_lib(lib, np.array([0, 2]))
+    with pytest.raises((TypeError, ValueError), match=rf"^{name}: "):
+        logitkit.cross_entropy(x, y, **{name: value})
+    if name == "temperature":
+        for fn in (logitkit.softmax, logitkit.log_softmax):
+            with pytest.raises((TypeError, ValueError), match=r"^temperature: "):
+                fn(x, temperature=value)
+    if lib != "jax":
+        with pytest.raises((TypeError, ValueError), match=rf"^{name}: "):
+            logitkit.cross_entropy_with_grad(x, y, **{name: value})
+
+
+def test_issue13_item13_bool_is_not_a_float():
+    x, y = np.zeros((2, 3)), np.array([0, 2])
+    with pytest.raises(TypeError, match=r"^temperature: .*bool"):
+        logitkit.cross_entropy(x, y, temperature=True)
+    with pytest.raises(TypeError, match=r"^label_smoothing: .*bool"):
+        logitkit.cross_entropy(x, y, label_smoothing=False)
+    # NumPy scalars are real numbers and keep working
+    want = float(logitkit.cross_entropy(x, y, temperature=2.0, label_smoothing=0.25))
+    got = float(logitkit.cross_entropy(x, y, temperature=np.float32(2.0), label_smoothing=np.float64(0.25)))
+    assert got == want
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch", "jax"])
+def test_issue13_item13_huge_ignore_index_names_it(lib):
+    x = to_lib(lib, np.zeros((2, 3)), "float32")
+    y = to_lib(lib, np.array([0, 2]))
+    with pytest.raises(ValueError, match=r"^ignore_index: .*int64"):
+        logitkit.cross_entropy(x, y, ignore_index=2 ** 70)
+    with pytest.raises(ValueError, match=r"^ignore_index: "):
+        logitkit.token_logprobs(x, y, ignore_index=-(2 ** 64))
+    with pytest.raises(TypeError, match=r"^ignore_index: "):
+        logitkit.cross_entropy(x, y, ignore_index=True)
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch", "jax"])
+def test_issue13_item13_list_arguments_name_themselves(lib):
+    x = to_lib(lib, np.zeros((2, 3)), "float32")
+    y = to_lib(lib, np.array([0, 2]))
+    with pytest.raises(TypeError, match=r"^where: "):
+        logitkit.softmax(x, where=[[True, False, True]] * 2)
+    with pytest.raises(TypeError, match=r"^where: "):
+        logitkit.logsumexp(x, where=True)
+    with pytest.raises(TypeError, match=r"^weight: "):
+        logitkit.cross_entropy(x, y, weight=[1.0, 2.0, 3.0])
+    h = to_lib(lib, np.zeros((2, 4)), "float32")
+    W = to_lib(lib, np.zeros((3, 4)), "float32")
+    with pytest.raises(TypeError, match=r"^linear_bias: "):
+        logitkit.linear_cross_entropy(h, W, y, linear_bias=[0.0, 0.0, 0.0])
+    with pytest.raises(TypeError, match=r"^weight: "):
+        logitkit.linear_cross_entropy(h, W, y, weight=(1.0, 1.0, 1.0))

@@ -41,7 +41,9 @@ def _lib_of_arg(name: str, x: Any) -> str | None:
     lib = library_of(x)
     if lib is None:
         if isinstance(x, (list, tuple)):
-            return None
+            # A list would fail later with an AttributeError far from the call; name it here.
+            raise TypeError(f"{name}: expected a NumPy array, torch tensor, JAX array or TensorFlow tensor, got "
+                            f"{type(x).__name__} (wrap it with numpy.asarray)")
         raise TypeError(f"{name}: expected a NumPy array, torch tensor, JAX array or TensorFlow tensor, got {type(x).__name__}")
     return lib
 
@@ -49,7 +51,7 @@ def _lib_of_arg(name: str, x: Any) -> str | None:
 def namespace_of(**arrays: Any) -> tuple[str, Any]:
     """The library and ``xp`` namespace shared by the named arrays.
 
-    Python scalars, lists and ``None`` take no part. Arrays from two libraries raise a
+    Python scalars and ``None`` take no part; a list or tuple raises a TypeError naming it. Arrays from two libraries raise a
     ``TypeError`` naming both arguments.
     """
     seen: dict[str, str] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 from typing import Any
 
@@ -36,19 +37,59 @@ def norm_axis(axis: int, ndim: int, name: str = "axis") -> int:
     return int(axis) % ndim
 
 
-def check_options(*, reduction: Any = _UNSET, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                  softcap: float | None = None, temperature: float = 1.0) -> None:
-    """Check the scalar options that were passed (``reduction`` only when given, even as ``None``)."""
-    if reduction is not _UNSET and reduction not in REDUCTIONS:
+def real_scalar(name: str, value: Any) -> float:
+    """``value`` as a Python float, or a TypeError naming ``name``.
+
+    Python and NumPy real scalars pass; ``bool`` (an int to Python, never a temperature), strings,
+    ``None``, complex numbers and arrays (even 0-d ones) are refused rather than coerced.
+
+    >>> real_scalar("temperature", 2)
+    2.0
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number (Python or NumPy scalar), got "
+                        f"{type(value).__name__} {_short_repr(value)}")
+    return float(value)
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
+def check_ignore_index(ignore_index: Any, name: str = "ignore_index") -> int:
+    """``ignore_index`` as an int; it must be an int (not bool) that fits in int64, as labels do."""
+    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(ignore_index, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(ignore_index).__name__}")
+    value = int(ignore_index)
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise ValueError(f"{name}: {value} does not fit in int64 (labels are int64 at most)")
+    return value
+
+
+def check_options(*, reduction: Any = _UNSET, label_smoothing: Any = 0.0, z_loss: Any = 0.0,
+                  softcap: Any = None, temperature: Any = 1.0) -> None:
+    """Check the scalar options that were passed (``reduction`` only when given, even as ``None``).
+
+    Each must be a real scalar (see :func:`real_scalar`); ``softcap`` may also be ``None``.
+    """
+    if reduction is not _UNSET and (not isinstance(reduction, str) or reduction not in REDUCTIONS):
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    ls = float(label_smoothing)
+    ls = real_scalar("label_smoothing", label_smoothing)
     if not 0.0 <= ls <= 1.0:
         raise ValueError(f"label_smoothing: expected a value in [0, 1], got {label_smoothing}")
-    if not math.isfinite(float(z_loss)) or z_loss < 0:
+    zl = real_scalar("z_loss", z_loss)
+    if not math.isfinite(zl) or zl < 0:
         raise ValueError(f"z_loss: expected a finite value >= 0, got {z_loss}")
-    if softcap is not None and not (math.isfinite(float(softcap)) and softcap > 0):
-        raise ValueError(f"softcap: expected None or a finite value > 0, got {softcap}")
-    if not (math.isfinite(float(temperature)) and temperature > 0):
+    if softcap is not None:
+        cap = real_scalar("softcap", softcap)
+        if not (math.isfinite(cap) and cap > 0):
+            raise ValueError(f"softcap: expected None or a finite value > 0, got {softcap}")
+    t = real_scalar("temperature", temperature)
+    if not (math.isfinite(t) and t > 0):
         raise ValueError(f"temperature: expected a finite value > 0, got {temperature}")
 
 

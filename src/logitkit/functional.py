@@ -80,6 +80,8 @@ def logsumexp(x: Any, axis: int = -1, *, keepdims: bool = False, where: Any = No
 def _broadcast_mask(xp: Any, where: Any, x: Any) -> Any:
     if where is None:
         return None
+    if not hasattr(where, "dtype"):
+        raise TypeError(f"where: expected a boolean array, got {type(where).__name__}")
     if V.dtype_name(where.dtype) not in ("bool", "bool_"):
         raise TypeError(f"where: expected a boolean mask, got dtype {V.dtype_name(where.dtype)}")
     try:
@@ -157,8 +159,7 @@ def _prepare_ce(logits: Any, labels: Any, axis: int, weight: Any, ignore_index: 
     V.check_logits("logits", logits)
     V.check_options(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
                     softcap=softcap, temperature=temperature)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    V.check_ignore_index(ignore_index)
     ax = V.norm_axis(axis, logits.ndim)
     x = _moved(xp, logits, ax)
     nclass = x.shape[-1]
@@ -211,6 +212,7 @@ def cross_entropy(logits: Any, labels: Any, *, axis: int = -1, weight: Any = Non
     >>> float(logitkit.cross_entropy(x, y))  # 2·e^-40, not 0   # doctest: +ELLIPSIS
     8.49...e-18
     """
+    ignore_index = V.check_ignore_index(ignore_index)
     lib, xp, x, y, kind, ax = _prepare_ce(logits, labels, axis, weight, ignore_index, label_smoothing,
                                           reduction, z_loss, softcap, temperature)
     opts = dict(weight=weight, label_smoothing=float(label_smoothing), softcap=softcap,
@@ -267,6 +269,7 @@ def cross_entropy_with_grad(logits: Any, labels: Any, *, axis: int = -1, weight:
     >>> g
     array([[ 0.5, -0.5]])
     """
+    ignore_index = V.check_ignore_index(ignore_index)
     lib, xp, x, y, kind, ax = _prepare_ce(logits, labels, axis, weight, ignore_index, label_smoothing,
                                           reduction, z_loss, softcap, temperature)
     if out is not None:
