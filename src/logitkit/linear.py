@@ -12,18 +12,23 @@ the chunking and the choice between computing gradients in forward and recomputi
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any
 
 import numpy as np
 
 from . import _validate as V
-from ._namespace import JAX, NUMPY, TORCH, dtype_name, is_floating, is_integer, namespace_of
+from ._namespace import JAX, NUMPY, TORCH, dtype_name, is_floating, is_integer, library_of, namespace_of
 from .core import linear_cross_entropy as core
+from .core import linear_head as core_head
+from .core.linear_head import HeadOutput
+from .core.reduction import reduce_loss, row_weights
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad", "linear_token_logprobs",
-           "linear_entropy"]
+           "linear_entropy", "linear_head", "HeadOutput"]
 
 _ADAPTERS = {TORCH: "logitkit.torch.linear", JAX: "logitkit.jax.linear"}
+_HEAD_ADAPTERS = {TORCH: "logitkit.torch.head", JAX: "logitkit.jax.linear"}
 
 
 def _adapter(lib: str) -> Any:
@@ -251,3 +256,345 @@ def linear_entropy(hidden: Any, linear_weight: Any, *, linear_bias: Any = None, 
     labels = np.zeros(hidden.shape[:-1], np.int64)
     head = _numpy_head(hidden, linear_weight, labels, linear_bias, opts, chunk_size, kernels=False)
     return head.entropy()[0].reshape(hidden.shape[:-1]).astype(hidden.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused head: every output of one chunked pass
+
+
+class HeadArgs:
+    """Validated arguments of one :func:`linear_head` call (what the framework bridges receive).
+
+    Arrays keep their library and shapes: ``hidden`` ``(..., H)``, ``labels`` ``(...)`` or
+    ``None``, ``temp`` ``(...)`` per-token temperatures or ``None``, ``teacher`` ``None`` or
+    ``("head", teacher_hidden, teacher_weight, teacher_bias)``, ``("logits", teacher_logits)``,
+    ``("topk", indices, logprobs)``.
+    """
+
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+
+
+def _host(lib: str, x: Any) -> Any:
+    """A NumPy copy of a concrete array (float64 / int64), or ``None`` where it cannot be read cheaply."""
+    if lib == TORCH:
+        import torch
+
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+        x = x.detach()
+        return (x.double() if x.is_floating_point() else x.long()).numpy()
+    if lib == JAX:
+        if V._is_tracer(x):
+            return None
+        x = np.asarray(x)
+    return x.astype(np.float64) if is_floating(x.dtype) else np.asarray(x)
+
+
+def _check_per_token(lib: str, name: str, x: Any, shape: tuple, *, floating: bool = True) -> None:
+    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+        raise TypeError(f"{name}: expected a float or an array, got {type(x).__name__}")
+    if floating and not is_floating(x.dtype):
+        raise TypeError(f"{name}: expected a floating dtype, got {dtype_name(x.dtype)}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)} (hidden's shape without the last "
+                         f"dimension), got {tuple(x.shape)}")
+
+
+def _check_teacher(lib: str, hidden: Any, nclass: int, outputs: tuple, teacher_hidden: Any,
+                   teacher_weight: Any, teacher_bias: Any, teacher_logits: Any, teacher_topk: Any) -> Any:
+    lead = tuple(hidden.shape[:-1])
+    forms = [n for n, v in (("teacher_hidden", teacher_hidden), ("teacher_logits", teacher_logits),
+                            ("teacher_topk", teacher_topk)) if v is not None]
+    if teacher_hidden is None and (teacher_weight is not None or teacher_bias is not None):
+        raise ValueError("teacher_weight: a teacher head needs teacher_hidden too")
+    if len(forms) > 1:
+        raise ValueError(f"{forms[1]}: give one teacher form, not {' and '.join(forms)}")
+    if "kl" not in outputs:
+        if forms:
+            raise ValueError(f"{forms[0]}: a teacher is given but 'kl' is not in outputs {outputs}")
+        return None
+    if not forms:
+        raise ValueError("outputs: 'kl' needs a teacher: teacher_hidden and teacher_weight, teacher_logits "
+                         "or teacher_topk")
+    if teacher_hidden is not None:
+        V.check_logits("teacher_hidden", teacher_hidden)
+        if teacher_weight is None:
+            raise ValueError("teacher_weight: a teacher head needs teacher_weight (V, H_teacher)")
+        if tuple(teacher_hidden.shape[:-1]) != lead:
+            raise ValueError(f"teacher_hidden: expected leading shape {lead} (hidden's), got "
+                             f"{tuple(teacher_hidden.shape)}")
+        Ht = int(teacher_hidden.shape[-1])
+        if not hasattr(teacher_weight, "dtype") or tuple(teacher_weight.shape) != (nclass, Ht):
+            raise ValueError(f"teacher_weight: expected shape ({nclass}, {Ht}), got "
+                             f"{tuple(getattr(teacher_weight, 'shape', ()))}")
+        if dtype_name(teacher_weight.dtype) != dtype_name(teacher_hidden.dtype):
+            raise TypeError(f"teacher_weight: expected teacher_hidden's dtype {dtype_name(teacher_hidden.dtype)}, "
+                            f"got {dtype_name(teacher_weight.dtype)}")
+        if teacher_bias is not None and (tuple(teacher_bias.shape) != (nclass,) or
+                                         dtype_name(teacher_bias.dtype) != dtype_name(teacher_hidden.dtype)):
+            raise ValueError(f"teacher_bias: expected shape ({nclass},) and dtype {dtype_name(teacher_hidden.dtype)}, "
+                             f"got {tuple(teacher_bias.shape)} {dtype_name(teacher_bias.dtype)}")
+        return ("head", teacher_hidden, teacher_weight, teacher_bias)
+    if teacher_logits is not None:
+        V.check_logits("teacher_logits", teacher_logits)
+        if tuple(teacher_logits.shape) != lead + (nclass,):
+            raise ValueError(f"teacher_logits: expected shape {lead + (nclass,)}, got {tuple(teacher_logits.shape)}")
+        return ("logits", teacher_logits)
+    if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
+        raise TypeError("teacher_topk: expected a pair (indices, logprobs), each of shape (..., k)")
+    idx, lp = teacher_topk
+    for name, a in (("teacher_topk indices", idx), ("teacher_topk logprobs", lp)):
+        if not hasattr(a, "dtype") or not hasattr(a, "shape"):
+            raise TypeError(f"{name}: expected an array, got {type(a).__name__}")
+    if not is_integer(idx.dtype):
+        raise TypeError(f"teacher_topk indices: expected integers, got {dtype_name(idx.dtype)}")
+    if not is_floating(lp.dtype):
+        raise TypeError(f"teacher_topk logprobs: expected a floating dtype, got {dtype_name(lp.dtype)}")
+    if len(idx.shape) != len(lead) + 1 or tuple(idx.shape[:-1]) != lead or not 1 <= idx.shape[-1] <= nclass:
+        raise ValueError(f"teacher_topk indices: expected shape {lead + ('k',)} with 1 <= k <= {nclass}, got "
+                         f"{tuple(idx.shape)}")
+    if tuple(lp.shape) != tuple(idx.shape):
+        raise ValueError(f"teacher_topk logprobs: expected the indices' shape {tuple(idx.shape)}, got "
+                         f"{tuple(lp.shape)}")
+    arr = _host(lib, idx)
+    if arr is not None and arr.size:
+        k = arr.shape[-1]
+        flat = arr.reshape(-1, k)
+        bad = (flat < 0) | (flat >= nclass)
+        if bad.any():
+            raise ValueError(f"teacher_topk indices: {int(flat[bad][0])} is out of range [0, {nclass})")
+        srt = np.sort(flat, axis=-1)
+        if k > 1 and (srt[:, 1:] == srt[:, :-1]).any():
+            row = int(np.flatnonzero((srt[:, 1:] == srt[:, :-1]).any(-1))[0])
+            raise ValueError(f"teacher_topk indices: row {row} repeats a class; the k classes must be distinct")
+    return ("topk", idx, lp)
+
+
+def validate_linear_head(lib: str, hidden: Any, linear_weight: Any, labels: Any, *, linear_bias: Any,
+                         outputs: Any, temperature: Any, softcap: Any, weight: Any, ignore_index: Any,
+                         label_smoothing: Any, reduction: Any, z_loss: Any, num_items_in_batch: Any,
+                         teacher_hidden: Any, teacher_weight: Any, teacher_bias: Any, teacher_logits: Any,
+                         teacher_topk: Any, divergence: Any, beta: Any, teacher_temperature: Any,
+                         chunk_size: Any) -> HeadArgs:
+    """Check every argument of :func:`linear_head` before any work."""
+    if isinstance(outputs, str) or not isinstance(outputs, (tuple, list)):
+        raise TypeError(f"outputs: expected a tuple of names from {core_head.OUTPUTS}, got {outputs!r}")
+    unknown = [o for o in outputs if o not in core_head.OUTPUTS]
+    if unknown or not outputs or len(set(outputs)) != len(outputs):
+        raise ValueError(f"outputs: expected distinct names from {core_head.OUTPUTS}, got {tuple(outputs)!r}")
+    outs = tuple(o for o in core_head.OUTPUTS if o in outputs)
+    if labels is None and ("loss" in outs or "logprobs" in outs):
+        raise ValueError(f"labels: outputs {outs} need labels ('loss' and 'logprobs' do)")
+    per_token = hasattr(temperature, "shape") and not isinstance(temperature, (float, int))
+    chunk = validate_head(lib, hidden, linear_weight, labels, linear_bias, weight, ignore_index=ignore_index,
+                          label_smoothing=label_smoothing, reduction=reduction, z_loss=z_loss, softcap=softcap,
+                          temperature=1.0 if per_token else temperature, chunk_size=chunk_size)
+    nclass = int(linear_weight.shape[0])
+    lead = tuple(hidden.shape[:-1])
+    temp = None
+    if per_token:
+        _check_per_token(lib, "temperature", temperature, lead)
+        arr = _host(lib, temperature)
+        if arr is not None and arr.size and not (np.isfinite(arr).all() and (arr > 0).all()):
+            raise ValueError("temperature: expected finite values > 0 for every token, got "
+                             f"{float(arr.reshape(-1)[np.flatnonzero(~(np.isfinite(arr) & (arr > 0)))[0]])}")
+        temp = temperature
+    if divergence not in core_head.DIVERGENCES:
+        raise ValueError(f"divergence: expected one of {core_head.DIVERGENCES}, got {divergence!r}")
+    b = V.real_scalar("beta", beta)
+    if not 0.0 <= b <= 1.0:
+        raise ValueError(f"beta: expected a value in [0, 1], got {beta}")
+    tt = V.real_scalar("teacher_temperature", teacher_temperature)
+    if not (math.isfinite(tt) and tt > 0):
+        raise ValueError(f"teacher_temperature: expected a finite value > 0, got {teacher_temperature}")
+    teacher = _check_teacher(lib, hidden, nclass, outs, teacher_hidden, teacher_weight, teacher_bias,
+                             teacher_logits, teacher_topk)
+    div = divergence
+    if div == "jsd" and b in (0.0, 1.0):
+        div = "kl" if b == 0.0 else "reverse_kl"  # TRL's GKD and Liger-Kernel special-case both ends
+    if teacher is not None and teacher[0] == "topk" and div == "reverse_kl":
+        raise ValueError(f"divergence: {divergence!r}" + (f" with beta={b}" if divergence == "jsd" else "") +
+                         " is infinite against a top-k teacher (the renormalized teacher puts no mass outside "
+                         "its k classes, the student does); use 'kl' or 'jsd' with beta < 1")
+    num_items = None
+    if num_items_in_batch is not None:
+        if "loss" not in outs or reduction != "mean":
+            raise ValueError("num_items_in_batch: applies to the 'loss' output with reduction='mean', got "
+                             f"outputs {outs} and reduction={reduction!r}")
+        if isinstance(num_items_in_batch, (bool, np.bool_)):
+            raise TypeError("num_items_in_batch: expected an int or a 0-d array, got a bool")
+        if isinstance(num_items_in_batch, (int, np.integer, float, np.floating)):
+            if not num_items_in_batch > 0:
+                raise ValueError(f"num_items_in_batch: expected a value > 0, got {num_items_in_batch}")
+            num_items = float(num_items_in_batch)
+        elif hasattr(num_items_in_batch, "shape"):
+            if tuple(num_items_in_batch.shape) != ():
+                raise ValueError(f"num_items_in_batch: expected an int or a 0-d array, got shape "
+                                 f"{tuple(num_items_in_batch.shape)}")
+            arr = _host(lib, num_items_in_batch) if library_of(num_items_in_batch) == lib else None
+            if library_of(num_items_in_batch) not in (lib, NUMPY):
+                raise TypeError(f"num_items_in_batch: expected a {lib} array or an int, got a "
+                                f"{library_of(num_items_in_batch)} array")
+            if library_of(num_items_in_batch) == NUMPY:
+                arr = np.asarray(num_items_in_batch, np.float64)
+            if arr is not None:
+                if not float(arr) > 0:
+                    raise ValueError(f"num_items_in_batch: expected a value > 0, got {float(arr)}")
+                num_items = float(arr)
+            else:
+                num_items = num_items_in_batch  # traced / on a device: divided as an array
+        else:
+            raise TypeError(f"num_items_in_batch: expected an int or a 0-d array, got "
+                            f"{type(num_items_in_batch).__name__}")
+    z = float(z_loss)
+    spec = core_head.HeadSpec(outs, int(ignore_index), float(label_smoothing),
+                              None if softcap is None else float(softcap),
+                              1.0 if per_token else float(temperature), labels is not None,
+                              "none" if teacher is None else ("topk" if teacher[0] == "topk" else "dense"),
+                              div, b, tt, "loss" in outs and z != 0.0)
+    if isinstance(chunk, tuple) and (outs != ("loss",) or temp is not None):
+        core_head.plan_rows(1, nclass, 4, spec.teacher, chunk)  # raises for vocabulary tiles
+    return HeadArgs(lib=lib, hidden=hidden, W=linear_weight, labels=labels, bias=linear_bias, temp=temp,
+                    weight=weight, spec=spec, z_loss=z, reduction=reduction, num_items=num_items,
+                    teacher=teacher, chunk_size=chunk, shape=lead)
+
+
+def assemble_outputs(xp: Any, a: HeadArgs, vals: dict, labels_flat: Any) -> HeadOutput:
+    """The :class:`HeadOutput` from per-row values ``(N,)`` (``ce, lse, lp, ent, kl, am``).
+
+    The reduction runs here, in ``xp`` on whatever the bridge returned, so that the framework's
+    autograd differentiates it (and the z-loss through ``lse``).
+    """
+    spec, shape, dtype = a.spec, a.shape, a.hidden.dtype
+    res = {}
+    if "loss" in spec.outputs:
+        ce = vals["ce"]
+        validf, wy = row_weights(xp, labels_flat, a.weight, spec.ignore_index, ce.dtype)
+        lse = vals.get("lse", ce)
+        if a.num_items is None:
+            loss = reduce_loss(xp, ce, lse, validf, wy, a.reduction, a.z_loss)
+        else:
+            loss = reduce_loss(xp, ce, lse, validf, wy, "sum", a.z_loss) / a.num_items
+        loss = loss.reshape(shape) if a.reduction == "none" else loss.reshape(())
+        res["loss"] = xp.astype(loss, dtype)
+    for name, key in (("logprobs", "lp"), ("entropy", "ent"), ("lse", "lse"), ("kl", "kl")):
+        if name in spec.outputs:
+            res[name] = xp.astype(vals[key], dtype).reshape(shape)
+    if "argmax" in spec.outputs:
+        res["argmax"] = vals["am"].reshape(shape)
+    return HeadOutput(**res)
+
+
+def linear_head(hidden: Any, linear_weight: Any, labels: Any = None, *, linear_bias: Any = None,
+                outputs: Any = ("loss",), temperature: Any = 1.0, softcap: float | None = None,
+                weight: Any = None, ignore_index: int = -100, label_smoothing: float = 0.0,
+                reduction: str = "mean", z_loss: float = 0.0, num_items_in_batch: Any = None,
+                teacher_hidden: Any = None, teacher_weight: Any = None, teacher_bias: Any = None,
+                teacher_logits: Any = None, teacher_topk: Any = None, divergence: str = "kl",
+                beta: float = 0.5, teacher_temperature: float = 1.0, chunk_size: Any = None) -> HeadOutput:
+    r"""Every output a language-model head needs, from one chunked pass over
+    ``z = hidden @ linear_weight.T + linear_bias`` that never holds the ``(N, V)`` logits.
+
+    With ``z`` softcapped then divided by ``temperature`` (a float, or one value per token),
+    ``ls = log_softmax(z)`` and ``p = exp(ls)``, per token:
+
+    * ``loss``: :func:`logitkit.cross_entropy` of ``z`` with every option, reduced per
+      ``reduction``; ``num_items_in_batch`` makes ``"mean"`` the weighted sum (z-loss included)
+      divided by it (Hugging Face's gradient-accumulation convention);
+    * ``logprobs`` = ``ls[label]``, ``lse`` = logsumexp(z), ``entropy`` = :math:`-\sum_c p_c\,ls_c`,
+      ``argmax`` = the predicted class (not differentiable);
+    * ``kl``: against a teacher (a head ``teacher_hidden @ teacher_weight.T + teacher_bias``, its
+      ``teacher_logits``, or ``teacher_topk = (indices, logprobs)``), teacher probabilities ``q``
+      at ``teacher_temperature``: ``"kl"`` :math:`\sum q\,(\log q - ls)`, ``"reverse_kl"``
+      :math:`\sum p\,(ls - \log q)`, ``"jsd"``
+      :math:`\beta\,\mathrm{KL}(q\|M) + (1-\beta)\,\mathrm{KL}(p\|M)`, :math:`M = \beta q + (1-\beta) p`
+      (TRL's GKD; beta=0 is ``"kl"``, beta=1 ``"reverse_kl"``). A top-k teacher is renormalized
+      over its k (distinct) classes and the student is compared on those k classes plus one bucket
+      for the rest (see :mod:`logitkit.core.linear_head` for the formula; the reverse KL is then
+      infinite and refused). The softcap applies to the student only; no gradient reaches the teacher.
+
+    Ignored tokens (``labels == ignore_index``) give 0 in every per-token field. Every output but
+    ``argmax`` is differentiable (torch, JAX) with respect to ``hidden``, ``linear_weight`` and
+    ``linear_bias``, any combination in one backward pass that recomputes the logits chunk by chunk.
+    ``outputs=("loss",)`` with a scalar temperature is :func:`linear_cross_entropy` itself.
+
+    Args:
+      hidden: ``(..., H)`` floating. linear_weight: ``(V, H)``, same dtype. labels: ``(...)`` class
+        indices or ``None`` (then only entropy / lse / argmax / kl).
+      outputs: a tuple of names from ``("loss", "logprobs", "entropy", "lse", "argmax", "kl")``.
+      chunk_size: ``None`` (a ~24 MB workspace) or tokens per chunk.
+
+    Returns a :class:`HeadOutput` ``(loss, logprobs, entropy, lse, argmax, kl)``; fields not requested
+    are ``None``, per-token fields have shape ``hidden.shape[:-1]`` and ``hidden``'s dtype.
+
+    >>> import numpy as np, logitkit
+    >>> h = np.eye(2, 3); W = np.array([[2.0, 0, 0], [0, 1, 0], [0, 0, 0]])
+    >>> out = logitkit.linear_head(h, W, np.array([0, 1]), outputs=("loss", "logprobs", "entropy"))
+    >>> bool(np.allclose(out.logprobs, -logitkit.cross_entropy(h @ W.T, np.array([0, 1]), reduction="none")))
+    True
+    >>> bool(np.allclose(out.entropy, logitkit.entropy(h @ W.T))), out.kl is None
+    (True, True)
+    """
+    lib, _ = namespace_of(hidden=hidden, linear_weight=linear_weight, labels=labels, linear_bias=linear_bias,
+                          weight=weight, temperature=temperature, teacher_hidden=teacher_hidden,
+                          teacher_weight=teacher_weight, teacher_bias=teacher_bias, teacher_logits=teacher_logits,
+                          **_topk_arrays(teacher_topk))
+    a = validate_linear_head(lib, hidden, linear_weight, labels, linear_bias=linear_bias, outputs=outputs,
+                             temperature=temperature, softcap=softcap, weight=weight, ignore_index=ignore_index,
+                             label_smoothing=label_smoothing, reduction=reduction, z_loss=z_loss,
+                             num_items_in_batch=num_items_in_batch, teacher_hidden=teacher_hidden,
+                             teacher_weight=teacher_weight, teacher_bias=teacher_bias,
+                             teacher_logits=teacher_logits, teacher_topk=teacher_topk, divergence=divergence,
+                             beta=beta, teacher_temperature=teacher_temperature, chunk_size=chunk_size)
+    if a.spec.outputs == ("loss",) and a.temp is None:
+        # Loss alone: the linear cross-entropy driver (numba kernels, gradients during forward).
+        red = "sum" if a.num_items is not None else reduction
+        loss = linear_cross_entropy(hidden, linear_weight, labels, linear_bias=linear_bias, weight=weight,
+                                    ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=red,
+                                    z_loss=z_loss, softcap=softcap, temperature=temperature,
+                                    chunk_size=chunk_size)
+        return HeadOutput(loss=loss if a.num_items is None else loss / a.num_items)
+    if lib != NUMPY:
+        return importlib.import_module(_HEAD_ADAPTERS[lib]).fused_linear_head(a)
+    return _numpy_linear_head(a)
+
+
+def _topk_arrays(teacher_topk: Any) -> dict:
+    if isinstance(teacher_topk, (tuple, list)) and len(teacher_topk) == 2:
+        return {"teacher_topk indices": teacher_topk[0], "teacher_topk logprobs": teacher_topk[1]}
+    return {}
+
+
+def _numpy_run(a: HeadArgs) -> tuple[Any, Any]:
+    H = a.hidden.shape[-1]
+    h2 = np.ascontiguousarray(a.hidden).reshape(-1, H)
+    W = np.ascontiguousarray(a.W)
+    N = h2.shape[0]
+    lab = None if a.labels is None else np.ascontiguousarray(a.labels).reshape(-1).astype(np.int64, copy=False)
+    temp = None if a.temp is None else np.asarray(a.temp).reshape(-1).astype(np.float64)
+    ops = core.NumpyOps(h2, W, a.bias)
+    teacher, tops = None, None
+    if a.teacher is not None:
+        kind = a.teacher[0]
+        if kind == "head":
+            th = np.ascontiguousarray(a.teacher[1]).reshape(N, -1)
+            tops = core.NumpyOps(th, np.ascontiguousarray(a.teacher[2]), a.teacher[3])
+            teacher = ("head", th)
+        elif kind == "logits":
+            teacher = ("logits", np.asarray(a.teacher[1]).reshape(N, -1))
+        else:
+            k = a.teacher[1].shape[-1]
+            teacher = ("topk", np.asarray(a.teacher[1]).reshape(N, k).astype(np.int64),
+                       np.asarray(a.teacher[2]).reshape(N, k))
+    run = core_head.HeadRun(ops, h2, W, lab, temp, a.weight, a.spec, teacher, tops, a.chunk_size)
+    return run, lab
+
+
+def _numpy_linear_head(a: HeadArgs) -> HeadOutput:
+    run, lab = _numpy_run(a)
+    rows = run.forward()
+    vals = dict(rows)
+    valid = np.ones(run.N, bool) if lab is None else lab != a.spec.ignore_index
+    vals["lse"] = np.where(valid, rows["m"] + rows["r"], 0.0)
+    return assemble_outputs(np, a, vals, lab if lab is not None else np.zeros(run.N, np.int64))

@@ -1,0 +1,443 @@
+r"""The fused LM head: every per-token output of ``z = hidden @ linear_weight.T + linear_bias`` from
+one chunked pass, without ever holding the ``(N, V)`` logits.
+
+Per token (row) ``i``, with ``x`` the raw logits, ``z = softcap(x) / T_i`` (``T_i`` one
+temperature per token or one for all), ``lse = logsumexp(z)``, ``ls = z - lse``, ``p = exp(ls)``:
+
+* ``ce``: the cross-entropy terms of :func:`logitkit.core.cross_entropy.ce_forward` (weights,
+  smoothing; the z-loss is added by the reduction, from ``lse``);
+* ``logprobs = ls[y]``, ``lse``, ``entropy = -Σ_c p_c ls_c``, ``argmax`` of ``x``;
+* ``kl``, the divergence against a teacher with log-probabilities ``lt`` (temperature
+  ``teacher_temperature``, probabilities ``q``):
+  ``"kl"``: :math:`\sum_c q_c (lt_c - ls_c)`; ``"reverse_kl"``: :math:`\sum_c p_c (ls_c - lt_c)`;
+  ``"jsd"`` (generalized, weight β, as TRL's GKD and Liger-Kernel's JSD): with
+  :math:`M = \beta q + (1-\beta) p`,
+  :math:`\beta \sum_c q_c (lt_c - \log M_c) + (1-\beta) \sum_c p_c (ls_c - \log M_c)`,
+  β = 0 being the forward and β = 1 the reverse KL.
+* teacher top-k (indices ``I``, log-probabilities ``a``, k per token): the teacher is
+  :math:`q_j = \mathrm{softmax}_j(a / \tau)` over its k classes and 0 elsewhere; the student is
+  the k probabilities :math:`s_j = p_{I_j}` plus one bucket :math:`s_0 = 1 - \sum_j s_j` for the
+  rest. ``"kl"`` = :math:`\sum_j q_j (\log q_j - \log s_j)`; ``"jsd"`` = the formula above on
+  those k + 1 bins, where the bucket adds :math:`-(1-\beta)\,s_0 \log(1-\beta)`. The reverse KL is
+  infinite there (the student's bucket against the teacher's 0) and is refused.
+
+Gradients: for row cotangents ``g_ce, g_lse, g_lp, g_ent, g_kl`` the gradient with respect to the
+transformed logits is assembled in one expression per chunk (:func:`chunk_backward`):
+``g_ce·dce + (g_lse − g_lp)·p + g_lp·onehot(y) − g_ent·p(ls + H) + g_kl·dkl``, with
+``dkl = p − q`` (kl), ``p(ls − lt − K)`` (reverse_kl), ``(1−β)p(ls − log M − D)`` with
+``D = Σ p (ls − log M)`` (jsd); then it is chained through the softcap and the temperature.
+No gradient reaches the teacher.
+
+:class:`HeadRun` drives the chunks for libraries with in-place updates (NumPy, torch) through the
+``ops`` objects of :mod:`logitkit.core.linear_cross_entropy`; JAX runs :func:`chunk_forward` and
+:func:`chunk_backward` inside ``lax.scan`` (:mod:`logitkit.jax.linear`). Only whole rows of the
+vocabulary make a chunk (every output needs its row's final statistics); the rows per chunk are
+chosen so that the chunk workspace stays within :data:`DEFAULT_WORKSPACE`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .._namespace import acc_dtype
+from .cross_entropy import ce_backward, ce_forward
+from .linear_cross_entropy import _chunk_selections, _host_bool, _itemsize
+from .logsumexp import quiet, row_stats, transform, transform_grad_factor
+
+__all__ = ["HeadOutput", "HeadSpec", "OUTPUTS", "DIFFERENTIABLE", "DIVERGENCES", "chunk_forward",
+           "chunk_backward", "HeadRun", "plan_rows", "DEFAULT_WORKSPACE", "row_names"]
+
+OUTPUTS = ("loss", "logprobs", "entropy", "lse", "argmax", "kl")
+DIFFERENTIABLE = ("loss", "logprobs", "entropy", "lse", "kl")
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
+# Chunk workspace per call (see logitkit.core.linear_cross_entropy.DEFAULT_WORKSPACE): the issue
+# bounds the peak beyond inputs and gradients at 32 MB.
+DEFAULT_WORKSPACE = 24 << 20
+# Accumulation-dtype temporaries per logit that the whole-array stages below hold at once
+# (measured with tracemalloc on NumPy, see tests/test_linear_head.py): student, dense teacher.
+STUDENT_TEMPS = 7
+TEACHER_TEMPS = 5
+
+
+class HeadOutput(NamedTuple):
+    """What :func:`logitkit.linear_head` returns; the fields not requested are ``None``."""
+
+    loss: Any = None
+    logprobs: Any = None
+    entropy: Any = None
+    lse: Any = None
+    argmax: Any = None
+    kl: Any = None
+
+
+class HeadSpec(NamedTuple):
+    """Static (hashable) configuration of one head call."""
+
+    outputs: tuple          # requested names, in OUTPUTS order
+    ignore_index: int
+    label_smoothing: float
+    softcap: float | None
+    temperature: float      # the scalar temperature (1.0 when it is given per token)
+    has_labels: bool
+    teacher: str            # "none", "dense" (a teacher head or its logits) or "topk"
+    divergence: str         # effective: a "jsd" with beta 0 / 1 is "kl" / "reverse_kl"
+    beta: float
+    teacher_temperature: float
+    need_lse: bool          # the loss needs lse (z-loss)
+
+
+def row_names(spec: HeadSpec) -> tuple:
+    """Per-row values :func:`chunk_forward` returns for ``spec`` (``m, r`` always)."""
+    names = ["m", "r"]
+    if "loss" in spec.outputs:
+        names.append("ce")
+    if "logprobs" in spec.outputs:
+        names.append("lp")
+    if "entropy" in spec.outputs:
+        names.append("ent")
+    if "kl" in spec.outputs:
+        names += ["kl", "aux"]
+    if "argmax" in spec.outputs:
+        names.append("am")
+    return tuple(names)
+
+
+def _is_torch(xp: Any) -> bool:
+    return hasattr(xp, "_t")
+
+
+def _transformed(xp: Any, x: Any, spec: HeadSpec, temp: Any) -> Any:
+    acc = acc_dtype(xp, x.dtype)
+    z = transform(xp, xp.astype(x, acc), spec.softcap, spec.temperature)
+    if temp is not None:
+        z = z / xp.expand_dims(xp.astype(temp, acc), -1)
+    return z
+
+
+def _logsoftmax(xp: Any, z: Any, m: Any, r: Any) -> tuple[Any, Any]:
+    """``(ls, p)`` from the row statistics (kept dims); a fully masked row gives ``p = 0``."""
+    finite = xp.isfinite(m)
+    ls = (z - xp.where(finite, m, 0.0)) - r
+    p = xp.where(finite, xp.exp(ls), xp.where(m == -math.inf, 0.0, math.nan))
+    return ls, p
+
+
+def _plogq(xp: Any, p: Any, d: Any) -> Any:
+    """``Σ_c p_c d_c`` where terms with ``p_c = 0`` count 0 (``d`` may be infinite there)."""
+    return xp.sum(xp.where(p > 0, p * d, xp.where(p == 0, 0.0, p)), axis=-1)
+
+
+def _logaddexp(xp: Any, a: Any, b: Any) -> Any:
+    mx = xp.maximum(a, b)
+    return xp.where(mx == -math.inf, -math.inf, mx + xp.log1p(xp.exp(-xp.abs(a - b))))
+
+
+def _teacher_dense(xp: Any, tx: Any, spec: HeadSpec, acc: Any) -> tuple[Any, Any]:
+    zt = xp.astype(tx, acc)
+    if spec.teacher_temperature != 1.0:
+        zt = zt / spec.teacher_temperature
+    mt, rt, _ = row_stats(xp, zt, -1)
+    return _logsoftmax(xp, zt, mt, rt)
+
+
+def _teacher_topk(xp: Any, lpk: Any, spec: HeadSpec, acc: Any) -> tuple[Any, Any]:
+    a = xp.astype(lpk, acc)
+    if spec.teacher_temperature != 1.0:
+        a = a / spec.teacher_temperature
+    ma, ra, _ = row_stats(xp, a, -1)
+    return _logsoftmax(xp, a, ma, ra)
+
+
+def _gather(xp: Any, x: Any, idx: Any) -> Any:
+    return xp.take_along_axis(x, idx, axis=-1)
+
+
+def _scatter_add(xp: Any, dz: Any, idx: Any, vals: Any) -> Any:
+    """``dz[i, idx[i, j]] += vals[i, j]`` (distinct indices per row)."""
+    if xp is np:
+        rows = np.arange(dz.shape[0])[:, None]
+        np.add.at(dz, (rows, idx), vals)
+        return dz
+    if _is_torch(xp):
+        return dz.scatter_add(-1, idx, vals.to(dz.dtype))
+    rows = xp.arange(dz.shape[0])[:, None]
+    return dz.at[rows, idx].add(vals)
+
+
+def _kl_terms(xp: Any, ls: Any, p: Any, teach: Any, spec: HeadSpec, acc: Any) -> tuple[Any, Any]:
+    """``(kl, aux)`` per row; ``aux`` is what the gradient needs besides the logits (see module)."""
+    b = spec.beta
+    if spec.teacher == "dense":
+        lt, q = _teacher_dense(xp, teach, spec, acc)
+        if spec.divergence == "kl":
+            k = _plogq(xp, q, lt - ls)
+            return k, k
+        if spec.divergence == "reverse_kl":
+            k = _plogq(xp, p, ls - lt)
+            return k, k
+        lm = _logaddexp(xp, lt + math.log(b), ls + math.log1p(-b))
+        d = _plogq(xp, p, ls - lm)
+        return b * _plogq(xp, q, lt - lm) + (1.0 - b) * d, d
+    idx, lpk = teach
+    lq, q = _teacher_topk(xp, lpk, spec, acc)
+    lsk = _gather(xp, ls, idx)
+    if spec.divergence == "kl":
+        k = _plogq(xp, q, lq - lsk)
+        return k, k
+    # jsd on the k bins plus the student's bucket of the rest
+    s = xp.exp(lsk)
+    lm = _logaddexp(xp, lq + math.log(b), lsk + math.log1p(-b))
+    rest = 1.0 - xp.sum(s, axis=-1)
+    rest = xp.where(rest > 0, rest, 0.0)  # rounding can take Σ s_j just past 1
+    j = b * _plogq(xp, q, lq - lm) + (1.0 - b) * (_plogq(xp, s, lsk - lm) - math.log1p(-b) * rest)
+    return j, j
+
+
+@quiet
+def chunk_forward(xp: Any, x: Any, labels: Any, temp: Any, teach: Any, weight: Any, spec: HeadSpec) -> dict:
+    """Per-row values (``(n,)`` each, accumulation dtype; see :func:`row_names`) of one chunk.
+
+    ``x`` ``(n, V)`` raw logits, ``labels`` ``(n,)`` (any ints when ``spec.has_labels`` is False),
+    ``temp`` ``(n,)`` per-token temperatures or ``None``, ``teach`` the teacher's raw logits
+    ``(n, V)`` or ``(indices, logprobs)`` ``(n, k)`` each, or ``None``.
+    """
+    acc = acc_dtype(xp, x.dtype)
+    z = _transformed(xp, x, spec, temp)
+    m, r, _ = row_stats(xp, z, -1)
+    out = {"m": xp.squeeze(m, axis=-1), "r": xp.squeeze(r, axis=-1)}
+    o = spec.outputs
+    if spec.has_labels:
+        valid = labels != spec.ignore_index
+    if "loss" in o:
+        out["ce"] = ce_forward(xp, z, labels, weight=weight, ignore_index=spec.ignore_index,
+                               label_smoothing=spec.label_smoothing)[0]
+    if "logprobs" in o:
+        if "loss" in o and weight is None and spec.label_smoothing == 0.0:
+            out["lp"] = -out["ce"]
+        else:
+            out["lp"] = -ce_forward(xp, z, labels, ignore_index=spec.ignore_index)[0]
+    if "entropy" in o or "kl" in o:
+        ls, p = _logsoftmax(xp, z, m, r)
+        if "entropy" in o:
+            # H = r + Σ p (m − z): every term ≥ 0, so a confident row keeps its tiny entropy.
+            mf = xp.where(xp.isfinite(m), m, 0.0)
+            ent = xp.squeeze(r, axis=-1) + _plogq(xp, p, mf - z)
+            ent = xp.where(xp.squeeze(m, axis=-1) == -math.inf, 0.0, ent)
+            out["ent"] = ent
+        if "kl" in o:
+            out["kl"], out["aux"] = _kl_terms(xp, ls, p, teach, spec, acc)
+    if "argmax" in o:
+        out["am"] = x.argmax(-1)
+    if spec.has_labels:
+        for k in ("ent", "kl", "aux"):
+            if k in out:
+                out[k] = xp.where(valid, out[k], 0.0)
+        if "am" in out:
+            out["am"] = xp.where(valid, out["am"], 0)
+    return out
+
+
+@quiet
+def chunk_backward(xp: Any, x: Any, labels: Any, temp: Any, teach: Any, weight: Any, spec: HeadSpec,
+                   rows: dict, cots: dict) -> Any:
+    """Gradient with respect to the raw logits ``x`` of ``Σ_i Σ_k cots[k]_i · value_k,i``.
+
+    ``rows``: the chunk's ``m, r`` and, as needed, ``ent`` and ``aux`` from :func:`chunk_forward`;
+    ``cots``: any of ``g_ce, g_lse, g_lp, g_ent, g_kl`` ``(n,)``. Returns the accumulation dtype.
+    """
+    acc = acc_dtype(xp, x.dtype)
+    xa = xp.astype(x, acc)
+    z = transform(xp, xa, spec.softcap, spec.temperature)
+    if temp is not None:
+        z = z / xp.expand_dims(xp.astype(temp, acc), -1)
+    m, r = rows["m"], rows["r"]
+    me, re = xp.expand_dims(m, -1), xp.expand_dims(r, -1)
+    ls, p = _logsoftmax(xp, z, me, re)
+    col = lambda k: xp.expand_dims(xp.astype(cots[k], acc), -1)  # noqa: E731
+    dz = None
+    if cots.get("g_ce") is not None:
+        zeros = xp.zeros_like(m)
+        dz = ce_backward(xp, z, labels, m, r, cots["g_ce"], zeros, weight=weight,
+                         ignore_index=spec.ignore_index, label_smoothing=spec.label_smoothing)
+    coef = None
+    if cots.get("g_lse") is not None:
+        coef = col("g_lse")
+    if cots.get("g_lp") is not None:
+        g = col("g_lp")
+        coef = -g if coef is None else coef - g
+        lab = xp.where(labels != spec.ignore_index, labels, 0)
+        onehot = _iota(xp, z.shape[-1], z) == xp.expand_dims(lab, -1)
+        term = xp.where(onehot, g, 0.0)
+        dz = term if dz is None else dz + term
+    if coef is not None:
+        dz = coef * p if dz is None else dz + coef * p
+    if cots.get("g_ent") is not None:
+        ent = xp.expand_dims(rows["ent"], -1)
+        term = col("g_ent") * xp.where(p > 0, -p * (ls + ent), xp.where(p == 0, 0.0, p))
+        dz = term if dz is None else dz + term
+    if cots.get("g_kl") is not None:
+        term = _kl_grad(xp, ls, p, teach, spec, acc, rows["aux"]) * col("g_kl")
+        dz = term if dz is None else dz + term
+    if dz is None:
+        dz = xp.zeros_like(z)
+    factor = transform_grad_factor(xp, xa, spec.softcap, spec.temperature)
+    if factor is not None:
+        dz = dz * factor
+    if temp is not None:
+        dz = dz / xp.expand_dims(xp.astype(temp, acc), -1)
+    if spec.has_labels:
+        dz = xp.where(xp.expand_dims(labels != spec.ignore_index, -1), dz, 0.0)
+    return dz
+
+
+def _kl_grad(xp: Any, ls: Any, p: Any, teach: Any, spec: HeadSpec, acc: Any, aux: Any) -> Any:
+    b = spec.beta
+    a = xp.expand_dims(aux, -1)
+    if spec.teacher == "dense":
+        lt, q = _teacher_dense(xp, teach, spec, acc)
+        if spec.divergence == "kl":
+            return p - q
+        if spec.divergence == "reverse_kl":
+            return xp.where(p > 0, p * (ls - lt - a), xp.where(p == 0, 0.0, p))
+        lm = _logaddexp(xp, lt + math.log(b), ls + math.log1p(-b))
+        return (1.0 - b) * xp.where(p > 0, p * (ls - lm - a), xp.where(p == 0, 0.0, p))
+    idx, lpk = teach
+    lq, q = _teacher_topk(xp, lpk, spec, acc)
+    if spec.divergence == "kl":
+        # d/dz_c of −Σ_j q_j ls_{I_j} = p_c Σ_j q_j − q at c
+        sq = xp.expand_dims(xp.sum(q, axis=-1), -1)
+        return _scatter_add(xp, p * sq, idx, -q)
+    lsk = _gather(xp, ls, idx)
+    s = xp.exp(lsk)
+    lm = _logaddexp(xp, lq + math.log(b), lsk + math.log1p(-b))
+    # dJ/ds_j with s_0 = 1 − Σ s_j: (1−β)(log s_j − log M_j + log(1−β)); ds_j/dz_c = s_j(δ − p_c)
+    w = (1.0 - b) * xp.where(s > 0, s * (lsk - lm + math.log1p(-b)), 0.0)
+    return _scatter_add(xp, -p * xp.expand_dims(xp.sum(w, axis=-1), -1), idx, w)
+
+
+def _iota(xp: Any, n: int, like: Any) -> Any:
+    if _is_torch(xp):
+        return xp.arange(n, like=like)
+    return xp.arange(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# the chunk driver for NumPy and torch
+
+
+def plan_rows(n_rows: int, V: int, acc_bytes: int, teacher: str, chunk_size: Any = None,
+              workspace: int = DEFAULT_WORKSPACE) -> int:
+    """Tokens per chunk: ``chunk_size`` when given, else as many as ``workspace`` holds."""
+    if chunk_size is not None:
+        if isinstance(chunk_size, (tuple, list)):
+            rows, cols = int(chunk_size[0]), int(chunk_size[1])
+            if cols < V:
+                raise ValueError(f"chunk_size: vocabulary tiles ({cols} < V = {V} classes) serve only "
+                                 "outputs=('loss',) with a scalar temperature; every other output needs "
+                                 "whole rows: pass an int (tokens per chunk)")
+        else:
+            rows = int(chunk_size)
+        return max(1, min(rows, max(n_rows, 1)))
+    temps = STUDENT_TEMPS + (TEACHER_TEMPS if teacher == "dense" else 0)
+    per_row = max(1, V * acc_bytes * temps)
+    return max(1, min(workspace // per_row, max(n_rows, 1)))
+
+
+class HeadRun:
+    """One head problem on an in-place library, chunk by chunk over the rows not ignored.
+
+    ``ops`` (and ``teacher_ops`` for a teacher head) are the ``NumpyOps`` / ``TorchOps`` of the
+    linear cross-entropy driver. ``teacher``: ``None``, ``("head", th2)``, ``("logits", tl2)`` or
+    ``("topk", idx2, lp2)``, rows aligned with ``h2``.
+    """
+
+    def __init__(self, ops: Any, h2: Any, W: Any, labels: Any, temp: Any, weight: Any, spec: HeadSpec,
+                 teacher: Any = None, teacher_ops: Any = None, chunk_size: Any = None,
+                 workspace: int = DEFAULT_WORKSPACE) -> None:
+        self.ops, self.xp = ops, ops.xp
+        self.h, self.W, self.labels, self.temp, self.weight = h2, W, labels, temp, weight
+        self.spec, self.teacher, self.tops = spec, teacher, teacher_ops
+        self.N, self.H = h2.shape
+        self.V = W.shape[0]
+        self.acc = acc_dtype(self.xp, h2.dtype)
+        if spec.has_labels:
+            valid = _host_bool(labels != spec.ignore_index)
+        else:
+            valid = np.ones(self.N, bool)
+        idx = np.flatnonzero(valid)
+        self.n_valid = int(idx.size)
+        self.rows = plan_rows(self.n_valid, self.V, _itemsize(self.acc), spec.teacher, chunk_size, workspace)
+        self.chunks = [(s if isinstance(s, slice) else ops.index(s), n)
+                       for s, n in _chunk_selections(idx, self.N, self.rows)]
+
+    def _chunk(self, sel: Any, n: int, buf: Any, tbuf: Any) -> tuple:
+        ops = self.ops
+        h_c = ops.rows(self.h, sel)
+        x = ops.logits(h_c, 0, self.V, buf[:n])
+        lab = self.labels[sel] if self.spec.has_labels else None
+        temp = None if self.temp is None else self.temp[sel]
+        t = self.teacher
+        teach = None
+        if t is not None:
+            if t[0] == "head":
+                teach = self.tops.logits(self.tops.rows(t[1], sel), 0, self.V, tbuf[:n])
+            elif t[0] == "logits":
+                teach = t[1][sel]
+            else:
+                teach = (t[1][sel], t[2][sel])
+        return h_c, x, lab, temp, teach
+
+    def _buffers(self) -> tuple[Any, Any]:
+        ops = self.ops
+        buf = ops.empty((self.rows, self.V), ops.logit_dtype)
+        tbuf = None
+        if self.teacher is not None and self.teacher[0] == "head":
+            tbuf = self.tops.empty((self.rows, self.V), self.tops.logit_dtype)
+        return buf, tbuf
+
+    def forward(self) -> dict:
+        """Per-row values ``(N,)`` (rows not processed, i.e. ignored, hold 0)."""
+        ops, spec = self.ops, self.spec
+        names = row_names(spec)
+        out = {k: ops.zeros((self.N,), self.acc) for k in names if k != "am"}
+        if "am" in names:
+            out["am"] = ops.zeros((self.N,), _int64(self.xp))
+        if not self.n_valid or not self.V:
+            return out
+        buf, tbuf = self._buffers()
+        for sel, n in self.chunks:
+            _, x, lab, temp, teach = self._chunk(sel, n, buf, tbuf)
+            vals = chunk_forward(self.xp, x, lab, temp, teach, self.weight, spec)
+            for k, v in vals.items():
+                ops.put_rows(out[k], sel, v)
+        return out
+
+    def backward(self, rows: dict, cots: dict, need: tuple = (True, True, True), has_bias: bool = False):
+        """``(dh, dW, db)`` of ``Σ cots · values``, recomputing the logits (``None`` where not needed)."""
+        ops, xp = self.ops, self.xp
+        dh = ops.zeros((self.N, self.H), self.h.dtype) if need[0] else None
+        wacc = acc_dtype(xp, self.W.dtype)
+        dw = ops.zeros((self.V, self.H), wacc) if need[1] else None
+        db = ops.zeros((self.V,), wacc) if need[2] and has_bias else None
+        if self.n_valid and self.V:
+            buf, tbuf = self._buffers()
+            for sel, n in self.chunks:
+                h_c, x, lab, temp, teach = self._chunk(sel, n, buf, tbuf)
+                r_c = {k: v[sel] for k, v in rows.items() if k in ("m", "r", "ent", "aux")}
+                c_c = {k: (None if v is None else v[sel]) for k, v in cots.items()}
+                dz = chunk_backward(xp, x, lab, temp, teach, self.weight, self.spec, r_c, c_c)
+                dz = ops.to_out(dz, ops.logit_dtype)
+                if dh is not None:
+                    ops.put_rows(dh, sel, ops.to_out(ops.dh(dz, 0, self.V), dh.dtype))
+                if dw is not None:
+                    ops.add_dw(dw, dz, h_c, 0, self.V)
+                if db is not None:
+                    ops.add_db(db, dz, 0, self.V)
+        return dh, dw, db
+
+
+def _int64(xp: Any) -> Any:
+    return xp.int64 if hasattr(xp, "int64") else np.int64
