@@ -23,6 +23,7 @@ from .linear import (
     linear_entropy,
     linear_token_logprobs,
 )
+from .linear import HeadOutput, linear_head
 
 __version__ = "0.1.0"
 
@@ -41,5 +42,6 @@ __all__ = [
     "linear_cross_entropy_with_grad",
     "linear_token_logprobs",
     "linear_entropy",
+    "linear_head", "HeadOutput",
     "__version__",
 ]
