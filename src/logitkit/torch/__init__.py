@@ -20,4 +20,5 @@ from .linear import LinearCrossEntropyLoss, linear_cross_entropy, linear_entropy
 
 __all__ = ["cross_entropy", "softmax", "log_softmax", "CrossEntropyLoss", "Softmax", "LogSoftmax",
            "InplaceError", "linear_cross_entropy", "LinearCrossEntropyLoss", "linear_token_logprobs",
-           "linear_entropy"]
+           "linear_entropy", "linear_head"]
+from .head import linear_head  # noqa: E402
