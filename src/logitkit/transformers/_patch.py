@@ -266,8 +266,8 @@ def _verify(model: Any, forward: Any, head: Any, softcap: Optional[float], tempe
         n = out.numel()
         g = torch.Generator().manual_seed(0)
         z = torch.linspace(-40.0, 40.0, n, dtype=torch.float64)[torch.randperm(n, generator=g)]
-        store["z"] = z.reshape(out.shape)
-        return store["z"].to(device=out.device, dtype=out.dtype)
+        store["z"] = z.reshape(out.shape).to(device=out.device, dtype=out.dtype)
+        return store["z"]
 
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -295,11 +295,11 @@ def _verify(model: Any, forward: Any, head: Any, softcap: Optional[float], tempe
     if z1 is None:
         raise LogitkitPatchError(f"logitkit.transformers.apply: {where}'s forward does not call the output head "
                                  f"returned by get_output_embeddings(); the patch cannot capture its hidden states")
-    z = z1.double()
+    z = z1.double().cpu()
     want = z if softcap is None else softcap * torch.tanh(z / softcap)
     want = want / temperature
     got = getattr(o1, "logits", None)
-    low = head.weight.dtype in (torch.float16, torch.bfloat16)
+    low = z1.dtype in (torch.float16, torch.bfloat16)  # the head's output dtype (autocast included)
     rtol, atol = (2e-2, 2e-1) if low else (1e-5, 1e-4)
     if got is None or tuple(got.shape) != tuple(want.shape) or not torch.allclose(
             got.double().cpu(), want, rtol=rtol, atol=atol):
