@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # CUDA build of several GB.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test install check bench info clean
+.PHONY: demo test install check bench info docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,13 +18,18 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 $(VENV)/.test-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
-	$(BIN)/python -m pip install -q -e '.[test,demo,jax,triton,transformers,trl]' $(TORCH_PIN)
+	$(BIN)/python -m pip install -q -e '.[test,docs,demo,jax,triton,transformers,trl]' $(TORCH_PIN)
 	touch $@
 
 # The demo's exact column needs mpmath; its peer columns show each framework that is installed.
 $(VENV)/.demo-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
 	$(BIN)/python -m pip install -q -e '.[demo,jax,transformers]' $(TORCH_PIN)
+	touch $@
+
+# The site's API pages are read from the sources (griffe), so the docs need no framework.
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[docs]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -44,5 +49,9 @@ bench: $(VENV)/.test-installed
 info: $(VENV)/.installed
 	$(BIN)/python -m logitkit info
 
+# Builds the documentation site into site/; any warning (a broken link, a bad docstring) fails.
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) build site src/*.egg-info
