@@ -144,3 +144,65 @@ def test_issue13_item13_list_arguments_name_themselves(lib):
         logitkit.linear_cross_entropy(h, W, y, linear_bias=[0.0, 0.0, 0.0])
     with pytest.raises(TypeError, match=r"^weight: "):
         logitkit.linear_cross_entropy(h, W, y, weight=(1.0, 1.0, 1.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# item 11: read-only NumPy logits are valid input, read in place (no copy)
+
+
+def _readonly_cases(tmp_path):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((64, 50)).astype(np.float32)
+    y = rng.integers(0, 50, 64)
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    mm = np.load(path, mmap_mode="r")
+    ro = x.copy()
+    ro.flags.writeable = False
+    cases = [mm, ro]
+    jax = pytest.importorskip("jax")
+    cases.append(np.asarray(jax.numpy.asarray(x)))
+    for c in cases:
+        assert not c.flags.writeable
+    return x, y, cases
+
+
+def test_issue13_item11_read_only_logits_accepted(tmp_path):
+    x, y, cases = _readonly_cases(tmp_path)
+    y_ro = y.copy()
+    y_ro.flags.writeable = False
+    for xr in cases:
+        for opts in ({}, {"temperature": 2.0}, {"softcap": 3.0}, {"label_smoothing": 0.1}):
+            np.testing.assert_array_equal(logitkit.cross_entropy(xr, y_ro, **opts),
+                                          logitkit.cross_entropy(x, y, **opts))
+            got = logitkit.cross_entropy_with_grad(xr, y_ro, reduction="none", **opts)
+            want = logitkit.cross_entropy_with_grad(x, y, reduction="none", **opts)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
+        for fn in (logitkit.softmax, logitkit.log_softmax, logitkit.logsumexp):
+            np.testing.assert_array_equal(fn(xr), fn(x))
+
+
+def test_issue13_item11_read_only_logits_not_copied():
+    import tracemalloc
+
+    x = np.random.default_rng(3).standard_normal((1000, 2000)).astype(np.float32)  # 8 MB
+    x.flags.writeable = False
+    y = np.zeros(1000, np.int64)
+    logitkit.cross_entropy(x, y)  # warm up (compilation allocates)
+    tracemalloc.start()
+    try:
+        logitkit.cross_entropy(x, y)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < x.nbytes // 8, f"{peak} bytes allocated: the logits were copied"
+
+
+def test_issue13_item11_out_logits_read_only_is_a_clear_error(tmp_path):
+    x, y, cases = _readonly_cases(tmp_path)
+    for xr in cases:
+        before = np.array(xr)
+        with pytest.raises(ValueError, match=r"^out: .*read-only"):
+            logitkit.cross_entropy_with_grad(xr, y, out=xr)
+        np.testing.assert_array_equal(np.asarray(xr), before)

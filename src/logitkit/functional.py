@@ -295,6 +295,10 @@ def _check_out(lib: str, out: Any, logits: Any) -> None:
     if tuple(out.shape) != tuple(logits.shape) or out.dtype != logits.dtype:
         raise ValueError(f"out: expected shape {tuple(logits.shape)} and dtype {logits.dtype}, "
                          f"got {tuple(out.shape)} and {out.dtype}")
+    if lib == NUMPY and not out.flags.writeable:
+        what = "out=logits asks for the gradient in place, but the logits are" if out is logits \
+            else "out is"
+        raise ValueError(f"out: {what} a read-only array; pass a writeable array or out=None")
 
 
 def _ce_with_grad(lib, xp, logits, x, y, kind, ax, ignore_index, reduction, opts, acc, out):

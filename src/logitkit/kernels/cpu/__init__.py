@@ -135,6 +135,28 @@ def _apply_threads(size=None):
 
 
 # ----------------------------------------------------------------------------- argument handling
+class _Alias:
+    """Holds a read-only array alive while a writeable alias of its memory is in use."""
+
+    def __init__(self, a):
+        self._a = a
+        iface = dict(a.__array_interface__)
+        iface["data"] = (iface["data"][0], False)
+        self.__array_interface__ = iface
+
+
+def _readable(a):
+    """``a``, or a writeable alias of a read-only ``a`` (no copy).
+
+    numba types a read-only array separately and refuses to compile the kernels' in-place
+    branches for it (a TypingError), although no input is ever written unless ``out`` is that
+    very input, which :class:`_Out` refuses for a read-only array first.
+    """
+    if a.flags.writeable:
+        return a
+    return np.asarray(_Alias(a))
+
+
 def _storage(x, name):
     """(storage view for numba, accumulation dtype).  float16 -> int16 view, bfloat16 -> uint16."""
     if not isinstance(x, np.ndarray):
@@ -150,7 +172,7 @@ def _storage(x, name):
         v, acc = x.view(np.uint16), np.dtype(np.float32)
     else:
         raise TypeError(f"{name}: expected float16, bfloat16, float32 or float64, got {dt}")
-    return v, np.dtype(acc)
+    return _readable(v), np.dtype(acc)
 
 
 def _contig(a):
@@ -203,7 +225,7 @@ def _labels(labels, n, v, ignore_index):
         pos = int(np.argmax(bad))
         raise ValueError(f"labels: class index {int(lab[pos])} at position {pos} is outside "
                          f"[0, {v}) and is not ignore_index={ignore_index}")
-    return lab
+    return _readable(lab)
 
 
 def _real(v, name):
@@ -237,7 +259,7 @@ def _options(v, acc, weight, ignore_index, label_smoothing, z_loss, softcap, tem
             raise ValueError(f"weight: expected shape ({v},), got {w.shape}")
         if w.dtype.kind not in "fiu" and w.dtype.name != "bfloat16":
             raise TypeError(f"weight: expected a real array, got dtype {w.dtype}")
-        w = np.ascontiguousarray(w, dtype=acc)
+        w = _readable(np.ascontiguousarray(w, dtype=acc))
         wsum = float(np.sum(w, dtype=np.float64))
     return w, wsum, int(ignore_index), eps, zl, t, cap
 
@@ -250,7 +272,7 @@ def _per_row(g, n, name):
         return np.full(n, float(a))
     if a.shape != (n,):
         raise ValueError(f"{name}: expected a scalar or shape ({n},), got {a.shape}")
-    return np.ascontiguousarray(a)
+    return _readable(np.ascontiguousarray(a))
 
 
 def _direct(xs, cap, temp):
