@@ -175,3 +175,22 @@ def test_bench_chart_has_a_legend_shapes_in_titles_and_error_bars():
         assert llm.get_xscale() == "linear"
     finally:
         plt.close(fig)
+
+
+def test_bench_from_csv_reads_back_what_out_wrote(tmp_path, capsys):
+    results = [
+        bench.Result("small", "copy into fresh (np.copy)", median_ms=0.2, peak_mb=0.0,
+                     times=[0.0001, 0.0002, 0.0003]),
+        bench.Result("llm", "logitkit fresh gradient", median_ms=100.0, peak_mb=500.0, err=3e-8,
+                     times=[0.09, 0.1, 0.12]),
+    ]
+    bench.write_outputs(results, str(tmp_path))
+    back = bench.read_results(str(tmp_path / "results.csv"))
+    assert [(r.workload, r.impl) for r in back] == [(r.workload, r.impl) for r in results]
+    for a, b in zip(back, results):
+        assert a.median_ms == b.median_ms and a.peak_mb == b.peak_mb
+        assert np.allclose(a.times, b.times, rtol=1e-3)
+        assert (math.isnan(a.err) and math.isnan(b.err)) or a.err == b.err
+    assert cli.main(["bench", "--from-csv", str(tmp_path / "results.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "not measured now" in out and "| 90.0-120.0 " in out

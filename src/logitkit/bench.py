@@ -488,6 +488,20 @@ def write_outputs(results: list[Result], out_dir: str) -> tuple[list[str], str]:
     return [csv_path, png_path], ""
 
 
+def read_results(csv_path: str) -> list[Result]:
+    """The results a ``results.csv`` holds (this version's or an older one without min/max)."""
+    out = []
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row["workload"] not in WORKLOADS:
+                raise ValueError(f"{csv_path}: unknown workload {row['workload']!r}")
+            times = [float(t) / 1e3 for t in row.get("times_ms", "").split()]
+            out.append(Result(row["workload"], row["implementation"], median_ms=float(row["median_ms"]),
+                              peak_mb=float(row["peak_extra_mb"]), err=float(row["max_rel_err"]),
+                              times=times))
+    return out
+
+
 _COLORS = {"logitkit": "#2a9d8f", "peer": "#e76f51", "limit": "#bbbbbb"}
 
 
@@ -519,7 +533,7 @@ def _chart(results: list[Result], plt):
         ax.invert_yaxis()
         # Times that span decades (a 256-row workload beside 500 MB copies) need a log axis to
         # show the small bars at all.
-        log = med.max() / max(med.min(), 1e-9) > 30
+        log = hi.max() / max(lo.min(), 1e-9) > 30
         if log:
             ax.set_xscale("log")
         ax.set_xlabel("median ms, bars from min to max of the repeats"
@@ -535,6 +549,17 @@ def _chart(results: list[Result], plt):
 
 
 def main(args: Any) -> int:
+    if getattr(args, "from_csv", None):
+        # Redraw a saved run: nothing is measured, so the table says where it came from.
+        results = read_results(args.from_csv)
+        print(f"results read from {args.from_csv} (not measured now)")
+        print(format_table(results))
+        if args.out:
+            written, missing = write_outputs(results, args.out)
+            print("wrote " + " and ".join(written))
+            if missing:
+                print(missing)
+        return 0
     workloads = args.workload or list(DEFAULT_WORKLOADS)
     for w in workloads:
         if w not in WORKLOADS:

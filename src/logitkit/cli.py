@@ -298,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, metavar="DIR",
                    help="directory for results.csv and the chart bench.png (default: none)")
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    b.add_argument("--from-csv", default=None, metavar="FILE",
+                   help="print the table (and with --out, the chart) of a saved results.csv "
+                        "instead of measuring")
     b.set_defaults(func=cmd_bench)
     return p
 
