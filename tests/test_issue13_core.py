@@ -206,3 +206,56 @@ def test_issue13_item11_out_logits_read_only_is_a_clear_error(tmp_path):
         with pytest.raises(ValueError, match=r"^out: .*read-only"):
             logitkit.cross_entropy_with_grad(xr, y, out=xr)
         np.testing.assert_array_equal(np.asarray(xr), before)
+
+
+# ----------------------------------------------------------------------------------------------
+# item 8: numba's workqueue layer must survive several Python threads calling the kernels
+
+_THREADS_SCRIPT = r"""
+import threading, numpy as np, logitkit, torch
+from logitkit.kernels import cpu
+cpu.set_num_threads(2)  # parallel kernels (the inputs are above the per-thread threshold)
+rng = np.random.default_rng(8)
+x = rng.standard_normal((512, 1024)).astype(np.float32)
+y = rng.integers(0, 1024, 512)
+x64 = x.astype(np.float64)
+lse = np.log(np.exp(x64 - x64.max(1, keepdims=True)).sum(1)) + x64.max(1)
+want = float(np.mean(lse - x64[np.arange(512), y]))
+p = np.exp(x64 - lse[:, None])
+errs, done = [], []
+def work(k):
+    try:
+        for _ in range(10):
+            xt = torch.from_numpy(x)
+            for got in (logitkit.cross_entropy(x, y), logitkit.cross_entropy(xt, torch.from_numpy(y))):
+                assert abs(float(got) - want) <= 1e-6 * want, (float(got), want)
+            _, g = logitkit.cross_entropy_with_grad(x, y, reduction="sum")
+            oh = np.zeros_like(p); oh[np.arange(512), y] = 1
+            assert np.abs(g - (p - oh)).max() < 1e-6
+            assert np.abs(logitkit.softmax(x) - p).max() < 1e-6
+            done.append(k)
+    except BaseException as e:
+        errs.append(repr(e))
+ts = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+import numba
+assert numba.threading_layer() == "workqueue", numba.threading_layer()
+assert not errs, errs
+print("OK", len(done))
+"""
+
+
+@pytest.mark.timeout(240)
+def test_issue13_item8_workqueue_layer_survives_threads():
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("numba")
+    pytest.importorskip("torch")
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue", NUMBA_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=200)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.split() == ["OK", "40"]

@@ -20,10 +20,12 @@ Example::
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
 import sys
+import threading
 from numbers import Real
 
 import numpy as np
@@ -73,7 +75,41 @@ def _kernel(name, threads):
     if _serial_only or threads <= 1:
         return k.serial(name)
     _launched = True
-    return getattr(k, name)
+    if not _layer_needs_guard():
+        return getattr(k, name)
+    return functools.partial(_guarded, getattr(k, name), k.serial(name))
+
+
+# numba's workqueue layer (what numba falls back to without TBB or OpenMP) aborts the process
+# when two threads enter parallel regions at once.  Under it (or before the first parallel region,
+# while the layer is not chosen yet) one caller at a time runs the parallel kernel; a concurrent
+# caller runs the serial kernel instead of waiting, so threads still overlap.
+_par_lock = threading.Lock()
+_layer_safe = False  # a thread-safe layer (tbb, omp) is known to be the one in use
+
+
+def _layer_needs_guard():
+    global _layer_safe
+    if _layer_safe:
+        return False
+    import numba
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel region has run yet
+        return True
+    if layer == "workqueue":
+        return True
+    _layer_safe = True
+    return False
+
+
+def _guarded(parallel, serial, *args):
+    if _par_lock.acquire(blocking=False):
+        try:
+            return parallel(*args)
+        finally:
+            _par_lock.release()
+    return serial(*args)
 
 
 def _k():
