@@ -18,7 +18,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 $(VENV)/.test-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
-	$(BIN)/python -m pip install -q -e '.[test,docs,demo,jax,triton,transformers,trl]' $(TORCH_PIN)
+	$(BIN)/python -m pip install -q -e '.[test,docs,demo,jax,triton,transformers,trl,tensorflow,keras]' $(TORCH_PIN)
 	touch $@
 
 # The demo's exact column needs mpmath; its peer columns show each framework that is installed.
