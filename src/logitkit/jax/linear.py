@@ -30,11 +30,12 @@ from jax import lax
 from .. import linear as _public
 from ..core import cross_entropy as core_ce
 from ..core import linear_cross_entropy as core
+from ..core import linear_head as core_head
 from ..core.logsumexp import transform
 from ..core.reduction import reduce_loss, row_scales, row_weights
 from ..distributed import stages as vp
 
-__all__ = ["linear_cross_entropy", "linear_token_logprobs", "linear_entropy"]
+__all__ = ["linear_cross_entropy", "linear_token_logprobs", "linear_entropy", "linear_head"]
 
 
 class _Static(NamedTuple):
@@ -482,15 +483,237 @@ def linear_cross_entropy(hidden, linear_weight, labels, *, linear_bias=None, wei
                                         temperature=temperature, chunk_size=chunk_size)
 
 
+def _tiles(chunk_size, linear_weight) -> bool:
+    return (isinstance(chunk_size, (tuple, list)) and len(chunk_size) == 2 and hasattr(linear_weight, "shape")
+            and len(linear_weight.shape) == 2 and int(chunk_size[1]) < int(linear_weight.shape[0]))
+
+
 def linear_token_logprobs(hidden, linear_weight, labels, *, linear_bias=None, ignore_index=-100, softcap=None,
                           temperature=1.0, chunk_size=None):
-    """:func:`logitkit.linear_token_logprobs` for JAX arrays."""
-    return _public.linear_token_logprobs(hidden, linear_weight, labels, linear_bias=linear_bias,
-                                         ignore_index=ignore_index, softcap=softcap, temperature=temperature,
-                                         chunk_size=chunk_size)
+    """:func:`logitkit.linear_token_logprobs` for JAX arrays: ``linear_head(..., outputs=("logprobs",))``.
+
+    >>> import jax.numpy as jnp, logitkit.jax as lj
+    >>> lj.linear_token_logprobs(jnp.ones((1, 2)), jnp.zeros((4, 2)), jnp.array([3]))  # log 1/4
+    Array([-1.3862944], dtype=float32)
+    """
+    if _tiles(chunk_size, linear_weight):
+        # Vocabulary tiles: the tiled linear cross-entropy driver (linear_head takes whole rows).
+        return _public.linear_token_logprobs(hidden, linear_weight, labels, linear_bias=linear_bias,
+                                             ignore_index=ignore_index, softcap=softcap, temperature=temperature,
+                                             chunk_size=chunk_size)
+    return linear_head(hidden, linear_weight, labels, linear_bias=linear_bias, ignore_index=ignore_index,
+                       softcap=softcap, temperature=temperature, chunk_size=chunk_size,
+                       outputs=("logprobs",)).logprobs
 
 
 def linear_entropy(hidden, linear_weight, *, linear_bias=None, softcap=None, temperature=1.0, chunk_size=None):
-    """:func:`logitkit.linear_entropy` for JAX arrays."""
-    return _public.linear_entropy(hidden, linear_weight, linear_bias=linear_bias, softcap=softcap,
-                                  temperature=temperature, chunk_size=chunk_size)
+    """:func:`logitkit.linear_entropy` for JAX arrays: ``linear_head(..., outputs=("entropy",))``.
+
+    >>> import jax.numpy as jnp, logitkit.jax as lj
+    >>> lj.linear_entropy(jnp.ones((1, 2)), jnp.zeros((4, 2)))  # log 4
+    Array([1.3862944], dtype=float32)
+    """
+    if _tiles(chunk_size, linear_weight):
+        return _public.linear_entropy(hidden, linear_weight, linear_bias=linear_bias, softcap=softcap,
+                                      temperature=temperature, chunk_size=chunk_size)
+    return linear_head(hidden, linear_weight, None, linear_bias=linear_bias, softcap=softcap,
+                       temperature=temperature, chunk_size=chunk_size, outputs=("entropy",)).entropy
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused head (logitkit.linear_head): every output, one custom_vjp
+
+
+class _HeadStatic(NamedTuple):
+    spec: Any            # logitkit.core.linear_head.HeadSpec
+    keys: tuple          # per-row outputs of the custom_vjp, in order (argmax last, as floats)
+    rows: int
+    teacher: str         # "none", "head", "logits" or "topk"
+
+
+def _head_keys(spec) -> tuple:
+    o = spec.outputs
+    keys = [k for k, want in (("ce", "loss" in o), ("lse", "lse" in o or spec.need_lse), ("lp", "logprobs" in o),
+                              ("ent", "entropy" in o), ("kl", "kl" in o)) if want]
+    return tuple(keys) + (("am",) if "argmax" in o else ())
+
+
+def _head_layout(lab, st: _HeadStatic, N: int):
+    """``(order, n_valid, nch)``: rows not ignored first (stable), so skipped chunks are all padding."""
+    if st.spec.has_labels:
+        valid = lab != st.spec.ignore_index
+        order = jnp.argsort(jnp.logical_not(valid), stable=True)
+        n_valid = jnp.sum(valid.astype(jnp.int32))
+    else:
+        order = jnp.arange(N)
+        n_valid = jnp.asarray(N, jnp.int32)
+    return order, n_valid, max(1, -(-N // st.rows))
+
+
+def _chunked(x, order, st: _HeadStatic, nch: int, fill=0):
+    """``x[order]`` (rows first) padded and cut into ``(nch, rows, ...)``."""
+    if x is None:
+        return None
+    N = x.shape[0]
+    pad = [(0, nch * st.rows - N)] + [(0, 0)] * (x.ndim - 1)
+    xs = jnp.pad(x[order], pad, constant_values=fill)
+    return xs.reshape((nch, st.rows) + x.shape[1:])
+
+
+def _head_inputs(h2, lab, temp, t1, t2, st, order, nch):
+    spec = st.spec
+    xs = dict(h=_chunked(h2, order, st, nch),
+              lab=_chunked(lab, order, st, nch, spec.ignore_index if spec.has_labels else 0),
+              temp=_chunked(temp, order, st, nch, 1.0))
+    if st.teacher in ("head", "logits"):
+        xs["t1"] = _chunked(t1, order, st, nch)
+    elif st.teacher == "topk":
+        xs["t1"] = _chunked(t1, order, st, nch)
+        xs["t2"] = _chunked(t2, order, st, nch)
+    return {k: v for k, v in xs.items() if v is not None}
+
+
+def _teach(c, tW, tb, st: _HeadStatic, acc):
+    if st.teacher == "head":
+        return _logits(c["t1"], tW, tb, _acc(c["t1"].dtype))
+    if st.teacher == "logits":
+        return c["t1"]
+    if st.teacher == "topk":
+        return (c["t1"], c["t2"])
+    return None
+
+
+def _head_forward(h2, W, b, lab, temp, weight, t1, t2, t3, st: _HeadStatic):
+    """Per-row values ``(N,)`` (``core.linear_head.row_names``), argmax as a float."""
+    N = h2.shape[0]
+    acc = _acc(h2.dtype)
+    spec = st.spec
+    order, n_valid, nch = _head_layout(lab, st, N)
+    xs = _head_inputs(h2, lab, temp, t1, t2, st, order, nch)
+    names = core_head.row_names(spec)
+    tW, tb = (t2, t3) if st.teacher == "head" else (None, None)
+
+    def body(carry, c):
+        k = c.pop("k")
+
+        def run(_):
+            x = _logits(c["h"], W, b, acc)
+            vals = core_head.chunk_forward(jnp, x, c["lab"], c.get("temp"), _teach(c, tW, tb, st, acc), weight, spec)
+            return tuple(vals[n].astype(acc) for n in names)
+
+        zeros = tuple(jnp.zeros((st.rows,), acc) for _ in names)
+        return carry, lax.cond(k * st.rows < n_valid, run, lambda _: zeros, None)
+
+    _, out = lax.scan(body, None, dict(xs, k=jnp.arange(nch)))
+    return {n: _unchunk(v, order, N) for n, v in zip(names, out)}
+
+
+def _head_outputs(rows, lab, st: _HeadStatic):
+    spec = st.spec
+    res = []
+    for k in st.keys:
+        if k == "lse":
+            lse = rows["m"] + rows["r"]
+            res.append(jnp.where(lab != spec.ignore_index, lse, 0.0) if spec.has_labels else lse)
+        else:
+            res.append(rows[k])
+    return tuple(res)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
+def _lhead(h2, W, b, lab, temp, weight, t1, t2, t3, st: _HeadStatic):
+    return _head_outputs(_head_forward(h2, W, b, lab, temp, weight, t1, t2, t3, st), lab, st)
+
+
+def _lhead_fwd(h2, W, b, lab, temp, weight, t1, t2, t3, st: _HeadStatic):
+    rows = _head_forward(h2, W, b, lab, temp, weight, t1, t2, t3, st)
+    saved = {k: rows[k] for k in ("m", "r", "ent", "aux") if k in rows}
+    return _head_outputs(rows, lab, st), (h2, W, b, lab, temp, weight, t1, t2, t3, saved)
+
+
+def _lhead_bwd(st: _HeadStatic, res, cts):
+    h2, W, b, lab, temp, weight, t1, t2, t3, saved = res
+    N, H = h2.shape
+    acc, wacc = _acc(h2.dtype), _acc(W.dtype)
+    spec = st.spec
+    order, n_valid, nch = _head_layout(lab, st, N)
+    xs = _head_inputs(h2, lab, temp, t1, t2, st, order, nch)
+    for k, v in saved.items():
+        xs["row_" + k] = _chunked(v, order, st, nch)
+    for k, g in zip(st.keys, cts):
+        if k != "am":
+            xs["g_" + k] = _chunked(jnp.broadcast_to(g, (N,)).astype(acc), order, st, nch)
+    tW, tb = (t2, t3) if st.teacher == "head" else (None, None)
+
+    def body(carry, c):
+        dw, db = carry
+        k = c.pop("k")
+
+        def run(_):
+            x = _logits(c["h"], W, b, acc)
+            rows = {n[4:]: v for n, v in c.items() if n.startswith("row_")}
+            cots = {n: v for n, v in c.items() if n.startswith("g_")}
+            dz = core_head.chunk_backward(jnp, x, c["lab"], c.get("temp"), _teach(c, tW, tb, st, acc), weight,
+                                          spec, rows, cots)
+            dz = dz.astype(h2.dtype) if h2.dtype != acc else dz
+            dw2 = dw + _mm(dz.T, c["h"], wacc)
+            db2 = None if db is None else db + jnp.sum(dz.astype(wacc), axis=0)
+            return (dw2, db2), _mm(dz, W, acc).astype(h2.dtype)
+
+        skip = ((dw, db), jnp.zeros((st.rows, H), h2.dtype))
+        return lax.cond(k * st.rows < n_valid, run, lambda _: skip, None)
+
+    dw0 = jnp.zeros(W.shape, wacc)
+    db0 = None if b is None else jnp.zeros(b.shape, wacc)
+    (dw, db), dh = lax.scan(body, (dw0, db0), dict(xs, k=jnp.arange(nch)))
+    dh = _unchunk(dh, order, N)
+    db = None if db is None else db.astype(b.dtype)
+    return dh, dw.astype(W.dtype), db, None, None, None, None, None, None
+
+
+_lhead.defvjp(_lhead_fwd, _lhead_bwd)
+
+
+def fused_linear_head(a):
+    """Validated :class:`logitkit.linear.HeadArgs` of JAX arrays in, :class:`HeadOutput` out."""
+    spec = a.spec
+    H = a.hidden.shape[-1]
+    h2 = a.hidden.reshape(-1, H)
+    N, V = h2.shape[0], a.W.shape[0]
+    acc = _acc(a.hidden.dtype)
+    if "argmax" in spec.outputs and V > 2 ** 24 and acc == jnp.float32:
+        raise ValueError(f"linear_weight: argmax travels as float32 inside the head, exact up to 2**24 "
+                         f"classes; got V = {V} (enable jax_enable_x64 or drop 'argmax')")
+    lab = jnp.zeros((N,), jnp.int32) if a.labels is None else a.labels.reshape(-1).astype(jnp.int32)
+    temp = None if a.temp is None else a.temp.reshape(-1).astype(acc)
+    t1 = t2 = t3 = None
+    kind = "none" if a.teacher is None else a.teacher[0]
+    if kind == "head":
+        t1 = a.teacher[1].reshape(N, -1)
+        t2, t3 = a.teacher[2], a.teacher[3]
+    elif kind == "logits":
+        t1 = lax.stop_gradient(a.teacher[1].reshape(N, -1))
+    elif kind == "topk":
+        k = a.teacher[1].shape[-1]
+        t1 = a.teacher[1].reshape(N, k).astype(jnp.int32)
+        t2 = lax.stop_gradient(a.teacher[2].reshape(N, k))
+    if kind == "head":
+        t1, t2 = lax.stop_gradient(t1), lax.stop_gradient(t2)
+        t3 = None if t3 is None else lax.stop_gradient(t3)
+    keys = _head_keys(spec)
+    if N == 0 or V == 0:
+        zero = jnp.zeros((N,), acc) + 0.0 * (jnp.sum(a.hidden) + jnp.sum(a.W)).astype(acc)
+        vals = {k: zero for k in keys}
+    else:
+        rows = core_head.plan_rows(N, V, jnp.dtype(acc).itemsize, spec.teacher, a.chunk_size)
+        st = _HeadStatic(spec, keys, rows, kind)
+        weight = None if a.weight is None else lax.stop_gradient(a.weight)
+        vals = dict(zip(keys, _lhead(h2, a.W, a.bias, lab, temp, weight, t1, t2, t3, st)))
+    if "am" in vals:
+        vals["am"] = lax.stop_gradient(vals["am"]).astype(jnp.int32 if acc == jnp.float32 else jnp.int64)
+    return _public.assemble_outputs(jnp, a, vals, lab)
+
+
+def linear_head(hidden, linear_weight, labels=None, **kwargs):
+    """:func:`logitkit.linear_head` for JAX arrays (``jit``, ``grad`` and ``vmap`` friendly)."""
+    return _public.linear_head(hidden, linear_weight, labels, **kwargs)
