@@ -34,10 +34,10 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # The fused linear head lives in logitkit/jax/linear.py (a separate module); expose it here
     # once it exists without importing it eagerly.
-    if name == "linear_cross_entropy":
+    if name in ("linear_cross_entropy", "linear_token_logprobs", "linear_entropy", "linear_head"):
         try:
-            from .linear import linear_cross_entropy
+            from . import linear
         except ImportError as exc:
             raise AttributeError(f"module 'logitkit.jax' has no attribute {name!r}") from exc
-        return linear_cross_entropy
+        return getattr(linear, name)
     raise AttributeError(f"module 'logitkit.jax' has no attribute {name!r}")
