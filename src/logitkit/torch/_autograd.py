@@ -74,13 +74,22 @@ def _saved_tensors(node: Any) -> Iterator[Tensor]:
                 yield v
 
 
+def _saved_tensor_hooks_active() -> bool:
+    """Whether default saved-tensor hooks are installed (``saved_tensors_hooks``, ``save_on_cpu``)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:  # pragma: no cover - a torch without the query: assume hooks (safe)
+        return True
+    return top(False) is not None
+
+
 def check_inplace(logits: Tensor) -> None:
     """Refuse logits whose memory must not be overwritten by their gradient.
 
     Raises :class:`InplaceError` (a ``RuntimeError``) for a leaf that requires grad (or a view
     of one: its ``.grad`` would alias its data), for overlapping memory (expanded tensors), and
     when an op that produced the logits saved them for its own backward (``sigmoid``, ``exp``,
-    ``tanh`` ...), which runs after this loss's backward and would read the gradient.
+    ``tanh`` ...), which runs after this loss's backward and would read the gradient, and under
+    saved-tensor hooks (their packed tensors bypass the version check that catches the rest).
     """
     base = logits._base if logits._base is not None else logits
     if base.is_leaf and base.requires_grad:
@@ -93,6 +102,12 @@ def check_inplace(logits: Tensor) -> None:
                            "share memory; use inplace_backward=False.")
     if torch.compiler.is_compiling():
         return
+    if _saved_tensor_hooks_active():
+        raise InplaceError(
+            f"{_INPLACE}: saved-tensor hooks are active (torch.autograd.graph.saved_tensors_hooks, "
+            "save_on_cpu, activation checkpointing). The tensors they pack skip PyTorch's version "
+            "check, so another op that saved the logits would silently read the gradient written "
+            "over them; use inplace_backward=False.")
     storage = logits.untyped_storage().data_ptr()
     stack, seen = [logits.grad_fn], set()
     while stack:

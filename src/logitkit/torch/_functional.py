@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Optional
 
@@ -58,16 +59,22 @@ def ce_lastdim(x: Tensor, y: Tensor, *, kind: str, out_shape: tuple, weight: Opt
     (``y`` floating, ``x``'s shape). ``out_shape`` is the shape of a ``"none"`` loss and of lse.
     """
     C = x.shape[-1]
-    x2d = x if x.ndim == 2 else x.reshape(-1, C)  # no extra view node for the common 2-D case
+    # An explicit row count: reshape(-1, 0) cannot infer it when the class axis is empty.
+    x2d = x if x.ndim == 2 else x.reshape(math.prod(x.shape[:-1]), C)
     out_dtype = _loss_dtype(x)
     eps, zl, T = float(label_smoothing), float(z_loss), float(temperature)
     cap = None if softcap is None else float(softcap)
     inplace = bool(inplace_backward) and x2d.requires_grad and torch.is_grad_enabled()
     if kind == "index":
+        if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+            # torch refuses too ("not differentiable with respect to argument 'weight'"); a
+            # gradient silently left at None would be a wrong result.
+            raise ValueError("weight: cross-entropy with class indices is not differentiable with "
+                             "respect to weight (as in torch); pass weight.detach()")
         if not torch.compiler.is_compiling():
             # Every check before any memory is written (the op repeats it when compiled).
             V.check_label_range(TORCH, y, C, ignore_index, name=label_name)
-        y1 = y.reshape(-1)
+        y1 = y.reshape(x2d.shape[0])
         if y1.dtype != torch.int64:
             y1 = y1.to(torch.int64)
         if inplace:
@@ -75,7 +82,7 @@ def ce_lastdim(x: Tensor, y: Tensor, *, kind: str, out_shape: tuple, weight: Opt
         loss, lse = CrossEntropyIndex.apply(x2d, y1, weight, int(ignore_index), eps, reduction, zl, cap, T,
                                             inplace, out_dtype)
     else:
-        y2d = y.reshape(-1, C)
+        y2d = y.reshape(x2d.shape)
         if inplace:
             check_inplace(x2d)
         loss, lse = CrossEntropyProb.apply(x2d, y2d, weight, eps, reduction, zl, cap, T, inplace,
@@ -151,6 +158,11 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         if tuple(target.shape) != tuple(input.shape):
             raise ValueError(f"target: probabilities must have input's shape {tuple(input.shape)}, "
                              f"got {tuple(target.shape)}")
+        if ignore_index >= 0:
+            # torch: "ignore_index is not supported for floating point target" (a negative one,
+            # like the default -100, can never match a class and is let through)
+            raise ValueError(f"ignore_index: {ignore_index} is not supported for probability targets "
+                             "(floating target), as in torch; use a negative ignore_index")
         y = target.unsqueeze(0) if input.ndim == 1 else (target if input.ndim == 2 else target.movedim(1, -1))
         kind = "prob"
     elif V.is_integer(target.dtype):
@@ -158,9 +170,6 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             raise ValueError(f"target: class indices must have shape {out_shape} for input of shape "
                              f"{tuple(input.shape)} (class dim 1), got {tuple(target.shape)}")
         y, kind = target, "index"
-        if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-            raise ValueError("weight: cross-entropy with class indices is not differentiable with "
-                             "respect to weight (as in torch); pass weight.detach()")
     else:
         raise TypeError(f"target: expected integer class indices or floating probabilities, got "
                         f"{target.dtype}")
@@ -187,6 +196,11 @@ def softmax_lastdim(x: Tensor, dim: int, temperature: float, log: bool) -> Tenso
     if x.ndim == 0:
         return SoftmaxRows.apply(x.reshape(1, 1), T, log).reshape(())
     d = dim % x.ndim
+    if x.numel() == 0:
+        # Nothing to compute: torch's own op gives the empty result (and its autograd node), as
+        # F.softmax does; reshaping to rows cannot, when the softmax axis itself is empty.
+        fn = torch.log_softmax if log else torch.softmax
+        return fn(x if T == 1.0 else x / T, d)
     last = d == x.ndim - 1
     moved = x if last else x.movedim(d, -1)
     y = SoftmaxRows.apply(moved.reshape(-1, moved.shape[-1]), T, log).reshape(moved.shape)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import mmap
 import sys
 from typing import Any, Callable, Optional
@@ -155,15 +156,6 @@ def _wvec(weight: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
     return None if weight is None else weight.to(device=x.device, dtype=acc_dtype(x.dtype)).contiguous()
 
 
-def _stats_core(x: Tensor, labels: Tensor, weight: Optional[Tensor], ignore_index: int,
-                label_smoothing: float, softcap: Optional[float],
-                temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``ce_forward`` through the core on torch ops (empty class axis, or no kernel)."""
-    _, fn = registry.select("ce_forward", TORCH, torch.empty(0, device=x.device))
-    return fn(x, labels, weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
-              softcap=softcap, temperature=temperature)
-
-
 # ----------------------------------------------------------------------------------------------
 # cross-entropy with class-index labels
 
@@ -183,7 +175,11 @@ def ce_forward(x: Tensor, labels: Tensor, weight: Optional[Tensor], ignore_index
     opts = dict(weight=w, ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap,
                 temperature=temperature)
     if V == 0:
-        ce, m, r = _stats_core(x, labels, **opts)
+        # No class: only ignored rows are valid (the label check refused the rest where it ran);
+        # each gives 0, lse = log(empty sum) = -inf; an unchecked label gives a NaN row.
+        ce = torch.where(labels == ignore_index, 0.0, math.nan).to(acc)
+        m = torch.full((N,), -math.inf, dtype=acc, device=x.device)
+        r = torch.zeros((N,), dtype=acc, device=x.device)
     else:
         ce, m, r = run_stage("ce_forward", x, labels, **opts)
     return (ce.to(device=x.device, dtype=acc).contiguous(), m.to(device=x.device, dtype=acc).contiguous(),
@@ -326,6 +322,12 @@ def _prob_core(name: str) -> Callable[..., Any]:
 def prob_forward(x: Tensor, y: Tensor, weight: Optional[Tensor], label_smoothing: float,
                  softcap: Optional[float], temperature: float) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row ``(ce, m, r)`` of rows ``x`` (N, V) with probability labels ``y`` (N, V)."""
+    if x.shape[1] == 0:  # an empty sum: loss 0, lse = -inf
+        acc = acc_dtype(x.dtype)
+        n = x.shape[0]
+        return (torch.zeros((n,), dtype=acc, device=x.device),
+                torch.full((n,), -math.inf, dtype=acc, device=x.device),
+                torch.zeros((n,), dtype=acc, device=x.device))
     ce, m, r = _prob_core("prob_forward")(x, y, weight=_wvec(weight, x), label_smoothing=label_smoothing,
                                           softcap=softcap, temperature=temperature)
     return ce.contiguous(), m.contiguous(), r.contiguous()
@@ -339,6 +341,8 @@ def _(x, y, weight, label_smoothing, softcap, temperature):
 
 
 def _prob_backward_into(x, y, m, r, g_ce, g_z, weight, label_smoothing, z_loss, softcap, temperature, out):
+    if x.numel() == 0:
+        return out.zero_()
     acc = acc_dtype(x.dtype)
     return _prob_core("prob_backward")(x, y, m, r, g_ce.to(acc), g_z.to(acc), weight=_wvec(weight, x),
                                        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,

@@ -20,12 +20,14 @@ when Triton is installed, the chunk driver on torch ops otherwise.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .. import _validate
 from .. import linear as _public
 from .._namespace import NUMPY, TORCH, get_namespace
 from ..core import linear_cross_entropy as core
@@ -150,14 +152,9 @@ def _via_numpy(fn: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
-# autograd
-
-
-class _Config:
-    """Non-tensor arguments of the autograd functions (kept off the saved-tensor list)."""
-
-    def __init__(self, opts: dict, reduction: str, chunk_size: Any, shape: tuple) -> None:
-        self.opts, self.reduction, self.chunk_size, self.shape = opts, reduction, chunk_size, shape
+# the stages as custom operators: opaque to torch.compile (dynamo never traces numba or the chunk
+# driver's host-side planning), with fake implementations that give the shapes symbolically, so a
+# new batch size does not recompile. Eager calls run the same functions without the dispatcher.
 
 
 def _triton_linear() -> Any:
@@ -171,15 +168,188 @@ def _triton_linear() -> Any:
     return linear_ce
 
 
+def _chunk_args(chunk_size: Any) -> tuple[int, int]:
+    """``chunk_size`` (validated) as two ints for the operators' schema; 0 means automatic."""
+    if chunk_size is None:
+        return 0, 0
+    if isinstance(chunk_size, tuple):
+        return int(chunk_size[0]), int(chunk_size[1])
+    return int(chunk_size), 0
+
+
+def _chunk_size(ct: int, cc: int) -> Any:
+    if ct == 0:
+        return None
+    return (ct, cc) if cc else ct
+
+
+def _opts(weight: Optional[Tensor], ii: int, eps: float, zl: float, cap: Optional[float], T: float) -> dict:
+    return dict(weight=weight, ignore_index=ii, label_smoothing=eps, z_loss=zl, softcap=cap, temperature=T)
+
+
 def _head(h2: Tensor, W: Tensor, lab: Tensor, bias: Optional[Tensor], opts: dict, chunk_size: Any,
           kernels: bool = True) -> core.Head:
     return core.Head(TorchOps(h2, W, bias), h2, W, lab, bias, opts, chunk_size=chunk_size, kernels=kernels)
+
+
+def _none_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    # Operator outputs cannot be None: a gradient that is not needed travels as an empty tensor.
+    return like.new_empty((0,)) if t is None else t
+
+
+def _check(check: bool, lab: Tensor, V: int, ii: int) -> None:
+    if check:  # under torch.compile the call site could not read the labels
+        _validate.check_label_range(TORCH, lab, V, ii, name="target")
+
+
+def _lce_forward(h2: Tensor, W: Tensor, bias: Optional[Tensor], lab: Tensor, weight: Optional[Tensor], ii: int,
+                 eps: float, zl: float, cap: Optional[float], T: float, reduction: str, ct: int, cc: int,
+                 check: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(loss, m, r)``: the reduced loss (``(N,)`` for ``"none"``) in the accumulation dtype."""
+    _check(check, lab, W.shape[0], ii)
+    opts = _opts(weight, ii, eps, zl, cap, T)
+    tri = _triton_linear() if h2.is_cuda else None
+    if tri is not None:
+        ce, m, r = tri.linear_ce_forward(h2, W, lab, bias, weight=weight, ignore_index=ii, label_smoothing=eps,
+                                         softcap=cap, temperature=T)
+        xp = get_namespace(TORCH)
+        validf, wy = row_weights(xp, lab, weight, ii, _acc(h2.dtype))
+        loss = reduce_loss(xp, ce, m + r, validf, wy, reduction, zl)
+    else:
+        head = _head(h2, W, lab, bias, opts, _chunk_size(ct, cc))
+        ce, m, r = head.forward()
+        loss = head.loss(ce, m, r, reduction)
+    return loss.contiguous(), m.contiguous(), r.contiguous()
+
+
+def _lce_grads(h2: Tensor, W: Tensor, bias: Optional[Tensor], lab: Tensor, weight: Optional[Tensor], ii: int,
+               eps: float, zl: float, cap: Optional[float], T: float, reduction: str, ct: int, cc: int,
+               need_dh: bool, need_dw: bool, need_db: bool, check: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, dh, dw, db)`` of a ``mean``/``sum`` loss, the gradients for a unit ``grad_output``.
+
+    Whole-row chunks compute the gradients during the forward pass (three matrix products, the
+    fused strategy); vocabulary tiles recompute the logits here (four).
+    """
+    _check(check, lab, W.shape[0], ii)
+    head = _head(h2, W, lab, bias, _opts(weight, ii, eps, zl, cap, T), _chunk_size(ct, cc))
+    g_ce, g_z = head.scales(reduction)
+    need = (need_dh, need_dw, need_db and bias is not None)
+    if core.choose_strategy(reduction, head.plan, False) == "fused":
+        ce, m, r, dh, dw, db = head.forward(g_ce, g_z, need)
+    else:
+        ce, m, r = head.forward()
+        dh, dw, db = head.backward(m, r, g_ce, g_z, need)
+    loss = head.loss(ce, m, r, reduction)
+    return loss.contiguous(), _none_empty(dh, h2), _none_empty(dw, W), _none_empty(db, h2)
+
+
+def _lce_backward(h2: Tensor, W: Tensor, bias: Optional[Tensor], lab: Tensor, weight: Optional[Tensor],
+                  m: Tensor, r: Tensor, g: Tensor, ii: int, eps: float, zl: float, cap: Optional[float], T: float,
+                  reduction: str, ct: int, cc: int, need_dh: bool, need_dw: bool,
+                  need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dh, dw, db)`` of ``Σ g·loss`` from the saved row statistics, recomputing the logits."""
+    need = (need_dh, need_dw, need_db and bias is not None)
+    acc = _acc(h2.dtype)
+    tri = _triton_linear() if h2.is_cuda else None
+    if tri is not None:
+        xp = get_namespace(TORCH)
+        validf, wy = row_weights(xp, lab, weight, ii, acc)
+        g_ce, g_z = row_scales(xp, validf, wy, reduction, g.to(acc))
+        dh, dw, db, _ = tri.linear_ce_backward(h2, W, lab, m, r, g_ce, g_z, bias, weight=weight, ignore_index=ii,
+                                               label_smoothing=eps, z_loss=zl, softcap=cap, temperature=T)
+    else:
+        head = _head(h2, W, lab, bias, _opts(weight, ii, eps, zl, cap, T), _chunk_size(ct, cc))
+        g_ce, g_z = head.scales(reduction, g.to(acc))
+        dh, dw, db = head.backward(m, r, g_ce, g_z, need)
+    dh, dw, db = (t if n else None for t, n in zip((dh, dw, db), need))
+    return _none_empty(dh, h2), _none_empty(dw, W), _none_empty(db, h2)
+
+
+def _lent_forward(h2: Tensor, W: Tensor, bias: Optional[Tensor], cap: Optional[float], T: float, ct: int,
+                  cc: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(entropy, m, r)`` per row."""
+    lab = torch.zeros(h2.shape[0], dtype=torch.int64, device=h2.device)
+    head = _head(h2, W, lab, bias, _opts(None, -100, 0.0, 0.0, cap, T), _chunk_size(ct, cc), kernels=False)
+    ent, m, r = head.entropy()
+    return ent.contiguous(), m.contiguous(), r.contiguous()
+
+
+def _lent_backward(h2: Tensor, W: Tensor, bias: Optional[Tensor], ent: Tensor, m: Tensor, r: Tensor, g: Tensor,
+                   cap: Optional[float], T: float, ct: int, cc: int, need_dh: bool, need_dw: bool,
+                   need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    need = (need_dh, need_dw, need_db and bias is not None)
+    lab = torch.zeros(h2.shape[0], dtype=torch.int64, device=h2.device)
+    head = _head(h2, W, lab, bias, _opts(None, -100, 0.0, 0.0, cap, T), _chunk_size(ct, cc), kernels=False)
+    dh, dw, db = head.entropy_backward(ent, m, r, g.reshape(-1).to(head.acc), need)
+    dh, dw, db = (t if n else None for t, n in zip((dh, dw, db), need))
+    return _none_empty(dh, h2), _none_empty(dw, W), _none_empty(db, h2)
+
+
+_OPS = {}
+
+
+def _op(name: str, fn: Any, fake: Any) -> None:
+    op = torch.library.custom_op(f"logitkit::{name}", fn, mutates_args=())
+    op.register_fake(fake)
+    _OPS[name] = fn
+
+
+def _row_stats_fake(h2: Tensor) -> tuple[Tensor, Tensor]:
+    acc = _acc(h2.dtype)
+    return h2.new_empty((h2.shape[0],), dtype=acc), h2.new_empty((h2.shape[0],), dtype=acc)
+
+
+def _loss_fake(h2: Tensor, reduction: str) -> Tensor:
+    return h2.new_empty((h2.shape[0],) if reduction == "none" else (), dtype=_acc(h2.dtype))
+
+
+def _grads_fake(h2, W, bias, need_dh, need_dw, need_db):
+    dh = h2.new_empty(h2.shape) if need_dh else h2.new_empty((0,))
+    dw = W.new_empty(W.shape) if need_dw else W.new_empty((0,))
+    db = bias.new_empty(bias.shape) if need_db and bias is not None else h2.new_empty((0,))
+    return dh, dw, db
+
+
+_op("linear_ce_forward", _lce_forward,
+    lambda h2, W, bias, lab, weight, ii, eps, zl, cap, T, reduction, ct, cc, check:
+    (_loss_fake(h2, reduction),) + _row_stats_fake(h2))
+_op("linear_ce_grads", _lce_grads,
+    lambda h2, W, bias, lab, weight, ii, eps, zl, cap, T, reduction, ct, cc, need_dh, need_dw, need_db, check:
+    (_loss_fake(h2, reduction),) + _grads_fake(h2, W, bias, need_dh, need_dw, need_db))
+_op("linear_ce_backward", _lce_backward,
+    lambda h2, W, bias, lab, weight, m, r, g, ii, eps, zl, cap, T, reduction, ct, cc, need_dh, need_dw, need_db:
+    _grads_fake(h2, W, bias, need_dh, need_dw, need_db))
+_op("linear_entropy_forward", _lent_forward,
+    lambda h2, W, bias, cap, T, ct, cc: (h2.new_empty((h2.shape[0],), dtype=_acc(h2.dtype)),) + _row_stats_fake(h2))
+_op("linear_entropy_backward", _lent_backward,
+    lambda h2, W, bias, ent, m, r, g, cap, T, ct, cc, need_dh, need_dw, need_db:
+    _grads_fake(h2, W, bias, need_dh, need_dw, need_db))
+
+
+def _call(name: str, *args: Any) -> Any:
+    """The operator while torch.compile traces (an opaque node), the plain function in eager mode
+    (the dispatcher's schema handling costs more than a small head's whole kernel)."""
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.logitkit, name)(*args)
+    return _OPS[name](*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
+
+
+def _rows(hidden: Tensor) -> Tensor:
+    """``hidden`` as contiguous rows ``(N, H)``; an explicit ``N`` also when ``H`` is 0."""
+    h2 = hidden if hidden.dim() == 2 else hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1])
+    return h2.contiguous()
 
 
 def _scale_(t: Optional[Tensor], g: Tensor, fresh: bool) -> Optional[Tensor]:
     """``t * g``; in place (no second gradient-sized buffer) unless the graph is kept."""
     if t is None:
         return None
+    if torch.compiler.is_compiling():
+        return t * g.to(t.dtype)
     if t.device.type == "cpu" and g.numel() == 1 and float(g) == 1.0:
         return t.clone() if fresh else t
     return t * g.to(t.dtype) if fresh else t.mul_(g.to(t.dtype))
@@ -187,61 +357,57 @@ def _scale_(t: Optional[Tensor], g: Tensor, fresh: bool) -> Optional[Tensor]:
 
 def _keep_graph() -> bool:
     """Whether this backward keeps the graph (``retain_graph=True``): then saved buffers must survive."""
+    if torch.compiler.is_compiling():
+        return True
     try:
         return bool(torch._C._autograd._get_current_graph_task_keep_graph())
     except (AttributeError, RuntimeError):  # older torch: assume the graph is kept (safe)
         return True
 
 
+def _grads_in_forward(h2: Tensor, reduction: str, need: tuple) -> bool:
+    """The fused strategy (gradients made by the forward pass) where it applies: see
+    :func:`core.choose_strategy`; CUDA's Triton kernels recompute by design."""
+    if not any(need) or reduction == "none":
+        return False
+    if h2.is_cuda and _triton_linear() is not None:
+        return False
+    return os.environ.get("LOGITKIT_LCE_STRATEGY", "").lower() != "recompute"
+
+
 class _LinearCE(torch.autograd.Function):
-    """Forward computes the loss chunk by chunk; see :func:`core.choose_strategy` for what it saves."""
+    """Loss of the head ``hidden @ W.T + b``; forward saves the gradients (fused) or the inputs
+    and two numbers per row (recompute), never the logits."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], labels: Tensor,
-                cfg: _Config) -> Tensor:
-        H = hidden.shape[-1]
-        h2 = hidden.detach().reshape(-1, H)
-        h2 = h2 if h2.is_contiguous() else h2.contiguous()
-        W = linear_weight.detach()
-        W = W if W.is_contiguous() else W.contiguous()
-        bias = None if linear_bias is None else linear_bias.detach()
-        lab = labels.reshape(-1).long()
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], linear_bias is not None and ctx.needs_input_grad[2])
-        ctx.cfg = cfg
-        ctx.need = need
-        red, opts = cfg.reduction, cfg.opts
-        tri = _triton_linear() if hidden.is_cuda else None
-        if tri is not None:
-            # GPU: logit tiles stay on chip in forward; backward recomputes them (the kernels'
-            # design), so recompute is the strategy here.
-            ce, m, r = tri.linear_ce_forward(h2, W, lab, bias, weight=opts["weight"],
-                                             ignore_index=opts["ignore_index"],
-                                             label_smoothing=opts["label_smoothing"],
-                                             softcap=opts["softcap"], temperature=opts["temperature"])
-            acc = _acc(hidden.dtype)
-            validf, wy = row_weights(get_namespace(TORCH), lab, opts["weight"], opts["ignore_index"], acc)
-            loss = reduce_loss(get_namespace(TORCH), ce, m + r, validf, wy, red, opts["z_loss"])
-            ctx.mode = "triton"
-            ctx.save_for_backward(h2, W, bias, lab, m, r)
-            return _shape_loss(loss, red, cfg.shape).to(hidden.dtype)
-        head = _head(h2, W, lab, bias, opts, cfg.chunk_size)
-        if any(need) and core.choose_strategy(red, head.plan, False) == "fused":
-            g_ce, g_z = head.scales(red)
-            ce, m, r, dh, dw, db = head.forward(g_ce, g_z, need)
+    def forward(ctx, hidden, linear_weight, linear_bias, labels, weight, ii, eps, zl, cap, T, reduction, ct, cc,
+                check):
+        h2 = _rows(hidden)
+        W = linear_weight.contiguous()
+        lab = labels.reshape(h2.shape[0])
+        if lab.dtype != torch.int64:
+            lab = lab.long()
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                linear_bias is not None and ctx.needs_input_grad[2])
+        ctx.need, ctx.hidden_shape, ctx.reduction = need, hidden.shape, reduction
+        ctx.args = (ii, eps, zl, cap, T, reduction, ct, cc)
+        if _grads_in_forward(h2, reduction, need):
+            loss, dh, dw, db = _call("linear_ce_grads", h2, W, linear_bias, lab, weight, ii, eps, zl, cap, T,
+                                     reduction, ct, cc, need[0], need[1], need[2], check)
             ctx.mode = "fused"
             ctx.save_for_backward(dh, dw, db)
         else:
-            ce, m, r = head.forward()
+            loss, m, r = _call("linear_ce_forward", h2, W, linear_bias, lab, weight, ii, eps, zl, cap, T, reduction,
+                               ct, cc, check)
             ctx.mode = "recompute"
             if any(need):
-                ctx.save_for_backward(h2, W, bias, lab, m, r)
-        loss = head.loss(ce, m, r, red)
-        return _shape_loss(loss, red, cfg.shape).to(hidden.dtype)
+                ctx.save_for_backward(h2, W, linear_bias, lab, weight, m, r)
+        return _shape_loss(loss, reduction, labels.shape).to(hidden.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):
-        cfg, need = ctx.cfg, ctx.need
+    def backward(ctx, grad):
+        need = ctx.need
         if ctx.mode == "fused":
             if getattr(ctx, "consumed", False):
                 raise RuntimeError("linear_cross_entropy: backward ran twice through a graph that was not "
@@ -250,77 +416,66 @@ class _LinearCE(torch.autograd.Function):
             fresh = _keep_graph()
             ctx.consumed = not fresh
             g = grad.reshape(())
-            dh, dw, db = _scale_(dh, g, fresh), _scale_(dw, g, fresh), _scale_(db, g, fresh)
+            dh, dw, db = (_scale_(t, g, fresh) if n else None for t, n in zip((dh, dw, db), need))
         else:
-            h2, W, bias, lab, m, r = ctx.saved_tensors
-            opts, red = cfg.opts, cfg.reduction
-            g = grad.reshape(-1) if red == "none" else grad.reshape(())
-            if ctx.mode == "triton":
-                acc = _acc(h2.dtype)
-                xp = get_namespace(TORCH)
-                validf, wy = row_weights(xp, lab, opts["weight"], opts["ignore_index"], acc)
-                g_ce, g_z = row_scales(xp, validf, wy, red, g.to(acc))
-                dh, dw, db, _ = _triton_linear().linear_ce_backward(
-                    h2, W, lab, m, r, g_ce, g_z, bias, weight=opts["weight"], ignore_index=opts["ignore_index"],
-                    label_smoothing=opts["label_smoothing"], z_loss=opts["z_loss"], softcap=opts["softcap"],
-                    temperature=opts["temperature"])
-            else:
-                head = _head(h2, W, lab, bias, opts, cfg.chunk_size)
-                g_ce, g_z = head.scales(red, g.to(head.acc))
-                dh, dw, db = head.backward(m, r, g_ce, g_z, need)
-        dh = None if dh is None or not need[0] else dh.reshape(cfg.hidden_shape)
-        return dh, (dw if need[1] else None), (db if need[2] else None), None, None
+            h2, W, bias, lab, weight, m, r = ctx.saved_tensors
+            ii, eps, zl, cap, T, reduction, ct, cc = ctx.args
+            g = grad.reshape(h2.shape[0]) if reduction == "none" else grad.reshape(())
+            dh, dw, db = _call("linear_ce_backward", h2, W, bias, lab, weight, m, r, g.contiguous(), ii, eps, zl,
+                               cap, T, reduction, ct, cc, need[0], need[1], need[2])
+        dh = dh.reshape(ctx.hidden_shape) if need[0] else None
+        return (dh, dw if need[1] else None, db if need[2] else None) + (None,) * 11
 
 
-def _shape_loss(loss: Tensor, reduction: str, shape: tuple) -> Tensor:
+def _shape_loss(loss: Tensor, reduction: str, shape: Any) -> Tensor:
     return loss.reshape(shape) if reduction == "none" else loss.reshape(())
 
 
 def fused_linear_cross_entropy(hidden: Tensor, linear_weight: Tensor, labels: Tensor, linear_bias: Optional[Tensor],
                                opts: dict, reduction: str, chunk_size: Any) -> Tensor:
     """Validated arguments in, differentiable loss out (the adapter of :func:`logitkit.linear_cross_entropy`)."""
-    cfg = _Config(opts, reduction, chunk_size, tuple(labels.shape))
-    cfg.hidden_shape = tuple(hidden.shape)
-    return _LinearCE.apply(hidden, linear_weight, linear_bias, labels, cfg)
+    weight = opts["weight"]
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        # As torch's own loss refuses it; a weight.grad silently left at None would be a wrong result.
+        raise ValueError("weight: cross-entropy with class indices is not differentiable with respect to "
+                         "weight (as in torch); pass weight.detach()")
+    ct, cc = _chunk_args(chunk_size)
+    return _LinearCE.apply(hidden, linear_weight, linear_bias, labels, weight, opts["ignore_index"],
+                           opts["label_smoothing"], opts["z_loss"], opts["softcap"], opts["temperature"], reduction,
+                           ct, cc, torch.compiler.is_compiling())
 
 
 class _LinearEntropy(torch.autograd.Function):
     """Entropy per token; backward recomputes the logits (the per-token ``grad`` is unknown before)."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], cfg: _Config) -> Tensor:
-        H = hidden.shape[-1]
-        h2 = hidden.detach().reshape(-1, H).contiguous()
-        W = linear_weight.detach().contiguous()
-        bias = None if linear_bias is None else linear_bias.detach()
-        lab = torch.zeros(h2.shape[0], dtype=torch.int64, device=h2.device)
-        head = _head(h2, W, lab, bias, cfg.opts, cfg.chunk_size, kernels=False)
-        ent, m, r = head.entropy()
-        ctx.cfg = cfg
+    def forward(ctx, hidden, linear_weight, linear_bias, cap, T, ct, cc):
+        h2 = _rows(hidden)
+        W = linear_weight.contiguous()
+        ent, m, r = _call("linear_entropy_forward", h2, W, linear_bias, cap, T, ct, cc)
         ctx.need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                     linear_bias is not None and ctx.needs_input_grad[2])
+        ctx.hidden_shape, ctx.args = hidden.shape, (cap, T, ct, cc)
         if any(ctx.need):
-            ctx.save_for_backward(h2, W, bias, ent, m, r)
-        return ent.reshape(cfg.shape).to(hidden.dtype)
+            ctx.save_for_backward(h2, W, linear_bias, ent, m, r)
+        return ent.reshape(hidden.shape[:-1]).to(hidden.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad):
         h2, W, bias, ent, m, r = ctx.saved_tensors
-        cfg, need = ctx.cfg, ctx.need
-        lab = torch.zeros(h2.shape[0], dtype=torch.int64, device=h2.device)
-        head = _head(h2, W, lab, bias, cfg.opts, cfg.chunk_size, kernels=False)
-        dh, dw, db = head.entropy_backward(ent, m, r, grad.reshape(-1).to(head.acc), need)
-        dh = None if dh is None or not need[0] else dh.reshape(cfg.hidden_shape)
-        return dh, (dw if need[1] else None), (db if need[2] else None), None
+        need = ctx.need
+        dh, dw, db = _call("linear_entropy_backward", h2, W, bias, ent, m, r, grad.reshape(h2.shape[0]).contiguous(),
+                           *ctx.args, need[0], need[1], need[2])
+        dh = dh.reshape(ctx.hidden_shape) if need[0] else None
+        return (dh, dw if need[1] else None, db if need[2] else None) + (None,) * 4
 
 
 def fused_linear_entropy(hidden: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], opts: dict,
                          chunk_size: Any) -> Tensor:
     """Adapter of :func:`logitkit.linear_entropy` for tensors (differentiable)."""
-    cfg = _Config(opts, "none", chunk_size, tuple(hidden.shape[:-1]))
-    cfg.hidden_shape = tuple(hidden.shape)
-    return _LinearEntropy.apply(hidden, linear_weight, linear_bias, cfg)
+    ct, cc = _chunk_args(chunk_size)
+    return _LinearEntropy.apply(hidden, linear_weight, linear_bias, opts["softcap"], opts["temperature"], ct, cc)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,6 +524,11 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     if linear_weight.dim() < 2:
         raise ValueError(f"linear_weight: expected at least 2 dimensions (C, in_features), got shape "
                          f"{tuple(linear_weight.shape)}")
+    if input.dim() == 1 and linear_weight.dim() > 2:
+        # torch refuses this too: an unbatched input has no batch dim to put d1, ..., dK after.
+        raise ValueError(f"input: a K-dimensional loss (linear_weight of shape {tuple(linear_weight.shape)}) "
+                         f"needs batched input (N, {linear_weight.shape[-1]}), got unbatched input of shape "
+                         f"{tuple(input.shape)}, as in torch")
     if target.is_floating_point() or linear_weight.dim() > 2:
         return _unfused(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
                         label_smoothing, z_loss, softcap, temperature)
