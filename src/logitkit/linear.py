@@ -101,7 +101,7 @@ def _opts(weight, ignore_index, label_smoothing, z_loss, softcap, temperature) -
 
 def _numpy_head(hidden, linear_weight, labels, linear_bias, opts, chunk_size, kernels=True):
     H = hidden.shape[-1]
-    h2 = np.ascontiguousarray(hidden).reshape(-1, H)
+    h2 = np.ascontiguousarray(hidden).reshape(math.prod(hidden.shape[:-1]), H)  # H may be 0
     W = np.ascontiguousarray(linear_weight)
     lab = np.ascontiguousarray(labels).reshape(-1).astype(np.int64, copy=False)
     ops = core.NumpyOps(h2, W, linear_bias)
@@ -568,7 +568,7 @@ def _topk_arrays(teacher_topk: Any) -> dict:
 
 def _numpy_run(a: HeadArgs) -> tuple[Any, Any]:
     H = a.hidden.shape[-1]
-    h2 = np.ascontiguousarray(a.hidden).reshape(-1, H)
+    h2 = np.ascontiguousarray(a.hidden).reshape(math.prod(a.hidden.shape[:-1]), H)  # H may be 0
     W = np.ascontiguousarray(a.W)
     N = h2.shape[0]
     lab = None if a.labels is None else np.ascontiguousarray(a.labels).reshape(-1).astype(np.int64, copy=False)
