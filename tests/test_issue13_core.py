@@ -259,3 +259,85 @@ def test_issue13_item8_workqueue_layer_survives_threads():
                           text=True, timeout=200)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     assert proc.stdout.split() == ["OK", "40"]
+
+
+# ----------------------------------------------------------------------------------------------
+# item 12: an empty class axis, an empty batch and hidden size 0 have one defined result
+
+
+@pytest.mark.parametrize("lib", ["numpy", "jax", "torch"])
+@pytest.mark.parametrize("shape,axis", [((5, 0, 0), -1), ((3, 0), -1), ((0, 4), -1), ((2, 0, 3), 1)])
+def test_issue13_item12_empty_softmax_axis(lib, shape, axis):
+    x = to_lib(lib, np.zeros(shape), "float32")
+    for fn in (logitkit.softmax, logitkit.log_softmax):
+        for t in (1.0, 2.0):
+            out = fn(x, axis=axis, temperature=t)
+            assert tuple(out.shape) == shape and str(out.dtype).endswith("float32")
+    lse = to_np(logitkit.logsumexp(x, axis=axis))
+    want_shape = tuple(n for i, n in enumerate(shape) if i != axis % len(shape))
+    assert lse.shape == want_shape and np.all(lse == -np.inf)
+
+
+@pytest.mark.parametrize("lib", ["numpy", "jax", "torch"])
+@pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3},
+                                  {"weight": "w"}, {"temperature": 2.0, "softcap": 5.0}])
+def test_issue13_item12_no_classes_every_label_ignored(lib, opts):
+    x = to_lib(lib, np.zeros((3, 0)), "float32")
+    y = to_lib(lib, np.full(3, -100))
+    if opts.get("weight") == "w":
+        opts = {"weight": to_lib(lib, np.zeros(0), "float32")}
+    for red in ("mean", "sum"):
+        assert float(logitkit.cross_entropy(x, y, reduction=red, **opts)) == 0.0
+    rows = to_np(logitkit.cross_entropy(x, y, reduction="none", **opts))
+    np.testing.assert_array_equal(rows, np.zeros(3))
+    np.testing.assert_array_equal(to_np(logitkit.token_logprobs(x, y)), np.zeros(3))
+    # the class-index labels are now in [0, 0) nowhere: the usual out-of-range error
+    with pytest.raises(ValueError, match=r"^labels: class index 0 at position 1 is out of range \[0, 0\)"):
+        logitkit.cross_entropy(x, to_lib(lib, np.array([-100, 0, -100])), **opts)
+    if lib != "jax":
+        loss, g = logitkit.cross_entropy_with_grad(x, y, **opts)
+        assert float(loss) == 0.0 and tuple(g.shape) == (3, 0)
+
+
+def test_issue13_item12_no_classes_gradients():
+    jax = pytest.importorskip("jax")
+    x = to_lib("jax", np.zeros((3, 0)), "float32")
+    y = to_lib("jax", np.full(3, -100))
+    val, g = jax.value_and_grad(lambda a: logitkit.cross_entropy(a, y, label_smoothing=0.1))(x)
+    assert float(val) == 0.0 and g.shape == (3, 0)
+    torch = pytest.importorskip("torch")
+    xt = torch.zeros((3, 0), requires_grad=True)
+    logitkit.cross_entropy(xt, torch.full((3,), -100)).backward()
+    assert xt.grad.shape == (3, 0)
+    # probability labels over no class: each row's sum is over nothing, 0
+    yp = np.zeros((3, 0), np.float32)
+    np.testing.assert_array_equal(logitkit.cross_entropy(np.zeros((3, 0), np.float32), yp,
+                                                         reduction="none"), np.zeros(3))
+
+
+@pytest.mark.parametrize("lib", ["numpy", "jax", "torch"])
+def test_issue13_item12_empty_batch(lib):
+    x = to_lib(lib, np.zeros((0, 5)), "float32")
+    y = to_lib(lib, np.zeros(0, np.int64))
+    for opts in ({}, {"label_smoothing": 0.2, "z_loss": 1e-4, "weight": to_lib(lib, np.ones(5), "float32")}):
+        for red in ("mean", "sum"):
+            assert float(logitkit.cross_entropy(x, y, reduction=red, **opts)) == 0.0
+        assert tuple(logitkit.cross_entropy(x, y, reduction="none", **opts).shape) == (0,)
+    assert tuple(logitkit.cross_entropy(x, to_lib(lib, np.zeros((0, 5)), "float32")).shape) == ()
+
+
+def test_issue13_item12_linear_hidden_size_zero_numpy():
+    # H = 0: the logits are the bias (or 0), so the loss is cross_entropy of the bias rows
+    b = np.arange(6.0)
+    y = np.array([0, 1, 5, 3])
+    got = logitkit.linear_cross_entropy(np.zeros((4, 0)), np.zeros((6, 0)), y, linear_bias=b)
+    z = b - b.max()
+    want = np.mean(np.log(np.exp(z).sum()) - z[y])
+    assert float(got) == pytest.approx(want, rel=1e-14)
+    loss, dh, dW, db = logitkit.linear_cross_entropy_with_grad(np.zeros((4, 0)), np.zeros((6, 0)), y,
+                                                               linear_bias=b)
+    assert dh.shape == (4, 0) and dW.shape == (6, 0)
+    p = np.exp(z) / np.exp(z).sum()
+    np.testing.assert_allclose(db, p - np.bincount(y, minlength=6) / 4, rtol=1e-12, atol=1e-15)
+    assert float(logitkit.linear_cross_entropy(np.zeros((0, 3)), np.zeros((6, 3)), np.zeros(0, np.int64))) == 0.0
+    assert float(logitkit.linear_cross_entropy(np.zeros((2, 3)), np.zeros((0, 3)), np.full(2, -100))) == 0.0

@@ -218,7 +218,9 @@ def cross_entropy(logits: Any, labels: Any, *, axis: int = -1, weight: Any = Non
     opts = dict(weight=weight, label_smoothing=float(label_smoothing), softcap=softcap,
                 temperature=float(temperature))
     bridge = _adapter(lib)
-    if bridge is not None and hasattr(bridge, "cross_entropy"):
+    # No class at all: the core defines it once for every library (0 for ignored rows, NaN for
+    # rows whose label could not be checked), rather than each bridge's kernels.
+    if bridge is not None and hasattr(bridge, "cross_entropy") and x.shape[-1] > 0:
         return bridge.cross_entropy(x, y, kind=kind, ignore_index=ignore_index, reduction=reduction,
                                     z_loss=float(z_loss), **opts)
     return _ce_eager(lib, xp, x, y, kind, ignore_index, reduction, float(z_loss), opts)

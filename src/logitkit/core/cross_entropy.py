@@ -58,6 +58,11 @@ def _label_parts(xp: Any, z: Any, labels: Any, ignore_index: int,
     # Gathering at a bad index would wrap (JAX), clamp or fault (CUDA): gather class 0 instead.
     lab = xp.where(valid & ~bad, labels, 0)
     lab = xp.expand_dims(lab, -1)
+    if V == 0:
+        # No class to gather: every row is ignored or bad (NaN below). The sum over the empty
+        # axis is a 0 of the right shape that keeps autograd's graph (an empty gradient).
+        zy = xp.sum(z, axis=-1, keepdims=True)
+        return xp.expand_dims(valid, -1), xp.expand_dims(bad, -1), lab, zy, zy
     zy = xp.take_along_axis(z, lab, axis=-1)
     # xp.reshape, not the method: a tf.Tensor has none.
     wy = 1.0 if w is None else xp.reshape(xp.take_along_axis(w, xp.reshape(lab, (-1,)), axis=0), lab.shape)
@@ -82,7 +87,7 @@ def ce_forward(xp: Any, x: Any, labels: Any, *, weight: Any = None, ignore_index
     all_masked = m == -math.inf
     nll = xp.where(all_masked, math.inf, (m - zy) + r)
     ce = (1.0 - label_smoothing) * wy * nll if label_smoothing != 1.0 else xp.zeros_like(nll)
-    if label_smoothing > 0.0:
+    if label_smoothing > 0.0 and V > 0:
         shifted = m - z if w is None else w * (m - z)
         smooth = xp.sum(shifted, axis=-1, keepdims=True) + W * r
         smooth = xp.where(all_masked, math.inf, smooth)
@@ -140,7 +145,7 @@ def ce_backward(xp: Any, x: Any, labels: Any, m: Any, r: Any, g_ce: Any, g_z: An
     py_m1 = xp.where(me == -math.inf, -1.0, xp.expm1((zy - xp.where(me == -math.inf, 0.0, me)) - re))
     gce = xp.expand_dims(xp.astype(g_ce, acc), -1)
     dz = gce * ((1.0 - label_smoothing) * wy) * xp.where(onehot, py_m1, p)
-    if label_smoothing > 0.0:
+    if label_smoothing > 0.0 and V > 0:
         dz = dz + gce * (label_smoothing / V) * (W * p - (1.0 if w is None else w))
     if z_loss != 0.0:
         lse = xp.expand_dims(m + r, -1)
@@ -164,7 +169,7 @@ def ce_forward_backward(xp: Any, x: Any, labels: Any, g_ce: Any, g_z: Any, *, we
 def _smoothed_targets(xp: Any, y: Any, acc: Any, weight: Any, label_smoothing: float) -> Any:
     V = y.shape[-1]
     y = xp.astype(y, acc)
-    if label_smoothing > 0.0:
+    if label_smoothing > 0.0 and V > 0:
         y = y * (1.0 - label_smoothing) + label_smoothing / V
     if weight is not None:
         y = y * xp.astype(weight, acc)

@@ -19,6 +19,8 @@ def row_weights(xp: Any, labels: Any, weight: Any, ignore_index: int, acc: Any) 
     if weight is None:
         return validf, validf
     V = weight.shape[0]
+    if V == 0:  # no class: every row is ignored (or bad, and NaN already)
+        return validf, validf * 0.0
     # Out-of-range labels (only possible where they could not be checked first) gather class 0;
     # their rows' losses are NaN already.
     lab = xp.where(valid & (labels >= 0) & (labels < V), labels, 0)
