@@ -172,7 +172,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         failed |= not ok
         table.append([name, *(f"{errs[k]:.2e}" for k in impls), f"{tol:.1e}", "PASS" if ok else "FAIL"])
     print("Numerical contract: float32 per-row loss, relative error against 50-digit mpmath\n")
-    print(_table(["case", *impls, "tolerance", "logitkit"], table))
+    print(_table(["case", *impls, "tolerance", "logitkit verdict"], table))
     print()
     prop_rows = []
     for name, ok, detail in _check_properties():

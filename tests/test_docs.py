@@ -1,0 +1,153 @@
+"""The documentation site builds with no warning, its links resolve, its code runs (issue 20)."""
+
+import html.parser
+import importlib
+import importlib.util
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import urllib.parse
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+sys.path.insert(0, str(DOCS))
+import griffe_docstrings  # noqa: E402  (docs/griffe_docstrings.py, the API pages' docstring filter)
+
+# The API page of each public package and the packages whose __all__ it must show.
+API_PAGES = {
+    "api/logitkit.html": ["logitkit"],
+    "api/torch.html": ["logitkit.torch"],
+    "api/jax.html": ["logitkit.jax", "logitkit.jax.linear"],
+    "api/distributed.html": ["logitkit.distributed", "logitkit.distributed.stages"],
+}
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("mkdocstrings") is None:
+        pytest.skip("the docs extra is not installed (pip install -e '.[docs]')")
+    out = tmp_path_factory.mktemp("site")
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+class _Links(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links: list[str] = []
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if "id" in a:
+            self.ids.add(a["id"])
+        for key in ("href", "src"):
+            if a.get(key):
+                self.links.append(a[key])
+
+
+def _parse(path: pathlib.Path) -> _Links:
+    p = _Links()
+    p.feed(path.read_text(encoding="utf-8"))
+    return p
+
+
+@pytest.mark.timeout(360)
+def test_docs_build_strict_and_every_internal_link_resolves(site):
+    # 404.html links from the server root (it is served for any path); every other page is relative.
+    pages = sorted(p for p in site.rglob("*.html") if p.name != "404.html")
+    assert len(pages) >= 10
+    parsed = {p: _parse(p) for p in pages}
+    broken = []
+    for page, links in parsed.items():
+        for link in links.links:
+            url = urllib.parse.urlsplit(link)
+            if url.scheme or link.startswith("//") or link.startswith("mailto:"):
+                continue
+            target = (page.parent / urllib.parse.unquote(url.path)).resolve() if url.path else page
+            if target.is_dir():
+                target = target / "index.html"
+            if not target.exists():
+                broken.append(f"{page.relative_to(site)}: {link}")
+            elif url.fragment and target.suffix == ".html":
+                ids = parsed[target].ids if target in parsed else _parse(target).ids
+                if url.fragment not in ids:
+                    broken.append(f"{page.relative_to(site)}: {link} (no such anchor)")
+    assert not broken, "\n".join(broken)
+
+
+def test_docs_api_pages_show_every_public_name(site):
+    missing = []
+    for page, modules in API_PAGES.items():
+        ids = _parse(site / page).ids
+        for name in modules:
+            mod = importlib.import_module(name) if importlib.util.find_spec(name.split(".")[0]) else None
+            exported = getattr(mod, "__all__", [])
+            for member in exported:
+                if member.startswith("__"):
+                    continue
+                if not any(i == f"{name}.{member}" or i.endswith(f".{member}") for i in ids):
+                    missing.append(f"{page}: {name}.{member}")
+    assert not missing, "\n".join(missing)
+
+
+def test_docs_api_pages_render_doctests_as_code_not_quotes(site):
+    text = (site / "api/logitkit.html").read_text(encoding="utf-8")
+    assert "<blockquote>" not in text  # ">>>" read as Markdown block quotes
+    assert ":func:`" not in text and ":math:`" not in text
+    assert '<span class="gp">&gt;&gt;&gt; </span>' in text  # a highlighted Python console block
+    assert "doctest:" not in text
+
+
+def test_docs_griffe_filter_fences_doctests_and_literal_blocks():
+    text = "Example::\n\n    >>> x = 1\n    >>> x\n    1\n\nSee :func:`logitkit.softmax`.\n"
+    md = griffe_docstrings.to_markdown(text)
+    assert md.startswith("Example:\n\n```pycon\n>>> x = 1\n>>> x\n1\n```\n")
+    assert md.endswith("See `logitkit.softmax`.\n")
+    # a doctest inside an indented section keeps its indentation
+    md = griffe_docstrings.to_markdown("Args:\n  x: y\n\n  >>> f()  # doctest: +SKIP\n  2\n")
+    assert "  ```pycon\n  >>> f()\n  2\n  ```" in md
+
+
+def _python_blocks(path: pathlib.Path) -> list[str]:
+    # Blocks fenced exactly as ```python run; ```py marks code shown but not run (torchrun).
+    return re.findall(r"^```python\n(.*?)^```", path.read_text(encoding="utf-8"), re.S | re.M)
+
+
+DOC_PAGES = [p for p in sorted(DOCS.rglob("*.md")) if _python_blocks(p)]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("page", DOC_PAGES, ids=[str(p.relative_to(DOCS)) for p in DOC_PAGES])
+def test_docs_python_blocks_run_as_written(page):
+    blocks = _python_blocks(page)
+    for i, code in enumerate(blocks):
+        for lib in ("torch", "jax"):
+            if re.search(rf"^\s*import {lib}\b", code, re.M):
+                pytest.importorskip(lib)
+        namespace: dict = {"__name__": f"docs_{page.stem}_{i}"}
+        exec(compile(code, f"{page.relative_to(DOCS)} block {i + 1}", "exec"), namespace)
+
+
+def test_docs_pages_with_code_are_found():
+    names = {str(p.relative_to(DOCS)) for p in DOC_PAGES}
+    assert {"index.md", "guides/getting-started.md", "guides/pytorch.md", "guides/jax.md"} <= names
+
+
+def test_docs_cli_page_shows_the_current_help(monkeypatch, capsys):
+    from logitkit import cli
+
+    monkeypatch.setenv("COLUMNS", "80")  # argparse wraps to the terminal width
+    page = (DOCS / "guides/cli.md").read_text(encoding="utf-8")
+    for argv in (["--help"], ["bench", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        help_text = capsys.readouterr().out.strip()
+        assert help_text in page, f"docs/guides/cli.md is out of date: regenerate `logitkit {' '.join(argv)}`"
