@@ -91,8 +91,10 @@ def test_one_pmax_one_psum_and_nothing_in_backward(jax_results):
     for case, out in zip(cases, results):
         k = stages.n_slots(case["opts"].get("label_smoothing", 0.0))
         acc = "float64" if case["dtype"] == "float64" else "float32"
-        # one pmax of N (+4 check) scalars, one psum of k·N (+1) scalars in the accumulation dtype;
-        # the psum primitive's name varies between jax versions (psum, psum_invariant)
-        assert [c[1:] for c in out["fwd"]] == [((N + 4,), acc), ((k * N + 1,), acc)]
+        # one pmax of N scalars and the agreement table (F fields × 4 devices), one psum of k·N
+        # scalars in the accumulation dtype; the psum primitive's name varies between jax versions
+        # (psum, psum_invariant)
+        assert [c[1:] for c in out["fwd"]] == [((N + stages.header_size(4, with_message=False),), acc),
+                                               ((k * N,), acc)]
         assert out["fwd"][0][0] == "pmax" and out["fwd"][1][0].startswith("psum")
         assert out["fwd_bwd"] == out["fwd"]  # value_and_grad adds no collective

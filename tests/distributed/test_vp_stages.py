@@ -55,7 +55,8 @@ def _case(sizes, seed=0, N=9, dtype=np.float64, ignore_index=-100):
 def _run(x, y, bounds, **opts):
     def rank_fn(rank, group):
         s, e = bounds[rank]
-        return stages.cross_entropy_with_grad(x[:, s:e], y, vocab_start=s, **group.collectives(rank), **opts)
+        return stages.cross_entropy_with_grad(x[:, s:e], y, vocab_start=s, rank=rank, world_size=len(bounds),
+                                              **group.collectives(rank), **opts)
 
     results, group = run_ranks(len(bounds), rank_fn)
     return results, group
@@ -81,11 +82,11 @@ def test_parity_float64(layout, oi):
         np.testing.assert_allclose(loss, ref, rtol=1e-12, atol=1e-14)
         s, e = bounds[rank]
         np.testing.assert_allclose(g, gref[:, s:e], rtol=1e-10, atol=1e-15)
-    # exactly one MAX and one SUM all-reduce per forward (the gradient needs none)
+    # the fixed-size header, then one MAX and one SUM all-reduce per forward (the gradient needs none)
     N = x.shape[0]
     k = stages.n_slots(o.get("label_smoothing", 0.0))
-    assert [c[0] for c in group.calls] == ["max", "sum"]
-    assert [c[1] for c in group.calls] == [N + 4, k * N + 1]
+    assert [c[0] for c in group.calls] == ["max", "max", "sum"]
+    assert [c[1] for c in group.calls] == [stages.header_size(len(bounds)), N, k * N]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
@@ -103,7 +104,7 @@ def test_parity_low_precision_uses_float32_scalars(dtype):
         s, e = bounds[rank]
         np.testing.assert_allclose(g.astype(np.float64), gref[:, s:e], rtol=tol * 10, atol=tol * 1e-2)
     # scalars travel as float32 (4 bytes) for 16- and 32-bit inputs
-    assert [c[2] // c[1] for c in group.calls] == [4, 4]
+    assert [c[2] // c[1] for c in group.calls] == [4, 4, 4]
 
 
 def test_confident_rows_keep_full_relative_accuracy():
@@ -164,7 +165,7 @@ def test_empty_batch_mean_is_zero():
     results, group = _run(x, np.zeros(0, dtype=np.int64), shard_bounds([3, 3]))
     for loss, g in results:
         assert loss == 0 and g.shape == (0, 3)
-    assert [c[1] for c in group.calls] == [4, 1]
+    assert [c[1] for c in group.calls] == [stages.header_size(2), 0, 0]
 
 
 def test_errors_are_raised_on_every_rank():
@@ -173,7 +174,7 @@ def test_errors_are_raised_on_every_rank():
         _run(x, y, [(0, 4), (3, 7)])  # overlap
     with pytest.raises(ValueError, match="labels: the ranks passed different labels"):
         run_ranks(2, lambda r, g: stages.cross_entropy_with_grad(
-            x[:, 4 * r:4 * r + 4], (y + r) % 8, vocab_start=4 * r, **g.collectives(r)))
+            x[:, 4 * r:4 * r + 4], (y + r) % 8, vocab_start=4 * r, rank=r, world_size=2, **g.collectives(r)))
     bad = y.copy(); bad[0] = 8
     with pytest.raises(ValueError, match=r"labels: class index 8 at position 0 is out of range \[0, 8\)"):
         _run(x, bad, shard_bounds([4, 4]))
@@ -183,8 +184,8 @@ def test_errors_are_raised_on_every_rank():
     # every rank raised, none is left waiting: each thread's own exception is a ValueError
     def each(rank, g):
         try:
-            stages.cross_entropy_with_grad(x[:, 4 * rank:4 * rank + 4], bad, vocab_start=4 * rank,
-                                           **g.collectives(rank))
+            stages.cross_entropy_with_grad(x[:, 4 * rank:4 * rank + 4], bad, vocab_start=4 * rank, rank=rank,
+                                           world_size=2, **g.collectives(rank))
         except ValueError:
             return "raised"
         return "returned"
@@ -268,7 +269,7 @@ def test_random_layouts_match_float64(sizes, N, eps, weighted, reduction, z_loss
     for rank, (loss, g) in enumerate(results):
         np.testing.assert_allclose(loss, ref, rtol=1e-11, atol=1e-13)
         np.testing.assert_allclose(g, gref[:, bounds[rank][0]:bounds[rank][1]], rtol=1e-9, atol=1e-14)
-    assert len(group.calls) == 2
+    assert len(group.calls) == 3
 
 
 def test_importing_the_package_imports_no_framework():

@@ -35,15 +35,25 @@ def jax_vocab_parallel_cross_entropy(local_logits: Any, labels: Any, axis_name: 
       weight: global class weights ``(V,)``, replicated; not differentiated.
       Other options as in :func:`logitkit.cross_entropy`; label smoothing divides by the global ``V``.
 
-    Forward: one ``lax.pmax`` of ``N`` scalars and one ``lax.psum`` of ``3N`` (``4N`` with
-    smoothing), float32 (float64 for float64 logits). Labels out of range, labels that differ
-    between devices or shards that do not tile the vocabulary give a NaN loss (traced values
-    cannot raise).
+    Forward: one ``lax.pmax`` of ``N + F·P`` scalars (the row maxima and the table of what the
+    devices must agree on: labels by three 24-bit hashes, shard starts, label range; ``F = 20``
+    fields) and one ``lax.psum`` of ``3N`` (``4N`` with smoothing), float32 (float64 for float64
+    logits); row statistics in float64 when ``jax_enable_x64`` is on. Labels out of range, labels
+    that differ between devices or shards that do not tile the vocabulary give a NaN loss (traced
+    values cannot raise); a NaN logit on any device gives that row a NaN loss.
 
-    >>> # mesh = jax.make_mesh((4,), ("v",))
-    >>> # f = jax.shard_map(lambda x, y: jax_vocab_parallel_cross_entropy(x, y, "v"),
-    >>> #                   mesh=mesh, in_specs=(P(None, "v"), P()), out_specs=P())
-    >>> # loss, grad = jax.value_and_grad(f)(logits, labels)
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.sharding import AxisType, PartitionSpec as P
+    >>> mesh = jax.make_mesh((1,), ("v",), axis_types=(AxisType.Auto,))   # (4,) on 4 devices
+    >>> f = jax.shard_map(lambda x, y: jax_vocab_parallel_cross_entropy(x, y, "v"),
+    ...                   mesh=mesh, in_specs=(P(None, "v"), P()), out_specs=P())
+    >>> logits = jnp.array([[1.0, 2.0, 3.0, 4.0], [0.5, 0.0, -1.0, 2.0]])
+    >>> labels = jnp.array([3, 0])
+    >>> loss, grad = jax.value_and_grad(f)(logits, labels)
+    >>> bool(jnp.allclose(loss, jnp.mean(jax.nn.logsumexp(logits, -1) - logits[jnp.arange(2), labels])))
+    True
+    >>> grad.shape
+    (2, 4)
     """
     import jax
     import jax.numpy as jnp
@@ -98,30 +108,37 @@ def _loss_fn(jax: Any, jnp: Any, lax: Any, o: dict) -> Any:
 
     def fwd(x: Any, y: Any, w: Any, start: Any) -> tuple[Any, Any]:
         acc = acc_of(x)
+        sdt = stages.stat_dtype(jnp, acc)
         wl, col_mask = local_view(w, start, acc)
-        z = transform(jnp, x.astype(acc), o["softcap"], o["temperature"])
-        parts = stages.local_partials(jnp, z, y, start=start, ignore_index=o["ignore_index"],
-                                      label_smoothing=o["eps"], weight_local=wl, col_mask=col_mask)
+        u = transform(jnp, x.astype(acc), o["softcap"], 1.0)
+        parts = stages.local_partials(jnp, u, y, start=start, ignore_index=o["ignore_index"],
+                                      label_smoothing=o["eps"], weight_local=wl, col_mask=col_mask,
+                                      temperature=o["temperature"], stat_dtype=sdt)
+        # Shapes, dtypes and options are static and the same on every device of a shard_map; what
+        # can differ is data: the labels and a traced vocab_start.
+        fields = stages.header_fields(jnp, y, start=start, size=n, dtype=str(x.dtype), ignore_index=o["ignore_index"],
+                                      options={})
+        table = stages.encode_header(jnp, rank=lax.axis_index(axis), world_size=o["P"], fields=fields, error=None,
+                                     like=x, with_message=False)
         red = stages.reduce_rows(jnp, parts, y, all_reduce_max=lambda a: lax.pmax(a, axis),
-                                 all_reduce_sum=lambda a: lax.psum(a, axis), start=start, size=n, weight=w,
+                                 all_reduce_sum=lambda a: lax.psum(a, axis), vocab_size=o["nV"], weight=w,
                                  ignore_index=o["ignore_index"], label_smoothing=o["eps"],
-                                 vocab_size=o["nV"] if o["padded"] else None)
-        valid = y != o["ignore_index"]
-        bad_label = jnp.any(valid & ((y < 0) | (y >= o["nV"])))
-        ok = red.tiled & red.same_labels & ~bad_label
+                                 temperature=o["temperature"], max_tail=table)
+        ok = stages.header_ok(jnp, red.tail, o["P"], vocab_size=o["nV"])
         ce = jnp.where(ok, red.ce, jnp.nan)
-        loss = reduce_loss(jnp, ce, red.m + red.r, red.validf, red.wy, o["reduction"], o["z_loss"])
-        wtotal = red.vocab_size if w is None else jnp.sum(w.astype(acc))
-        return loss.astype(x.dtype), (x, y, w, start, red.m, red.r, red.validf, red.wy, red.vocab_size, wtotal)
+        loss = reduce_loss(jnp, ce, red.lse, red.validf, red.wy, o["reduction"], o["z_loss"])
+        wtotal = float(o["nV"]) if w is None else jnp.sum(w.astype(sdt))
+        return loss.astype(x.dtype), (x, y, w, start, red.m, red.r, red.validf, red.wy, wtotal)
 
     def bwd(res: Any, g: Any) -> tuple:
-        x, y, w, start, m, r, validf, wy, Vt, wtotal = res
+        x, y, w, start, m, r, validf, wy, wtotal = res
         acc = acc_of(x)
         wl, col_mask = local_view(w, start, acc)
-        g_ce, g_z = row_scales(jnp, validf, wy, o["reduction"], g.astype(acc))
-        dx = stages.local_grad(jnp, x, y, m, r, g_ce, g_z, start=start, vocab_size=Vt, wtotal=wtotal, wy=wy,
-                               validf=validf, weight_local=wl, label_smoothing=o["eps"], z_loss=o["z_loss"],
-                               softcap=o["softcap"], temperature=o["temperature"], col_mask=col_mask)
+        g_ce, g_z = row_scales(jnp, validf, wy, o["reduction"], g.astype(validf.dtype))
+        dx = stages.local_grad(jnp, x, y, m, r, g_ce, g_z, start=start, vocab_size=float(o["nV"]), wtotal=wtotal,
+                               wy=wy, validf=validf, weight_local=wl, label_smoothing=o["eps"], z_loss=o["z_loss"],
+                               softcap=o["softcap"], temperature=o["temperature"], col_mask=col_mask,
+                               max_before_temperature=True)
         return dx, None, None, None
 
     @jax.custom_vjp

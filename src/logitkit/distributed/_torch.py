@@ -15,10 +15,6 @@ from . import stages
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy", "TorchCollectives"]
 
-# Error codes a rank reports through the MAX all-reduce, so that every rank raises together.
-_ERR_WEIGHT_SHORT = 1
-
-
 class TorchCollectives:
     """``all_reduce_max`` / ``all_reduce_sum`` over a process group, in place.
 
@@ -62,6 +58,7 @@ class _Cfg:
     temperature: float
     chunk: int = 0
     reduce_hidden_grad: bool = True
+    vocab_size: int | None = None   # from the header on the host; None: read on the device (tail)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,55 +87,102 @@ def _check_common(labels: Any, weight: Any, batch_shape: tuple, ignore_index: in
         raise ValueError(f"vocab_start: expected None or an int >= 0, got {vocab_start!r}")
 
 
-def _local_weight(weight: Any, start: int, n: int, acc: Any) -> tuple[Any, int]:
-    """This shard's slice of the global class weights, and an error code if it is too short."""
+def _local_weight(weight: Any, start: int, n: int, acc: Any) -> Any:
+    """This shard's slice of the global class weights (the header checked its length)."""
     if weight is None:
-        return None, 0
-    w = weight.detach().to(acc)[start:start + n]
-    if w.shape[0] < n:  # reported after the collectives, on every rank at once
-        return torch.cat([w, w.new_zeros(n - w.shape[0])]), _ERR_WEIGHT_SHORT
-    return w, 0
-
-
-def _verdict(red: stages.Reduced, labels: torch.Tensor, weight: Any, ignore_index: int,
-             device: torch.device) -> Any:
-    """Raise (CPU) or return a 0-d ``ok`` flag (other devices: the loss becomes NaN, no host sync).
-
-    Every rank holds the same reduced values and labels, so every rank reaches the same verdict.
-    """
-    Vt = red.vocab_size
-    valid = labels != ignore_index
-    if device.type == "cpu":
-        nV = int(Vt.item())
-        if red.local_error.item() > 0 or (weight is not None and weight.shape[0] != nV):
-            got = "a different length" if weight is None else f"shape {tuple(weight.shape)}"
-            raise ValueError(f"weight: expected the global class weights, shape ({nV},), got {got} "
-                             "(on at least one rank)")
-        if not bool(red.tiled):
-            raise ValueError("vocab_start: the shards do not tile the vocabulary: the largest "
-                             f"vocab_start + local size is {int(red.shard_end.item())} but the ranks hold "
-                             f"{nV} classes in all; with vocab_start=None every rank must hold the same "
-                             "number of classes (pass vocab_start for uneven shards)")
-        if not bool(red.same_labels):
-            raise ValueError("labels: the ranks passed different labels; every rank of the group must pass the "
-                             "same labels (global class indices) for the same tokens")
-        V.check_label_range(TORCH, labels, nV, ignore_index)
         return None
-    bad_label = (valid & ((labels < 0) | (labels >= Vt))).any()
-    ok = red.tiled & red.same_labels & (red.local_error == 0) & ~bad_label
-    if weight is not None:
-        ok = ok & (Vt == weight.shape[0])
-    return ok
+    w = weight.detach().to(acc)[start:start + n]
+    if w.shape[0] < n:  # device mode: a wrong length makes the loss NaN, never an index error
+        w = torch.cat([w, w.new_zeros(n - w.shape[0])])
+    return w
 
 
-def _finish_forward(xp: Any, ctx: Any, red: stages.Reduced, labels: torch.Tensor, weight: Any,
-                    cfg: _Cfg, device: torch.device, out_dtype: Any) -> torch.Tensor:
-    ok = _verdict(red, labels, weight, cfg.ignore_index, device)
+def _host_mode(x: Any) -> bool:
+    """CPU tensors (gloo) read the header on the host and raise; other devices never synchronise."""
+    return not isinstance(x, torch.Tensor) or x.device.type == "cpu"
+
+
+def _agree(comm: TorchCollectives, check: Any, *, x: Any, labels: Any, n: Any, vocab_start: Any, weight: Any,
+           ignore_index: Any, options: dict) -> tuple[int, int | None, Any]:
+    """Run the local checks and the header; return ``(start, V, tail)``.
+
+    Host mode (CPU tensors): the header is the first collective, fixed-size, and every rank raises
+    the same error after it when any rank's arguments failed or the ranks disagree (so no rank is
+    left waiting in a later collective, and no collective ever sees buffers of different sizes).
+    Device mode (CUDA): local checks raise at once, and the header table rides in the tail of the
+    per-token MAX (``tail``), read on the device: a failed check gives a NaN loss, no host sync.
+    """
+    host = _host_mode(x)
+    error, fields, start = None, None, None
+    try:
+        check()
+        start = comm.rank * n if vocab_start is None else vocab_start
+        if start >= stages._EXACT or n >= stages._EXACT:
+            raise ValueError(f"vocab_start: expected the shard to start below 2^24, got {start}")
+        wkey = None if weight is None else ("weight", int(weight.shape[0]))
+        xp = get_namespace(TORCH)
+        fields = stages.header_fields(xp, labels, start=start, size=n, dtype=dtype_name(x.dtype),
+                                      ignore_index=ignore_index,
+                                      options={**options, "ignore_index": ignore_index, "weight": wkey,
+                                               "vocab_start": vocab_start is None})
+    except (TypeError, ValueError) as exc:
+        if not host:
+            raise
+        error = exc
+    xp = get_namespace(TORCH)
+    like = x if isinstance(x, torch.Tensor) else torch.zeros(0)
+    buf = stages.encode_header(xp, rank=comm.rank, world_size=comm.size, fields=fields, error=error, like=like,
+                               with_message=host)
+    if not host:
+        return start, None, buf
+    buf = comm.all_reduce_max(buf)
+    head = stages.decode_header(buf.numpy(), comm.size)
+    hint = ("; with vocab_start=None every rank must hold the same number of classes (pass vocab_start for "
+            "uneven shards)") if vocab_start is None else ""
+    try:
+        nV = stages.header_verdict(head, weight_len=None if weight is None else int(weight.shape[0]), hint=hint)
+        # the labels are the same on every rank (checked above): the same message everywhere
+        V.check_label_range(TORCH, labels, nV, ignore_index)
+    except (TypeError, ValueError) as exc:
+        if error is not None:
+            raise exc from error
+        raise
+    return start, nV, None
+
+
+def _reduce(xp: Any, parts: stages.Partials, labels: torch.Tensor, weight: Any, cfg: _Cfg, tail: Any,
+            n: int) -> tuple[stages.Reduced, Any]:
+    """The per-token collectives; ``ok`` is a 0-d flag in device mode (None in host mode)."""
+    P = cfg.comm.size
+    F = len(stages.HEADER_FIELDS)
+    ok_box: list = []
+
+    def vocab(reduced_tail: Any) -> Any:
+        table = reduced_tail[:F * P]
+        t = table.reshape(F, P)
+        nV = t[stages.HEADER_FIELDS.index("size")].sum()
+        ok = stages.header_ok(xp, table, P, vocab_size=nV)
+        if weight is not None:
+            ok = ok & (nV == weight.shape[0])
+        ok_box.append(ok)
+        return nV.to(torch.float64)
+
+    red = stages.reduce_rows(xp, parts, labels, all_reduce_max=cfg.comm.all_reduce_max,
+                             all_reduce_sum=cfg.comm.all_reduce_sum,
+                             vocab_size=cfg.vocab_size if tail is None else vocab,
+                             weight=None if weight is None else weight.detach(), ignore_index=cfg.ignore_index,
+                             label_smoothing=cfg.label_smoothing, temperature=cfg.temperature, max_tail=tail)
+    return red, (ok_box[0] if ok_box else None)
+
+
+def _finish_forward(xp: Any, ctx: Any, red: stages.Reduced, ok: Any, weight: Any, cfg: _Cfg,
+                    out_dtype: Any) -> torch.Tensor:
     ce = red.ce if ok is None else torch.where(ok, red.ce, float("nan"))
-    loss = reduce_loss(xp, ce, red.m + red.r, red.validf, red.wy, cfg.reduction, cfg.z_loss)
-    acc = red.m.dtype
-    wtotal = red.vocab_size if weight is None else weight.detach().to(acc).sum()
-    ctx.stats = (red.m, red.r, red.validf, red.wy, red.vocab_size, wtotal)
+    loss = reduce_loss(xp, ce, red.lse, red.validf, red.wy, cfg.reduction, cfg.z_loss)
+    sdt = red.m.dtype
+    Vt = float(cfg.vocab_size) if cfg.vocab_size is not None else red.vocab_size
+    wtotal = Vt if weight is None else weight.detach().to(sdt).sum()
+    ctx.stats = (red.m, red.r, red.validf, red.wy, Vt, wtotal)
     return loss.to(out_dtype)
 
 
@@ -153,21 +197,18 @@ def _grad_scales(xp: Any, ctx: Any, cfg: _Cfg, grad_output: torch.Tensor) -> tup
 
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, labels: torch.Tensor, weight: Any, cfg: _Cfg) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, labels: torch.Tensor, weight: Any, cfg: _Cfg, tail: Any) -> torch.Tensor:
         xp = get_namespace(TORCH)
         acc = acc_dtype(xp, x.dtype)
         n = x.shape[-1]
-        wl, err = _local_weight(weight, cfg.start, n, acc)
-        z = transform(xp, x.to(acc), cfg.softcap, cfg.temperature)
-        parts = stages.local_partials(xp, z, labels, start=cfg.start, ignore_index=cfg.ignore_index,
-                                      label_smoothing=cfg.label_smoothing, weight_local=wl)
-        del z
-        red = stages.reduce_rows(xp, parts, labels, all_reduce_max=cfg.comm.all_reduce_max,
-                                 all_reduce_sum=cfg.comm.all_reduce_sum, start=cfg.start, size=n,
-                                 weight=None if weight is None else weight.detach(),
-                                 ignore_index=cfg.ignore_index, label_smoothing=cfg.label_smoothing,
-                                 local_error=err)
-        loss = _finish_forward(xp, ctx, red, labels, weight, cfg, x.device, x.dtype)
+        wl = _local_weight(weight, cfg.start, n, acc)
+        u = transform(xp, x.to(acc), cfg.softcap, 1.0)
+        parts = stages.local_partials(xp, u, labels, start=cfg.start, ignore_index=cfg.ignore_index,
+                                      label_smoothing=cfg.label_smoothing, weight_local=wl,
+                                      temperature=cfg.temperature, stat_dtype=torch.float64)
+        del u
+        red, ok = _reduce(xp, parts, labels, weight, cfg, tail, n)
+        loss = _finish_forward(xp, ctx, red, ok, weight, cfg, x.dtype)
         ctx.save_for_backward(x, labels)
         ctx.cfg, ctx.wl = cfg, wl
         return loss
@@ -182,8 +223,8 @@ class _VocabParallelCE(torch.autograd.Function):
         dx = stages.local_grad(xp, x, labels, m, r, g_ce, g_z, start=cfg.start, vocab_size=Vt,
                                wtotal=wtotal, wy=wy, validf=validf, weight_local=ctx.wl,
                                label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss, softcap=cfg.softcap,
-                               temperature=cfg.temperature)
-        return dx, None, None, None
+                               temperature=cfg.temperature, max_before_temperature=True)
+        return dx, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(local_logits: torch.Tensor, labels: torch.Tensor, *, group: Any = None,
@@ -222,19 +263,31 @@ def vocab_parallel_cross_entropy(local_logits: torch.Tensor, labels: torch.Tenso
         loss = vocab_parallel_cross_entropy(local, labels, label_smoothing=0.1)
         loss.backward()          # local.grad is this rank's slice of the full gradient
     """
-    if not isinstance(local_logits, torch.Tensor):
-        raise TypeError(f"local_logits: expected a torch tensor, got {type(local_logits).__name__}")
-    V.check_logits("local_logits", local_logits)
-    _check_common(labels, weight, tuple(local_logits.shape[:-1]), ignore_index, label_smoothing, reduction,
-                  z_loss, softcap, temperature, vocab_start)
     comm = TorchCollectives(group)
-    n = local_logits.shape[-1]
-    start = comm.rank * n if vocab_start is None else vocab_start
+
+    def check() -> None:
+        if not isinstance(local_logits, torch.Tensor):
+            raise TypeError(f"local_logits: expected a torch tensor, got {type(local_logits).__name__}")
+        V.check_logits("local_logits", local_logits)
+        _check_common(labels, weight, tuple(local_logits.shape[:-1]), ignore_index, label_smoothing, reduction,
+                      z_loss, softcap, temperature, vocab_start)
+
+    n = local_logits.shape[-1] if isinstance(local_logits, torch.Tensor) and local_logits.ndim else 0
+    start, nV, tail = _agree(comm, check, x=local_logits, labels=labels, n=n, vocab_start=vocab_start,
+                             weight=weight, ignore_index=ignore_index,
+                             options=_options("logits", label_smoothing, reduction, z_loss, softcap, temperature))
     cfg = _Cfg(comm, start, ignore_index, float(label_smoothing), reduction, float(z_loss), softcap,
-               float(temperature))
+               float(temperature), vocab_size=nV)
     x2 = local_logits.reshape(-1, n)
-    loss = _VocabParallelCE.apply(x2, labels.reshape(-1), weight, cfg)
+    loss = _VocabParallelCE.apply(x2, labels.reshape(-1), weight, cfg, tail)
     return loss.reshape(labels.shape) if reduction == "none" else loss
+
+
+def _options(kind: str, label_smoothing: Any, reduction: Any, z_loss: Any, softcap: Any, temperature: Any) -> dict:
+    """The options every rank must pass alike, as they enter the header (validated already)."""
+    return {"kind": kind, "label_smoothing": float(label_smoothing), "reduction": reduction,
+            "z_loss": float(z_loss), "softcap": None if softcap is None else float(softcap),
+            "temperature": float(temperature)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,25 +319,22 @@ def _cat_partials(pieces: list) -> stages.Partials:
 class _VocabParallelLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, w: torch.Tensor, b: Any, labels: torch.Tensor, weight: Any,
-                cfg: _Cfg) -> torch.Tensor:
+                cfg: _Cfg, tail: Any) -> torch.Tensor:
         xp = get_namespace(TORCH)
         acc = acc_dtype(xp, h.dtype)
         n = w.shape[0]
-        wl, err = _local_weight(weight, cfg.start, n, acc)
+        wl = _local_weight(weight, cfg.start, n, acc)
         pieces = []
         for i0, i1 in _chunks(h.shape[0], cfg.chunk):
-            z = transform(xp, _head_logits(h[i0:i1], w, b).to(acc), cfg.softcap, cfg.temperature)
-            pieces.append(stages.local_partials(xp, z, labels[i0:i1], start=cfg.start,
+            u = transform(xp, _head_logits(h[i0:i1], w, b).to(acc), cfg.softcap, 1.0)
+            pieces.append(stages.local_partials(xp, u, labels[i0:i1], start=cfg.start,
                                                 ignore_index=cfg.ignore_index,
-                                                label_smoothing=cfg.label_smoothing, weight_local=wl))
-            del z
+                                                label_smoothing=cfg.label_smoothing, weight_local=wl,
+                                                temperature=cfg.temperature, stat_dtype=torch.float64))
+            del u
         parts = _cat_partials(pieces)
-        red = stages.reduce_rows(xp, parts, labels, all_reduce_max=cfg.comm.all_reduce_max,
-                                 all_reduce_sum=cfg.comm.all_reduce_sum, start=cfg.start, size=n,
-                                 weight=None if weight is None else weight.detach(),
-                                 ignore_index=cfg.ignore_index, label_smoothing=cfg.label_smoothing,
-                                 local_error=err)
-        loss = _finish_forward(xp, ctx, red, labels, weight, cfg, h.device, h.dtype)
+        red, ok = _reduce(xp, parts, labels, weight, cfg, tail, n)
+        loss = _finish_forward(xp, ctx, red, ok, weight, cfg, h.dtype)
         ctx.save_for_backward(h, w, b, labels)
         ctx.cfg, ctx.wl = cfg, wl
         return loss
@@ -309,7 +359,8 @@ class _VocabParallelLinearCE(torch.autograd.Function):
                                      g_ce[i0:i1], g_z[i0:i1], start=cfg.start, vocab_size=Vt, wtotal=wtotal,
                                      wy=wy[i0:i1], validf=validf[i0:i1], weight_local=ctx.wl,
                                      label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
-                                     softcap=cfg.softcap, temperature=cfg.temperature)
+                                     softcap=cfg.softcap, temperature=cfg.temperature,
+                                     max_before_temperature=True)
             if dh is not None:
                 dh[i0:i1] = dlog @ w
             if dw is not None:
@@ -321,7 +372,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
             # of the backward pass (what a column-parallel head's backward all-reduce does).
             dh = cfg.comm.all_reduce_sum(dh)
         return (None if dh is None else dh.to(h.dtype), None if dw is None else dw.to(w.dtype),
-                None if db is None else db.to(b.dtype), None, None, None)
+                None if db is None else db.to(b.dtype), None, None, None, None)
 
 
 def vocab_parallel_linear_cross_entropy(hidden: torch.Tensor, local_weight: torch.Tensor, labels: torch.Tensor, *,
@@ -355,29 +406,39 @@ def vocab_parallel_linear_cross_entropy(hidden: torch.Tensor, local_weight: torc
     Communication: forward, one MAX and one SUM all-reduce (as the logits version); backward,
     one SUM all-reduce of ``N × H`` (none with ``reduce_hidden_grad=False``).
     """
-    for name, t in (("hidden", hidden), ("local_weight", local_weight)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch tensor, got {type(t).__name__}")
-        V.check_logits(name, t)
-    if local_weight.ndim != 2 or local_weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"local_weight: expected shape (n, {hidden.shape[-1]}) (n local classes, hidden size), "
-                         f"got {tuple(local_weight.shape)}")
-    if local_weight.dtype != hidden.dtype:
-        raise TypeError(f"local_weight: expected hidden's dtype {dtype_name(hidden.dtype)}, got "
-                        f"{dtype_name(local_weight.dtype)}")
-    n = local_weight.shape[0]
-    if local_bias is not None and (not isinstance(local_bias, torch.Tensor) or tuple(local_bias.shape) != (n,)):
-        raise ValueError(f"local_bias: expected shape ({n},), got "
-                         f"{tuple(local_bias.shape) if isinstance(local_bias, torch.Tensor) else type(local_bias).__name__}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size: expected None or an int >= 1, got {chunk_size!r}")
-    _check_common(labels, weight, tuple(hidden.shape[:-1]), ignore_index, label_smoothing, reduction,
-                  z_loss, softcap, temperature, vocab_start)
     comm = TorchCollectives(group)
-    start = comm.rank * n if vocab_start is None else vocab_start
+
+    def check() -> None:
+        for name, t in (("hidden", hidden), ("local_weight", local_weight)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch tensor, got {type(t).__name__}")
+            V.check_logits(name, t)
+        if local_weight.ndim != 2 or local_weight.shape[1] != hidden.shape[-1]:
+            raise ValueError(f"local_weight: expected shape (n, {hidden.shape[-1]}) (n local classes, hidden size), "
+                             f"got {tuple(local_weight.shape)}")
+        if local_weight.dtype != hidden.dtype:
+            raise TypeError(f"local_weight: expected hidden's dtype {dtype_name(hidden.dtype)}, got "
+                            f"{dtype_name(local_weight.dtype)}")
+        n = local_weight.shape[0]
+        if local_bias is not None and (not isinstance(local_bias, torch.Tensor) or tuple(local_bias.shape) != (n,)):
+            raise ValueError(f"local_bias: expected shape ({n},), got "
+                             f"{tuple(local_bias.shape) if isinstance(local_bias, torch.Tensor) else type(local_bias).__name__}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size: expected None or an int >= 1, got {chunk_size!r}")
+        _check_common(labels, weight, tuple(hidden.shape[:-1]), ignore_index, label_smoothing, reduction,
+                      z_loss, softcap, temperature, vocab_start)
+
+    ok_w = isinstance(local_weight, torch.Tensor) and local_weight.ndim == 2
+    n = local_weight.shape[0] if ok_w else 0
+    start, nV, tail = _agree(comm, check, x=hidden, labels=labels, n=n, vocab_start=vocab_start, weight=weight,
+                             ignore_index=ignore_index,
+                             options={**_options("linear", label_smoothing, reduction, z_loss, softcap, temperature),
+                                      # a rank that skips the backward all-reduce would strand the others
+                                      "kind": ("linear", local_bias is None, bool(reduce_hidden_grad))})
     chunk = chunk_size if chunk_size is not None else max(1, (1 << 23) // max(n, 1))
     cfg = _Cfg(comm, start, ignore_index, float(label_smoothing), reduction, float(z_loss), softcap,
-               float(temperature), chunk, bool(reduce_hidden_grad))
+               float(temperature), chunk, bool(reduce_hidden_grad), vocab_size=nV)
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    loss = _VocabParallelLinearCE.apply(h2, local_weight, local_bias, labels.reshape(-1), weight, cfg)
+    loss = _VocabParallelLinearCE.apply(h2, local_weight, local_bias, labels.reshape(-1), weight, cfg, tail)
     return loss.reshape(labels.shape) if reduction == "none" else loss

@@ -2,38 +2,51 @@ r"""Vocabulary-parallel cross-entropy stages, written once against ``xp`` with t
 
 Each of ``P`` ranks holds the logits of the same ``N`` tokens for a contiguous slice
 ``[start, start + n)`` of the vocabulary, and the same labels (global class indices). With
-``z = softcap·tanh(x/softcap)/T`` the global row statistics are ``m = max_c z_c`` and
-``r = log Σ_c exp(z_c − m)``; the loss of one row is (see :mod:`logitkit.kernels`)::
+``u = softcap·tanh(x/softcap)`` (or ``x``), temperature ``T`` and ``z = u/T``, the global row
+statistics are ``m = max_c u_c`` and ``r = log Σ_c exp((u_c − m)/T)``; the loss of one row is
+(see :mod:`logitkit.kernels`)::
 
-    ce = (1−ε)·w_y·((m − z_y) + r) + ε/V·(Σ_c w_c·(m − z_c) + W·r)        W = Σ_c w_c
+    ce = (1−ε)·w_y·((m − u_y)/T + r) + ε/V·(Σ_c w_c·(m − u_c)/T + W·r)        W = Σ_c w_c
+
+The temperature divides differences ``u − m`` only, never ``u`` itself: ``u/T − m/T`` would round
+away a 1e4 offset's low bits (DESIGN.md's offset rows).
 
 Forward, per rank (no logits leave the rank):
 
+0. :func:`encode_header`: what the ranks must agree on (tokens, dtype, options, three 24-bit label
+   hashes, shard start and size, the label range, a rank-local error and its message) in a
+   fixed-size table of ``F·P (+ MSG_LEN)`` float32, reduced by MAX before anything whose size
+   depends on it. :func:`header_verdict` (host: one clear error, the same on every rank) or
+   :func:`header_ok` (device: a 0-d flag, no host synchronisation) reads it.
 1. :func:`local_partials`: over the local slice, ``m_loc`` and ``t_loc``, the sum of
-   ``exp(z − m_loc)`` over every entry but one maximal one (whose term is exactly 1; ties stay
+   ``exp((u − m_loc)/T)`` over every entry but one maximal one (whose term is exactly 1; ties stay
    in as exact ones), ``c_loc = 1`` (0 for an empty or all ``−inf`` slice), the label logit
-   ``z_y`` (only on the rank that owns ``y``), and with smoothing ``s_loc = Σ_c w_c (m_loc − z_c)``.
-2. ``all_reduce_max`` of ``m_loc`` (N scalars, plus a 4-scalar tail for the checks below).
-3. :func:`global_slots`: rescale to the global ``m`` with O(N) work — the rank that holds the
-   maximum keeps ``(t_loc, c_loc)``, the others send ``exp(m_loc − m)·(t_loc + c_loc)``; the owner
-   of the label sends ``m − z_y``; ``s = s_loc + (m − m_loc)·Σ_local w`` (a sum of non-negative
-   terms, so a common offset of 1e4 cancels nothing).
-4. ``all_reduce_sum`` of the stacked ``(k, N)`` slots, ``k = 3`` (4 with smoothing), plus a
-   1-scalar tail.
+   ``u_y`` (only on the rank that owns ``y``), and with smoothing ``s_loc = Σ_c w_c (m_loc − u_c)/T``.
+   ``t_loc`` and ``s_loc`` accumulate in ``stat_dtype`` (float64 in the bindings).
+2. ``all_reduce_max`` of ``m_loc`` (N scalars; a NaN row sends ``−inf`` here, see 3).
+3. :func:`global_slots`: rescale to the global ``m`` with O(N) work in ``stat_dtype`` — the rank
+   that holds the maximum keeps ``(t_loc, c_loc)``, the others send ``exp((m_loc − m)/T)·(t_loc +
+   c_loc)`` with the difference and the exp in float64 (a float32 ``m_loc − m`` is off by up to
+   half an ulp of the difference, one coherent error for every term of the shard: the 1.1e-6 of
+   issue 21); a row with NaN on this rank sends NaN, which the SUM cannot drop (a MAX can);
+   the owner of the label sends ``(m − u_y)/T``; ``s = s_loc + (m − m_loc)/T·Σ_local w`` (a sum of
+   non-negative terms, so a common offset of 1e4 cancels nothing).
+4. ``all_reduce_sum`` of the stacked ``(k, N)`` slots, ``k = 3`` (4 with smoothing).
 5. :func:`finish`: ``r = log1p(T + (C − 1))`` with ``C`` the number of ranks holding the maximum:
    the core's log1p trick across ranks (``C − 1`` is exact, so a confident row keeps its ~1e-13
-   loss wherever its maximum lies, tied across ranks or not), then the row losses.
+   loss wherever its maximum lies, tied across ranks or not), then the row losses, in float64.
 
-So a forward pass is exactly one MAX and one SUM all-reduce: ``4·(1 + k)`` bytes per token for
-16/32-bit inputs (scalars are float32; float64 for float64 inputs), 16 bytes, 20 with smoothing.
-The slot ``C`` costs 4 of those bytes; it is what keeps the log1p trick exact when the maximum is
-tied across ranks. Backward (:func:`local_grad`) needs no communication: every rank knows ``m``
-and ``r`` and computes ``softmax − target`` on its own slice.
+So a forward pass is one fixed-size MAX all-reduce of the header (``4·(F·P + MSG_LEN)`` bytes per
+call, independent of ``N``), then one MAX and one SUM all-reduce of per-token scalars: ``4·(1 + k)``
+bytes per token for 16/32-bit inputs (float32 scalars; float64 for float64 inputs), 16 bytes, 20
+with smoothing. Where a host synchronisation is unwanted (CUDA tensors) the header table rides in
+the tail of the per-token MAX instead (no message block) and a failed check makes the loss NaN.
+Backward (:func:`local_grad`) needs no communication: every rank knows ``m`` and ``r`` and
+computes ``softmax − target`` on its own slice.
 
-Checks that ride along for free (the tails): the shards must tile the vocabulary
-(``max(start + n) == Σ n``), the labels must be identical on every rank (a 20-bit hash, whose
-max and min must agree), and no rank may have found a local problem (an error code). Every rank sees the same reduced values, so every rank reaches the same
-verdict and none is left waiting in a collective.
+>>> from logitkit.distributed import stages
+>>> stages.n_slots(0.0), stages.n_slots(0.1)
+(3, 4)
 """
 
 from __future__ import annotations
@@ -47,10 +60,10 @@ from ..core.logsumexp import transform, transform_grad_factor
 
 __all__ = [
     "Partials", "Reduced", "local_partials", "global_slots", "finish", "reduce_rows", "local_grad",
-    "label_hash", "n_slots", "cross_entropy_with_grad",
+    "label_hashes", "label_range", "n_slots", "cross_entropy_with_grad", "HEADER_FIELDS", "MSG_LEN",
+    "header_size", "header_fields", "encode_header", "decode_header", "header_verdict", "header_ok",
+    "Header", "option_code", "stat_dtype",
 ]
-
-_HASH_MASK = (1 << 20) - 1  # 20-bit label hash: exact in float32
 
 
 class Partials(NamedTuple):
@@ -63,21 +76,6 @@ class Partials(NamedTuple):
     own: Any      # bool: this rank owns the (non-ignored) label
     s: Any        # Σ_c w_c·(m_loc − z_c) (None without smoothing)
     wsum: Any     # Σ_c w_c over the local (unpadded) classes (None without smoothing)
-
-
-class Reduced(NamedTuple):
-    """Result of :func:`reduce_rows`: per-row ``(N,)`` arrays and the shared scalars."""
-
-    ce: Any       # per-row smoothed, weighted cross-entropy (0 for ignored rows)
-    m: Any        # global max of the transformed logits
-    r: Any        # log Σ exp(z − m) over the whole vocabulary
-    validf: Any   # 1.0 for rows that are not ignored
-    wy: Any       # class weight of the label (0 for ignored rows)
-    vocab_size: Any   # global vocabulary size V (0-d array)
-    tiled: Any    # 0-d bool: the shards tile [0, Σ n) (max(start + n) == Σ n)
-    shard_end: Any    # 0-d: max(start + n) over the ranks
-    same_labels: Any  # 0-d bool: every rank passed the same labels
-    local_error: Any  # 0-d: the largest error code any rank reported before the collectives
 
 
 def n_slots(label_smoothing: float) -> int:
@@ -236,39 +234,344 @@ def _add_at(xp: Any, a: Any, idx: Any, values: Any) -> Any:
     return a.at[rows, idx[:, 0]].add(values[:, 0])
 
 
-def label_hash(xp: Any, labels: Any, dtype: Any) -> Any:
-    """A 20-bit position-weighted hash of the labels, as a 0-d ``dtype`` array (exact in float32).
+def _host_vec(xp: Any, values: list, dtype: Any, like: Any) -> Any:
+    """:func:`_vec` of Python numbers in one host array (torch CPU, NumPy); fills elsewhere."""
+    lib = _lib(xp)
+    if lib == "numpy":
+        return xp.asarray(values, dtype=dtype)
+    if lib == "torch" and like.device.type == "cpu":
+        return xp._t.tensor(values, dtype=dtype)
+    return _vec(xp, values, dtype, like)
 
-    Integer overflow wraps identically on every rank, so equal labels give equal hashes.
+
+# ----------------------------------------------------------------------------------------------
+# what the ranks must agree on: a fixed-size header, reduced by MAX before any per-token collective
+
+_M32 = 0xFFFFFFFF
+_H24 = 0xFFFFFF
+_EXACT = 1 << 24          # integers below this are exact in float32
+_FILL = -2.0              # below every encoded value (all >= -1): a MAX leaves each rank's cell
+# host-known fields first, then those computed on the device (label hashes and range), then the error
+HEADER_FIELDS = ("start", "size", "rows_lo", "rows_hi", "dtype", "ignore_index", "label_smoothing",
+                 "reduction", "z_loss", "softcap", "temperature", "weight", "vocab_start", "kind",
+                 "labels_a", "labels_b", "labels_c", "label_min", "label_max", "error")
+_N_HOST = 14
+_FI = {f: i for i, f in enumerate(HEADER_FIELDS)}
+_OPTION_FIELDS = ("ignore_index", "label_smoothing", "reduction", "z_loss", "softcap", "temperature",
+                  "weight", "vocab_start", "kind")
+MSG_LEN = 160             # characters of a rank-local error message carried to every rank
+_ERRORS = {1: ValueError, 2: TypeError}
+_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_SEEDS = ((0x243F6A88, 0x85A308D3), (0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0))
+
+
+def header_size(world_size: int, with_message: bool = True) -> int:
+    """Scalars in the header: ``F·P`` table cells (plus ``MSG_LEN`` message characters)."""
+    return len(HEADER_FIELDS) * world_size + (MSG_LEN if with_message else 0)
+
+
+def option_code(value: Any) -> int:
+    """A 24-bit code of a Python option value (its ``repr``), exact in float32; the same on every rank."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=3).digest(), "little")
+
+
+def _mix32(xp: Any, v: Any) -> Any:
+    """A 32-bit finalizer (lowbias32) of values in ``[0, 2^32)``: int64 with wrap-around, uint32 in JAX."""
+    if _lib(xp) == "jax":
+        v = v ^ (v >> 16)
+        v = v * xp.uint32(0x7FEB352D)
+        v = v ^ (v >> 15)
+        v = v * xp.uint32(0x846CA68B)
+        return v ^ (v >> 16)
+    v = v ^ (v >> 16)
+    v = (v * 0x7FEB352D) & _M32
+    v = v ^ (v >> 15)
+    v = (v * 0x846CA68B) & _M32
+    return v ^ (v >> 16)
+
+
+def label_hashes(xp: Any, labels: Any) -> list:
+    """Three independent 24-bit hashes of the labels and their positions, each a 0-d integer array.
+
+    Each label and its position go through a non-linear 32-bit mixer before the sum, so no small
+    edit of a few labels cancels (a position-weighted sum is linear: two edits can).
     """
+    lib = _lib(xp)
     lab = labels.reshape(-1)
-    pos = _iota(xp, lab.shape[0], lab)
-    if _lib(xp) != "torch":
-        pos = pos.astype(lab.dtype)
+    if lib == "torch":
+        t = xp._t
+        lab = lab.to(t.int64)
+        lo, hi = lab & _M32, (lab >> 32) & _M32
+        pos = t.arange(lab.shape[0], device=lab.device, dtype=t.int64)
+    elif lib == "jax":
+        lo = lab.astype(xp.uint32)
+        hi = ((lab >> 31) >> 1).astype(xp.uint32)  # the sign word for 32-bit labels, as int64 has it
+        pos = xp.arange(lab.shape[0], dtype=xp.uint32)
     else:
-        pos = pos.to(lab.dtype)
-    h = xp.asarray(xp.sum(lab * (pos * 2 + 1) + pos) & _HASH_MASK)
-    return xp.astype(h, dtype)
+        lab = lab.astype("int64")
+        lo, hi = lab & _M32, (lab >> 32) & _M32
+        pos = xp.arange(lab.shape[0], dtype="int64")
+    out = []
+    for s1, s2 in _SEEDS:
+        if lib == "jax":
+            k1, k2, mul = xp.uint32(s1), xp.uint32(s2), xp.uint32(0x9E3779B1)
+            a = _mix32(xp, pos * mul + k1)
+        else:
+            k1, k2 = s1, s2
+            a = _mix32(xp, (pos * 0x9E3779B1 + k1) & _M32)
+        h = _mix32(xp, _mix32(xp, lo ^ a) ^ hi ^ k2) & _H24
+        if lib == "jax":
+            out.append(xp.sum(h, dtype=xp.uint32) & xp.uint32(_H24))
+        else:
+            out.append(xp.sum(h) & _H24)
+    return out
+
+
+def label_range(xp: Any, labels: Any, ignore_index: int) -> tuple[Any, Any]:
+    """``(min, max)`` of the labels that are not ignored, clipped to ``[-1, 2^24 − 1]`` (exact in
+    float32), as 0-d arrays; ``(0, −1)`` when every label is ignored."""
+    lab = labels.reshape(-1)
+    valid = lab != ignore_index
+    hi = _EXACT - 1
+    if _lib(xp) == "torch":
+        c = lab.clamp(-1, hi).to(xp._t.int64)
+    else:
+        c = xp.clip(lab, -1, hi).astype("int64" if _lib(xp) == "numpy" else lab.dtype)
+    if lab.shape[0] == 0:
+        return 0, -1
+    lo_ = -xp.max(-xp.where(valid, c, hi))
+    hi_ = xp.max(xp.where(valid, c, -1))
+    any_valid = xp.any(valid)
+    return xp.where(any_valid, lo_, 0), xp.where(any_valid, hi_, -1)
+
+
+def encode_header(xp: Any, *, rank: Any, world_size: int, fields: dict | None, error: BaseException | None,
+                  like: Any, with_message: bool = True) -> Any:
+    """This rank's header, a 1-D float32 array of :func:`header_size` scalars.
+
+    ``fields`` maps each name of ``HEADER_FIELDS`` but ``error`` to an int or a 0-d array (``None``
+    when this rank's arguments failed their checks and ``error`` holds the exception). Rank ``r``
+    writes column ``r`` of the ``(F, P)`` table, every other cell is ``−2``, so a MAX over the ranks
+    gathers the whole table on every rank. The message block carries the text of the lowest
+    failing rank: ``char + 256·(P − rank)``, so that rank wins every position.
+    """
+    f32 = xp.float32
+    P = world_size
+    F = len(HEADER_FIELDS)
+    code = 0
+    if error is not None:
+        code = 2 if isinstance(error, TypeError) else 1
+    if fields is None:
+        col = _host_vec(xp, [_FILL] * (F - 1) + [code], f32, like)
+    elif _lib(xp) == "jax":
+        col = _vec(xp, [fields[f] for f in HEADER_FIELDS[:-1]] + [code], f32, like)
+    else:
+        col = _cat(xp, [_host_vec(xp, [fields[f] for f in HEADER_FIELDS[:_N_HOST]], f32, like),
+                        _vec(xp, [fields[f] for f in HEADER_FIELDS[_N_HOST:-1]], f32, like),
+                        _host_vec(xp, [code], f32, like)])
+    cols = xp.expand_dims(_iota(xp, P, like), 0) == rank
+    table = xp.where(cols, xp.expand_dims(col, -1), _FILL).reshape(-1)
+    if not with_message:
+        return table
+    text = [_FILL] * MSG_LEN
+    if error is not None:
+        msg = str(error).encode("ascii", "replace")[:MSG_LEN].ljust(MSG_LEN, b"\0")
+        text = [float(b + 256 * (P - int(rank))) for b in msg]
+    return _cat(xp, [table, _host_vec(xp, text, f32, table)])
+
+
+class Header(NamedTuple):
+    """The reduced header read on the host: one int64 column per rank for each field."""
+
+    table: Any        # (F, P) NumPy int64
+    message: str      # the lowest failing rank's message ('' if none)
+
+    def field(self, name: str) -> Any:
+        return self.table[_FI[name]]
+
+
+def decode_header(buf: Any, world_size: int) -> Header:
+    """:class:`Header` from the reduced header (a NumPy array, or anything ``numpy.asarray`` takes)."""
+    import numpy as np
+
+    a = np.asarray(buf, dtype=np.float64)
+    F, P = len(HEADER_FIELDS), world_size
+    table = a[:F * P].reshape(F, P).astype(np.int64)
+    text = a[F * P:].astype(np.int64)
+    msg = bytes(int(v) % 256 for v in text if v >= 0).rstrip(b"\0").decode("ascii", "replace")
+    return Header(table, msg)
+
+
+def header_verdict(h: Header, *, weight_len: int | None = None, hint: str = "") -> int:
+    """Check the reduced header on the host; return the global ``V`` or raise the one error.
+
+    Every rank holds the same table, so every rank raises the same exception with the same text
+    (the rank with a local error raises it too, chained to its own). ``weight_len``: this rank's
+    ``weight.shape[0]`` (ranks agree on it, it is in the table). Label range is left to the caller
+    (``label_min``/``label_max`` of the table, or a precise check of the labels).
+    """
+    P = h.table.shape[1]
+    err = h.field("error")
+    if (err > 0).any():
+        r = int((err > 0).argmax())
+        raise _ERRORS.get(int(err[r]), ValueError)(
+            f"{h.message} (found on rank {r} of {P}; every rank of the group raises this error)")
+    rows = h.field("rows_lo") + h.field("rows_hi") * _EXACT
+    if (rows != rows[0]).any():
+        raise ValueError(f"labels: the ranks passed different numbers of tokens, {rows.tolist()} (rank 0, 1, ...); "
+                         "every rank must pass the logits and labels of the same tokens")
+    dt = h.field("dtype")
+    if (dt != dt[0]).any():
+        names = [_DTYPES[int(d)] if 0 <= d < len(_DTYPES) else "?" for d in dt]
+        raise TypeError(f"local_logits: the ranks passed different dtypes, {names}; every rank must pass "
+                        "the same dtype")
+    for f in _OPTION_FIELDS:
+        v = h.field(f)
+        if (v != v[0]).any():
+            what = {"weight": "weight (given on some ranks only, or of different lengths)",
+                    "vocab_start": "vocab_start (None on some ranks only)",
+                    "kind": "the function or the head's options (the logits or the linear head; local_bias "
+                            "given or not; reduce_hidden_grad)"
+                    }.get(f, f)
+            raise ValueError(f"{f}: the ranks passed different values of {what}; every rank of the group must "
+                             "pass the same options")
+    for f in ("labels_a", "labels_b", "labels_c"):
+        v = h.field(f)
+        if (v != v[0]).any():
+            raise ValueError("labels: the ranks passed different labels; every rank of the group must pass the "
+                             "same labels (global class indices) for the same tokens")
+    starts, sizes = h.field("start"), h.field("size")
+    V = int(sizes.sum())
+    if not _tiles(starts, sizes):
+        pairs = [(int(a), int(a + b)) for a, b in zip(starts, sizes)]
+        raise ValueError(f"vocab_start: the shards do not tile the vocabulary [0, {V}) exactly once: the ranks "
+                         f"hold the classes {pairs} (rank 0, 1, ...){hint}")
+    if V >= _EXACT:
+        raise ValueError(f"vocab_start: a vocabulary of {V} classes is more than the 2^24 the checks encode")
+    if weight_len is not None and weight_len != V:
+        raise ValueError(f"weight: expected the global class weights, shape ({V},), got shape ({weight_len},) "
+                         "(on every rank)")
+    return V
+
+
+def _tiles(starts: Any, sizes: Any) -> bool:
+    """The non-empty shards, sorted by start, follow each other from 0 (exact cover of [0, Σ n))."""
+    nz = [(int(s), int(n)) for s, n in zip(starts, sizes) if n > 0]
+    nz.sort()
+    end = 0
+    for s, n in nz:
+        if s != end:
+            return False
+        end = s + n
+    return True
+
+
+def header_ok(xp: Any, table: Any, world_size: int, *, vocab_size: Any) -> Any:
+    """The checks of :func:`header_verdict` as a 0-d bool array on the device (no host sync).
+
+    ``table``: the reduced ``F·P`` table (no message block); ``vocab_size``: the global ``V``
+    (``Σ n``, or the true ``V`` of a padded JAX vocabulary) for the label range. The weight's
+    length is the caller's to compare (the ranks' lengths agree once this passes).
+    """
+    P = world_size
+    t = table.reshape(len(HEADER_FIELDS), P)
+
+    def every(a: Any) -> Any:
+        return xp.logical_not(xp.any(xp.logical_not(a)))
+
+    def same(name: str) -> Any:
+        v = t[_FI[name]]
+        return every(v == v[0])
+
+    ok = every(t[_FI["error"]] <= 0)
+    for f in ("rows_lo", "rows_hi", "dtype", *_OPTION_FIELDS, "labels_a", "labels_b", "labels_c"):
+        ok = ok & same(f)
+    starts, sizes = t[_FI["start"]], t[_FI["size"]]
+    if _lib(xp) == "torch":
+        order = xp._t.argsort(starts + xp._t.where(sizes > 0, 0.0, float(_EXACT)))
+        s, n = starts[order], sizes[order]
+        ends = xp._t.cumsum(n, 0)
+        prev = xp._t.cat([ends.new_zeros(1), ends[:-1]])
+    else:
+        order = xp.argsort(starts + xp.where(sizes > 0, 0.0, float(_EXACT)))
+        s, n = xp.take(starts, order), xp.take(sizes, order)
+        ends = xp.cumsum(n)
+        prev = xp.concatenate([xp.zeros((1,), ends.dtype), ends[:-1]])
+    ok = ok & every((s == prev) | (n == 0))
+    lo, hi = t[_FI["label_min"]][0], t[_FI["label_max"]][0]
+    return ok & (lo >= 0) & (hi < vocab_size)
+
+
+def header_fields(xp: Any, labels: Any, *, start: Any, size: int, dtype: str, ignore_index: int,
+                  options: dict) -> dict:
+    """The header fields of one rank (labels flattened; ``options`` the Python option values)."""
+    N = int(labels.reshape(-1).shape[0])
+    ha, hb, hc = label_hashes(xp, labels)
+    lo, hi = label_range(xp, labels, ignore_index)
+    f = {"start": start, "size": size, "rows_lo": N % _EXACT, "rows_hi": N // _EXACT,
+         "dtype": _DTYPES.index(dtype), "labels_a": ha, "labels_b": hb, "labels_c": hc,
+         "label_min": lo, "label_max": hi}
+    for k in _OPTION_FIELDS:
+        f[k] = option_code(options.get(k))
+    return f
 
 
 # ----------------------------------------------------------------------------------------------
 # the stages
 
 
+def _div_(xp: Any, a: Any, b: float) -> Any:
+    """``a / b``, overwriting ``a`` (a fresh temporary) where the library allows."""
+    lib = _lib(xp)
+    if lib == "torch":
+        return a.div_(b)
+    if lib == "numpy":
+        return xp.divide(a, b, out=a)
+    return a / b
+
+
+def _scalar(xp: Any, v: Any, dtype: Any) -> Any:
+    """A Python number as is, a 0-d array in ``dtype`` (so that it does not promote an array)."""
+    return v if isinstance(v, (int, float)) else _as(xp, v, dtype)
+
+
+def stat_dtype(xp: Any, acc: Any) -> Any:
+    """The dtype of the O(N) row statistics: float64 wherever the library has it (JAX: with x64)."""
+    if _lib(xp) == "jax":
+        import jax
+
+        return xp.float64 if jax.config.jax_enable_x64 else acc
+    return xp.float64
+
+
+def _sum_to(xp: Any, a: Any, dtype: Any) -> Any:
+    """Row sums ``(N, 1)`` accumulated in ``dtype``."""
+    if _lib(xp) == "torch":
+        return a.sum(-1, keepdim=True, dtype=dtype)
+    return xp.sum(a, axis=-1, keepdims=True, dtype=dtype)
+
+
 def local_partials(xp: Any, z: Any, labels: Any, *, start: Any, ignore_index: int,
-                   label_smoothing: float = 0.0, weight_local: Any = None, col_mask: Any = None) -> Partials:
+                   label_smoothing: float = 0.0, weight_local: Any = None, col_mask: Any = None,
+                   temperature: float = 1.0, stat_dtype: Any = None) -> Partials:
     """Stage 1: statistics of this rank's slice (no communication).
 
-    ``z``: ``(N, n)`` transformed logits in the accumulation dtype; ``labels``: ``(N,)`` global
-    class indices; ``start``: global index of local column 0 (int or 0-d integer array);
-    ``weight_local``: ``(n,)`` class weights of the local columns or ``None``; ``col_mask``:
-    ``(n,)`` bool, ``False`` for padding columns (they take no part), or ``None``.
+    ``z``: ``(N, n)`` logits in the accumulation dtype, softcapped, and divided by the temperature
+    unless ``temperature`` is given (then ``m`` is the max before the temperature and every
+    difference ``z − m`` is divided by it, which keeps a large common offset exact); ``labels``:
+    ``(N,)`` global class indices; ``start``: global index of local column 0 (int or 0-d integer
+    array); ``weight_local``: ``(n,)`` class weights of the local columns or ``None``; ``col_mask``:
+    ``(n,)`` bool, ``False`` for padding columns (they take no part), or ``None``; ``stat_dtype``:
+    the dtype of the sums ``t`` and ``s`` (default: ``z``'s).
     """
     with _quiet(xp):
-        return _local_partials(xp, z, labels, start, ignore_index, label_smoothing, weight_local, col_mask)
+        return _local_partials(xp, z, labels, start, ignore_index, label_smoothing, weight_local, col_mask,
+                               float(temperature), z.dtype if stat_dtype is None else stat_dtype)
 
 
-def _local_partials(xp, z, labels, start, ignore_index, label_smoothing, weight_local, col_mask):
+def _local_partials(xp, z, labels, start, ignore_index, label_smoothing, weight_local, col_mask, T, sdt):
     neg_inf = -math.inf
     N, n = z.shape
     if col_mask is not None:
@@ -278,32 +581,33 @@ def _local_partials(xp, z, labels, start, ignore_index, label_smoothing, weight_
     own = valid & (loc >= 0) & (loc < n)
     if n == 0:
         m = _zeros(xp, (N, 1), z.dtype, z) + neg_inf
-        t = c = zy = _zeros(xp, (N, 1), z.dtype, z)
+        zy = _zeros(xp, (N, 1), z.dtype, z)
+        t = c = _zeros(xp, (N, 1), sdt, z)
         s = t if label_smoothing > 0.0 else None
-        wsum = _zeros(xp, (), z.dtype, z) if label_smoothing > 0.0 else None
+        wsum = _zeros(xp, (), sdt, z) if label_smoothing > 0.0 else None
         return Partials(m, t, c, zy, xp.expand_dims(own, -1), s, wsum)
     m, imax = _max_argmax(xp, z)
     m0 = xp.where(xp.isfinite(m), m, 0.0)
+    # d = (m_loc − z)/T ≥ 0 feeds the smoothing sum, and exp(−d) is e = exp((z − m_loc)/T)
+    d = m0 - z
+    if T != 1.0:
+        d = _div_(xp, d, T)
     s = wsum = None
     if label_smoothing > 0.0:
-        # d = m_loc − z ≥ 0 feeds the smoothing sum, and exp(−d) is the same e = exp(z − m_loc)
-        d = m0 - z
         wd = d if weight_local is None else weight_local * d
         if col_mask is not None:
             wd = xp.where(col_mask, wd, 0.0)
-        s = xp.sum(wd, axis=-1, keepdims=True)
+        s = _sum_to(xp, wd, sdt)
         w = _zeros(xp, (n,), z.dtype, z) + 1.0 if weight_local is None else weight_local
         if col_mask is not None:
             w = xp.where(col_mask, w, 0.0)
-        wsum = xp.sum(w)
-        e = _exp_(xp, _neg_(xp, d))
-    else:
-        e = _exp_(xp, z - m0)
+        wsum = xp.sum(_as(xp, w, sdt))
+    e = _exp_(xp, _neg_(xp, d))
     # Leave one maximal term out of the sum (its exp is exactly 1): the log1p trick. Ties on this
     # rank stay in as exact ones; c says whether this rank left one out.
     e = _set_at(xp, e, imax, 0.0)
-    t = xp.sum(e, axis=-1, keepdims=True)
-    c = xp.where(m == neg_inf, 0.0, xp.ones_like(m))
+    t = _sum_to(xp, e, sdt)
+    c = _as(xp, xp.where(m == neg_inf, 0.0, xp.ones_like(m)), sdt)
     idx = xp.expand_dims(xp.where(own, loc, 0), -1)
     zy = xp.take_along_axis(z, idx, axis=-1)
     own = xp.expand_dims(own, -1)
@@ -311,21 +615,34 @@ def _local_partials(xp, z, labels, start, ignore_index, label_smoothing, weight_
     return Partials(m, t, c, zy, own, s, wsum)
 
 
-def global_slots(xp: Any, p: Partials, m: Any) -> list:
+def global_slots(xp: Any, p: Partials, m: Any, temperature: float = 1.0) -> list:
     """Stage 3: this rank's per-row contributions to the SUM all-reduce, given the global ``m``.
 
-    Returns ``[t, c, d]`` (plus ``s`` with smoothing), each ``(N, 1)``: summed over ranks they give
-    ``T`` and ``C`` with ``T + C = Σ_c exp(z_c − m)`` (``C``: the ranks that hold the maximum,
-    each of which left one term of exactly 1 out of ``T``), ``m − z_y`` and ``Σ_c w_c (m − z_c)``.
+    Returns ``[t, c, d]`` (plus ``s`` with smoothing), each ``(N, 1)`` in ``p.t``'s dtype: summed
+    over ranks they give ``T`` and ``C`` with ``T + C = Σ_c exp((z_c − m)/T)`` (``C``: the ranks
+    that hold the maximum, each of which left one term of exactly 1 out of ``T``), ``(m − z_y)/T``
+    and ``Σ_c w_c (m − z_c)/T``. A row whose local max is NaN sends ``T = NaN``.
     """
     with _quiet(xp):
-        keep = p.m == m
-        both_finite = xp.isfinite(p.m) & xp.isfinite(m)
-        scale = xp.exp(xp.where(both_finite, p.m - m, -math.inf))
-        slots = [xp.where(keep, p.t, scale * (p.t + p.c)), xp.where(keep, p.c, 0.0),
-                 xp.where(p.own, m - p.zy, 0.0)]
+        sdt = p.t.dtype
+        pm, mg = _as(xp, p.m, sdt), _as(xp, m, sdt)
+        keep = pm == mg
+        both_finite = xp.isfinite(pm) & xp.isfinite(mg)
+        diff = xp.where(both_finite, pm - mg, -math.inf)
+        if temperature != 1.0:
+            diff = diff / temperature
+        scale = xp.exp(diff)
+        t = xp.where(keep, p.t, scale * (p.t + p.c))
+        t = xp.where(xp.isnan(pm), math.nan, t)
+        dy = mg - _as(xp, p.zy, sdt)
+        if temperature != 1.0:
+            dy = dy / temperature
+        slots = [t, xp.where(keep, p.c, 0.0), xp.where(p.own, dy, 0.0)]
         if p.s is not None:
-            slots.append(p.s + xp.where(xp.isfinite(p.m), (m - p.m) * p.wsum, 0.0))
+            shift = mg - pm
+            if temperature != 1.0:
+                shift = shift / temperature
+            slots.append(p.s + xp.where(xp.isfinite(pm), shift * p.wsum, 0.0))
         return slots
 
 
@@ -334,11 +651,11 @@ def finish(xp: Any, m: Any, sums: Any, validf: Any, wy: Any, *, vocab_size: Any,
     """Stage 5: ``(ce, r)`` per row from the global ``m`` and the summed slots ``(k, N)``.
 
     ``r = log1p(T + (C − 1))``; an all ``−inf`` row has ``r = 0`` and ``ce = inf`` (0 if ignored);
-    ``m = +inf`` gives NaN.
+    ``m = +inf`` or a NaN anywhere in the row (``T`` or ``m`` NaN) gives NaN.
     """
     with _quiet(xp):
         T, C, D = sums[0], sums[1], sums[2]
-        all_masked = m == -math.inf
+        all_masked = (m == -math.inf) & ~xp.isnan(T)
         r = xp.log1p(T + (C - 1.0))
         r = xp.where(all_masked, 0.0, xp.where((m == math.inf) | xp.isnan(m), math.nan, r))
         nll = xp.where(all_masked, math.inf, D + r)
@@ -351,46 +668,61 @@ def finish(xp: Any, m: Any, sums: Any, validf: Any, wy: Any, *, vocab_size: Any,
         return ce, r
 
 
+class Reduced(NamedTuple):
+    """Result of :func:`reduce_rows`: per-row ``(N,)`` arrays in the statistics dtype."""
+
+    ce: Any       # per-row smoothed, weighted cross-entropy (0 for ignored rows)
+    m: Any        # global max of the (softcapped) logits, before the temperature
+    r: Any        # log Σ exp((z − m)/T) over the whole vocabulary
+    lse: Any      # m/T + r
+    validf: Any   # 1.0 for rows that are not ignored
+    wy: Any       # class weight of the label (0 for ignored rows)
+    vocab_size: Any   # the global V used
+    tail: Any     # the reduced extra scalars of the MAX all-reduce (``max_tail``), or None
+
+
 def reduce_rows(xp: Any, p: Partials, labels: Any, *, all_reduce_max: Callable[[Any], Any],
-                all_reduce_sum: Callable[[Any], Any], start: Any, size: int, weight: Any,
-                ignore_index: int, label_smoothing: float, vocab_size: Any = None,
-                local_error: int = 0) -> Reduced:
-    """Stages 2–5: the two collectives and the row losses, from one rank's :class:`Partials`.
+                all_reduce_sum: Callable[[Any], Any], vocab_size: Any, weight: Any, ignore_index: int,
+                label_smoothing: float, temperature: float = 1.0, sum_dtype: Any = None,
+                max_tail: Any = None) -> Reduced:
+    """Stages 2–5: the per-token collectives and the row losses, from one rank's :class:`Partials`.
 
     ``all_reduce_max(a)`` / ``all_reduce_sum(a)`` take a 1-D array and return the element-wise
-    max / sum over the ranks (they may work in place). Called exactly once each.
-    ``weight``: global ``(V,)`` class weights or ``None``. ``vocab_size``: the global ``V`` when
-    the slices carry padding columns (``col_mask``); ``None``: ``V = Σ n`` over the ranks.
-    ``local_error``: a code > 0 when this rank found a problem before the collectives (so every
-    rank can raise together afterwards).
+    max / sum over the ranks (they may work in place). Called exactly once each: MAX of ``N``
+    (+ ``max_tail``) scalars in ``p.m``'s dtype, SUM of ``k·N`` in ``sum_dtype`` (default
+    ``p.m``'s). ``vocab_size``: the global ``V`` (from the header), or a function of the reduced
+    ``max_tail`` that returns it (a header that rides in the tail). ``weight``: global ``(V,)``
+    class weights or ``None``. ``p`` from :func:`local_partials` with the same ``temperature``.
     """
     acc = p.m.dtype
+    sdt = p.t.dtype
     N = p.m.shape[0]
-    like = p.m
-    h = label_hash(xp, labels, acc)
-    tail_max = _vec(xp, [start + size, h, -h, local_error], acc, like)
-    buf = all_reduce_max(_cat(xp, [p.m.reshape(-1), tail_max]))
+    # NaN must not ride in the MAX (gloo and XLA may drop it); its row sends NaN in the SUM instead
+    mloc = xp.where(xp.isnan(p.m), -math.inf, p.m).reshape(-1)
+    if max_tail is not None:
+        mloc = _cat(xp, [mloc, _as(xp, max_tail, acc)])
+    buf = all_reduce_max(mloc)
     m = buf[:N].reshape(N, 1)
-    tmax = buf[N:]
-    slots = global_slots(xp, p, m)
+    tail = None if max_tail is None else buf[N:]
+    slots = global_slots(xp, p, m, temperature)
     k = len(slots)
-    stacked = _cat(xp, [s.reshape(-1) for s in slots] + [_vec(xp, [size], acc, like)])
-    sbuf = all_reduce_sum(stacked)
-    sums = sbuf[: k * N].reshape(k, N)
-    total = sbuf[k * N]
-    V = total if vocab_size is None else _vec(xp, [vocab_size], acc, like)[0]
-    validf, wy = _row_weights(xp, labels, weight, ignore_index, acc)
-    wtotal = V if weight is None else xp.sum(xp.astype(weight, acc))
-    m1 = m.reshape(N)
+    sd = acc if sum_dtype is None else sum_dtype
+    stacked = _as(xp, _cat(xp, [s.reshape(-1) for s in slots]), sd)
+    sums = _as(xp, all_reduce_sum(stacked), sdt).reshape(k, N)
+    validf, wy = _row_weights(xp, labels, weight, ignore_index, sdt)
+    V = vocab_size(tail) if callable(vocab_size) else vocab_size
+    wtotal = V if weight is None else xp.sum(_as(xp, weight, sdt))
+    m1 = _as(xp, m.reshape(N), sdt)
     ce, r = finish(xp, m1, sums, validf, wy, vocab_size=V, wtotal=wtotal, label_smoothing=label_smoothing)
-    return Reduced(ce, m1, r, validf, wy, V, tmax[0] == total, tmax[0], tmax[1] == -tmax[2], tmax[3])
+    lse = (m1 if temperature == 1.0 else m1 / temperature) + r
+    return Reduced(ce, m1, r, lse, validf, wy, V, tail)
 
 
 def _row_weights(xp: Any, labels: Any, weight: Any, ignore_index: int, acc: Any) -> tuple[Any, Any]:
     """``(valid, w_y)`` as in :func:`logitkit.core.reduction.row_weights`, never indexing out of range.
 
-    Labels are validated only after the collectives (when ``V`` is known on every rank), so a bad
-    label must not crash one rank here and leave the others waiting.
+    On devices that are not read by the host an out-of-range label reaches this point (its loss is
+    made NaN by the caller); it must not crash one rank here and leave the others waiting.
     """
     valid = labels != ignore_index
     validf = xp.astype(valid, acc)
@@ -408,35 +740,42 @@ def _row_weights(xp: Any, labels: Any, weight: Any, ignore_index: int, acc: Any)
 def local_grad(xp: Any, x: Any, labels: Any, m: Any, r: Any, g_ce: Any, g_z: Any, *, start: Any,
                vocab_size: Any, wtotal: Any, wy: Any, validf: Any, weight_local: Any = None,
                label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
-               temperature: float = 1.0, col_mask: Any = None) -> Any:
+               temperature: float = 1.0, col_mask: Any = None, max_before_temperature: bool = False) -> Any:
     r"""Backward on one slice, no communication: ``d loss / d x`` for the local ``(N, n)`` logits.
 
     ``dz_c = g_ce·[(1−ε) w_y (p_c − [c = y]) + ε/V (W p_c − w_c)] + g_z·2ζ·lse·p_c`` with
     ``p_c = exp(z_c − m − r)`` from the global statistics, chained through softcap and temperature.
-    ``g_ce``/``g_z``: per-row multipliers ``(N,)`` (reduction scale × grad_output). Ignored rows get
-    an exact zero; the result has ``x``'s dtype, the label term subtracted in the accumulation dtype.
+    ``max_before_temperature``: ``m`` is the max of the softcapped logits before the temperature
+    (the vocabulary-parallel bindings), so ``p_c = exp((u_c − m)/T − r)``; otherwise ``m`` is the
+    max of ``z``. ``g_ce``/``g_z``: per-row multipliers ``(N,)`` (reduction scale × grad_output).
+    Ignored rows get an exact zero; the result has ``x``'s dtype, the label term subtracted in the
+    accumulation dtype.
     """
     with _quiet(xp):
         acc = acc_dtype(xp, x.dtype)
         N, n = x.shape
         xa = _as(xp, x, acc)
-        z = transform(xp, xa, softcap, temperature)
+        T = float(temperature)
+        z = transform(xp, xa, softcap, 1.0 if max_before_temperature else T)
         if col_mask is not None:
             z = xp.where(col_mask, z, -math.inf)
-        m2, r2 = xp.expand_dims(m, -1), xp.expand_dims(r, -1)
+        m2, r2 = xp.expand_dims(_as(xp, m, acc), -1), xp.expand_dims(_as(xp, r, acc), -1)
+        lse2 = (m2 / T if max_before_temperature and T != 1.0 else m2) + r2
         # p = exp((z − m) − r); an all −inf row has z = −inf, so p = 0 with m0 = 0 and r = 0, and
         # a row with NaN or +inf has r = NaN, so p = NaN there: no extra masking pass is needed.
         p = z - xp.where(xp.isfinite(m2), m2, 0.0)
+        if max_before_temperature and T != 1.0:
+            p = _div_(xp, p, T)
         p = _exp_(xp, _sub_(xp, p, r2))
         eps = label_smoothing
-        gce = xp.expand_dims(xp.astype(g_ce, acc), -1)
-        c_label = gce * ((1.0 - eps) * xp.expand_dims(wy, -1))   # weight of (p − onehot)
+        gce = xp.expand_dims(_as(xp, g_ce, acc), -1)
+        c_label = gce * ((1.0 - eps) * xp.expand_dims(_as(xp, wy, acc), -1))   # weight of (p − onehot)
         coef = c_label
         if eps > 0.0:
-            c_smooth = gce * (eps / vocab_size)                    # weight of (W·p − w)
-            coef = coef + c_smooth * wtotal
+            c_smooth = gce * (eps / _scalar(xp, vocab_size, acc))           # weight of (W·p − w)
+            coef = coef + c_smooth * _scalar(xp, wtotal, acc)
         if z_loss != 0.0:
-            coef = coef + xp.expand_dims(xp.astype(g_z, acc), -1) * (2.0 * z_loss) * (m2 + r2)
+            coef = coef + xp.expand_dims(_as(xp, g_z, acc), -1) * (2.0 * z_loss) * lse2
         dz = _mul_(xp, p, coef)
         if eps > 0.0:
             w = _zeros(xp, (n,), z.dtype, z) + 1.0 if weight_local is None else weight_local
@@ -461,65 +800,89 @@ def local_grad(xp: Any, x: Any, labels: Any, m: Any, r: Any, g_ce: Any, g_z: Any
 
 
 def cross_entropy_with_grad(x: Any, labels: Any, *, all_reduce_max: Callable[[Any], Any],
-                            all_reduce_sum: Callable[[Any], Any], vocab_start: Any, weight: Any = None,
-                            ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
-                            z_loss: float = 0.0, softcap: float | None = None,
-                            temperature: float = 1.0) -> tuple[Any, Any]:
+                            all_reduce_sum: Callable[[Any], Any], rank: int, world_size: int,
+                            vocab_start: Any = None, weight: Any = None, ignore_index: int = -100,
+                            label_smoothing: float = 0.0, reduction: str = "mean", z_loss: float = 0.0,
+                            softcap: float | None = None, temperature: float = 1.0) -> tuple[Any, Any]:
     """``(loss, d loss / d x)`` for this rank's ``(N, n)`` slice of the logits, any array library.
 
-    The framework-free driver of the stages: ``x`` holds classes ``[vocab_start, vocab_start + n)``,
-    ``labels`` ``(N,)`` the global class indices (the same on every rank), ``weight`` the global
-    ``(V,)`` class weights or ``None``. ``all_reduce_max`` / ``all_reduce_sum`` map a 1-D array to
-    its element-wise max / sum over the ranks, e.g. with mpi4py::
+    The framework-free driver of the stages: ``x`` holds classes ``[vocab_start, vocab_start + n)``
+    (``None``: ``rank · n``), ``labels`` ``(N,)`` the global class indices (the same on every
+    rank), ``weight`` the global ``(V,)`` class weights or ``None``. ``all_reduce_max`` /
+    ``all_reduce_sum`` map a 1-D array to its element-wise max / sum over the ``world_size``
+    ranks, e.g. with mpi4py::
 
-        amax = lambda a: comm.allreduce(a, op=MPI.MAX)
-        loss, g = cross_entropy_with_grad(x_local, y, all_reduce_max=amax,
-                                          all_reduce_sum=lambda a: comm.allreduce(a, op=MPI.SUM),
-                                          vocab_start=rank * x_local.shape[1])
+        loss, g = cross_entropy_with_grad(
+            x_local, y, all_reduce_max=lambda a: comm.allreduce(a, op=MPI.MAX),
+            all_reduce_sum=lambda a: comm.allreduce(a, op=MPI.SUM), rank=comm.rank,
+            world_size=comm.size)
 
-    Each collective is called once; the gradient needs none. For ``reduction="none"`` the
-    gradient is that of the summed row losses. Raises ``ValueError`` (on every rank alike) when the
-    shards do not tile the vocabulary, the labels differ between ranks or are out of range.
+    Three collectives: the fixed-size header (MAX), then MAX and SUM of per-token scalars; the
+    gradient needs none. For ``reduction="none"`` the gradient is that of the summed row losses.
+    Every check runs before any per-token collective; a failure on any rank (bad arguments, ranks
+    that disagree on tokens, dtype, options or labels, shards that do not tile the vocabulary,
+    labels out of range) raises the same ``ValueError``/``TypeError`` on every rank.
+
+    >>> import numpy as np
+    >>> x = np.array([[1.0, 2.0, 3.0]])
+    >>> same = lambda a: a                      # one rank: the collectives are the identity
+    >>> loss, g = cross_entropy_with_grad(x, np.array([2]), all_reduce_max=same, all_reduce_sum=same,
+    ...                                   rank=0, world_size=1)
+    >>> round(float(loss), 6)
+    0.407606
     """
     from .. import _validate as Vd
-    from .._namespace import namespace_of
+    from .._namespace import dtype_name, namespace_of
     from ..core.reduction import reduce_loss, row_scales
 
-    lib, xp = namespace_of(x=x, labels=labels, weight=weight)
-    Vd.check_logits("x", x)
-    Vd.check_options(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                     temperature=temperature)
-    if x.ndim != 2 or tuple(labels.shape) != (x.shape[0],):
-        raise ValueError(f"x, labels: expected shapes (N, n) and (N,), got {tuple(x.shape)} and "
-                         f"{tuple(labels.shape)}")
-    acc = acc_dtype(xp, x.dtype)
-    n = x.shape[1]
-    start = int(vocab_start)
-    wl, err = None, 0
-    if weight is not None:
-        wl = xp.astype(weight, acc)[start:start + n]
-        if wl.shape[0] < n:
-            err = 1
-            wl = _cat(xp, [wl, _zeros(xp, (n - wl.shape[0],), acc, x)])
-    z = transform(xp, _as(xp, x, acc), softcap, temperature)
-    parts = local_partials(xp, z, labels, start=start, ignore_index=ignore_index,
-                           label_smoothing=label_smoothing, weight_local=wl)
-    red = reduce_rows(xp, parts, labels, all_reduce_max=all_reduce_max, all_reduce_sum=all_reduce_sum,
-                      start=start, size=n, weight=weight, ignore_index=ignore_index,
-                      label_smoothing=label_smoothing, local_error=err)
-    nV = int(red.vocab_size)
-    if float(red.local_error) > 0 or (weight is not None and weight.shape[0] != nV):
-        raise ValueError(f"weight: expected the global class weights, shape ({nV},) (on every rank)")
-    if not bool(red.tiled):
-        raise ValueError(f"vocab_start: the shards do not tile the vocabulary: the largest vocab_start + n is "
-                         f"{int(red.shard_end)} but the ranks hold {nV} classes in all")
-    if not bool(red.same_labels):
-        raise ValueError("labels: the ranks passed different labels; every rank must pass the same labels")
+    error, fields, xp, start = None, None, None, None
+    try:
+        lib, xp = namespace_of(x=x, labels=labels, weight=weight)
+        Vd.check_logits("x", x)
+        Vd.check_options(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                         temperature=temperature)
+        if x.ndim != 2 or tuple(labels.shape) != (x.shape[0],):
+            raise ValueError(f"x, labels: expected shapes (N, n) and (N,), got {tuple(x.shape)} and "
+                             f"{tuple(labels.shape)}")
+        if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+            raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+        n = x.shape[1]
+        start = rank * n if vocab_start is None else int(vocab_start)
+        if not 0 <= start < _EXACT or n >= _EXACT:
+            raise ValueError(f"vocab_start: expected a start in [0, 2^24), got {start}")
+        wkey = None if weight is None else ("weight", int(weight.shape[0]))
+        fields = header_fields(xp, labels, start=start, size=n, dtype=dtype_name(x.dtype), ignore_index=ignore_index,
+                               options={"ignore_index": ignore_index, "label_smoothing": float(label_smoothing),
+                                        "reduction": reduction, "z_loss": float(z_loss), "softcap": softcap,
+                                        "temperature": float(temperature), "weight": wkey,
+                                        "vocab_start": vocab_start is None, "kind": "stages"})
+    except (TypeError, ValueError) as exc:
+        error = exc
+    if xp is None:
+        import numpy as xp  # noqa: N813 - a rank with unusable arrays still takes part in the header
+    like = x if error is None else xp.zeros(0)
+    buf = all_reduce_max(encode_header(xp, rank=rank, world_size=world_size, fields=fields, error=error, like=like))
+    head = decode_header(buf, world_size)
+    try:
+        nV = header_verdict(head, weight_len=None if weight is None else int(weight.shape[0]))
+    except (TypeError, ValueError) as exc:
+        if error is not None:
+            raise exc from error
+        raise
     Vd.check_label_range(lib, labels, nV, ignore_index)
-    loss = reduce_loss(xp, red.ce, red.m + red.r, red.validf, red.wy, reduction, z_loss)
+    acc = acc_dtype(xp, x.dtype)
+    sdt = stat_dtype(xp, acc)
+    wl = None if weight is None else xp.astype(weight, acc)[start:start + n]
+    u = transform(xp, _as(xp, x, acc), softcap, 1.0)
+    parts = local_partials(xp, u, labels, start=start, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                           weight_local=wl, temperature=temperature, stat_dtype=sdt)
+    red = reduce_rows(xp, parts, labels, all_reduce_max=all_reduce_max, all_reduce_sum=all_reduce_sum,
+                      vocab_size=nV, weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                      temperature=temperature)
+    loss = reduce_loss(xp, red.ce, red.lse, red.validf, red.wy, reduction, z_loss)
     g_ce, g_z = row_scales(xp, red.validf, red.wy, reduction)
-    wtotal = red.vocab_size if weight is None else xp.sum(xp.astype(weight, acc))
-    dx = local_grad(xp, x, labels, red.m, red.r, g_ce, g_z, start=start, vocab_size=red.vocab_size,
-                    wtotal=wtotal, wy=red.wy, validf=red.validf, weight_local=wl,
-                    label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, temperature=temperature)
+    wtotal = float(nV) if weight is None else xp.sum(xp.astype(weight, sdt))
+    dx = local_grad(xp, x, labels, red.m, red.r, g_ce, g_z, start=start, vocab_size=nV, wtotal=wtotal,
+                    wy=red.wy, validf=red.validf, weight_local=wl, label_smoothing=label_smoothing, z_loss=z_loss,
+                    softcap=softcap, temperature=temperature, max_before_temperature=True)
     return xp.astype(loss, x.dtype), dx
