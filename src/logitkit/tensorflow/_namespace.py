@@ -26,6 +26,8 @@ def namespace() -> Any:
 
 def _dims(shape: Any) -> list | None:
     """A static shape as a list of ints and ``None``s (``None`` for an unknown rank)."""
+    if isinstance(shape, (tuple, list)):
+        return list(shape)
     shape = tf.TensorShape(shape) if not isinstance(shape, tf.TensorShape) else shape
     return None if shape.rank is None else shape.as_list()
 
