@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # CUDA build of several GB.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test install check bench info docs clean
+.PHONY: demo test install check bench info docs docs-screenshots clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,13 @@ info: $(VENV)/.installed
 # Builds the documentation site into site/; any warning (a broken link, a bad docstring) fails.
 docs: $(VENV)/.docs-installed
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# What the built site looks like in a real browser (Debian: apt-get install chromium).
+docs-screenshots: docs
+	for page in index api/logitkit; do \
+	  chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1280,1500 \
+	    --screenshot=docs/assets/screenshots/$$(echo $$page | tr / -).png file://$(CURDIR)/site/$$page.html; \
+	done
 
 clean:
 	rm -rf $(VENV) build site src/*.egg-info
