@@ -7,7 +7,7 @@ last hidden states and the head's weight, never making the (B, T, V) logits; :fu
 it. :func:`token_logprobs` gives per-token log-probabilities (and entropies) for RL losses.
 
 >>> import torch, transformers, logitkit.transformers as lkt
->>> m = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2))
+>>> m = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2)).eval()
 >>> ids = torch.randint(0, 64, (2, 8)); ref = m(ids, labels=ids).loss
 >>> torch.allclose(lkt.apply(m)(ids, labels=ids).loss, ref, rtol=1e-5)
 True
