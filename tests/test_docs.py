@@ -23,6 +23,7 @@ API_PAGES = {
     "api/torch.html": ["logitkit.torch"],
     "api/jax.html": ["logitkit.jax", "logitkit.jax.linear"],
     "api/distributed.html": ["logitkit.distributed", "logitkit.distributed.stages"],
+    "api/transformers.html": ["logitkit.transformers"],
 }
 
 
@@ -129,7 +130,7 @@ DOC_PAGES = [p for p in sorted(DOCS.rglob("*.md")) if _python_blocks(p)]
 def test_docs_python_blocks_run_as_written(page):
     blocks = _python_blocks(page)
     for i, code in enumerate(blocks):
-        for lib in ("torch", "jax"):
+        for lib in ("torch", "jax", "transformers", "tensorflow", "keras"):
             if re.search(rf"^\s*import {lib}\b", code, re.M):
                 pytest.importorskip(lib)
         namespace: dict = {"__name__": f"docs_{page.stem}_{i}"}
