@@ -148,3 +148,37 @@ def test_errors():
         L.linear_cross_entropy(h, jnp.zeros((5, 4)), jnp.asarray([0, 9, 1]))
     with pytest.raises(TypeError, match="linear_weight: expected hidden's dtype"):
         L.linear_cross_entropy(h, jnp.zeros((5, 4), jnp.bfloat16), jnp.asarray([0, 1, 1]))
+
+
+def test_issue13_item15_jax_linear_token_logprobs_and_entropy(rng):
+    # Issue 13 item 15: logitkit.jax lacked linear_token_logprobs and linear_entropy (logitkit.torch has
+    # both). Values against float64 NumPy, gradients against jax.grad through the materialized logits.
+    import logitkit.jax as lj
+
+    assert lj.linear_token_logprobs is L.linear_token_logprobs and lj.linear_entropy is L.linear_entropy
+    h, W, b, y = _problem(rng, N=9, V=13, ignore=(2,))
+    z = h @ W.T + b
+    logp = R.log_softmax64(z)
+    valid = y != -100
+    lp = np.where(valid, np.take_along_axis(logp, np.where(valid, y, 0)[:, None], -1)[:, 0], 0.0)
+    ent = -(np.exp(logp) * logp).sum(-1)
+    with _x64():
+        args = [jnp.asarray(a) for a in (h, W, b)]
+        jy = jnp.asarray(y)
+        np.testing.assert_allclose(np.asarray(lj.linear_token_logprobs(*args[:2], jy, linear_bias=args[2])), lp,
+                                   rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(np.asarray(lj.linear_entropy(*args[:2], linear_bias=args[2])), ent,
+                                   rtol=1e-12, atol=1e-13)
+        gw = jnp.asarray(rng.standard_normal(9))
+
+        def ours(h, W, b):
+            return jnp.sum((lj.linear_token_logprobs(h, W, jy, linear_bias=b, temperature=0.8)
+                            + lj.linear_entropy(h, W, linear_bias=b, temperature=0.8)) * gw)
+
+        def ref(h, W, b):
+            ls = jax.nn.log_softmax((h @ W.T + b) / 0.8, -1)
+            lpr = jnp.where(jy != -100, jnp.take_along_axis(ls, jnp.where(jy != -100, jy, 0)[:, None], -1)[:, 0], 0.0)
+            return jnp.sum((lpr - (jnp.exp(ls) * ls).sum(-1)) * gw)
+
+        for g, e in zip(jax.grad(ours, argnums=(0, 1, 2))(*args), jax.grad(ref, argnums=(0, 1, 2))(*args)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-10, atol=1e-12)

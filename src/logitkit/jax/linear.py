@@ -672,6 +672,9 @@ def _lhead_bwd(st: _HeadStatic, res, cts):
 
 
 _lhead.defvjp(_lhead_fwd, _lhead_bwd)
+# Eager calls would retrace the scans every time (their bodies are fresh closures): compile once
+# per static configuration and shapes instead; under an outer jit this is inlined.
+_lhead_jit = jax.jit(_lhead, static_argnums=(9,))
 
 
 def fused_linear_head(a):
@@ -708,7 +711,7 @@ def fused_linear_head(a):
         rows = core_head.plan_rows(N, V, jnp.dtype(acc).itemsize, spec.teacher, a.chunk_size)
         st = _HeadStatic(spec, keys, rows, kind)
         weight = None if a.weight is None else lax.stop_gradient(a.weight)
-        vals = dict(zip(keys, _lhead(h2, a.W, a.bias, lab, temp, weight, t1, t2, t3, st)))
+        vals = dict(zip(keys, _lhead_jit(h2, a.W, a.bias, lab, temp, weight, t1, t2, t3, st)))
     if "am" in vals:
         vals["am"] = lax.stop_gradient(vals["am"]).astype(jnp.int32 if acc == jnp.float32 else jnp.int64)
     return _public.assemble_outputs(jnp, a, vals, lab)
