@@ -7,6 +7,15 @@ returns a ``tf.Tensor``, differentiable with ``tf.GradientTape``, in eager mode,
 tensors. Importing this package imports TensorFlow; ``import logitkit`` does not.
 """
 
+import importlib.util as _util
+import sys as _sys
+
+# Triton and TensorFlow each bundle LLVM, and Triton loaded after TensorFlow aborts the process
+# ("Option 'bitcode-mdindex-threshold' registered more than once"); torch loads Triton lazily
+# (custom ops, torch.compile). Loaded in the other order both work.
+if "tensorflow" not in _sys.modules and _util.find_spec("triton") is not None:
+    import triton  # noqa: F401
+
 import tensorflow as _tf  # noqa: F401  (so that this package's import fails clearly without it)
 
 from ._bridge import in_xla_context
