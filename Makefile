@@ -36,6 +36,7 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.demo-installed
 	$(BIN)/python -m logitkit demo
+	$(BIN)/python -m logitkit.transformers.demo
 
 test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -q -p no:cacheprovider
