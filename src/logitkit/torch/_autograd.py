@@ -26,7 +26,7 @@ from .._namespace import TORCH, get_namespace
 from ..core import cross_entropy as core_ce
 from ..core.logsumexp import transform, transform_grad_factor
 from ..core.reduction import reduce_loss, row_scales, row_weights
-from . import _ops  # noqa: F401  (registers torch.ops.logitkit.*)
+from . import _eager, _ops  # noqa: F401  (_ops registers torch.ops.logitkit.*)
 from ._ops import acc_dtype
 
 __all__ = ["CrossEntropyIndex", "CrossEntropyProb", "SoftmaxRows", "check_inplace"]
@@ -166,6 +166,17 @@ class CrossEntropyIndex(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, labels: Tensor, weight: Optional[Tensor], ignore_index: int,
                 label_smoothing: float, reduction: str, z_loss: float, softcap: Optional[float],
                 temperature: float, inplace: bool, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        ctx.set_materialize_grads(False)
+        ctx.opts = (ignore_index, label_smoothing, reduction, z_loss, softcap, temperature)
+        ctx.inplace = inplace
+        k = _eager.kernels_for(x)
+        if k is not None and x.shape[0] > 0 and x.shape[1] > 0:
+            loss, lse, m_np, r_np = _eager.ce_index_forward(k, x, labels, weight, ignore_index, label_smoothing,
+                                                            reduction, z_loss, softcap, temperature)
+            ctx.save_for_backward(x, labels, weight)
+            ctx.kernels, ctx.mr = k, (m_np, r_np)
+            return (loss if loss.dtype == out_dtype else loss.to(out_dtype)), lse
+        ctx.kernels = None
         with torch.autocast(x.device.type, enabled=False):
             ce, m, r = _ops_ns.ce_forward(x, labels, weight, ignore_index, label_smoothing, softcap,
                                           temperature)
@@ -174,20 +185,29 @@ class CrossEntropyIndex(torch.autograd.Function):
             lse = m + r
             loss = reduce_loss(xp, ce, lse, validf, wy, reduction, z_loss).to(out_dtype)
         ctx.save_for_backward(x, labels, weight, m, r)
-        ctx.set_materialize_grads(False)
-        ctx.opts = (ignore_index, label_smoothing, reduction, z_loss, softcap, temperature)
-        ctx.inplace = inplace
         return loss, lse
 
     @staticmethod
     def backward(ctx: Any, g_loss: Optional[Tensor], g_lse: Optional[Tensor]) -> tuple[Any, ...]:
-        x, labels, weight, m, r = _unpack(ctx)
+        if ctx.kernels is not None:
+            x, labels, weight = _unpack(ctx)
+            m, r = (torch.from_numpy(a) for a in ctx.mr)
+        else:
+            x, labels, weight, m, r = _unpack(ctx)
         ignore_index, eps, reduction, z_loss, softcap, temperature = ctx.opts
         none = (None,) * 9
         if not ctx.needs_input_grad[0] or (g_loss is None and g_lse is None):
             return (None, None) + none
         if torch.is_grad_enabled():
             return (_ce_index_double(ctx, x, labels, weight, g_loss, g_lse), None) + none
+        if ctx.kernels is not None:
+            # The lse term needs the logits' values: take it before they may be overwritten.
+            extra = None if g_lse is None else _lse_grad(x, m, r, g_lse, softcap, temperature)
+            grad = _eager.ce_index_backward(ctx.kernels, x, labels, weight, ctx.mr[0], ctx.mr[1], g_loss,
+                                            ignore_index, eps, reduction, z_loss, softcap, temperature, ctx.inplace)
+            if extra is not None:
+                grad = grad.add_(extra.to(grad.dtype))
+            return (grad, None) + none
         xp = _xp()
         acc = m.dtype
         with torch.autocast(x.device.type, enabled=False):
@@ -324,11 +344,16 @@ class SoftmaxRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, temperature: float, log: bool) -> Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            op = _ops_ns.log_softmax_forward if log else _ops_ns.softmax_forward
-            y = op(x, temperature)
+        k = _eager.kernels_for(x)
+        if k is not None and x.shape[0] > 0 and x.shape[1] > 0:
+            y = _eager.softmax_forward(k, x, temperature, log)
+        else:
+            k = None
+            with torch.autocast(x.device.type, enabled=False):
+                op = _ops_ns.log_softmax_forward if log else _ops_ns.softmax_forward
+                y = op(x, temperature)
         ctx.save_for_backward(y)
-        ctx.temperature, ctx.log = temperature, log
+        ctx.temperature, ctx.log, ctx.kernels = temperature, log, k
         return y
 
     @staticmethod
@@ -342,6 +367,8 @@ class SoftmaxRows(torch.autograd.Function):
             else:
                 dx = ya * (dya - (ya * dya).sum(-1, keepdim=True))
             dx = dx.to(y.dtype)
+        elif ctx.kernels is not None:
+            dx = _eager.softmax_backward(ctx.kernels, y, dy, ctx.log)
         else:
             with torch.autocast(y.device.type, enabled=False):
                 op = _ops_ns.log_softmax_backward if ctx.log else _ops_ns.softmax_backward

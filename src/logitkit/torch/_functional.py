@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .. import _validate as V
 from .._namespace import TORCH
+from . import _eager
 from ._autograd import CrossEntropyIndex, CrossEntropyProb, SoftmaxRows, check_inplace
 
 __all__ = ["cross_entropy", "softmax", "log_softmax"]
@@ -40,6 +41,14 @@ def legacy_reduction(size_average: Optional[bool], reduce: Optional[bool]) -> st
     return ret
 
 
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _default(value: Any, default: float) -> bool:
+    """``value`` is a plain number equal to ``default`` (``True`` is not 1.0 here)."""
+    return (type(value) is float or type(value) is int) and value == default
+
+
 def _loss_dtype(x: Tensor) -> torch.dtype:
     # Under autocast torch runs cross_entropy in float32 (its fp32 cast policy); the loss is then
     # float32. We read the half-precision logits directly (accumulating in float32 anyway), so
@@ -58,6 +67,11 @@ def ce_lastdim(x: Tensor, y: Tensor, *, kind: str, out_shape: tuple, weight: Opt
     ``kind`` is ``"index"`` (``y`` integer, ``x``'s shape without the class axis) or ``"prob"``
     (``y`` floating, ``x``'s shape). ``out_shape`` is the shape of a ``"none"`` loss and of lse.
     """
+    if (kind == "index" and weight is None and not return_lse and not inplace_backward and softcap is None
+            and label_smoothing == 0.0 and z_loss == 0.0 and temperature == 1.0):
+        loss = _eager.fast_ce(x, y, ignore_index, reduction)
+        if loss is not None:
+            return loss
     C = x.shape[-1]
     # An explicit row count: reshape(-1, 0) cannot infer it when the class axis is empty.
     x2d = x if x.ndim == 2 else x.reshape(math.prod(x.shape[:-1]), C)
@@ -130,6 +144,14 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     >>> lt.cross_entropy(x, torch.tensor([0]))
     tensor(0.2395, grad_fn=<CrossEntropyIndexBackward>)
     """
+    if (weight is None and size_average is None and reduce is None and return_lse is False
+            and inplace_backward is False and softcap is None and type(ignore_index) is int
+            and reduction in _REDUCTIONS and _default(label_smoothing, 0.0) and _default(z_loss, 0.0)
+            and _default(temperature, 1.0) and type(input) is Tensor and type(target) is Tensor):
+        # torch's defaults on small CPU rows: a few attribute checks, then one kernel per pass
+        loss = _eager.fast_ce(input, target, ignore_index, reduction)
+        if loss is not None:
+            return loss
     _check_tensor("input", input)
     _check_tensor("target", target)
     if size_average is not None or reduce is not None:

@@ -1,0 +1,231 @@
+"""The eager CPU route: numba kernels called straight on zero-copy NumPy views of the tensors.
+
+In eager mode the custom operators of :mod:`._ops` cost more than a small problem's whole kernel
+(the dispatcher's schema handling, the registry lookup, tensor-side reductions of a few elements
+each): a (100, 10) forward and backward took 3.7x ``F.cross_entropy``. Here the autograd
+functions call the kernels' NumPy entry points directly and reduce the per-row losses with NumPy,
+whose per-call cost on small arrays is a fraction of torch's. ``torch.compile`` keeps tracing the
+custom operators (this route is never taken while compiling), CUDA runs Triton, and bfloat16 /
+float16 or :func:`logitkit.kernels.registry.use_core` keep the operator route.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..core.reduction import reduce_loss, row_scales, row_weights
+from ..kernels import registry
+
+__all__ = ["kernels_for", "ce_index_forward", "ce_index_backward", "softmax_forward", "softmax_backward"]
+
+_FAST_DTYPES = (torch.float32, torch.float64)
+
+
+def kernels_for(x: Tensor) -> Any:
+    """The CPU kernel module for rows ``x`` in eager mode, or ``None`` (take the operator route)."""
+    if x.device.type != "cpu" or x.dtype not in _FAST_DTYPES or registry._forced_core[0]:
+        return None
+    if torch.compiler.is_compiling():
+        return None
+    return registry._load("cpu")
+
+
+def _np(t: Optional[Tensor]) -> Optional[np.ndarray]:
+    return None if t is None else t.detach().numpy()
+
+
+def _weights(y: np.ndarray, w: Optional[np.ndarray], ignore_index: int, acc: Any) -> tuple[Any, Any]:
+    if w is None:  # the common case without the generic gather
+        validf = (y != ignore_index).astype(acc)
+        return validf, validf
+    return row_weights(np, y, w, ignore_index, acc)
+
+
+def ce_index_forward(k: Any, x: Tensor, labels: Tensor, weight: Optional[Tensor], ignore_index: int,
+                     label_smoothing: float, reduction: str, z_loss: float, softcap: Optional[float],
+                     temperature: float) -> tuple[Tensor, Tensor, np.ndarray, np.ndarray]:
+    """``(loss, lse, m, r)`` of validated rows ``x`` (N, V), N and V > 0; ``m``, ``r`` NumPy."""
+    xn, yn = _np(x), labels.numpy()
+    wn = _np(weight)
+    ce, m, r = k.ce_forward(xn, yn, weight=wn, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                            softcap=softcap, temperature=temperature)
+    acc = ce.dtype
+    lse = m + r
+    if reduction == "none" and z_loss == 0.0:
+        loss = ce
+    else:
+        validf, wy = _weights(yn, wn, ignore_index, acc)
+        loss = np.asarray(reduce_loss(np, ce, lse, validf, wy, reduction, z_loss), dtype=acc)
+    return torch.from_numpy(loss), torch.from_numpy(lse), m, r
+
+
+def ce_index_backward(k: Any, x: Tensor, labels: Tensor, weight: Optional[Tensor], m: np.ndarray, r: np.ndarray,
+                      g_loss: Optional[Tensor], ignore_index: int, label_smoothing: float, reduction: str,
+                      z_loss: float, softcap: Optional[float], temperature: float, inplace: bool) -> Tensor:
+    """The gradient of ``Σ g_loss·loss`` with respect to ``x``; over ``x``'s memory when ``inplace``."""
+    xn, yn, wn = _np(x), labels.numpy(), _np(weight)
+    acc = m.dtype
+    if g_loss is None:
+        go: Any = 0.0
+    elif reduction == "none":
+        go = np.ascontiguousarray(g_loss.detach().numpy(), dtype=acc)
+    else:
+        go = acc.type(g_loss.item())
+    validf, wy = _weights(yn, wn, ignore_index, acc)
+    g_ce, g_z = row_scales(np, validf, wy, reduction, go)
+    out = xn if inplace else None
+    grad = k.ce_backward(xn, yn, m, r, g_ce, g_z if z_loss != 0.0 else None, weight=wn, ignore_index=ignore_index,
+                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, temperature=temperature,
+                         out=out)
+    if inplace:
+        # Written through a NumPy view: tell autograd, as an in-place torch op would, so every
+        # other saved reference to the logits fails its version check instead of reading this.
+        torch.autograd.graph.increment_version(x)
+        return x
+    return torch.from_numpy(grad)
+
+
+def softmax_forward(k: Any, x: Tensor, temperature: float, log: bool) -> Tensor:
+    """``softmax`` (or ``log_softmax``) of ``x / T`` along the last axis of rows ``x`` (N, V > 0)."""
+    fn = k.log_softmax_forward if log else k.softmax_forward
+    return torch.from_numpy(fn(_np(x), temperature=temperature))
+
+
+def softmax_backward(k: Any, y: Tensor, dy: Tensor, log: bool) -> Tensor:
+    """The vector-Jacobian product of softmax (or log_softmax) from its output ``y``."""
+    fn = k.log_softmax_backward if log else k.softmax_backward
+    dyn = dy.detach()
+    if dyn.dtype != y.dtype:
+        dyn = dyn.to(y.dtype)
+    return torch.from_numpy(fn(_np(y), np.ascontiguousarray(dyn.numpy())))
+
+
+# ----------------------------------------------------------------------------------------------
+# the small-call fast path: torch.nn.functional.cross_entropy's default options on 2-D float32 /
+# float64 CPU rows and int64 class indices. It checks with a few attribute tests, calls the
+# compiled kernel once per pass without the NumPy entry point's argument handling, and for a small
+# problem makes the gradient in the forward pass (one kernel call in all).
+
+# Up to this many logits the forward pass also writes the gradient and saves it (at most 64 KiB
+# of float32, less than what the call's own bookkeeping allocates); above, forward saves only the
+# input and two numbers per row, and backward makes the gradient.
+FUSED_MAX = 1 << 14
+_II_MAX = 1 << 62
+
+
+def fast_ce(input: Tensor, target: Tensor, ignore_index: int, reduction: str, checked: bool = False) -> Any:
+    """The loss through the fast path, or ``None`` when the call needs the general route.
+
+    ``reduction`` must already be one of ``"mean"``, ``"sum"``, ``"none"``. ``checked``: the
+    labels' range was checked by the caller.
+    """
+    if (input.ndim != 2 or target.ndim != 1 or input.dtype not in _FAST_DTYPES or target.dtype != torch.int64
+            or input.device.type != "cpu" or registry._forced_core[0] or torch.compiler.is_compiling()
+            or not -_II_MAX < ignore_index < _II_MAX):
+        return None
+    N, C = input.shape
+    if N == 0 or C == 0 or target.shape[0] != N or not input.is_contiguous() or not target.is_contiguous():
+        return None
+    if target.device.type != "cpu" or registry._load("cpu") is None:
+        return None
+    if not checked:
+        yn = target.numpy()
+        if yn.min() < 0 or yn.max() >= C:  # only then the full check, which names the bad label
+            from .. import _validate
+            from .._namespace import TORCH
+
+            _validate.check_label_range(TORCH, target, C, ignore_index, name="target")
+    return CrossEntropyIndex.apply(input, target, ignore_index, reduction)
+
+
+def _run(k: Any, name: str, size: int) -> tuple[Any, int]:
+    nt = k._apply_threads(size)
+    return k._kernel(name, nt), nt
+
+
+class CrossEntropyIndex(torch.autograd.Function):
+    """The small-call variant of :class:`._autograd.CrossEntropyIndex` (default options only).
+
+    Returns the reduced loss. Forward saves the input and labels, plus the gradient for a unit
+    ``grad_output`` (``N·V ≤ FUSED_MAX``, ``mean``/``sum``) or the row statistics ``m``, ``r``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, labels: Tensor, ignore_index: int, reduction: str) -> Tensor:
+        k = registry._load("cpu")
+        xn, yn = x.detach().numpy(), labels.numpy()
+        N, C = xn.shape
+        acc = xn.dtype
+        ce, m, r = np.empty(N, acc), np.empty(N, acc), np.empty(N, acc)
+        w = np.ones(C, acc)
+        zeros = np.zeros(N)
+        inv = acc.type(1)
+        if reduction == "mean":
+            n_valid = N if ignore_index < 0 and yn.min() >= 0 else int(np.count_nonzero(yn != ignore_index))
+            inv = inv / acc.type(n_valid) if n_valid else acc.type(0)  # an empty mean is 0
+        want = ctx.needs_input_grad[0]
+        fused = want and reduction != "none" and N * C <= FUSED_MAX
+        kern, _ = _run(k, "ce_direct", N * C)
+        if fused:
+            grad = np.empty((N, C), acc)
+            kern(xn, yn, w, float(C), ignore_index, 0.0, 0.0, np.full(N, float(inv)), zeros, True, grad, False,
+                 ce, m, r)
+            ctx.stash = grad
+        else:
+            kern(xn, yn, w, float(C), ignore_index, 0.0, 0.0, zeros, zeros, False, np.empty((N, 0), acc), False,
+                 ce, m, r)
+            ctx.stash = (m, r) if want else None
+        ctx.fused, ctx.inv, ctx.kernels = fused, inv, k
+        # what the create_graph backward of the general class reads
+        ctx.opts, ctx.inplace = (ignore_index, 0.0, reduction, 0.0, None, 1.0), False
+        ctx.save_for_backward(x, labels)
+        ctx.set_materialize_grads(False)
+        if reduction == "none":
+            return torch.from_numpy(ce)
+        total = ce.sum(dtype=acc)
+        return torch.from_numpy(np.asarray(total * inv if reduction == "mean" else total, dtype=acc))
+
+    @staticmethod
+    def backward(ctx: Any, g: Optional[Tensor]) -> tuple[Any, ...]:
+        x, labels = ctx.saved_tensors  # raises as torch does on a second backward of a freed graph
+        none = (None, None, None)
+        if g is None or not ctx.needs_input_grad[0]:
+            return (None,) + none
+        if torch.is_grad_enabled():
+            from ._autograd import _ce_index_double
+
+            return (_ce_index_double(ctx, x, labels, None, g, None),) + none
+        ignore_index, _, reduction = ctx.opts[:3]
+        if ctx.fused:
+            grad = torch.from_numpy(ctx.stash)
+            keep = _keep_graph()
+            if not keep:
+                ctx.stash = None
+            if g.item() == 1.0:
+                return (grad.clone() if keep else grad,) + none
+            return ((grad * g) if keep else grad.mul_(g),) + none
+        m, r = ctx.stash
+        xn, yn = x.detach().numpy(), labels.numpy()
+        N, C = xn.shape
+        acc = xn.dtype
+        if reduction == "none":
+            gce = np.ascontiguousarray(g.detach().numpy(), dtype=np.float64)
+        else:
+            gce = np.full(N, float(ctx.inv) * g.item())
+        out = np.empty((N, C), acc)
+        kern, nt = _run(ctx.kernels, "ce_backward", N * C)
+        kern(xn, yn, m, r, gce, np.zeros(N), np.ones(C, acc), float(C), ignore_index, 0.0, 0.0, 1.0, 1.0, False,
+             out, False, np.empty(0, acc), min(N, nt))
+        return (torch.from_numpy(out),) + none
+
+
+def _keep_graph() -> bool:
+    """Whether this backward keeps the graph (``retain_graph=True``): then the saved gradient must survive."""
+    try:
+        return bool(torch._C._autograd._get_current_graph_task_keep_graph())
+    except (AttributeError, RuntimeError):  # older torch: assume the graph is kept (safe)
+        return True
