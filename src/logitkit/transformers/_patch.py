@@ -39,6 +39,7 @@ class _State:
         self.chunk_size, self.return_logits = chunk_size, return_logits
         self.had_forward, self.forward = had_forward, forward
         self.labels_pos = _positional_index(forward, "labels")
+        self.trl = _trl_options(forward)
 
 
 def _positional_index(fn: Any, name: str) -> Optional[int]:
@@ -210,8 +211,11 @@ def _make_forward(model: Any, st: _State) -> Any:
 
     @functools.wraps(orig)
     def forward(*args: Any, **kwargs: Any) -> Any:
+        fused = kwargs.pop("fused_lm_head", False)
         args, labels = _pop_labels(st, args, kwargs)
         shift_labels = kwargs.pop("shift_labels", None)
+        if fused:
+            return _trl_fused(model, st, args, kwargs, labels, shift_labels)
         if labels is None and shift_labels is None:
             return orig(*args, **kwargs)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
@@ -238,6 +242,97 @@ def _make_forward(model: Any, st: _State) -> Any:
         return out if use_dict or use_dict is None else out.to_tuple()
 
     return forward
+
+
+# TRL's fused LM head protocol: ``model(..., labels, fused_lm_head=True)`` -> per-token outputs.
+# TRL (>= 1.16) patches the model's forward with its own chunked head when a trainer is built
+# (``trl.trainer.utils.add_fused_lm_head``); applied afterwards, logitkit serves those calls instead,
+# with the options TRL's patch was given.
+
+_TRL_OUTPUTS = ("log_probs", "entropy", "is_top1")
+
+
+def _trl_options(forward: Any) -> dict:
+    """``temperature``, ``outputs``, ``cast_lm_head_to_fp32`` of a TRL fused-head forward, if it is one."""
+    fn = getattr(forward, "__func__", forward)
+    code = getattr(fn, "__code__", None)  # functools.wraps gave the function the model's names; its code keeps its own
+    if code is None or code.co_name != "_fused_forward" or "trl" not in code.co_filename.replace("\\", "/").split("/"):
+        return {}
+    try:
+        nl = inspect.getclosurevars(fn).nonlocals
+        return {k: nl[k] for k in ("temperature", "outputs", "cast_lm_head_to_fp32")}
+    except (KeyError, TypeError, ValueError) as e:
+        raise LogitkitPatchError(f"logitkit.transformers: cannot read the options of TRL's fused head patch ({e}); "
+                                 f"this TRL version is not supported") from e
+
+
+def _trl_output_class() -> Any:
+    try:
+        from trl.trainer.utils import FusedCausalLMOutput
+        return FusedCausalLMOutput
+    except ImportError:  # without TRL: a plain ModelOutput with the same fields
+        from transformers.utils import ModelOutput
+        import dataclasses
+
+        return dataclasses.make_dataclass("FusedCausalLMOutput", [(f, Optional[Tensor], None) for f in (
+            "loss", "log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask", "aux_loss")],
+            bases=(ModelOutput,))
+
+
+def _argmax_rows(h: Tensor, W: Tensor, b: Optional[Tensor], rows: int = 2048) -> Tensor:
+    """``argmax(h @ W.T + b)`` per row, ``rows`` at a time (softcap and temperature keep the argmax)."""
+    out = torch.empty(h.shape[0], dtype=torch.long, device=h.device)
+    with torch.no_grad():
+        for i in range(0, h.shape[0], rows):
+            z = h[i:i + rows] @ W.T
+            out[i:i + rows] = (z if b is None else z + b).argmax(-1)
+    return out
+
+
+def _trl_fused(model: Any, st: _State, args: tuple, kwargs: dict, labels: Optional[Tensor],
+               shift_labels: Optional[Tensor]) -> Any:
+    opts = st.trl or {}
+    want = tuple(opts.get("outputs", ("log_probs",)))
+    bad = [o for o in want if o not in _TRL_OUTPUTS]
+    if bad:
+        raise LogitkitPatchError(f"logitkit.transformers: TRL asked the fused head for {bad}; logitkit computes "
+                                 f"{list(_TRL_OUTPUTS)}")
+    if kwargs.get("output_router_logits") or getattr(_text_config(model), "output_router_logits", False):
+        raise LogitkitPatchError("logitkit.transformers: MoE router losses (output_router_logits) are not reproduced "
+                                 "by the patch; leave this model to TRL's own fused head")
+    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+    kwargs.pop("return_dict", None)
+    kwargs["use_cache"] = False
+    with _Capture(st.head) as cap:
+        st.forward(*args, return_dict=True, **kwargs)
+    if cap.calls != 1:
+        raise LogitkitPatchError(f"logitkit.transformers: {type(model).__name__}'s forward called its output head "
+                                 f"{cap.calls} times; the patch supports exactly one call")
+    hidden = cap.hidden
+    if shift_labels is None:
+        hidden, lab = hidden[:, :-1], labels[:, 1:]
+    else:
+        lab = shift_labels
+    h, W, b = _head_tensors(st, hidden)
+    if opts.get("cast_lm_head_to_fp32"):
+        h, W, b = h.float(), W.float(), None if b is None else b.float()
+    lab = lab.to(h.device)
+    mask = lab != -100
+    hs, ls = h[mask], lab[mask]
+    T = st.temperature * float(opts.get("temperature", 1.0))
+    kw = dict(linear_bias=b, softcap=st.softcap, temperature=T, chunk_size=st.chunk_size)
+    zeros = torch.zeros(mask.shape, dtype=torch.float32, device=h.device)
+    # masked_scatter keeps an all-ignored micro-batch connected to the graph (a zero loss that backpropagates)
+    log_probs = zeros.masked_scatter(mask, linear_token_logprobs(hs, W, ls, **kw).float())
+    entropy = is_top1 = None
+    if "entropy" in want:
+        entropy = zeros.masked_scatter(mask, linear_entropy(hs, W, **kw).float())
+    if "is_top1" in want:
+        is_top1 = torch.zeros(mask.shape, dtype=torch.bool, device=h.device)
+        is_top1[mask] = _argmax_rows(hs.detach(), W.detach(), None if b is None else b.detach()) == ls
+    n = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    loss = -log_probs.sum() / n
+    return _trl_output_class()(loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=mask)
 
 
 def _probe_inputs(model: Any, V: int) -> tuple[Tensor, Tensor]:
