@@ -364,3 +364,117 @@ def test_half_precision_torch_autograd(dtype, rng):
     want = R.cross_entropy_grad64(to_np(tx), y, reduction="sum")
     tiny = 2.0 ** -24 if dtype == "float16" else 0.0
     assert (np.abs(to_np(tx.grad) - want) <= 2 * EPS[dtype] * np.abs(want) + tiny).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# temperature and softcap with a large common offset (issue 13 item 2): z - max z is formed
+# from x, never as x/T - max(x)/T, whose rounding near 1e4 was 230x the contract
+
+
+_OFFSET_OPTS = [(None, 3.0), (None, 0.7), (2e4, 3.0), (1e4, 1.0), (3e4, 0.5), (30.0, 2.0)]
+
+
+def _offset_rows():
+    rng = np.random.default_rng(13)
+    pair = np.array([10000.346, 10000.821], np.float32)      # the issue's row
+    up = (1e4 + rng.standard_normal(96)).astype(np.float32)
+    down = (-1e4 + 3 * rng.standard_normal(96)).astype(np.float32)
+    confident = (1e4 + rng.standard_normal(96)).astype(np.float32)
+    confident[7] = np.float32(1e4 + 25.0)                      # loss ~1e-14 at T = 0.7
+    return [(pair, 1), (up, int(np.argmax(up))), (down, 5), (confident, 7)]
+
+
+@pytest.fixture(scope="module")
+def offset_cases():
+    """(row, label, softcap, T, exact log-softmax) for every offset row and option pair."""
+    return [(row, y, cap, t, R.row_log_softmax_mp(row, 40, softcap=cap, temperature=t))
+            for cap, t in _OFFSET_OPTS for row, y in _offset_rows()]
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_issue13_item2_offset_rows_loss_with_temperature_and_softcap(lib, offset_cases, kernels):
+    if lib != "numpy" and kernels == "core":
+        pytest.skip("the registry choice only matters for NumPy arrays")
+    for row, y, cap, t, logp in offset_cases:
+        xl, yl = to_lib(lib, row[None]), to_lib(lib, np.array([y]))
+        # Rounding z - max z = (s - s_max)/T to float32 moves the loss by at most 2^-24 of
+        # |d_y| + Σ p|d| (nothing at T = 1, where x - max x is exact): negligible on these rows
+        # (~1e-8 of the loss) except the confident one, whose loss is that tiny sum itself.
+        d = logp - logp.max()
+        slack = 2.0 ** -24 * (abs(d[y]) + np.sum(np.exp(logp) * np.abs(d))) / -logp[y]
+        outs = {"cross_entropy": lk.cross_entropy(xl, yl, softcap=cap, temperature=t, reduction="none")}
+        if lib != "jax":
+            outs["with_grad"] = lk.cross_entropy_with_grad(xl, yl, softcap=cap, temperature=t,
+                                                           reduction="none")[0]
+        for name, got in outs.items():
+            err = rel_err(to_np(got), -logp[y])
+            assert err.max() <= BOUND + slack, (f"{name} softcap={cap} T={t} row of {row.size}: relative "
+                                                f"error {err.max():.3g} = {err.max() / BOUND:.1f} x 2^-21")
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_issue13_item2_offset_rows_softmax_with_temperature(lib, offset_cases, kernels):
+    """log_softmax within 2^-21; softmax within 2^-21 plus the rounding of exp's float32 argument."""
+    if lib != "numpy" and kernels == "core":
+        pytest.skip("the registry choice only matters for NumPy arrays")
+    for row, y, cap, t, logp in offset_cases:
+        if cap is not None:
+            continue  # softmax has no softcap option
+        xl = to_lib(lib, row[None])
+        lsm = to_np(lk.log_softmax(xl, temperature=t))[0]
+        # plus the float32 rounding of d = z - max z, through d itself and through r (as for the loss)
+        d = logp - logp.max()
+        tol = np.abs(logp) * BOUND + 2.0 ** -24 * (np.abs(d) + np.sum(np.exp(logp) * np.abs(d)))
+        err = np.abs(lsm - logp)
+        assert (err <= tol).all(), f"log_softmax T={t}: worst {np.max(err / tol):.3g} x tolerance"
+        sm = to_np(lk.softmax(xl, temperature=t))[0]
+        want = np.exp(logp)
+        tol = want * (BOUND + 2.0 ** -23 * np.abs(logp)) + 2.0 ** -126
+        assert (np.abs(sm - want) <= tol).all(), f"softmax T={t}: {np.max(np.abs(sm - want) / want):.3g}"
+
+
+def _offset_grad_mp(row, y, cap, t, logp):
+    """Exact d loss / d x: (softmax - onehot) · sech²(x/c) / T (float64 of mpmath values)."""
+    with mpmath.workdps(40):
+        g = np.exp(logp)
+        g[y] = float(mpmath.expm1(mpmath.mpf(float(logp[y]))))  # p_y - 1 without cancellation
+        if cap is not None:
+            g = g * np.array([float(mpmath.sech(mpmath.mpf(float(v)) / cap) ** 2) for v in row])
+        return g / t
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_issue13_item2_offset_rows_gradient_with_temperature_and_softcap(lib, offset_cases, kernels):
+    """Gradients of the offset rows at the accuracy rule of test_float32_gradient_accuracy."""
+    if lib != "numpy" and kernels == "core":
+        pytest.skip("the registry choice only matters for NumPy arrays")
+    for row, y, cap, t, logp in offset_cases:
+        want = _offset_grad_mp(row, y, cap, t, logp)[None]
+        x = row[None]
+        grads = {}
+        if lib != "jax":
+            grads["with_grad"] = lk.cross_entropy_with_grad(to_lib(lib, x), to_lib(lib, np.array([y])),
+                                                            softcap=cap, temperature=t, reduction="sum")[1]
+        if lib == "torch":
+            tx = to_lib(lib, x, requires_grad=True)
+            lk.cross_entropy(tx, to_lib(lib, np.array([y])), softcap=cap, temperature=t,
+                             reduction="sum").backward()
+            grads["autograd"] = tx.grad
+        if lib == "jax":
+            import jax
+
+            yl = to_lib(lib, np.array([y]))
+            grads["autograd"] = jax.grad(lambda a: lk.cross_entropy(a, yl, softcap=cap, temperature=t,
+                                                                    reduction="sum"))(to_lib(lib, x))
+        # exp's argument |z - m - r| = |log p| rounds like 2^-24 of itself; the label entry
+        # p_y - 1 is relative to |p_y - 1|; sech² adds 2|x/c|·2^-24 (as in the softcap test)
+        # and with softcap, d = c·tanh(gap/c)·(1 - tanh a tanh b)/T rounds a few times (core, float32)
+        d = logp - logp.max()
+        arg = np.abs(logp)[None] + (0.0 if cap is None else 2 * np.abs(x.astype(np.float64) / cap) + np.abs(d))
+        tol = np.abs(want) * (BOUND + 2.0 ** -23 * arg) + 2.0 ** -126
+        # p_y - 1 = -Σ_{j≠y} p_j also carries the float32 rounding of each d_j = z_j - max z
+        tol[0, y] += 2.0 ** -24 * np.sum(np.exp(logp) * np.abs(d)) * abs(want[0, y]) / max(-np.expm1(logp[y]), 1e-300)
+        for name, g in grads.items():
+            err = np.abs(to_np(g) - want)
+            assert (err <= tol).all(), (f"{name} softcap={cap} T={t} row of {row.size}: worst "
+                                        f"{np.max(err / tol):.3g} x tolerance")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["logsumexp64", "log_softmax64", "softmax64", "cross_entropy64", "cross_entropy_grad64",
-           "row_loss_mp", "row_lse_mp"]
+           "row_loss_mp", "row_lse_mp", "row_log_softmax_mp"]
 
 
 def _f64(x):
@@ -123,3 +123,28 @@ def row_loss_mp(row, label: int, dps: int = 50) -> float:
 
     with mpmath.workdps(dps):
         return float(row_lse_mp(row, dps) - mpmath.mpf(float(np.asarray(row).ravel()[label])))
+
+
+def row_log_softmax_mp(row, dps: int = 50, *, softcap=None, temperature=1.0) -> np.ndarray:
+    """Exact (to float64 rounding) log-softmax of ``z = softcap·tanh(row/softcap) / T`` via mpmath.
+
+    Each element of the float row is taken exactly, so a common offset of 1e4 with ``T != 1``
+    costs the oracle nothing. ``softcap=None`` skips the cap.
+
+    >>> row_log_softmax_mp(np.array([0.0, np.log(3.0)])).round(12).tolist()
+    [-1.38629436112, -0.287682072452]
+    """
+    import mpmath
+
+    with mpmath.workdps(dps):
+        z = [mpmath.mpf(float(v)) for v in np.asarray(row).ravel()]
+        if softcap is not None:
+            c = mpmath.mpf(float(softcap))
+            z = [c * mpmath.tanh(v / c) for v in z]
+        t = mpmath.mpf(float(temperature))
+        z = [v / t for v in z]
+        # lse - max z as log1p of the other terms: a loss of 1e-35 keeps all its digits
+        top = max(range(len(z)), key=lambda j: z[j])
+        rest = mpmath.fsum(mpmath.exp(v - z[top]) for j, v in enumerate(z) if j != top)
+        r = mpmath.log1p(rest)  # lse - max z, never rounded into lse itself
+        return np.array([float((v - z[top]) - r) for v in z])

@@ -17,7 +17,7 @@ import math
 from typing import Any
 
 from .._namespace import acc_dtype
-from .logsumexp import quiet, row_stats, transform, transform_grad_factor
+from .logsumexp import quiet, row_stats, shifted, transform_grad_factor
 
 __all__ = [
     "ce_forward", "ce_backward", "ce_forward_backward",
@@ -80,7 +80,8 @@ def ce_forward(xp: Any, x: Any, labels: Any, *, weight: Any = None, ignore_index
     """
     acc = acc_dtype(xp, x.dtype)
     V = x.shape[-1]
-    z = transform(xp, xp.astype(x, acc), softcap, temperature)
+    # z - max z from x itself (see shifted): m here is 0 (or -inf / NaN for special rows)
+    z, m_z, delta = shifted(xp, xp.astype(x, acc), softcap, temperature)
     m, r, _ = row_stats(xp, z, -1)
     w, W = _class_weights(xp, weight, acc, V)
     valid, bad, _, zy, wy = _label_parts(xp, z, labels, ignore_index, w)
@@ -88,19 +89,36 @@ def ce_forward(xp: Any, x: Any, labels: Any, *, weight: Any = None, ignore_index
     nll = xp.where(all_masked, math.inf, (m - zy) + r)
     ce = (1.0 - label_smoothing) * wy * nll if label_smoothing != 1.0 else xp.zeros_like(nll)
     if label_smoothing > 0.0 and V > 0:
-        shifted = m - z if w is None else w * (m - z)
-        smooth = xp.sum(shifted, axis=-1, keepdims=True) + W * r
+        gaps = m - z if w is None else w * (m - z)
+        smooth = xp.sum(gaps, axis=-1, keepdims=True) + W * r
         smooth = xp.where(all_masked, math.inf, smooth)
         ce = ce + (label_smoothing / V) * smooth
     ce = xp.where(bad, math.nan, xp.where(valid, ce, 0.0))
-    return xp.squeeze(ce, axis=-1), xp.squeeze(m, axis=-1), xp.squeeze(r, axis=-1)
+    return xp.squeeze(ce, axis=-1), xp.squeeze(m_z, axis=-1), xp.squeeze(r, axis=-1)
 
 
-def _softmax_from_stats(xp: Any, z: Any, m: Any, r: Any) -> Any:
+def _shift_from_stats(xp: Any, x: Any, m: Any, r: Any, softcap: float | None,
+                      temperature: float) -> tuple[Any, Any]:
+    """``(d, c)`` with ``z - m - r = d + c`` for the given row statistics, ``lse = m + r``.
+
+    ``d = z - max z`` is recomputed from ``x`` (:func:`shifted`) and ``c = (max z - m) - r`` is
+    formed per row, so that neither a large common offset nor statistics from elsewhere (a
+    vocabulary shard's global max) ever round into ``z``. The forward stages store ``m`` as max z
+    rounded and ``r`` relative to the exact max (a confident row's r ~ 1e-13 keeps its digits),
+    so where ``m`` is this row's own rounded max, ``max z - m`` is taken as 0.
+    """
+    d, m_x, delta = shifted(xp, x, softcap, temperature)
     m = xp.expand_dims(m, -1)
     r = xp.expand_dims(r, -1)
+    finite = xp.isfinite(m) & xp.isfinite(m_x)
+    gap = xp.where(finite & (m_x != m), (xp.where(finite, m_x, 0.0) - xp.where(finite, m, 0.0)) + delta, 0.0)
+    return d, gap - r
+
+
+def _softmax_from_stats(xp: Any, d: Any, c: Any, m: Any) -> Any:
+    m = xp.expand_dims(m, -1)
     finite = xp.isfinite(m)
-    p = xp.exp((z - xp.where(finite, m, 0.0)) - r)
+    p = xp.exp(d + xp.where(finite, c, 0.0))
     return xp.where(m == -math.inf, 0.0, xp.where(finite, p, math.nan))
 
 
@@ -133,16 +151,16 @@ def ce_backward(xp: Any, x: Any, labels: Any, m: Any, r: Any, g_ce: Any, g_z: An
     """Gradient of ``Σ_i g_ce[i]·ce[i] + g_z[i]·z_loss·lse[i]²`` with respect to ``x``."""
     acc = acc_dtype(xp, x.dtype)
     V = x.shape[-1]
-    z = transform(xp, xp.astype(x, acc), softcap, temperature)
-    p = _softmax_from_stats(xp, z, m, r)
+    d, c = _shift_from_stats(xp, xp.astype(x, acc), m, r, softcap, temperature)
+    p = _softmax_from_stats(xp, d, c, m)
     w, W = _class_weights(xp, weight, acc, V)
-    valid, bad, lab, zy, wy = _label_parts(xp, z, labels, ignore_index, w)
+    valid, bad, lab, dy, wy = _label_parts(xp, d, labels, ignore_index, w)
     onehot = _iota(xp, V, x) == lab
-    # p_y - 1 as expm1((z_y - m) - r): on a confident row p_y rounds to 1 and the difference
+    # p_y - 1 as expm1(z_y - m - r): on a confident row p_y rounds to 1 and the difference
     # (~1e-13) would be lost; this keeps it to full relative accuracy. A fully masked row has
     # p = 0, so its label entry is -1.
-    me, re = xp.expand_dims(m, -1), xp.expand_dims(r, -1)
-    py_m1 = xp.where(me == -math.inf, -1.0, xp.expm1((zy - xp.where(me == -math.inf, 0.0, me)) - re))
+    me = xp.expand_dims(m, -1)
+    py_m1 = xp.where(me == -math.inf, -1.0, xp.expm1(dy + xp.where(me == -math.inf, 0.0, c)))
     gce = xp.expand_dims(xp.astype(g_ce, acc), -1)
     dz = gce * ((1.0 - label_smoothing) * wy) * xp.where(onehot, py_m1, p)
     if label_smoothing > 0.0 and V > 0:
@@ -184,7 +202,7 @@ def prob_forward(xp: Any, x: Any, y: Any, *, weight: Any = None, label_smoothing
     Classes with ``w_c y_c = 0`` take no part, so a ``-inf`` logit with zero target gives no NaN.
     """
     acc = acc_dtype(xp, x.dtype)
-    z = transform(xp, xp.astype(x, acc), softcap, temperature)
+    z, m_z, delta = shifted(xp, xp.astype(x, acc), softcap, temperature)
     m, r, _ = row_stats(xp, z, -1)
     wy = _smoothed_targets(xp, y, acc, weight, label_smoothing)
     terms = xp.where(wy == 0.0, 0.0, wy * (m - z))
@@ -192,7 +210,7 @@ def prob_forward(xp: Any, x: Any, y: Any, *, weight: Any = None, label_smoothing
     ce = xp.sum(terms, axis=-1, keepdims=True) + mass * r
     all_masked = m == -math.inf
     ce = xp.where(all_masked, xp.where(mass == 0.0, 0.0, math.inf), ce)
-    return xp.squeeze(ce, axis=-1), xp.squeeze(m, axis=-1), xp.squeeze(r, axis=-1)
+    return xp.squeeze(ce, axis=-1), xp.squeeze(m_z, axis=-1), xp.squeeze(r, axis=-1)
 
 
 @quiet
@@ -201,8 +219,8 @@ def prob_backward(xp: Any, x: Any, y: Any, m: Any, r: Any, g_ce: Any, g_z: Any, 
                   softcap: float | None = None, temperature: float = 1.0, out: Any = None) -> Any:
     """Gradient ``g_ce·(p·Σ_c w_c y_c − w·y) + g_z·2·z_loss·lse·p``, chained through the transform."""
     acc = acc_dtype(xp, x.dtype)
-    z = transform(xp, xp.astype(x, acc), softcap, temperature)
-    p = _softmax_from_stats(xp, z, m, r)
+    d, c = _shift_from_stats(xp, xp.astype(x, acc), m, r, softcap, temperature)
+    p = _softmax_from_stats(xp, d, c, m)
     wy = _smoothed_targets(xp, y, acc, weight, label_smoothing)
     dz = xp.expand_dims(xp.astype(g_ce, acc), -1) * (p * xp.sum(wy, axis=-1, keepdims=True) - wy)
     if z_loss != 0.0:

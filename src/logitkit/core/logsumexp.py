@@ -13,7 +13,7 @@ from typing import Any
 
 from .._namespace import acc_dtype
 
-__all__ = ["transform", "transform_grad_factor", "row_stats", "logsumexp", "quiet"]
+__all__ = ["transform", "shifted", "transform_grad_factor", "row_stats", "logsumexp", "quiet"]
 
 
 def quiet(fn: Any) -> Any:
@@ -42,6 +42,79 @@ def transform(xp: Any, x: Any, softcap: float | None, temperature: float) -> Any
     if temperature != 1.0:
         x = x / temperature
     return x
+
+
+def _tanh_gap(xp: Any, u: Any) -> Any:
+    """``1 - |tanh u|`` as ``2t / (1 + t)``, ``t = exp(-2|u|)``: no cancellation where tanh saturates."""
+    t = xp.exp(-2.0 * xp.abs(u))
+    return 2.0 * t / (1.0 + t)
+
+
+def _div_residual(xp: Any, a: Any, temperature: float, q: Any) -> Any:
+    """``a / T - q`` for ``q = fl(a / T)``, exactly up to one rounding, in ``a``'s dtype.
+
+    Dekker's product (Veltkamp splitting, no fma needed) gives ``q·T = p + e`` exactly; then
+    ``a - p`` is exact (Sterbenz: ``p`` is within an ulp or two of ``a``). Non-finite rows give 0.
+    """
+    import numpy as np
+
+    wide = "64" in str(a.dtype)
+    split = 134217729.0 if wide else 4097.0            # 2^27 + 1 / 2^12 + 1
+    t = float(np.float64(temperature) if wide else np.float32(temperature))  # T as the ops round it
+    t_hi = float(np.float64(t * split) - (np.float64(t * split) - t)) if wide else \
+        float(np.float32(np.float32(t * split) - (np.float32(t * split) - np.float32(t))))
+    t_lo = t - t_hi
+    c = q * split
+    q_hi = c - (c - q)
+    q_lo = q - q_hi
+    p = q * t
+    e = ((q_hi * t_hi - p) + q_hi * t_lo + q_lo * t_hi) + q_lo * t_lo
+    res = ((a - p) - e) / t
+    return xp.where(xp.isfinite(res), res, 0.0)
+
+
+def shifted(xp: Any, x: Any, softcap: float | None, temperature: float, axis: int = -1,
+            where: Any = None) -> tuple[Any, Any, Any]:
+    """``(d, m, delta)`` of the transformed logits ``z`` of :func:`transform` along ``axis``.
+
+    ``d = z - max z`` computed from ``x`` as ``(s - s_max) / T`` with ``s`` the softcapped logits,
+    never as ``x/T - max(x)/T``: the rounding of ``x/T`` near a common offset of 1e4 would be
+    1e-4 absolute, 200x the float32 contract. Softcap differences use
+    ``tanh a - tanh b = tanh(a - b)·(1 - tanh a·tanh b)`` with the second factor formed without
+    cancellation, so they keep full relative accuracy too. ``m`` is ``max z`` rounded to ``x``'s
+    dtype and ``delta = max z - m`` its rounding error (0 when ``T = 1`` without softcap): a
+    row's ``lse = m + delta + r`` where ``r = log Σ exp(d)``. Masked entries (``where``) and
+    an all ``-inf`` row behave as in :func:`row_stats` (``d = -inf``). Shapes: ``d`` like ``x``,
+    ``m`` and ``delta`` with ``axis`` kept at size 1.
+
+    >>> import numpy as np
+    >>> d, m, delta = shifted(np, np.array([10000.346, 10000.821], np.float32), None, 3.0)
+    >>> float(d[0]) == float(np.float32((np.float32(10000.346) - np.float32(10000.821)) / 3))
+    True
+    """
+    neg_inf = -math.inf
+    xs = x if where is None else xp.where(where, x, neg_inf)
+    xm = _max_keep(xp, xs, axis)
+    if softcap is None:
+        d = xs - xp.where(xp.isfinite(xm), xm, 0.0)
+        sm = xm
+    else:
+        c = softcap
+        gap = xp.where(x == xm, 0.0, x - xm)  # exact 0 at the maximum, also for equal infinities
+        ta, tm = xp.tanh(x / c), xp.tanh(xm / c)
+        same_sign = (x >= 0) == (xm >= 0)
+        # 1 - tanh a tanh b: (1 - |ta|) + |ta| (1 - |tm|) for equal signs, 1 + |ta tm| otherwise.
+        factor = xp.where(same_sign, _tanh_gap(xp, x / c) + xp.abs(ta) * _tanh_gap(xp, xm / c),
+                          1.0 + xp.abs(ta * tm))
+        d = (c * xp.tanh(gap / c)) * factor
+        if where is not None:
+            d = xp.where(where, d, neg_inf)
+        sm = c * tm
+    if temperature == 1.0:
+        return d, sm, xp.zeros_like(sm)
+    d = d / temperature
+    m = sm / temperature
+    return d, m, _div_residual(xp, sm, temperature, m)
 
 
 def transform_grad_factor(xp: Any, x: Any, softcap: float | None, temperature: float) -> Any:

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from .._namespace import acc_dtype
-from .logsumexp import quiet, row_stats, transform
+from .logsumexp import quiet, row_stats, shifted
 
 __all__ = ["softmax", "log_softmax", "softmax_backward", "log_softmax_backward", "entropy",
            "kl_divergence"]
@@ -14,8 +14,8 @@ __all__ = ["softmax", "log_softmax", "softmax_backward", "log_softmax_backward",
 
 @quiet
 def softmax(xp: Any, x: Any, axis: int = -1, where: Any = None, temperature: float = 1.0) -> Any:
-    """``exp(z - m) / Σ exp(z - m)`` with ``z = x / temperature``; masked entries and all-masked rows give 0."""
-    z = transform(xp, xp.astype(x, acc_dtype(xp, x.dtype)), None, temperature)
+    """``exp(z - m) / Σ exp(z - m)`` with ``z - m = (x - max x) / temperature``; masked entries and all-masked rows give 0."""
+    z, _, _ = shifted(xp, xp.astype(x, acc_dtype(xp, x.dtype)), None, temperature, axis, where)
     _, r, e = row_stats(xp, z, axis, where)
     return xp.astype(e / xp.exp(r), x.dtype)
 
@@ -23,7 +23,7 @@ def softmax(xp: Any, x: Any, axis: int = -1, where: Any = None, temperature: flo
 @quiet
 def log_softmax(xp: Any, x: Any, axis: int = -1, where: Any = None, temperature: float = 1.0) -> Any:
     """``(z - m) - r``; masked entries and all-masked rows give ``-inf``."""
-    z = transform(xp, xp.astype(x, acc_dtype(xp, x.dtype)), None, temperature)
+    z, _, _ = shifted(xp, xp.astype(x, acc_dtype(xp, x.dtype)), None, temperature, axis, where)
     m, r, _ = row_stats(xp, z, axis, where)
     out = xp.where(m == -math.inf, -math.inf, (z - m) - r)
     if where is not None:
@@ -55,7 +55,7 @@ def entropy(xp: Any, x: Any, temperature: float = 1.0) -> Any:
     ``p_c = 0`` (``-inf`` logits) contribute 0, and so does their gradient.
     """
     acc = acc_dtype(xp, x.dtype)
-    z = transform(xp, xp.astype(x, acc), None, temperature)
+    z, _, _ = shifted(xp, xp.astype(x, acc), None, temperature)
     m, r, e = row_stats(xp, z, -1)
     p = e / xp.exp(r)
     live = p > 0
@@ -74,8 +74,9 @@ def kl_divergence(xp: Any, p_logits: Any, q_logits: Any, temperature: float = 1.
     ``p_c > 0`` and ``q_c = 0`` makes the divergence ``+inf``.
     """
     acc = acc_dtype(xp, p_logits.dtype)
-    zp = transform(xp, xp.astype(p_logits, acc), None, temperature)
-    zq = transform(xp, xp.astype(q_logits, acc), None, temperature)
+    # Rows shifted by their own max before dividing by T: no large offset is ever rounded.
+    zp, _, _ = shifted(xp, xp.astype(p_logits, acc), None, temperature)
+    zq, _, _ = shifted(xp, xp.astype(q_logits, acc), None, temperature)
     mp, rp, ep = row_stats(xp, zp, -1)
     mq, rq, _ = row_stats(xp, zq, -1)
     p = ep / xp.exp(rp)

@@ -389,6 +389,69 @@ def _zfill_cap(row, buf, cap, t):
     return _rowmax(buf, t)
 
 
+# z - max z is formed from x, never as x/T - max(x)/T: near a common offset of 1e4, x/T rounds by
+# 1e-4 absolute (float32), 200x the loss contract.  Without softcap, x - max x is exact there
+# (Sterbenz) and one division rounds; with softcap, s = cap tanh(x / cap) is formed in float64
+# so that s - s_max keeps its digits (a float32 s of ~1e4 would round by 5e-4).
+@_jit_exact()
+def _dfill_t(row, buf, xm, t):
+    """buf = (x - xm) / T in the accumulation dtype."""
+    for j in range(row.size):
+        buf[j] = (to_acc(row[j]) - xm) / t
+
+
+@_jit_exact()
+def _dfill_cap(row, buf, xm, cap, sm, t, zero):
+    """buf = (cap tanh(x / cap) - sm) / T, formed in float64 (cap, sm, t float64), and exactly 0
+    where x == xm (vectorized tanh64 may round differently from the scalar one that gave sm)."""
+    for j in range(row.size):
+        xj = to_acc(row[j])
+        s = cap * tanh64(np.float64(xj) / cap)
+        buf[j] = zero if xj == xm else cast((s - sm) / t, zero)
+
+
+@_jit_exact()
+def _shift_row(xr, buf, temp, cap, use_cap, zero):
+    """Fill ``buf`` with ``d = z - max z`` of ``z = softcap(x) / T``; returns ``(m, delta)``: max z
+    in the accumulation dtype and its rounding error (float64).  ``r = log sum exp(d)`` is then
+    relative to the exact max (lse = m + delta + r; kept as m + r, to the rounding of m), so a
+    confident row's tiny r keeps its digits.  A row whose max is not finite (no softcap) leaves
+    ``buf`` unfilled."""
+    xm = _rowmax(xr, zero)
+    if use_cap:
+        sm = cap * tanh64(np.float64(xm) / cap)
+        _dfill_cap(xr, buf, xm, cap, sm, temp, zero)
+    else:
+        sm = np.float64(xm)
+        if not (xm > _NINF and xm < np.inf):
+            return cast(sm / temp, zero), 0.0
+        _dfill_t(xr, buf, xm, cast(temp, zero))
+    q = sm / temp
+    m = cast(q, zero)
+    return m, q - np.float64(m)
+
+
+@_jit_exact()
+def _gap(q, m, zero):
+    """max z - m for the exact max z = q (float64) of this row: 0 when m is q rounded, as the
+    forward pass stores it (r is then relative to q itself); else the difference (a max from
+    elsewhere, e.g. another vocabulary shard)."""
+    return 0.0 if np.float64(cast(q, zero)) == m else q - m
+
+
+@_jit_exact()
+def _row_shift(xr, m, r, temp, cap, use_cap, zero):
+    """For given row stats (lse = m + r): ``(xm0, sm, c)`` with z - m - r = d + c, where
+    d = (x - xm0) / T (no softcap; xm0 = max x, or 0 for a row without a finite max) or
+    (cap tanh(x / cap) - sm) / T (softcap), c in float64."""
+    xm = _rowmax(xr, zero)
+    if use_cap:
+        sm = cap * tanh64(np.float64(xm) / cap)
+        return xm, sm, _gap(sm / temp, m, zero) - r
+    xm0 = xm if (xm > _NINF and xm < np.inf) else zero
+    return xm0, np.float64(xm0), _gap(np.float64(xm0) / temp, m, zero) - r
+
+
 # ----------------------------------------------------------------------------- pass 2
 # d = z - m <= 0; exp(0) == 1 exactly.  The sum leaves out every maximal term (d == 0) and the
 # ties are counted exactly, so r = log1p(sum + ties - 1) keeps a confident row's ~1e-13.
@@ -701,10 +764,7 @@ def ce_buffered(x, labels, w, wsum, ignore_index, eps, zl, temp, cap, use_cap, g
             y = labels[i]
             ignored = y == ignore_index
             bad = _bad_label(y, ignored, v)
-            if use_cap:
-                m = _zfill_cap(xr, buf, capa, tz)
-            else:
-                m = _zfill(xr, buf, tz)
+            m, delta = _shift_row(xr, buf, temp, cap, use_cap, zero)  # buf = z - max z
             if not (m > _NINF and m < np.inf):
                 c_, m_, r_ = _ce_special(orow, y, ignored or bad, w, wsum, eps, inv_t, g_ce[i], m,
                                          want_grad, zero)
@@ -712,22 +772,21 @@ def ce_buffered(x, labels, w, wsum, ignore_index, eps, zl, temp, cap, use_cap, g
                 m_out[i] = m_
                 r_out[i] = r_
                 continue
-            m64 = np.float64(m)
+            m64 = np.float64(m) + delta  # max z
             if ignored or bad:
-                s, ties = _exp_sum(buf, m)
+                s, ties = _exp_sum(buf, zero)
                 if want_grad:
                     _fill(orow, zero)
                 ce[i] = _bad_row(orow, bad, want_grad, 0.0, zero)
                 m_out[i] = m
                 r_out[i] = math.log1p(s + (ties - 1))
                 continue
-            zy = buf[y]
-            dy = np.float64(zy) - m64
-            sm = _smooth_sum(buf, m, w) if eps != 0.0 else 0.0
+            dy = np.float64(buf[y])
+            sm = _smooth_sum(buf, zero, w) if eps != 0.0 else 0.0
             if want_grad and not use_cap:
-                s, ties = _exp_store_inplace(buf, m)
+                s, ties = _exp_store_inplace(buf, zero)
             else:
-                s, ties = _exp_sum(buf, m)
+                s, ties = _exp_sum(buf, zero)
             sp = s + (ties - 1)
             r = math.log1p(sp)
             wy = np.float64(w[y])
@@ -742,7 +801,7 @@ def ce_buffered(x, labels, w, wsum, ignore_index, eps, zl, temp, cap, use_cap, g
                 if use_cap:
                     _sech2_fill(xr, fac, capa)  # reads x before orow (maybe x) is written
                     gy = gy * np.float64(fac[y])
-                    _store_softcap(buf, orow, m, cast(a / s1, zero), cast(b, zero), w, fac)
+                    _store_softcap(buf, orow, zero, cast(a / s1, zero), cast(b, zero), w, fac)
                 else:
                     _store_affine_w(buf, orow, cast(a / s1, zero), cast(b, zero), w)
                 orow[y] = from_acc(cast(gy, zero), orow)
@@ -750,35 +809,35 @@ def ce_buffered(x, labels, w, wsum, ignore_index, eps, zl, temp, cap, use_cap, g
 
 # ----------------------------------------------------------------------------- CE backward (given m, r)
 @_jit_exact()
-def _bwd(src, dst, m, r, a, b, w, temp, use_t):
+def _bwd(src, dst, xm, m, r, a, b, w, temp, use_t):
+    """p = exp((z - m) - r): z = x at T = 1; else z = (x - xm) / T with m = -c, r = 0."""
     for j in range(src.size):
         z = to_acc(src[j])
         if use_t:
-            z = z / temp
+            z = (z - xm) / temp
         p = vexp((z - m) - r)
         dst[j] = from_acc(p * a - b * w[j], dst)
 
 
 @_jit_exact()
-def _bwd_inplace(row, m, r, a, b, w, temp, use_t):
+def _bwd_inplace(row, xm, m, r, a, b, w, temp, use_t):
     for j in range(row.size):
         z = to_acc(row[j])
         if use_t:
-            z = z / temp
+            z = (z - xm) / temp
         p = vexp((z - m) - r)
         row[j] = from_acc(p * a - b * w[j], row)
 
 
 @_jit_exact()
-def _bwd_cap(src, dst, buf, fac, m, r, a, b, w, temp, cap):
-    """Softcap backward in loops through ``buf`` (z) and ``fac`` (sech(x/cap)^2; one loop holding
-    both tanh and exp is not inlined/vectorized by LLVM); dst may be src, since each loop reads
-    one array and writes another."""
+def _bwd_cap(src, dst, buf, fac, xm, sm, c, a, b, w, temp, cap):
+    """Softcap backward in loops through ``buf`` (d = z - max z) and ``fac`` (sech(x/cap)^2; one
+    loop holding both tanh and exp is not inlined/vectorized by LLVM); p = exp(d + c); dst may
+    be src, since each loop reads one array and writes another."""
+    _dfill_cap(src, buf, xm, cap, sm, temp, c - c)
+    _sech2_fill(src, fac, cast(cap, c))
     for j in range(src.size):
-        buf[j] = cap * vtanh(to_acc(src[j]) / cap) / temp
-    _sech2_fill(src, fac, cap)
-    for j in range(src.size):
-        p = vexp((buf[j] - m) - r)
+        p = vexp(buf[j] + c)
         dst[j] = from_acc((p * a - b * w[j]) * fac[j], dst)
 
 
@@ -818,27 +877,37 @@ def _ce_backward_row(xr, orow, y, m_in, r_in, gce, gp, w, wsum, ignore_index, ep
         else:
             _fill(orow, cast(np.nan, zero))
         return
-    # (z - m) - r in the accumulation dtype: z - m is exact near the max, m + r would round
-    ma = cast(m, zero)
-    ra = cast(r, zero)
     xy = to_acc(xr[y])  # read before an in-place pass overwrites it
     tz = cast(temp, zero)
     az = cast(a, zero)
     bz = cast(b, zero)
+    xm0, sm, sh = zero, 0.0, 0.0
+    if use_cap or use_t:
+        # z - m - r = d + sh with d = z - max z from x (see _shift_row) and sh per row
+        xm0, sm, sh = _row_shift(xr, m, r, temp, cap, use_cap, zero)
     if use_cap:
         capa = cast(cap, zero)
-        zy = capa * vtanh(xy / capa) / tz
         fy = np.float64(sech2(xy / capa))
-        _bwd_cap(xr, orow, buf[:v], buf[v:], ma, ra, az, bz, w, tz, capa)
-        pm1 = math.expm1((np.float64(zy) - m) - r)
-        gy = _label_grad(c, a, b, wy, pm1) * fy
-    else:
+        _bwd_cap(xr, orow, buf[:v], buf[v:], xm0, sm, cast(sh, zero), az, bz, w, temp, cap)
+        dy = 0.0 if xy == xm0 else (cap * tanh64(np.float64(xy) / cap) - sm) / temp
+        gy = _label_grad(c, a, b, wy, math.expm1(dy + sh)) * fy
+    elif use_t:
+        msh = cast(-sh, zero)
         if inplace:
-            _bwd_inplace(xr, ma, ra, az, bz, w, tz, use_t)
+            _bwd_inplace(xr, xm0, msh, zero, az, bz, w, tz, use_t)
         else:
-            _bwd(xr, orow, ma, ra, az, bz, w, tz, use_t)
-        zy = xy / tz if use_t else xy
-        pm1 = math.expm1((np.float64(zy) - m) - r)
+            _bwd(xr, orow, xm0, msh, zero, az, bz, w, tz, use_t)
+        dy = (np.float64(xy) - np.float64(xm0)) / temp
+        gy = _label_grad(c, a, b, wy, math.expm1(dy + sh))
+    else:
+        # (z - m) - r in the accumulation dtype: z - m is exact near the max, m + r would round
+        ma = cast(m, zero)
+        ra = cast(r, zero)
+        if inplace:
+            _bwd_inplace(xr, zero, ma, ra, az, bz, w, tz, use_t)
+        else:
+            _bwd(xr, orow, zero, ma, ra, az, bz, w, tz, use_t)
+        pm1 = math.expm1((np.float64(xy) - m) - r)
         gy = _label_grad(c, a, b, wy, pm1)
     orow[y] = from_acc(cast(gy, zero), orow)
 
@@ -901,19 +970,16 @@ def softmax_buffered(x, mode, temp, cap, use_cap, out, m_out, r_out, buf_proto, 
         for i in range(ch * n // nchunk, (ch + 1) * n // nchunk):
             xr = x[i]
             orow = out[i]
-            if use_cap:
-                m = _zfill_cap(xr, buf, capa, tz)
-            else:
-                m = _zfill(xr, buf, tz)
+            m, delta = _shift_row(xr, buf, temp, cap, use_cap, zero)  # buf = z - max z
             if not (m > _NINF and m < np.inf):
                 _sm_special(orow, m, mode, zero)
                 m_out[i] = m
                 r_out[i] = 0.0 if m == _NINF else np.nan
                 continue
             if mode == 0:
-                s, ties = _exp_store_inplace(buf, m)
+                s, ties = _exp_store_inplace(buf, zero)
             else:
-                s, ties = _exp_sum(buf, m)
+                s, ties = _exp_sum(buf, zero)
             sp = s + (ties - 1)
             r = math.log1p(sp)
             m_out[i] = m
@@ -921,7 +987,7 @@ def softmax_buffered(x, mode, temp, cap, use_cap, out, m_out, r_out, buf_proto, 
             if mode == 0:
                 _store_scale(buf, orow, cast(1.0 / (1.0 + sp), zero))
             elif mode == 1:
-                _store_logsm(buf, orow, m, cast(r, zero))
+                _store_logsm(buf, orow, zero, cast(r, zero))
 
 
 # ----------------------------------------------------------------------------- softmax backward
@@ -1062,10 +1128,7 @@ def prob_forward(x, y, w, eps, temp, cap, use_cap, ce, m_out, r_out, mass_out, b
         tz = cast(temp, zero)
         capa = cast(cap, zero)
         for i in range(ch * n // nchunk, (ch + 1) * n // nchunk):
-            if use_cap:
-                m = _zfill_cap(x[i], buf, capa, tz)
-            else:
-                m = _zfill(x[i], buf, tz)
+            m, delta = _shift_row(x[i], buf, temp, cap, use_cap, zero)  # buf = z - max z
             if not (m > _NINF and m < np.inf):
                 mass = 0.0
                 for j in range(v):
@@ -1079,9 +1142,9 @@ def prob_forward(x, y, w, eps, temp, cap, use_cap, ce, m_out, r_out, mass_out, b
                     r_out[i] = np.nan
                     ce[i] = np.nan
                 continue
-            s, ties = _exp_sum(buf, m)
+            s, ties = _exp_sum(buf, zero)
             r = math.log1p(s + (ties - 1))
-            dot, mass = _prob_dot(buf, y[i], m, w, eps, inv_v)
+            dot, mass = _prob_dot(buf, y[i], zero, w, eps, inv_v)
             ce[i] = mass * r - dot
             m_out[i] = m
             r_out[i] = r
@@ -1112,19 +1175,26 @@ def prob_backward(x, y, m_in, r_in, mass, g_ce, g_lse, w, eps, temp, cap, use_ca
         for i in range(ch * n // nchunk, (ch + 1) * n // nchunk):
             xr = x[i]
             orow = out[i]
-            if use_cap:
-                _zfill_cap(xr, buf, capa, tz)
-                _sech2_fill(xr, fac, capa)
-            else:
-                _zfill(xr, buf, tz)
             m = np.float64(m_in[i])
             r = np.float64(r_in[i])
             if m == np.inf or m != m or r != r:
                 _fill(orow, cast(np.nan, zero))
                 continue
             if m == _NINF:  # p = 0 (and z - m would be NaN)
+                _zfill(xr, buf, tz)
                 m = 0.0
                 r = np.inf
+            else:
+                # buf = d = z - max z from x (see _shift_row), exp(d + c) = exp(z - m - r)
+                xm0, sm, c = _row_shift(xr, m, r, temp, cap, use_cap, zero)
+                if use_cap:
+                    _dfill_cap(xr, buf, xm0, cap, sm, temp, zero)
+                else:
+                    _dfill_t(xr, buf, xm0, tz)
+                m = -c
+                r = 0.0
+            if use_cap:
+                _sech2_fill(xr, fac, capa)
             gce = np.float64(g_ce[i])
             a = (gce * np.float64(mass[i]) + np.float64(g_lse[i])) * inv_t
             _prob_store(buf, y[i], orow, cast(m, zero), cast(r, zero), cast(a, zero),
