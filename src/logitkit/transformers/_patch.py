@@ -93,23 +93,58 @@ def _logit_transform(cfg: Any) -> tuple[Optional[float], float, list[str]]:
     return softcap, temperature, read
 
 
+def _is_lora_linear(head: Any) -> bool:
+    t = type(head)
+    return t.__name__ == "Linear" and t.__module__.startswith("peft.tuners.lora") and \
+        type(getattr(head, "base_layer", None)).forward is torch.nn.Linear.forward
+
+
 def _head_of(model: Any) -> Any:
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     if head is None:
         raise LogitkitPatchError(f"model: {type(model).__name__}.get_output_embeddings() returned no output head; "
                                  f"logitkit.transformers.apply needs a causal LM with a linear head")
-    if type(head).forward is not torch.nn.Linear.forward:
+    if type(head).forward is not torch.nn.Linear.forward and not _is_lora_linear(head):
         raise LogitkitPatchError(
             f"model: the output head is a {type(head).__module__}.{type(head).__name__}, not a plain "
-            f"torch.nn.Linear (a LoRA or quantized head computes something else than hidden @ weight.T + bias); "
-            f"apply logitkit before wrapping the head, or leave this model unpatched")
+            f"torch.nn.Linear or a PEFT LoRA Linear over one (a quantized or custom head computes something else "
+            f"than hidden @ weight.T + bias); leave this model unpatched")
     W = head.weight
     if W.dim() != 2:
         raise LogitkitPatchError(f"model: output head weight must be (V, H), got shape {tuple(W.shape)}")
-    if head.bias is not None and tuple(head.bias.shape) != (W.shape[0],):
-        raise LogitkitPatchError(f"model: output head bias must be ({W.shape[0]},), got {tuple(head.bias.shape)}")
+    b = getattr(head, "base_layer", head).bias
+    if b is not None and tuple(b.shape) != (W.shape[0],):
+        raise LogitkitPatchError(f"model: output head bias must be ({W.shape[0]},), got {tuple(b.shape)}")
     return head
+
+
+def _weights(head: Any) -> tuple[Tensor, Optional[Tensor]]:
+    """The head's effective ``(W, b)``: a LoRA head's is ``W + Σ s·B A`` (differentiable in A, B)."""
+    if not _is_lora_linear(head):
+        return head.weight, head.bias
+    base = head.base_layer
+    W, b = base.weight, base.bias
+    if head.disable_adapters or head.merged:
+        return W, b
+    for name in head.active_adapters:
+        if name not in head.lora_A.keys():
+            continue
+        if name in getattr(head, "lora_variant", {}):
+            raise LogitkitPatchError(f"logitkit.transformers: the LoRA head's adapter {name!r} is a variant "
+                                     f"({type(head.lora_variant[name]).__name__}, e.g. DoRA) that the patch does "
+                                     f"not reproduce")
+        drop = head.lora_dropout[name]
+        if not isinstance(drop, torch.nn.Identity) and drop.training and getattr(drop, "p", 1.0) > 0:
+            raise LogitkitPatchError(f"logitkit.transformers: the LoRA head's adapter {name!r} has lora_dropout "
+                                     f"p={drop.p} in training; dropout on the adapter's input alone cannot be fused "
+                                     f"into the head (use lora_dropout=0 on the head, or leave it out of "
+                                     f"target_modules)")
+        A, B, s = head.lora_A[name], head.lora_B[name], head.scaling[name]
+        W = W + (s * (B.weight @ A.weight)).to(W.dtype)
+        if B.bias is not None:
+            b = (s * B.bias).to(W.dtype) if b is None else b + (s * B.bias).to(b.dtype)
+    return W, b
 
 
 class _Capture:
@@ -143,7 +178,7 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
 
 
 def _head_tensors(st: _State, hidden: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    W, b = st.head.weight, st.head.bias
+    W, b = _weights(st.head)
     hidden = hidden.to(W.device)
     dt = _autocast_dtype(hidden.device)
     if dt is not None:  # what autocast would have given the head's F.linear
