@@ -12,8 +12,11 @@ import numpy as np
 
 
 class ThreadGroup:
-    def __init__(self, size: int, timeout: float = 30.0) -> None:
+    """``drop_nan``: the MAX ignores NaN (``fmax``), as gloo's and XLA's all-reduces may."""
+
+    def __init__(self, size: int, timeout: float = 30.0, drop_nan: bool = False) -> None:
         self.size = size
+        self.drop_nan = drop_nan
         self.barrier = threading.Barrier(size, timeout=timeout)
         self.slots: list = [None] * size
         self.calls: list = []  # (op, numel, nbytes) recorded once per collective (by rank 0)
@@ -22,7 +25,10 @@ class ThreadGroup:
         self.slots[rank] = np.array(a, copy=True)
         self.barrier.wait()
         stacked = np.stack(self.slots)
-        out = stacked.max(axis=0) if op == "max" else np.add.reduce(stacked, axis=0)
+        if op == "max":
+            out = np.fmax.reduce(stacked, axis=0) if self.drop_nan else stacked.max(axis=0)
+        else:
+            out = np.add.reduce(stacked, axis=0)
         if rank == 0:
             self.calls.append((op, a.size, a.nbytes))
         self.barrier.wait()  # nobody overwrites a slot before everyone has read it
@@ -33,9 +39,9 @@ class ThreadGroup:
                 "all_reduce_sum": lambda a: self._collective(rank, "sum", a)}
 
 
-def run_ranks(size: int, fn) -> list:
+def run_ranks(size: int, fn, drop_nan: bool = False) -> list:
     """Run ``fn(rank, group)`` on ``size`` threads; return the results, re-raising the first error."""
-    group = ThreadGroup(size)
+    group = ThreadGroup(size, drop_nan=drop_nan)
     results: list = [None] * size
     errors: list = [None] * size
 

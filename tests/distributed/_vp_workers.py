@@ -65,6 +65,8 @@ def megatron_forward(x_local, y, start, eps, dist):
 
 
 def _run_case(case, rank, dist, log):
+    import time
+
     import torch
 
     from logitkit.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
@@ -84,15 +86,32 @@ def _run_case(case, rank, dist, log):
         out["loss"] = megatron_forward(x, y, s, case["eps"], dist).numpy()
         return out
     if case["kind"] == "error":
-        x = torch.tensor(case["x"][:, s:e], device=dev)
+        # per-rank overrides: one rank's mistake must make every rank raise the same error, promptly
+        mine = dict(case.get("per_rank", [{}] * (rank + 1))[rank]) if "per_rank" in case else {}
+        s, e = mine.get("bounds", (s, e))
+        rows = mine.get("rows", case["x"].shape[0])
+        xdt = getattr(torch, mine.get("dtype", "float64"))
+        x = torch.tensor(case["x"][:rows, s:e]).to(xdt).to(dev)
         yy = torch.tensor(case["y_per_rank"][rank], device=dev) if "y_per_rank" in case else y
+        if "y" in mine:
+            yy = torch.tensor(mine["y"], device=dev)
+        o = {**opts, **mine.get("opts", {})}
+        start_arg = mine.get("vocab_start", None if case.get("equal") else s)
+        t0 = time.monotonic()
         try:
-            loss = vocab_parallel_cross_entropy(x, yy, vocab_start=None if case.get("equal") else s, **opts)
+            if case.get("linear"):
+                h = torch.tensor(case["h"][:rows]).to(xdt)
+                loss = vocab_parallel_linear_cross_entropy(h, torch.tensor(case["w"][s:e]).to(xdt), yy,
+                                                           vocab_start=start_arg, **o)
+            else:
+                loss = vocab_parallel_cross_entropy(x, yy, vocab_start=start_arg, **o)
             out["loss"] = loss.detach().cpu().double().numpy()  # non-CPU devices: NaN, no exception
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             out["error"] = str(exc)
+            out["error_type"] = type(exc).__name__
+        out["seconds"] = time.monotonic() - t0
         return out
-    if case["kind"] == "logits":
+    if case["kind"] in ("logits", "contract", "nan"):
         x = torch.tensor(case["x"][:, s:e]).to(dtype).to(dev).requires_grad_()
         del log[:]
         loss = vocab_parallel_cross_entropy(x, y, vocab_start=start, **opts)

@@ -16,6 +16,11 @@ pytest.importorskip("jax")
 from logitkit.distributed import stages  # noqa: E402
 from logitkit.reference import cross_entropy64, cross_entropy_grad64  # noqa: E402
 
+from _vp_contract import contract_cases, contract_errors  # noqa: E402
+from _vp_sim import shard_bounds  # noqa: E402
+
+pytestmark = pytest.mark.timeout(400)  # the child process is killed after 240 s
+
 HERE = Path(__file__).parent
 N = 10
 
@@ -49,6 +54,23 @@ def _cases():
     blocks = np.split(x, 4, axis=1)
     cases.append({"x": x, "x_dev": np.concatenate(blocks[::-1], 1), "y": y, "dtype": "float64", "reverse": True,
                   "opts": {"label_smoothing": 0.1}})
+    # issue 13 item 3: row c holds a NaN in column c (every device, every position of a shard)
+    x = rng.normal(size=(V, V)) * 2
+    x[np.arange(V), np.arange(V)] = np.nan
+    cases.append({"x": x, "x_dev": x, "y": rng.integers(0, V, V), "dtype": "float32", "item": "3",
+                  "opts": {"reduction": "none", "label_smoothing": 0.1}})
+    # item 4: devices 0 and 1 both start at 5, nobody holds 0-4 (the loss must be NaN)
+    x = rng.normal(size=(N, V))
+    cases.append({"x": x, "x_dev": x, "y": rng.integers(5, V, N), "dtype": "float64", "item": "4", "loss_only": True,
+                  "starts": [5, 5, 10, 15], "opts": {}})
+    # item 5: labels that collided in the old 20-bit hash, on device 0 only
+    x = rng.normal(size=(4, V))
+    cases.append({"x": x, "x_dev": x, "y": np.array([1, 5, 2, 7]), "dtype": "float64", "item": "5", "loss_only": True,
+                  "y_dev": np.array([[1, 5, 2, 7]] + [[4, 4, 2, 7]] * 3), "opts": {}})
+    # issue 21: the float32 contract rows (row statistics in float64: the child enables x64)
+    for x, y, names, o in contract_cases(rng, shard_bounds([5] * 4))[::2]:  # {}, T=0.5, softcap: compile time
+        cases.append({"x": x.astype(np.float64), "x_dev": x, "y": y, "dtype": "float32", "item": "21",
+                      "names": names, "opts": o, "loss_only": True})
     return cases
 
 
@@ -73,6 +95,8 @@ def _ref_opts(o):
 def test_parity_under_shard_map(jax_results):
     cases, results = jax_results
     for i, (case, out) in enumerate(zip(cases, results)):
+        if "item" in case:
+            continue
         o = _ref_opts(case["opts"])
         ref = cross_entropy64(case["x"], case["y"], **o)
         g = cross_entropy_grad64(case["x"], case["y"], **o)
@@ -89,6 +113,9 @@ def test_parity_under_shard_map(jax_results):
 def test_one_pmax_one_psum_and_nothing_in_backward(jax_results):
     cases, results = jax_results
     for case, out in zip(cases, results):
+        if "fwd" not in out:
+            continue
+        N = case["x_dev"].shape[0]
         k = stages.n_slots(case["opts"].get("label_smoothing", 0.0))
         acc = "float64" if case["dtype"] == "float64" else "float32"
         # one pmax of N scalars and the agreement table (F fields × 4 devices), one psum of k·N
@@ -98,3 +125,32 @@ def test_one_pmax_one_psum_and_nothing_in_backward(jax_results):
                                                ((k * N,), acc)]
         assert out["fwd"][0][0] == "pmax" and out["fwd"][1][0].startswith("psum")
         assert out["fwd_bwd"] == out["fwd"]  # value_and_grad adds no collective
+
+
+def _item(cases, results, item):
+    return [(c, r) for c, r in zip(cases, results) if c.get("item") == item]
+
+
+def test_issue13_item3_nan_in_every_shard_position(jax_results):
+    ((case, out),) = _item(*jax_results, "3")
+    assert np.all(np.isnan(out["loss"])), np.flatnonzero(~np.isnan(out["loss"]))
+    assert np.all(np.isnan(out["grad"]))
+
+
+def test_issue13_item4_non_tiling_shards_give_nan(jax_results):
+    ((case, out),) = _item(*jax_results, "4")
+    assert np.isnan(out["loss"])
+
+
+def test_issue13_item5_colliding_label_edits_give_nan(jax_results):
+    ((case, out),) = _item(*jax_results, "5")
+    assert np.isnan(out["loss"])
+
+
+def test_issue21_float32_contract_under_shard_map(jax_results):
+    found = _item(*jax_results, "21")
+    assert len(found) == 3
+    for case, out in found:
+        err, _ = contract_errors(out["loss"], case["x"], case["y"], case["opts"])
+        bad = [(case["names"][j], err[j]) for j in range(len(err)) if not err[j] <= 2.0 ** -21]
+        assert not bad, (case["opts"], bad)

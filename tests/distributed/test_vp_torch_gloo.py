@@ -18,8 +18,11 @@ import logitkit  # noqa: E402
 from logitkit.distributed import stages  # noqa: E402
 from logitkit.reference import cross_entropy64, cross_entropy_grad64  # noqa: E402
 
+from _vp_contract import contract_cases, contract_errors  # noqa: E402
 from _vp_sim import shard_bounds  # noqa: E402
 from _vp_workers import launch  # noqa: E402
+
+pytestmark = pytest.mark.timeout(400)  # the launches kill their ranks after 150 s each
 
 OPTIONS = [
     {},
@@ -81,6 +84,7 @@ def _cases(world):
     cases.append({"kind": "error", "x": x, "y": _labels(rng, bounds), "bounds": bounds, "opts": {}, "equal": True})
     cases.append({"kind": "error", "x": x, "y": _labels(rng, bounds), "bounds": bounds, "opts": {},
                   "y_per_rank": [(_labels(rng, bounds) + r) % V for r in range(world)]})
+    cases += _issue_cases(world)
     if world == 4:
         x = rng.normal(size=(N, 24)) * 3
         mb = shard_bounds([6] * 4)
@@ -88,6 +92,50 @@ def _cases(world):
         cases.append({"kind": "megatron", "x": x, "y": y, "bounds": mb, "eps": 0.1})
         cases.append({"kind": "logits", "x": x, "y": y, "bounds": mb, "dtype": "float64",
                       "opts": {"label_smoothing": 0.1 * 24 / 23, "reduction": "none"}})
+    return cases
+
+
+def _issue_cases(world):
+    """Issue 13 items 3, 4, 5, 9 and issue 21's contract rows, in the same launch."""
+    rng = np.random.default_rng(100 + world)
+    sizes = SIZES[world]
+    V = sum(sizes)
+    bounds = shard_bounds(sizes)
+    cases = []
+    # item 3: row c holds a NaN in column c, so every rank and every position in a shard is hit
+    x = rng.normal(size=(V + 1, V)) * 2
+    x[np.arange(V), np.arange(V)] = np.nan
+    cases.append({"kind": "nan", "x": x, "y": rng.integers(0, V, V + 1), "bounds": bounds, "dtype": "float32",
+                  "opts": {"reduction": "none", "label_smoothing": 0.1}})
+    # item 4: every rank passes vocab_start=4 with 4 classes (nobody holds 0-3)
+    x = rng.normal(size=(N, V))
+    cases.append({"kind": "error", "x": x, "y": _labels(rng, bounds) % 8, "bounds": bounds, "opts": {},
+                  "item": "4", "per_rank": [{"bounds": (4, 8), "vocab_start": 4}] * world})
+    # item 5: labels that collided in the 20-bit hash
+    cases.append({"kind": "error", "x": rng.normal(size=(4, V)), "y": np.array([1, 5, 2, 7]), "bounds": bounds,
+                  "opts": {}, "item": "5", "y_per_rank": [[1, 5, 2, 7]] + [[4, 4, 2, 7]] * (world - 1)})
+    # item 9: one rank's mistake (the last rank's), every rank raises the same error promptly
+    y = _labels(rng, bounds)
+    mistakes = [("labels of the wrong shape", "ValueError", {"y": y[:-1]}),
+                ("label_smoothing differs", "ValueError", {"opts": {"label_smoothing": 0.1}}),
+                ("dtype differs", "TypeError", {"dtype": "float32"}),
+                ("batch size differs", "ValueError", {"rows": N - 2, "y": y[:N - 2]}),
+                ("reduction differs", "ValueError", {"opts": {"reduction": "sum"}}),
+                ("an invalid option", "ValueError", {"opts": {"z_loss": -1.0}})]
+    for name, etype, over in mistakes:
+        cases.append({"kind": "error", "x": x, "y": y, "bounds": bounds, "opts": {}, "item": "9", "name": name,
+                      "etype": etype, "per_rank": [{}] * (world - 1) + [over]})
+    H = 6
+    cases.append({"kind": "error", "linear": True, "x": x, "h": rng.normal(size=(N, H)), "w": rng.normal(size=(V, H)),
+                  "y": y, "bounds": bounds, "opts": {}, "item": "9", "name": "reduce_hidden_grad differs",
+                  "etype": "ValueError", "per_rank": [{}] * (world - 1) + [{"opts": {"reduce_hidden_grad": False}}]})
+    # after the mistakes the group is in step: a plain case (checked by the parity test)
+    cases.append({"kind": "logits", "x": rng.normal(size=(N, V)), "y": _labels(rng, bounds), "bounds": bounds,
+                  "opts": {}, "dtype": "float64"})
+    # issue 21: the float32 contract rows
+    for x, y, names, o in contract_cases(rng, bounds):
+        cases.append({"kind": "contract", "x": x, "y": y, "names": names, "bounds": bounds, "dtype": "float32",
+                      "opts": o})
     return cases
 
 
@@ -145,7 +193,8 @@ def test_parity_of_loss_and_gradient_for_every_option(run):
             # the same dtype in and out as one process: agreement to a few roundings of that dtype
             close = {"float64": 1e-12, "float32": 1e-6, "bfloat16": 1e-2}[case["dtype"]]
             np.testing.assert_allclose(out["loss"], one, rtol=close, atol=close * 1e-2)
-            np.testing.assert_allclose(out["grad"], one_g[:, s:e], rtol=10 * close, atol=close * 1e-2)
+            np.testing.assert_allclose(out["grad"], one_g[:, s:e], rtol=10 * close, atol=close * 1e-2,
+                                       err_msg=f"case {i} rank {rank}")
             np.testing.assert_allclose(out["grad"], gref[:, s:e], rtol=tol * 10, atol=tol * 1e-2,
                                        err_msg=f"case {i} rank {rank}")
 
@@ -190,7 +239,7 @@ def test_linear_head_parity(run):
 
 def test_errors_raise_on_every_rank(run):
     world, cases, results = run
-    errs = [c for c in range(len(cases)) if cases[c]["kind"] == "error"]
+    errs = [c for c in range(len(cases)) if cases[c]["kind"] == "error" and "item" not in cases[c]]
     assert len(errs) == 2
     tiling, labels = errs
     for rank in range(world):
@@ -212,3 +261,62 @@ def test_smoothing_megatron_formula_fails_where_ours_passes(run4):
             np.testing.assert_allclose(results[rank][i]["loss"], ref, rtol=1e-3)
     # the per-partition formula does not even agree between ranks
     assert not np.allclose(results[0][i]["loss"], results[1][i]["loss"], rtol=1e-3)
+
+
+def _items(cases, item):
+    return [i for i, c in enumerate(cases) if c.get("item") == item]
+
+
+def _same_error_everywhere(results, i, world):
+    errs = [(results[r][i].get("error_type"), results[r][i].get("error")) for r in range(world)]
+    assert errs[0][1] is not None and len(set(errs)) == 1, errs  # one type, one text, on every rank
+    assert max(results[r][i]["seconds"] for r in range(world)) < 20  # promptly, not at the group timeout
+    return errs[0]
+
+
+def test_issue13_item3_nan_in_every_shard_position(run):
+    world, cases, results = run
+    (i,) = [i for i, c in enumerate(cases) if c["kind"] == "nan"]
+    V = cases[i]["x"].shape[1]
+    for rank in range(world):
+        loss, g = results[rank][i]["loss"], results[rank][i]["grad"]
+        assert np.all(np.isnan(loss[:V])), (rank, np.flatnonzero(~np.isnan(loss[:V])))
+        assert np.all(np.isnan(g[:V]))
+        assert np.isfinite(loss[V]) and np.all(np.isfinite(g[V]))
+
+
+def test_issue13_item4_non_tiling_shards_raise(run):
+    world, cases, results = run
+    (i,) = _items(cases, "4")
+    etype, msg = _same_error_everywhere(results, i, world)
+    assert etype == "ValueError" and "vocab_start: the shards do not tile the vocabulary" in msg
+
+
+def test_issue13_item5_colliding_label_edits_are_detected(run):
+    world, cases, results = run
+    (i,) = _items(cases, "5")
+    etype, msg = _same_error_everywhere(results, i, world)
+    assert etype == "ValueError" and "labels: the ranks passed different labels" in msg
+
+
+def test_issue13_item9_rank_local_mistakes_raise_on_every_rank(run):
+    world, cases, results = run
+    idx = _items(cases, "9")
+    assert len(idx) == 7
+    for i in idx:
+        etype, msg = _same_error_everywhere(results, i, world)
+        assert etype == cases[i]["etype"], (cases[i]["name"], etype, msg)
+        assert "rank" in msg, msg
+
+
+def test_issue21_float32_contract_on_gloo(run):
+    world, cases, results = run
+    idx = [i for i, c in enumerate(cases) if c["kind"] == "contract"]
+    assert len(idx) == 5
+    for i in idx:
+        c = cases[i]
+        err, _ = contract_errors(results[0][i]["loss"], c["x"], c["y"], c["opts"])
+        bad = [(c["names"][j], err[j]) for j in range(len(err)) if not err[j] <= 2.0 ** -21]
+        assert not bad, (c["opts"], bad)
+        for rank in range(1, world):
+            np.testing.assert_array_equal(results[rank][i]["loss"], results[0][i]["loss"])

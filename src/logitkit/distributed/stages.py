@@ -832,7 +832,7 @@ def cross_entropy_with_grad(x: Any, labels: Any, *, all_reduce_max: Callable[[An
     0.407606
     """
     from .. import _validate as Vd
-    from .._namespace import dtype_name, namespace_of
+    from .._namespace import dtype_name, is_integer, namespace_of
     from ..core.reduction import reduce_loss, row_scales
 
     error, fields, xp, start = None, None, None, None
@@ -841,6 +841,8 @@ def cross_entropy_with_grad(x: Any, labels: Any, *, all_reduce_max: Callable[[An
         Vd.check_logits("x", x)
         Vd.check_options(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                          temperature=temperature)
+        if not is_integer(labels.dtype):
+            raise TypeError(f"labels: expected integer class indices, got dtype {dtype_name(labels.dtype)}")
         if x.ndim != 2 or tuple(labels.shape) != (x.shape[0],):
             raise ValueError(f"x, labels: expected shapes (N, n) and (N,), got {tuple(x.shape)} and "
                              f"{tuple(labels.shape)}")
