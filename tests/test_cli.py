@@ -194,3 +194,15 @@ def test_bench_from_csv_reads_back_what_out_wrote(tmp_path, capsys):
     assert cli.main(["bench", "--from-csv", str(tmp_path / "results.csv")]) == 0
     out = capsys.readouterr().out
     assert "not measured now" in out and "| 90.0-120.0 " in out
+
+
+def test_item16_bench_without_tqdm_says_why_there_is_no_progress_bar():
+    proc = _run_without("tqdm", """
+        from logitkit import bench
+        items = bench._progress([1, 2], "small", True)
+        assert list(items) == [1, 2]
+        bench._progress([3], "llm", True)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("tqdm is not installed") == 1
+    assert "pip install 'logitkit[bench]'" in proc.stderr

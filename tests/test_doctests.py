@@ -6,8 +6,12 @@ importing it fails because a framework it bridges (torch, jax, tensorflow, ...) 
 """
 
 import doctest
+import functools
 import importlib
+import json
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -18,6 +22,9 @@ PACKAGE = pathlib.Path(logitkit.__file__).resolve().parent
 OPTIONAL = {"torch", "jax", "jaxlib", "optax", "triton", "tensorflow", "keras", "transformers",
             "ml_dtypes", "mpmath", "scipy", "matplotlib", "tqdm", "flax"}
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+# TensorFlow's bundled LLVM aborts the process if Triton is loaded after it (torch loads Triton
+# lazily), so the modules that import TensorFlow or Keras run in a fresh interpreter.
+ISOLATED = ("logitkit.tensorflow", "logitkit.keras")
 
 
 def _modules() -> list[str]:
@@ -47,6 +54,14 @@ def test_item17_harness_sees_every_module_and_examples():
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", MODULES)
 def test_item17_docstring_examples_run(name):
+    if name.startswith(ISOLATED):
+        _run_isolated(name)
+        return
+    report = _run_doctests(name)
+    assert not report, f"{len(report)} failing docstring(s) in {name}:\n" + "\n".join(report)
+
+
+def _run_doctests(name: str) -> list[str]:
     try:
         module = importlib.import_module(name)
     except ImportError as exc:
@@ -64,4 +79,30 @@ def test_item17_docstring_examples_run(name):
         result = runner.run(test, out=out.append, clear_globs=True)
         if result.failed:
             report.append("".join(out))
+    return report
+
+
+@functools.lru_cache(maxsize=None)
+def _isolated_reports() -> dict:
+    """{module: ["SKIP", reason] or its failure reports}, for every isolated module, from one
+    fresh interpreter (importing TensorFlow once)."""
+    names = [n for n in MODULES if n.startswith(ISOLATED)]
+    code = (f"import json, sys; sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})\n"
+            "import pytest, test_doctests as t\n"
+            "out = {}\n"
+            f"for name in {names!r}:\n"
+            "    try:\n"
+            "        out[name] = t._run_doctests(name)\n"
+            "    except pytest.skip.Exception as exc:\n"
+            "        out[name] = ['SKIP', str(exc)]\n"
+            "print('\\n@@' + json.dumps(out))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0 and "\n@@" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.rsplit("\n@@", 1)[1])
+
+
+def _run_isolated(name: str) -> None:
+    report = _isolated_reports()[name]
+    if report[:1] == ["SKIP"]:
+        pytest.skip(report[1])
     assert not report, f"{len(report)} failing docstring(s) in {name}:\n" + "\n".join(report)

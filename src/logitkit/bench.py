@@ -410,6 +410,9 @@ def run_workload(name: str, repeat: int, progress: bool) -> list[Result]:
     return results
 
 
+_said_no_tqdm = []
+
+
 def _progress(items, desc, enabled):
     if enabled:
         try:
@@ -417,7 +420,10 @@ def _progress(items, desc, enabled):
 
             return tqdm(items, desc=desc, leave=False, file=sys.stderr)
         except ImportError:
-            pass
+            if not _said_no_tqdm:
+                _said_no_tqdm.append(True)
+                print("(no progress bar: tqdm is not installed; pip install 'logitkit[bench]')",
+                      file=sys.stderr)
     return items
 
 
