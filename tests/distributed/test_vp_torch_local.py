@@ -90,3 +90,30 @@ def test_linear_without_hidden_grad_needs_no_collective():
     np.testing.assert_allclose(loss.item(), cross_entropy64(logits, y.numpy(), z_loss=1e-2), rtol=1e-12)
     g = cross_entropy_grad64(logits, y.numpy(), z_loss=1e-2)
     np.testing.assert_allclose(w.grad.numpy(), g.T @ h.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def test_device_mode_header_in_the_max_tail(monkeypatch):
+    """The path CUDA tensors take (no host synchronisation), forced on the CPU: the header table
+    rides in the per-token MAX, a failed check gives NaN instead of raising."""
+    from logitkit.distributed import _torch as vt
+    from logitkit.distributed import stages
+
+    monkeypatch.setattr(vt, "_host_mode", lambda x: False)
+    calls = []
+    monkeypatch.setattr(vt.TorchCollectives, "all_reduce_max", lambda self, t: calls.append(t.numel()) or t)
+    x, y = _xy(shape=(6,), V=9, seed=4)
+    y[2] = -100
+    opts = {"label_smoothing": 0.1, "temperature": 0.5, "z_loss": 1e-3}
+    xt = torch.tensor(x).requires_grad_()
+    w = torch.tensor(np.random.default_rng(1).uniform(0.5, 2.0, 9))
+    loss = vocab_parallel_cross_entropy(xt, torch.tensor(y), weight=w, **opts)
+    loss.backward()
+    assert calls == [6 + stages.header_size(1, with_message=False)]  # no separate header collective
+    o = {**opts, "weight": w.numpy()}
+    np.testing.assert_allclose(loss.item(), cross_entropy64(x, y, **o), rtol=1e-12)
+    np.testing.assert_allclose(xt.grad.numpy(), cross_entropy_grad64(x, y, **o), rtol=1e-10, atol=1e-15)
+    bad = y.copy()
+    bad[0] = 9
+    assert torch.isnan(vocab_parallel_cross_entropy(torch.tensor(x), torch.tensor(bad)))
+    assert torch.isnan(vocab_parallel_cross_entropy(torch.tensor(x), torch.tensor(y), weight=w[:5]))
+    assert torch.isnan(vocab_parallel_cross_entropy(torch.tensor(x), torch.tensor(y), vocab_start=1))

@@ -251,17 +251,30 @@ def vocab_parallel_cross_entropy(local_logits: torch.Tensor, labels: torch.Tenso
         :func:`logitkit.cross_entropy`; smoothing divides by the *global* ``V`` and sums over
         every shard.
 
-    Communication: forward, one MAX all-reduce of ``N`` scalars and one SUM all-reduce of
-    ``3N`` (``4N`` with smoothing), float32 (float64 for float64 logits); backward, none.
-    Errors found after the collectives (shards that do not tile, labels that differ between ranks
-    or out of range, weights of the wrong length) raise ``ValueError`` on every rank for CPU
-    tensors and give a NaN loss on other devices (no host synchronisation).
+    Communication, forward: a fixed-size MAX all-reduce of the header (float32, ``20·P + 160``
+    scalars for ``P`` ranks, independent of ``N``: what the ranks must agree on), then one MAX
+    all-reduce of ``N`` scalars and one SUM all-reduce of ``3N`` (``4N`` with smoothing), float32
+    (float64 for float64 logits): 16 (20) bytes per token; backward, none.
+    CPU tensors (gloo): every check runs before any per-token collective, and a mistake on any
+    rank (bad arguments, ranks that disagree on tokens, dtype, options or labels, shards that do
+    not tile ``[0, V)``, labels out of range) raises the same ``ValueError``/``TypeError`` on every
+    rank. Other devices never synchronise with the host: the header rides in the per-token MAX
+    and a failed check gives a NaN loss; argument errors raise on the rank that has them.
 
     Example (``torchrun --nproc-per-node 2``)::
 
         local = full_logits.chunk(world_size, dim=-1)[rank].requires_grad_()
         loss = vocab_parallel_cross_entropy(local, labels, label_smoothing=0.1)
         loss.backward()          # local.grad is this rank's slice of the full gradient
+
+    Without a process group it is the one-process loss:
+
+    >>> import torch
+    >>> logits = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 0.0, -1.0, 2.0]], requires_grad=True)
+    >>> labels = torch.tensor([3, 0])
+    >>> loss = vocab_parallel_cross_entropy(logits, labels, label_smoothing=0.1)
+    >>> bool(torch.isclose(loss, torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)))
+    True
     """
     comm = TorchCollectives(group)
 
@@ -403,8 +416,16 @@ def vocab_parallel_linear_cross_entropy(hidden: torch.Tensor, local_weight: torc
         all-reduce (Megatron's ``copy_to_tensor_model_parallel_region``); each rank then gets its
         partial sum.
 
-    Communication: forward, one MAX and one SUM all-reduce (as the logits version); backward,
-    one SUM all-reduce of ``N × H`` (none with ``reduce_hidden_grad=False``).
+    Communication: forward, the header and one MAX and one SUM all-reduce (as the logits
+    version); backward, one SUM all-reduce of ``N × H`` (none with ``reduce_hidden_grad=False``).
+    Ranks must agree on ``local_bias`` being given and on ``reduce_hidden_grad`` (checked).
+
+    >>> import torch
+    >>> h, w = torch.randn(5, 8, dtype=torch.float64), torch.randn(11, 8, dtype=torch.float64)
+    >>> y = torch.tensor([0, 3, 10, 7, -100])
+    >>> loss = vocab_parallel_linear_cross_entropy(h, w, y, chunk_size=2)   # no process group
+    >>> bool(torch.isclose(loss, torch.nn.functional.cross_entropy(h @ w.T, y)))
+    True
     """
     comm = TorchCollectives(group)
 
