@@ -24,6 +24,7 @@ API_PAGES = {
     "api/distributed.html": ["logitkit.distributed", "logitkit.distributed.stages"],
     "api/transformers.html": ["logitkit.transformers"],
     "api/tensorflow.html": ["logitkit.tensorflow"],
+    "api/keras.html": ["logitkit.keras"],
 }
 
 
