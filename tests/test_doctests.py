@@ -106,3 +106,20 @@ def _run_isolated(name: str) -> None:
     if report[:1] == ["SKIP"]:
         pytest.skip(report[1])
     assert not report, f"{len(report)} failing docstring(s) in {name}:\n" + "\n".join(report)
+
+
+def test_item17_no_docstring_example_is_only_comments():
+    # A commented-out example (">>> # f(x)") runs nothing and would rot unseen.
+    import ast
+
+    parser = doctest.DocTestParser()
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            doc = ast.get_docstring(node, clean=True)
+            examples = parser.get_examples(doc) if doc else []
+            if examples and all(e.source.lstrip().startswith("#") for e in examples):
+                bad.append(f"{path.relative_to(PACKAGE.parent)}: {getattr(node, 'name', '<module>')}")
+    assert not bad, "docstring examples that are only comments:\n" + "\n".join(bad)
