@@ -52,6 +52,12 @@ def real_scalar(name: str, value: Any) -> float:
     return float(value)
 
 
+def _finite(v: float) -> bool:
+    # Comparisons only (no math.isfinite): under torch.compile(dynamic=True) a float option that
+    # comes from a function default is a symbolic float, which comparisons accept.
+    return v == v and -math.inf < v < math.inf
+
+
 def _short_repr(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -82,14 +88,14 @@ def check_options(*, reduction: Any = _UNSET, label_smoothing: Any = 0.0, z_loss
     if not 0.0 <= ls <= 1.0:
         raise ValueError(f"label_smoothing: expected a value in [0, 1], got {label_smoothing}")
     zl = real_scalar("z_loss", z_loss)
-    if not math.isfinite(zl) or zl < 0:
+    if not _finite(zl) or zl < 0:
         raise ValueError(f"z_loss: expected a finite value >= 0, got {z_loss}")
     if softcap is not None:
         cap = real_scalar("softcap", softcap)
-        if not (math.isfinite(cap) and cap > 0):
+        if not (_finite(cap) and cap > 0):
             raise ValueError(f"softcap: expected None or a finite value > 0, got {softcap}")
     t = real_scalar("temperature", temperature)
-    if not (math.isfinite(t) and t > 0):
+    if not (_finite(t) and t > 0):
         raise ValueError(f"temperature: expected a finite value > 0, got {temperature}")
 
 
