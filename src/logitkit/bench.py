@@ -474,11 +474,11 @@ def write_outputs(results: list[Result], out_dir: str) -> tuple[list[str], str]:
     csv_path = os.path.join(out_dir, "results.csv")
     with open(csv_path, "w", newline="") as f:
         wr = csv.writer(f)
-        wr.writerow(["workload", "shape", "implementation", "median_ms", "min_ms", "max_ms",
+        wr.writerow(["workload", "shape", "implementation", "limit", "median_ms", "min_ms", "max_ms",
                      "peak_extra_mb", "max_rel_err", "times_ms"])
         for r in results:
             lo, hi = (min(r.times) * 1e3, max(r.times) * 1e3) if r.times else (math.nan, math.nan)
-            wr.writerow([r.workload, workload_shape(r.workload), r.impl, r.median_ms, lo, hi,
+            wr.writerow([r.workload, workload_shape(r.workload), r.impl, r.limit, r.median_ms, lo, hi,
                          r.peak_mb, r.err, " ".join(f"{t * 1e3:.2f}" for t in r.times)])
     try:
         import matplotlib
@@ -502,10 +502,19 @@ def read_results(csv_path: str) -> list[Result]:
             if row["workload"] not in WORKLOADS:
                 raise ValueError(f"{csv_path}: unknown workload {row['workload']!r}")
             times = [float(t) / 1e3 for t in row.get("times_ms", "").split()]
+            limit = row["limit"] if "limit" in row else _old_limit(row["workload"], row["implementation"])
             out.append(Result(row["workload"], row["implementation"], median_ms=float(row["median_ms"]),
                               peak_mb=float(row["peak_extra_mb"]), err=float(row["max_rel_err"]),
-                              times=times))
+                              limit=limit, times=times))
     return out
+
+
+def _old_limit(workload: str, impl: str) -> str:
+    """The limit a row of a CSV from before the ``limit`` column was compared with (as the table
+    then did): the copies and the head have none, in-place and ``out=`` rows ``copyto``."""
+    if impl.startswith("copy") or WORKLOADS[workload][2] == "head":
+        return ""
+    return "copyto" if ("in place" in impl or "inplace" in impl or "into existing" in impl) else "copy"
 
 
 _COLORS = {"logitkit": "#2a9d8f", "peer": "#e76f51", "limit": "#bbbbbb"}
@@ -542,6 +551,15 @@ def _chart(results: list[Result], plt):
         log = hi.max() / max(lo.min(), 1e-9) > 30
         if log:
             ax.set_xscale("log")
+        # Each bar's ratio to its physical limit (the copy it is compared with), beside the bar.
+        lim = {"copyto": _find(group, "np.copyto"), "copy": _find(group, "np.copy)")}
+        for k, r in enumerate(group):
+            xl = lim.get(r.limit)
+            if xl:
+                ax.text(hi[k] * (1.05 if log else 1.0) + (0 if log else 0.01 * hi.max()), k,
+                        f" {r.median_ms / xl:.2f}× {r.limit}", va="center", fontsize=7)
+        if any(lim.get(r.limit) for r in group):  # room for the labels right of the longest bar
+            ax.set_xlim(right=hi.max() * (3.0 if log else 1.25))
         ax.set_xlabel("median ms, bars from min to max of the repeats"
                       + (" (log scale)" if log else "") + "; lower is better")
         ax.set_title(f"{wl}: {workload_shape(wl)}, {_KIND[WORKLOADS[wl][2]]}", fontsize=10)
