@@ -265,3 +265,27 @@ def test_agrees_with_logitkit_reference(blocking, opt):
     grad = reference.cross_entropy_grad64(f64(x), y.numpy(), weight=f64(w), reduction="none", **opt)
     _close(f64(ce), want, 2e-6, "ce")
     _close(f64(dx), grad, 2e-6, "grad")
+
+
+@pytest.mark.parametrize("opt", [{"temperature": 3.0}, {"temperature": 0.7}, {"softcap": 2e4, "temperature": 3.0},
+                                 {"softcap": 1e4}])
+def test_issue13_item2_offset_rows_with_temperature_and_softcap(opt):
+    """A 1e4 common offset with T != 1 or a softcap: loss within 2^-21 of mpmath, softmax too."""
+    pytest.importorskip("mpmath")
+    from logitkit import reference as R
+
+    rng = np.random.default_rng(132)
+    x = np.stack([np.array([10000.346, 10000.821] + [-np.inf] * 62, np.float32),
+                  (1e4 + rng.standard_normal(64)).astype(np.float32)])
+    y = np.array([1, 9])
+    exact = [-R.row_log_softmax_mp(row[np.isfinite(row)], 40, **opt)[lab] for row, lab in zip(x, y)]
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    ce, m, r = tk.ce_forward(xt, yt, **opt)
+    ce2, _, _, _ = tk.ce_forward_backward(xt, yt, torch.ones(2), torch.zeros(2), **opt)
+    for got in (ce, ce2):
+        err = np.abs(got.double().numpy() - exact) / np.array(exact)
+        assert err.max() <= 2.0 ** -21, err
+    if "softcap" not in opt:
+        logp = R.row_log_softmax_mp(x[1], 40, temperature=opt["temperature"])
+        got = tk.log_softmax_forward(xt, temperature=opt["temperature"])[1].double().numpy()
+        assert np.max(np.abs(got - logp) / np.abs(logp)) <= 2.0 ** -21

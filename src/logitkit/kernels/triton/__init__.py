@@ -53,12 +53,42 @@ def available() -> bool:
         return False
 
 
+# These kernels still form z = x / T (and softcap in float32) before the row max, which near a
+# common offset of 1e4 rounds the loss by ~1e-4 (issue 13 item 2). Until they form
+# (x - max x) / T like the CPU kernels, a call with temperature != 1 or a softcap runs the core
+# stage on torch ops instead: slower, never wrong.
+_SHIFT_EXACT_ONLY_AT_T1 = ("ce_forward", "ce_backward", "ce_forward_backward",
+                           "softmax_forward", "log_softmax_forward")
+
+
+def _core_unless_plain(name: str, kernel: Any) -> Any:
+    import functools
+
+    @functools.wraps(kernel)
+    def stage(*args: Any, **kwargs: Any) -> Any:
+        t, cap = kwargs.get("temperature", 1.0), kwargs.get("softcap")
+        if cap is None and float(t) == 1.0:
+            return kernel(*args, **kwargs)
+        if not float(t) > 0.0 or float(t) == float("inf"):
+            raise ValueError(f"temperature: expected a positive number, got {t}")
+        if cap is not None and not (0.0 < float(cap) < float("inf")):
+            raise ValueError(f"softcap: expected a positive number or None, got {cap}")
+        from ..._namespace import TORCH
+        from ..registry import _core_stage
+
+        return _core_stage(name, TORCH)(*args, **kwargs)
+
+    return stage
+
+
 def __getattr__(name: str) -> Any:
     # PEP 562: import the kernel module (and triton) on first use.
     mod = _WHERE.get(name)
     if mod is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+    if name in _SHIFT_EXACT_ONLY_AT_T1:
+        value = _core_unless_plain(name, value)
     globals()[name] = value
     return value
 
