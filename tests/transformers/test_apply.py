@@ -93,7 +93,7 @@ def test_apply_twice_replaces_and_trainer_like_object():
     ref = model(input_ids=ids, labels=labels).loss
     lkt.apply(model, chunk_size=4)
     lkt.apply(model, chunk_size=8)  # re-applies over the original forward, not over the patch
-    assert model.forward.__wrapped__.__func__ is type(model).forward
+    assert model.forward.__func__.__wrapped__ is type(model).forward
     torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, ref, rtol=2e-6, atol=0)
     lkt.revert(model)
     assert "forward" not in vars(model)
@@ -182,3 +182,22 @@ def test_torch_compile_of_the_patched_model():
     assert out.logits is None
     torch.testing.assert_close(out.loss, ref.loss, rtol=2e-6, atol=0)
     _assert_grads({n.removeprefix("_orig_mod."): v for n, v in g.items()}, ref_g)
+
+
+def test_deepcopy_of_a_patched_model_uses_its_own_weights_and_wrappers_are_kept():
+    import copy
+
+    model = make("llama")
+    ids, labels, _ = batch()
+    lkt.apply(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(0.5)
+    got = twin(input_ids=ids, labels=labels).loss
+    lkt.revert(twin)
+    torch.testing.assert_close(got, twin(input_ids=ids, labels=labels).loss, rtol=2e-6, atol=0)
+    assert abs(got.item() - model(input_ids=ids, labels=labels).loss.item()) > 1e-2
+    patched = model.forward
+    model.forward = lambda *a, **k: patched(*a, **k)  # someone wraps the patched forward
+    with pytest.raises(ValueError, match="replaced after logitkit.transformers.apply"):
+        lkt.revert(model)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import types
 from typing import Any, Optional
 
 import torch
@@ -241,42 +242,54 @@ def _pop_labels(st: _State, args: tuple, kwargs: dict) -> tuple[tuple, Optional[
     return args, labels
 
 
-def _make_forward(model: Any, st: _State) -> Any:
+def _patched_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+    # the state is read from the instance at each call: a deepcopy of a patched model computes with its
+    # own weights (copy rebinds the saved bound forward and head to the copy)
+    st = vars(self)[_STATE]
     orig = st.forward
+    fused = kwargs.pop("fused_lm_head", False)
+    args, labels = _pop_labels(st, args, kwargs)
+    shift_labels = kwargs.pop("shift_labels", None)
+    if fused:
+        return _trl_fused(self, st, args, kwargs, labels, shift_labels)
+    if labels is None and shift_labels is None:
+        return orig(*args, **kwargs)
+    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+    ignore_index = kwargs.pop("ignore_index", -100)
+    return_dict = kwargs.pop("return_dict", None)
+    with _Capture(st.head) as cap:
+        out = orig(*args, return_dict=True, **kwargs)
+    if cap.calls != 1:
+        raise LogitkitPatchError(f"logitkit.transformers: {type(self).__name__}'s forward called its output head "
+                                 f"{cap.calls} times; the patch supports exactly one call")
+    if isinstance(out, tuple) or not hasattr(out, "keys"):
+        raise LogitkitPatchError(f"logitkit.transformers: {type(self).__name__}'s forward returned a "
+                                 f"{type(out).__name__}, not a ModelOutput, with return_dict=True")
+    if getattr(out, "aux_loss", None) is not None:
+        raise LogitkitPatchError("logitkit.transformers: the model returned an aux_loss (MoE router loss), which "
+                                 "its own loss adds with a coefficient; the patch does not reproduce that")
+    hidden = cap.hidden
+    loss = _loss(st, hidden, labels, shift_labels, num_items_in_batch, ignore_index)
+    fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
+    logits = _logits(st, hidden) if st.return_logits else None
+    out = type(out)(loss=loss, logits=logits, **fields)
+    use_dict = return_dict if return_dict is not None else getattr(getattr(self, "config", None),
+                                                                   "return_dict", True)
+    return out if use_dict or use_dict is None else out.to_tuple()
 
-    @functools.wraps(orig)
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        fused = kwargs.pop("fused_lm_head", False)
-        args, labels = _pop_labels(st, args, kwargs)
-        shift_labels = kwargs.pop("shift_labels", None)
-        if fused:
-            return _trl_fused(model, st, args, kwargs, labels, shift_labels)
-        if labels is None and shift_labels is None:
-            return orig(*args, **kwargs)
-        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        ignore_index = kwargs.pop("ignore_index", -100)
-        return_dict = kwargs.pop("return_dict", None)
-        with _Capture(st.head) as cap:
-            out = orig(*args, return_dict=True, **kwargs)
-        if cap.calls != 1:
-            raise LogitkitPatchError(f"logitkit.transformers: {type(model).__name__}'s forward called its output head "
-                                     f"{cap.calls} times; the patch supports exactly one call")
-        if isinstance(out, tuple) or not hasattr(out, "keys"):
-            raise LogitkitPatchError(f"logitkit.transformers: {type(model).__name__}'s forward returned a "
-                                     f"{type(out).__name__}, not a ModelOutput, with return_dict=True")
-        if getattr(out, "aux_loss", None) is not None:
-            raise LogitkitPatchError("logitkit.transformers: the model returned an aux_loss (MoE router loss), which "
-                                     "its own loss adds with a coefficient; the patch does not reproduce that")
-        hidden = cap.hidden
-        loss = _loss(st, hidden, labels, shift_labels, num_items_in_batch, ignore_index)
-        fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
-        logits = _logits(st, hidden) if st.return_logits else None
-        out = type(out)(loss=loss, logits=logits, **fields)
-        use_dict = return_dict if return_dict is not None else getattr(getattr(model, "config", None),
-                                                                       "return_dict", True)
-        return out if use_dict or use_dict is None else out.to_tuple()
 
-    return forward
+def _make_forward(model: Any, st: _State) -> Any:
+    """The patched forward, bound to ``model``, with the signature of the forward it replaces.
+
+    ``generate`` and ``Trainer`` read that signature (``logits_to_keep``, ``num_items_in_batch``).
+    """
+    orig = st.forward
+    func = getattr(orig, "__func__", None)
+    if func is not None and getattr(orig, "__self__", None) is model:
+        fn = functools.wraps(func)(lambda self, *a, **k: _patched_forward(self, *a, **k))
+        return types.MethodType(fn, model)
+    # a forward that is not a method of this model (set by a wrapper): bound by closure
+    return functools.wraps(orig)(lambda *a, **k: _patched_forward(model, *a, **k))
 
 
 # TRL's fused LM head protocol: ``model(..., labels, fused_lm_head=True)`` -> per-token outputs.
@@ -483,11 +496,11 @@ def apply(model: Any, *, chunk_size: Any = None, return_logits: bool = False, ve
     target = getattr(model, "model", None) if _is_trainer(model) else model
     if target is None:
         raise LogitkitPatchError("model: the Trainer has no .model to patch")
-    if getattr(target, _STATE, None) is not None:
-        revert(target)
     if not isinstance(target, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module (a transformers PreTrainedModel), got "
                         f"{type(target).__name__}")
+    if vars(target).get(_STATE) is not None:
+        revert(target)
     chunk_size = check_chunk_size(chunk_size)
     head = _head_of(target)
     softcap, temperature, read = _logit_transform(_text_config(target))
@@ -496,8 +509,8 @@ def apply(model: Any, *, chunk_size: Any = None, return_logits: bool = False, ve
     if verify:
         _verify(target, forward, head, softcap, temperature, read)
     st = _State(target, head, softcap, temperature, chunk_size, bool(return_logits), had_forward, forward)
-    setattr(target, _STATE, st)
-    target.forward = _make_forward(target, st)
+    vars(target)[_STATE] = st  # in the instance dict: a PEFT wrapper's getattr must not find its base's
+    st.wrapper = target.forward = _make_forward(target, st)
     return model
 
 
@@ -508,7 +521,7 @@ def _is_trainer(obj: Any) -> bool:
 def is_applied(model: Any) -> bool:
     """Whether :func:`apply` patched this model (or this Trainer's model)."""
     target = getattr(model, "model", None) if _is_trainer(model) else model
-    return getattr(target, _STATE, None) is not None
+    return hasattr(target, "__dict__") and vars(target).get(_STATE) is not None
 
 
 def revert(model: Any) -> Any:
@@ -520,14 +533,17 @@ def revert(model: Any) -> Any:
     False
     """
     target = getattr(model, "model", None) if _is_trainer(model) else model
-    st = getattr(target, _STATE, None)
+    st = vars(target).get(_STATE) if hasattr(target, "__dict__") else None
     if st is None:
         raise ValueError(f"model: this {type(target).__name__} was not patched by logitkit.transformers.apply")
+    if vars(target).get("forward") is not st.wrapper:
+        raise ValueError(f"model: {type(target).__name__}.forward was replaced after logitkit.transformers.apply "
+                         f"(by {vars(target).get('forward')!r}); reverting would drop that wrapper too")
     if st.had_forward:
         target.forward = st.forward
     else:
         del target.forward
-    delattr(target, _STATE)
+    del vars(target)[_STATE]
     return model
 
 
@@ -550,7 +566,7 @@ def token_logprobs(model: Any, input_ids: Tensor, attention_mask: Optional[Tenso
     """
     if not float(temperature) > 0:
         raise ValueError(f"temperature: expected a positive value, got {temperature}")
-    st = getattr(model, _STATE, None)
+    st = vars(model).get(_STATE) if hasattr(model, "__dict__") else None
     if st is None:
         head = _head_of(model)
         softcap, temp, read = _logit_transform(_text_config(model))
