@@ -42,7 +42,7 @@ def test_item16_bench_out_without_matplotlib_does_not_claim_a_png(tmp_path):
     proc = _run_without("matplotlib", f"""
         from logitkit import bench
         from logitkit.cli import main
-        bench.run_workload = lambda name, repeat, progress: [
+        bench.run_workload = lambda name, repeat, progress, only=None: [
             bench.Result(name, "logitkit fresh gradient", median_ms=2.0, times=[0.001, 0.002, 0.003])]
         sys.exit(main(["bench", "--workload", "small", "--repeat", "3", "--no-progress",
                        "--out", {str(tmp_path)!r}]))
@@ -136,7 +136,7 @@ def test_demo_prints_float32_digits_no_negative_zero_and_the_exact_value(capsys)
 
 def test_bench_prints_workload_sizes_defaults_and_the_spread(capsys, monkeypatch):
     # Timings are replaced: this checks the report's content, not a measurement.
-    monkeypatch.setattr(bench, "run_workload", lambda name, repeat, progress: [
+    monkeypatch.setattr(bench, "run_workload", lambda name, repeat, progress, only=None: [
         bench.Result(name, "copy into fresh (np.copy)", median_ms=1.0, times=[0.0009, 0.001, 0.0012]),
         bench.Result(name, "logitkit fresh gradient", median_ms=2.0, limit="copy", times=[0.0015, 0.002, 0.0031])])
     assert cli.main(["bench", "--workload", "llm", "--repeat", "3", "--no-progress"]) == 0
@@ -223,3 +223,20 @@ def test_bench_from_csv_of_an_older_run_keeps_its_ratios():
     table = bench.format_table(bench.read_results(str(csv_path)))
     assert re.search(r"\| llm +\| logitkit in place \(out=logits\) +\|.*\| 1\.00× copyto", table)
     assert re.search(r"\| llm +\| logitkit fresh gradient +\|.*\| 0\.94× copy ", table)
+
+
+def test_bench_runs_for_real_on_the_small_workload(tmp_path, capsys):
+    # A real measurement (no replaced timings), kept short with --only and --repeat 1.
+    assert cli.main(["bench", "--workload", "small", "--repeat", "1", "--no-progress",
+                     "--only", "logitkit fresh", "--only", "NumPy naive", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if ln.startswith("| small")]
+    impls = [r.split("|")[2].strip() for r in rows]
+    assert impls == ["copy into existing (np.copyto)", "copy into fresh (np.copy)",
+                     "logitkit fresh gradient", "NumPy naive (softmax, log, pick)"]
+    for r in rows[2:]:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert float(cells[2]) > 0 and "× copy" in cells[4]
+        assert float(cells[7]) < 1e-5  # the gradient against float64
+    back = bench.read_results(str(tmp_path / "results.csv"))
+    assert [r.impl for r in back] == impls and all(len(r.times) == 1 for r in back)

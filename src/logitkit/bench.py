@@ -379,7 +379,9 @@ def _softmax_error(p: np.ndarray, x: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(p[:n], np.float64) - ref) / ref))
 
 
-def run_workload(name: str, repeat: int, progress: bool) -> list[Result]:
+def run_workload(name: str, repeat: int, progress: bool, only=None) -> list[Result]:
+    """Measure every case of workload ``name``; ``only``: substrings of the implementations to
+    keep (case-insensitive; the copy limits are always measured, the ratios need them)."""
     N, V, kind = WORKLOADS[name]
     rng = np.random.default_rng(0)
     if kind == "head":
@@ -392,6 +394,9 @@ def run_workload(name: str, repeat: int, progress: bool) -> list[Result]:
         x = (rng.standard_normal((N, V)) * 2).astype(np.float32)
         y = rng.integers(0, V, N).astype(np.int64)
         cases = _ce_cases(x, y) if kind == "ce" else _softmax_cases(x)
+    if only:
+        keys = [k.lower() for k in only]
+        cases = [c for c in cases if c[0].startswith("copy") or any(k in c[0].lower() for k in keys)]
     results = []
     bar = _progress(cases, name, progress)
     for impl, limit, setup, run, extract in bar:
@@ -596,7 +601,7 @@ def main(args: Any) -> int:
           "(median and min-max reported; default 5)\n", flush=True)
     results = []
     for w in workloads:
-        results += run_workload(w, args.repeat, not args.no_progress)
+        results += run_workload(w, args.repeat, not args.no_progress, getattr(args, "only", None))
     # The table is only meaningful with the machine it ran on.
     print(f"machine: {os.cpu_count()} CPUs, {_cpu_name()}; median of {args.repeat}")
     print(format_table(results))

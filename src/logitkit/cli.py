@@ -297,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     b.add_argument("--out", default=None, metavar="DIR",
                    help="directory for results.csv and the chart bench.png (default: none)")
+    b.add_argument("--only", action="append", default=None, metavar="TEXT",
+                   help="time only the implementations whose name contains TEXT, e.g. logitkit or "
+                        "'torch eager' (repeatable; the copy limits are always timed)")
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     b.add_argument("--from-csv", default=None, metavar="FILE",
                    help="print the table (and with --out, the chart) of a saved results.csv "
