@@ -382,3 +382,34 @@ def test_errors(rng, kw, exc, match):
     labels = kw.pop("labels", P["y"])
     with pytest.raises(exc, match=match):
         logitkit.linear_head(P["h"], P["W"], labels, **kw)
+
+
+def test_nan_row_stays_in_its_row_and_masked_classes(rng):
+    P = problem(rng, ignore=())
+    h = P["h"].copy()
+    h[4, 1] = np.nan
+    b = P["b"].copy()
+    b[[2, 5]] = -np.inf  # classes masked out through the bias: no NaN anywhere
+    tl = P["tl"].copy()
+    tl[9, 3] = np.nan
+    outs = ("loss", "logprobs", "entropy", "lse", "kl")
+    for div in ("kl", "reverse_kl", "jsd"):
+        out = logitkit.linear_head(h, P["W"], P["y"], linear_bias=b, outputs=outs, teacher_logits=tl,
+                                   divergence=div, reduction="none")
+        for name in outs:
+            v = np.asarray(getattr(out, name))
+            assert np.isnan(v[4]), (div, name)
+            bad = [4, 9] if name == "kl" else [4]
+            if name == "kl" and div == "kl":  # the teacher has mass on classes the student masks
+                assert (np.delete(v, bad) == np.inf).all()
+            else:
+                assert np.isfinite(np.delete(v, bad)).all(), (div, name)
+        assert np.isnan(out.kl[9])
+    y = P["y"].copy()
+    y[y == 2] = 0
+    out = logitkit.linear_head(P["h"], P["W"], y, linear_bias=b, outputs=outs, teacher_logits=P["tl"],
+                               divergence="reverse_kl", reduction="none")
+    with np.errstate(invalid="ignore"):
+        want = ref_head(P["h"], P["W"], b, y, teacher_logits=P["tl"], divergence="reverse_kl", reduction="none")
+    check_fields(out, want, ("logprobs", "entropy", "lse", "kl"), 1e-11, 1e-12)
+    np.testing.assert_allclose(out.loss, -want["logprobs"], rtol=1e-11)  # (the oracle's loss is NaN at -inf)

@@ -119,16 +119,26 @@ def _transformed(xp: Any, x: Any, spec: HeadSpec, temp: Any) -> Any:
 
 
 def _logsoftmax(xp: Any, z: Any, m: Any, r: Any) -> tuple[Any, Any]:
-    """``(ls, p)`` from the row statistics (kept dims); a fully masked row gives ``p = 0``."""
-    finite = xp.isfinite(m)
-    ls = (z - xp.where(finite, m, 0.0)) - r
-    p = xp.where(finite, xp.exp(ls), xp.where(m == -math.inf, 0.0, math.nan))
-    return ls, p
+    """``(ls, p)`` from the row statistics (kept dims).
+
+    No per-element masking is needed: a fully masked row has ``z = -inf`` (so ``p = 0``), and a
+    row with NaN or ``+inf`` has a NaN ``r`` (so NaN everywhere).
+    """
+    ls = (z - xp.where(xp.isfinite(m), m, 0.0)) - r
+    return ls, xp.exp(ls)
 
 
 def _plogq(xp: Any, p: Any, d: Any) -> Any:
-    """``Σ_c p_c d_c`` where terms with ``p_c = 0`` count 0 (``d`` may be infinite there)."""
-    return xp.sum(xp.where(p > 0, p * d, xp.where(p == 0, 0.0, p)), axis=-1)
+    """``Σ_c p_c d_c`` where terms with ``p_c = 0`` count 0 (``d`` may be infinite there).
+
+    A NaN ``p`` counts 0 here too: the callers add ``r - r`` (NaN exactly on such rows) instead.
+    """
+    return xp.sum(xp.where(p > 0, p * d, 0.0), axis=-1)
+
+
+def _nan_rows(xp: Any, r: Any) -> Any:
+    """0 per row, NaN where the row statistic ``r`` ``(n, 1)`` is NaN (rows holding NaN or +inf)."""
+    return xp.squeeze(r - r, axis=-1)
 
 
 def _logaddexp(xp: Any, a: Any, b: Any) -> Any:
@@ -136,20 +146,20 @@ def _logaddexp(xp: Any, a: Any, b: Any) -> Any:
     return xp.where(mx == -math.inf, -math.inf, mx + xp.log1p(xp.exp(-xp.abs(a - b))))
 
 
-def _teacher_dense(xp: Any, tx: Any, spec: HeadSpec, acc: Any) -> tuple[Any, Any]:
+def _teacher_dense(xp: Any, tx: Any, spec: HeadSpec, acc: Any) -> tuple[Any, Any, Any]:
     zt = xp.astype(tx, acc)
     if spec.teacher_temperature != 1.0:
         zt = zt / spec.teacher_temperature
     mt, rt, _ = row_stats(xp, zt, -1)
-    return _logsoftmax(xp, zt, mt, rt)
+    return _logsoftmax(xp, zt, mt, rt) + (rt,)
 
 
-def _teacher_topk(xp: Any, lpk: Any, spec: HeadSpec, acc: Any) -> tuple[Any, Any]:
+def _teacher_topk(xp: Any, lpk: Any, spec: HeadSpec, acc: Any) -> tuple[Any, Any, Any]:
     a = xp.astype(lpk, acc)
     if spec.teacher_temperature != 1.0:
         a = a / spec.teacher_temperature
     ma, ra, _ = row_stats(xp, a, -1)
-    return _logsoftmax(xp, a, ma, ra)
+    return _logsoftmax(xp, a, ma, ra) + (ra,)
 
 
 def _gather(xp: Any, x: Any, idx: Any) -> Any:
@@ -170,31 +180,37 @@ def _scatter_add(xp: Any, dz: Any, idx: Any, vals: Any) -> Any:
 
 def _kl_terms(xp: Any, ls: Any, p: Any, teach: Any, spec: HeadSpec, acc: Any) -> tuple[Any, Any]:
     """``(kl, aux)`` per row; ``aux`` is what the gradient needs besides the logits (see module)."""
+    k, aux, rt = _kl_terms_raw(xp, ls, p, teach, spec, acc)
+    nan = _nan_rows(xp, rt)  # a teacher row with NaN gives NaN
+    return k + nan, aux + nan
+
+
+def _kl_terms_raw(xp: Any, ls: Any, p: Any, teach: Any, spec: HeadSpec, acc: Any) -> tuple[Any, Any, Any]:
     b = spec.beta
     if spec.teacher == "dense":
-        lt, q = _teacher_dense(xp, teach, spec, acc)
+        lt, q, rt = _teacher_dense(xp, teach, spec, acc)
         if spec.divergence == "kl":
             k = _plogq(xp, q, lt - ls)
-            return k, k
+            return k, k, rt
         if spec.divergence == "reverse_kl":
             k = _plogq(xp, p, ls - lt)
-            return k, k
+            return k, k, rt
         lm = _logaddexp(xp, lt + math.log(b), ls + math.log1p(-b))
         d = _plogq(xp, p, ls - lm)
-        return b * _plogq(xp, q, lt - lm) + (1.0 - b) * d, d
+        return b * _plogq(xp, q, lt - lm) + (1.0 - b) * d, d, rt
     idx, lpk = teach
-    lq, q = _teacher_topk(xp, lpk, spec, acc)
+    lq, q, rq = _teacher_topk(xp, lpk, spec, acc)
     lsk = _gather(xp, ls, idx)
     if spec.divergence == "kl":
         k = _plogq(xp, q, lq - lsk)
-        return k, k
+        return k, k, rq
     # jsd on the k bins plus the student's bucket of the rest
     s = xp.exp(lsk)
     lm = _logaddexp(xp, lq + math.log(b), lsk + math.log1p(-b))
     rest = 1.0 - xp.sum(s, axis=-1)
     rest = xp.where(rest > 0, rest, 0.0)  # rounding can take Σ s_j just past 1
     j = b * _plogq(xp, q, lq - lm) + (1.0 - b) * (_plogq(xp, s, lsk - lm) - math.log1p(-b) * rest)
-    return j, j
+    return j, j, rq
 
 
 @quiet
@@ -226,10 +242,11 @@ def chunk_forward(xp: Any, x: Any, labels: Any, temp: Any, teach: Any, weight: A
             # H = r + Σ p (m − z): every term ≥ 0, so a confident row keeps its tiny entropy.
             mf = xp.where(xp.isfinite(m), m, 0.0)
             ent = xp.squeeze(r, axis=-1) + _plogq(xp, p, mf - z)
-            ent = xp.where(xp.squeeze(m, axis=-1) == -math.inf, 0.0, ent)
-            out["ent"] = ent
+            out["ent"] = xp.where(xp.squeeze(m, axis=-1) == -math.inf, 0.0, ent)  # r is NaN on NaN rows
         if "kl" in o:
-            out["kl"], out["aux"] = _kl_terms(xp, ls, p, teach, spec, acc)
+            k, aux = _kl_terms(xp, ls, p, teach, spec, acc)
+            nan = _nan_rows(xp, r)
+            out["kl"], out["aux"] = k + nan, aux + nan
     if "argmax" in o:
         out["am"] = x.argmax(-1)
     if spec.has_labels:
@@ -277,13 +294,15 @@ def chunk_backward(xp: Any, x: Any, labels: Any, temp: Any, teach: Any, weight: 
         dz = coef * p if dz is None else dz + coef * p
     if cots.get("g_ent") is not None:
         ent = xp.expand_dims(rows["ent"], -1)
-        term = col("g_ent") * xp.where(p > 0, -p * (ls + ent), xp.where(p == 0, 0.0, p))
+        term = col("g_ent") * xp.where(p > 0, -p * (ls + ent), 0.0)
         dz = term if dz is None else dz + term
     if cots.get("g_kl") is not None:
         term = _kl_grad(xp, ls, p, teach, spec, acc, rows["aux"]) * col("g_kl")
         dz = term if dz is None else dz + term
     if dz is None:
         dz = xp.zeros_like(z)
+    elif cots.get("g_ent") is not None or cots.get("g_kl") is not None:
+        dz = dz + (re - re)  # NaN rows (dropped by the masks above) get NaN gradients
     factor = transform_grad_factor(xp, xa, spec.softcap, spec.temperature)
     if factor is not None:
         dz = dz * factor
@@ -298,15 +317,15 @@ def _kl_grad(xp: Any, ls: Any, p: Any, teach: Any, spec: HeadSpec, acc: Any, aux
     b = spec.beta
     a = xp.expand_dims(aux, -1)
     if spec.teacher == "dense":
-        lt, q = _teacher_dense(xp, teach, spec, acc)
+        lt, q, _ = _teacher_dense(xp, teach, spec, acc)
         if spec.divergence == "kl":
             return p - q
         if spec.divergence == "reverse_kl":
-            return xp.where(p > 0, p * (ls - lt - a), xp.where(p == 0, 0.0, p))
+            return xp.where(p > 0, p * (ls - lt - a), 0.0)
         lm = _logaddexp(xp, lt + math.log(b), ls + math.log1p(-b))
-        return (1.0 - b) * xp.where(p > 0, p * (ls - lm - a), xp.where(p == 0, 0.0, p))
+        return (1.0 - b) * xp.where(p > 0, p * (ls - lm - a), 0.0)
     idx, lpk = teach
-    lq, q = _teacher_topk(xp, lpk, spec, acc)
+    lq, q, _ = _teacher_topk(xp, lpk, spec, acc)
     if spec.divergence == "kl":
         # d/dz_c of −Σ_j q_j ls_{I_j} = p_c Σ_j q_j − q at c
         sq = xp.expand_dims(xp.sum(q, axis=-1), -1)
