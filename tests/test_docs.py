@@ -172,3 +172,13 @@ def test_docs_cli_page_shows_the_current_help(monkeypatch, capsys):
             cli.main(argv)
         help_text = capsys.readouterr().out.strip()
         assert help_text in page, f"docs/guides/cli.md is out of date: regenerate `logitkit {' '.join(argv)}`"
+
+
+def test_docs_every_public_subpackage_has_an_api_page():
+    # core/ is the internal maths (DESIGN.md); every other package a user imports gets a page.
+    nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    packages = sorted(p.parent.name for p in (ROOT / "src" / "logitkit").glob("*/__init__.py"))
+    missing = [p for p in packages if p != "core" and not p.startswith("_") and f"api/{p}.md" not in nav]
+    assert not missing, f"packages without an API page in mkdocs.yml: {missing}"
+    for page in re.findall(r"(api/\w+\.md)", nav):
+        assert (DOCS / page).exists(), page
