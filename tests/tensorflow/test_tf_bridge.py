@@ -167,10 +167,36 @@ def test_cross_entropy_with_grad_and_refusals(data):
         logitkit.cross_entropy(tf.constant(x), y)
     with pytest.raises(ValueError, match="class index 12 at position 0"):
         logitkit.cross_entropy(tf.constant(x), tf.constant([12, 0, 0, 0, 0, 0]))
-    # Labels that cannot be read (graph mode) give NaN rows, never a silent loss.
+    # Inside tf.function the CPU kernels check the labels as they run; under XLA the labels
+    # cannot be read at all and the row is NaN. Never a silent loss.
+    bad = tf.constant([12, 0, 0, 0, 0, 0])
     f = tf.function(lambda a, b: logitkit.cross_entropy(a, b, reduction="none"))
-    out = f(tf.constant(x), tf.constant([12, 0, 0, 0, 0, 0]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="class index 12 at position 0"):
+        f(tf.constant(x), bad)
+    out = tf.function(lambda a, b: logitkit.cross_entropy(a, b, reduction="none"), jit_compile=True)(tf.constant(x), bad)
     assert np.isnan(f64(out)[0]) and np.isfinite(f64(out)[1:]).all()
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(weight=True, label_smoothing=0.2, z_loss=1e-2, softcap=4.0)])
+def test_cpu_kernel_route_matches_tf_ops_route(data, rng, opts, monkeypatch):
+    """Eager and tf.function run the numba kernels (tf.numpy_function); XLA and
+    LOGITKIT_KERNELS=core run TensorFlow ops on the core. Both give the same loss and gradient."""
+    from logitkit.kernels import registry
+    from logitkit.tensorflow import _bridge
+
+    x, y = data
+    opts = dict(opts)
+    if opts.pop("weight", False):
+        opts["weight"] = tf.constant(rng.uniform(0.5, 2.0, 9).astype(np.float32))
+    assert _bridge._cpu_kernels(tf.constant(x)) is not None  # numba is a test dependency
+    fn = lambda a: logitkit.cross_entropy(a, tf.constant(y), **opts)  # noqa: E731
+    with registry.use_core():
+        assert _bridge._cpu_kernels(tf.constant(x)) is None
+        want, (gw,) = value_and_grad("eager", fn, tf.constant(x))
+    for mode in ("eager", "function"):
+        got, (g,) = value_and_grad(mode, fn, tf.constant(x))
+        np.testing.assert_allclose(f64(got), f64(want), rtol=4e-7)
+        np.testing.assert_allclose(f64(g), f64(gw), rtol=2e-6, atol=1e-9)
 
 
 def test_unknown_batch_dimension_in_tf_function(data):

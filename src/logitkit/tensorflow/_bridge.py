@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+import numpy as np
 import tensorflow as tf
 
 from .. import _validate as V
@@ -113,9 +114,29 @@ def _recomputed(forward: Callable, *xs: Any) -> Any:
 # cross-entropy rows (class axis last, 2-D)
 
 
+def _cpu_kernels(x: Any) -> tuple[Any, Any] | None:
+    """The numba kernels' ``(ce_forward, ce_backward)`` for rows ``x``, when they can serve it.
+
+    They run through ``tf.numpy_function`` (zero-copy NumPy views of CPU tensors), so not under
+    XLA (``jit_compile=True``), not for tensors on an accelerator and not with
+    ``LOGITKIT_KERNELS=core``; TensorFlow ops on the core stages serve those.
+    """
+    from ..kernels import registry
+
+    if in_xla_context() or "CPU" not in (x.device or "CPU").upper():
+        return None
+    probe = np.empty((1, 1), x.dtype.as_numpy_dtype)
+    fwd_backend, fwd = registry.select("ce_forward", "numpy", probe)
+    bwd_backend, bwd = registry.select("ce_backward", "numpy", probe)
+    return (fwd, bwd) if fwd_backend == bwd_backend == "cpu" else None
+
+
 def _index_rows(x2: Any, y2: Any, ignore_index: int, z_loss: float, opts: dict) -> tuple[Any, Any]:
     """Per-row ``(ce, zt)`` with ``zt = z_loss·lse²`` (0 on ignored rows) for class indices."""
     valid = y2 != ignore_index
+    kernels = _cpu_kernels(x2)
+    if kernels is not None:
+        return _index_rows_kernels(x2, y2, valid, ignore_index, z_loss, opts, *kernels)
 
     def forward(x):
         ce, m, r = core_ce.ce_forward(_XP, x, y2, ignore_index=ignore_index, **opts)
@@ -137,6 +158,91 @@ def _index_rows(x2: Any, y2: Any, ignore_index: int, z_loss: float, opts: dict) 
         return (ce, zt), grad
 
     return rows(x2)
+
+
+def _aligned_empty(shape: tuple, dtype: Any, align: int = 64) -> Any:
+    """An uninitialized array at a 64-byte boundary: TensorFlow adopts such a ``numpy_function``
+    result without copying it (NumPy's own 16-byte alignment costs a copy of the whole gradient)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buf = np.empty(nbytes + align, np.uint8)
+    offset = (-buf.ctypes.data) % align
+    return buf[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+def _index_rows_kernels(x2: Any, y2: Any, valid: Any, ignore_index: int, z_loss: float, opts: dict,
+                        fwd: Callable, bwd: Callable) -> tuple[Any, Any]:
+    """:func:`_index_rows` on the numba kernels: one read of the logits forward, one read and one
+    write backward, and only ``m``, ``r`` saved between them."""
+    w = opts["weight"]
+    kw = dict(ignore_index=ignore_index, label_smoothing=opts["label_smoothing"], softcap=opts["softcap"],
+              temperature=opts["temperature"])
+    k_fwd, k_bwd = _kernel_functions(fwd, bwd, z_loss, tuple(sorted(kw.items())), w is not None)
+    acc = acc_dtype(_XP, x2.dtype)
+    extra = [] if w is None else [tf.cast(w, acc)]
+
+    def forward(x):
+        ce, m, r = k_fwd(x, y2, *extra)
+        lse = m + r
+        zt = tf.where(valid, z_loss * lse * lse, tf.zeros_like(lse)) if z_loss else tf.zeros_like(ce)
+        return ce, zt, m, r
+
+    @tf.custom_gradient
+    def rows(x):
+        ce, zt, m, r = forward(x)
+
+        def grad(dce, dzt):
+            dce, dzt = _zeros_if_none(dce, ce), _zeros_if_none(dzt, zt)
+            if _recording(x, dce, dzt):
+                def core_forward(v):
+                    c, mm, rr = core_ce.ce_forward(_XP, v, y2, ignore_index=ignore_index, **{
+                        k: opts[k] for k in ("weight", "label_smoothing", "softcap", "temperature")})
+                    return c, tf.where(valid, z_loss * (mm + rr) ** 2, tf.zeros_like(c)) if z_loss else 0.0 * c
+                return _autodiff(core_forward, [x], [dce, dzt])[0]
+            return k_bwd(x, y2, m, r, tf.cast(dce, acc), tf.cast(dzt, acc), *extra)
+
+        return (ce, zt), grad
+
+    return rows(x2)
+
+
+_KERNEL_FUNCTIONS: dict = {}
+
+
+def _kernel_functions(fwd: Callable, bwd: Callable, z_loss: float, kw: tuple, weighted: bool) -> tuple:
+    """``tf.function``s that run the kernels through ``tf.numpy_function``, one pair per option set.
+
+    Graph functions even when the caller is eager: there ``numpy_function`` hands the kernels
+    zero-copy views and adopts their 64-byte aligned gradient, where eager ``numpy_function``
+    copies the logits in and the gradient out (each a full ``N×V`` copy).
+    """
+    key = (fwd, bwd, z_loss, kw, weighted)
+    if key in _KERNEL_FUNCTIONS:
+        return _KERNEL_FUNCTIONS[key]
+    opts = dict(kw)
+
+    def np_forward(xn, yn, *wn):
+        return fwd(xn, yn, weight=wn[0] if wn else None, **opts)
+
+    def np_backward(xn, yn, mn, rn, gce, gz, *wn):
+        out = _aligned_empty(xn.shape, xn.dtype)
+        return bwd(xn, yn, mn, rn, gce, gz, weight=wn[0] if wn else None, z_loss=z_loss, out=out, **opts)
+
+    @tf.function(autograph=False, reduce_retracing=True)
+    def k_fwd(x, y, *w):
+        acc = acc_dtype(_XP, x.dtype)
+        outs = tf.numpy_function(np_forward, [x, y, *w], [acc, acc, acc], stateful=False)
+        for t in outs:
+            t.set_shape(x.shape[:1])
+        return outs
+
+    @tf.function(autograph=False, reduce_retracing=True)
+    def k_bwd(x, y, m, r, gce, gz, *w):
+        dx = tf.numpy_function(np_backward, [x, y, m, r, gce, gz, *w], x.dtype, stateful=False)
+        dx.set_shape(x.shape)
+        return dx
+
+    _KERNEL_FUNCTIONS[key] = (k_fwd, k_bwd)
+    return k_fwd, k_bwd
 
 
 def _prob_rows(x2: Any, y2: Any, z_loss: float, opts: dict) -> tuple[Any, Any]:
