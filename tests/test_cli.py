@@ -240,3 +240,16 @@ def test_bench_runs_for_real_on_the_small_workload(tmp_path, capsys):
         assert float(cells[7]) < 1e-5  # the gradient against float64
     back = bench.read_results(str(tmp_path / "results.csv"))
     assert [r.impl for r in back] == impls and all(len(r.times) == 1 for r in back)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--vocab", "8"], "--vocab: expected at least 16"),
+    (["bench", "--workload", "huge"], "--workload: unknown workload 'huge'"),
+    (["bench", "--repeat", "0"], "--repeat: expected at least 1"),
+])
+def test_cli_bad_arguments_name_the_option(argv, message):
+    if argv[0] == "demo":
+        pytest.importorskip("mpmath")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert message in str(exc.value.code)
