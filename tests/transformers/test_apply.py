@@ -201,3 +201,20 @@ def test_deepcopy_of_a_patched_model_uses_its_own_weights_and_wrappers_are_kept(
     model.forward = lambda *a, **k: patched(*a, **k)  # someone wraps the patched forward
     with pytest.raises(ValueError, match="replaced after logitkit.transformers.apply"):
         lkt.revert(model)
+
+
+def test_refuses_a_moe_model_whose_loss_adds_the_router_loss():
+    import transformers as tf
+
+    cfg = tf.MixtralConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           output_router_logits=True, router_aux_loss_coef=0.5)
+    torch.manual_seed(0)
+    model = tf.MixtralForCausalLM(cfg)
+    with pytest.raises(lkt.LogitkitPatchError, match="aux_loss|loss logitkit does not reproduce"):
+        lkt.apply(model)
+    cfg.output_router_logits = False  # without router logits its loss is the plain causal-LM loss
+    lkt.apply(model)
+    ids, labels, _ = batch()
+    with pytest.raises(lkt.LogitkitPatchError, match="aux_loss"):
+        model(input_ids=ids, labels=labels, output_router_logits=True)
