@@ -12,6 +12,49 @@ import re
 
 from griffe import Extension, Object
 
+_MATH = re.compile(r":math:`([^`]+)`")
+# The site has no math renderer (it works offline): the commonest TeX reads as plain symbols.
+_TEX = [(r"\\mathrm\{([^}]*)\}", r"\1"), (r"\\operatorname\{([^}]*)\}", r"\1"),
+        (r"\\(log|exp|max|min|tanh|sech|cosh|sinh)\b", r"\1"), (r"\\sum", "Σ"), (r"\\prod", "∏"),
+        (r"\\tilde\s*\{?(\w)\}?", "\\1\u0303"), (r"\\epsilon|\\varepsilon", "ε"), (r"\\cdot", "·"),
+        *((rf"\\{name}\b", char) for name, char in zip(
+            ("alpha", "beta", "gamma", "delta", "zeta", "eta", "theta", "lambda", "mu", "pi", "sigma",
+             "tau", "phi", "partial", "nabla"), "αβγδζηθλμπστφ∂∇")),
+        (r"\\\|", "‖"), (r"\\[,;!]", " "), (r"\\left|\\right", ""), (r"\\infty", "∞"),
+        (r"\\leq?", "≤"), (r"\\geq?", "≥"), (r"\\neq", "≠"), (r"\\approx", "≈"), (r"\\times", "×")]
+
+
+def _plain_tex(text: str) -> str:
+    for pattern, repl in _TEX:
+        text = re.sub(pattern, repl, text)
+    return re.sub(r"\s+", " ", text.replace(r"\tfrac", r"\frac")).strip()
+
+
+def _plain_math(m: re.Match) -> str:
+    return "`" + _plain_tex(m.group(1)) + "`"
+
+
+def _math_directives(text: str) -> str:
+    """``.. math:: formula`` (the formula on that line and the more indented ones after it)
+    becomes a ``text`` block with the formula in plain symbols."""
+    lines = text.split("\n")
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        m = re.match(r"^(\s*)\.\. math::\s*(.*)$", lines[i])
+        if not m:
+            out.append(lines[i])
+            i += 1
+            continue
+        indent, parts = m.group(1), [m.group(2)]
+        i += 1
+        while i < len(lines) and lines[i].strip() and len(lines[i]) - len(lines[i].lstrip()) > len(indent):
+            parts.append(lines[i])
+            i += 1
+        out += [indent + "```text", indent + _plain_tex(" ".join(parts)), indent + "```"]
+    return "\n".join(out)
+
+
 _FLAGS = re.compile(r"\s*#\s*doctest:.*$")
 _ROLE = re.compile(r":(?:py:)?(?:func|mod|class|meth|attr|data|obj|exc|math|term|ref):`~?([^`]+)`")
 
@@ -56,7 +99,7 @@ def to_markdown(text: str) -> str:
     2
     ```
     """
-    return _fence_doctests(_ROLE.sub(r"`\1`", text))
+    return _fence_doctests(_ROLE.sub(r"`\1`", _MATH.sub(_plain_math, _math_directives(text))))
 
 
 class LogitkitDocstrings(Extension):

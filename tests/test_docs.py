@@ -131,6 +131,13 @@ def test_docs_griffe_filter_fences_doctests_and_literal_blocks():
     assert "  ```pycon\n  >>> f()\n  2\n  ```" in md
 
 
+def test_docs_griffe_filter_reads_tex_as_plain_symbols():
+    md = griffe_docstrings.to_markdown(r"Log-sum-exp: :math:`\log \sum_j e^{x_j}`; :math:`\beta\,\mathrm{KL}(q\|M)`.")
+    assert md == "Log-sum-exp: `log Σ_j e^{x_j}`; `β KL(q‖M)`."
+    md = griffe_docstrings.to_markdown("Loss:\n\n.. math:: (1-\\varepsilon)\\,w_y\n   + \\zeta\\,lse^2\n\nEnd.")
+    assert md == "Loss:\n\n```text\n(1-ε) w_y + ζ lse^2\n```\n\nEnd."
+
+
 def _python_blocks(path: pathlib.Path) -> list[str]:
     # Blocks fenced exactly as ```python run; ```py marks code shown but not run (torchrun).
     return re.findall(r"^```python\n(.*?)^```", path.read_text(encoding="utf-8"), re.S | re.M)
