@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import _validate as V
-from ._namespace import JAX, NUMPY, TORCH, dtype_name, is_floating, is_integer, library_of, namespace_of
+from ._namespace import JAX, NUMPY, TENSORFLOW, TORCH, dtype_name, is_floating, is_integer, library_of, namespace_of
 from .core import linear_cross_entropy as core
 from .core import linear_head as core_head
 from .core.linear_head import HeadOutput
@@ -27,8 +27,10 @@ from .core.reduction import reduce_loss, row_weights
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad", "linear_token_logprobs",
            "linear_entropy", "linear_head", "HeadOutput"]
 
-_ADAPTERS = {TORCH: "logitkit.torch.linear", JAX: "logitkit.jax.linear"}
-_HEAD_ADAPTERS = {TORCH: "logitkit.torch.head", JAX: "logitkit.jax.linear"}
+_ADAPTERS = {TORCH: "logitkit.torch.linear", JAX: "logitkit.jax.linear",
+             TENSORFLOW: "logitkit.tensorflow.linear"}
+_HEAD_ADAPTERS = {TORCH: "logitkit.torch.head", JAX: "logitkit.jax.linear",
+                  TENSORFLOW: "logitkit.tensorflow.linear"}
 
 
 def _adapter(lib: str) -> Any:
