@@ -268,3 +268,10 @@ def test_tensorflow_numba_torch_coexist():
     c = logitkit.cross_entropy(tf.constant(x), tf.constant(y))
     for v in (a, float(b), f64(c)):
         np.testing.assert_allclose(float(v), want, rtol=2e-6)
+
+
+def test_linear_head_refuses_tensorflow_clearly():
+    h, w, y = tf.zeros((2, 3)), tf.zeros((5, 3)), tf.constant([0, 1])
+    for call in (lambda: logitkit.linear_cross_entropy(h, w, y), lambda: logitkit.linear_entropy(h, w)):
+        with pytest.raises(TypeError, match="does not take TensorFlow tensors yet"):
+            call()
