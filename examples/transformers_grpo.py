@@ -30,6 +30,8 @@ def main(argv=None):
                                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
     policy = transformers.LlamaForCausalLM(cfg)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    lkt.apply(policy)  # optional for token_logprobs: a patched model is verified once, not at every call
+    lkt.apply(reference)
     opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
     prompts = torch.randint(0, args.vocab, (4, 6))
     P = prompts.shape[1]

@@ -187,6 +187,7 @@ def _plot(path: str, runs: list[dict], rate: float, args: argparse.Namespace) ->
     b.set(xlabel="seconds", ylabel="RSS above start (MiB)", title="memory during training")
     b.legend()
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -209,7 +210,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--png", default="logitkit_transformers_demo.png")
+    ap.add_argument("--png", default=os.path.join("bench-out", "transformers_demo.png"))
     ap.add_argument("--in-process", action="store_true", help="both runs in this process (peaks less clean)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--_worker", dest="run", default=None, help=argparse.SUPPRESS)
