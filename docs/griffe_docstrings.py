@@ -20,14 +20,20 @@ _TEX = [(r"\\mathrm\{([^}]*)\}", r"\1"), (r"\\operatorname\{([^}]*)\}", r"\1"),
         *((rf"\\{name}\b", char) for name, char in zip(
             ("alpha", "beta", "gamma", "delta", "zeta", "eta", "theta", "lambda", "mu", "pi", "sigma",
              "tau", "phi", "partial", "nabla"), "αβγδζηθλμπστφ∂∇")),
-        (r"\\\|", "‖"), (r"\\[,;!]", " "), (r"\\left|\\right", ""), (r"\\infty", "∞"),
+        (r"\\\|", "‖"), (r"\\[,;!]", " "), (r"\\left|\\right", ""), (r"\\infty", "∞"), (r"\\ell\b", "ℓ"),
         (r"\\leq?", "≤"), (r"\\geq?", "≥"), (r"\\neq", "≠"), (r"\\approx", "≈"), (r"\\times", "×")]
+
+
+def _frac(m: re.Match) -> str:
+    num, den = (t if len(t) == 1 else f"({t})" for t in (m.group(1).strip(), m.group(2).strip()))
+    return f"{num}/{den}"
 
 
 def _plain_tex(text: str) -> str:
     for pattern, repl in _TEX:
         text = re.sub(pattern, repl, text)
-    return re.sub(r"\s+", " ", text.replace(r"\tfrac", r"\frac")).strip()
+    text = re.sub(r"\\t?frac\{([^{}]*)\}\{([^{}]*)\}", _frac, text)
+    return re.sub(r"\s+", " ", text).strip()
 
 
 def _plain_math(m: re.Match) -> str:

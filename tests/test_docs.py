@@ -136,6 +136,7 @@ def test_docs_griffe_filter_reads_tex_as_plain_symbols():
     assert md == "Log-sum-exp: `log Σ_j e^{x_j}`; `β KL(q‖M)`."
     md = griffe_docstrings.to_markdown("Loss:\n\n.. math:: (1-\\varepsilon)\\,w_y\n   + \\zeta\\,lse^2\n\nEnd.")
     assert md == "Loss:\n\n```text\n(1-ε) w_y + ζ lse^2\n```\n\nEnd."
+    assert griffe_docstrings.to_markdown(r":math:`\ell = \tfrac{\varepsilon}{V} + \frac{a+b}{2}`") == "`ℓ = ε/V + (a+b)/2`"
 
 
 def _python_blocks(path: pathlib.Path) -> list[str]:
