@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
 import logitkit.torch as lt  # noqa: E402
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +39,31 @@ CALLS = {
     "ce-prob": lambda x, y: lt.cross_entropy(x, torch.softmax(x.detach() * 2, 1)),
     "softmax": lambda x, y: (lt.softmax(x, 1) * lt.log_softmax(x, 0)).sum(),
     "module": lambda x, y: lt.CrossEntropyLoss(label_smoothing=0.05)(x, y),
+    "ce-default": lambda x, y: lt.cross_entropy(x, y),  # the eager fast path's options
+    "ce-top-level": lambda x, y: lt.cross_entropy(x, y, reduction="sum") + lt.softmax(x, -1, temperature=2.0).sum(),
 }
+
+_HEAD_W = torch.randn(11, 4, generator=torch.Generator().manual_seed(3), requires_grad=True)
+_HEAD_B = torch.randn(11, generator=torch.Generator().manual_seed(4), requires_grad=True)
+
+# linear heads: x (N, 11) is used as its first 4 columns, the hidden states
+HEAD_CALLS = {
+    "linear-ce": lambda h, y: lt.linear_cross_entropy(h, _HEAD_W, y, linear_bias=_HEAD_B, label_smoothing=0.1,
+                                                      z_loss=1e-3),
+    "linear-ce-none": lambda h, y: (lt.linear_cross_entropy(h, _HEAD_W, y, reduction="none", softcap=4.0)
+                                    * torch.arange(h.shape[0])).sum(),
+    "linear-tiled": lambda h, y: lt.linear_cross_entropy(h, _HEAD_W, y, chunk_size=(3, 5)),
+    "token-logprobs": lambda h, y: lt.linear_token_logprobs(h, _HEAD_W, y, temperature=0.7).sum(),
+    "entropy": lambda h, y: lt.linear_entropy(h, _HEAD_W, linear_bias=_HEAD_B).sum(),
+}
+
+
+def _head_data(N=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, 4, generator=g, requires_grad=True)
+    y = torch.randint(0, 11, (N,), generator=g)
+    y[1] = -100
+    return h, y
 
 
 @pytest.mark.parametrize("name", list(CALLS))
@@ -82,3 +112,83 @@ def test_inductor_training_step():
     F.cross_entropy(ref_model(inp), tgt, label_smoothing=0.1).backward()
     for p, q in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(HEAD_CALLS))
+def test_linear_heads_compile_fullgraph_and_match_eager(name):
+    """fullgraph=True: no graph break (the chunk driver and numba stay inside custom ops)."""
+    h, y = _head_data()
+    fn = HEAD_CALLS[name]
+    explanation = torch._dynamo.explain(fn)(h, y)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    out, ref = compiled(h, y), fn(h, y)
+    torch.testing.assert_close(out, ref)
+    params = [h, _HEAD_W, _HEAD_B]
+    got = torch.autograd.grad(out, params, allow_unused=True)
+    exp = torch.autograd.grad(ref, params, allow_unused=True)
+    for a, b in zip(got, exp):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dynamic", [True, None])
+def test_new_batch_size_does_not_recompile(dynamic):
+    """dynamic=True: one graph for every batch size; automatic dynamic shapes: one recompile at
+    the second size (torch marks the dimension dynamic then), none after."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def step(h, y):
+        x = h @ _HEAD_W.T
+        return lt.linear_cross_entropy(h, _HEAD_W, y) + lt.cross_entropy(x, y) + lt.log_softmax(x, 1).sum()
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=dynamic)
+    counts = []
+    for N in (5, 9, 17, 30):
+        h, y = _head_data(N, seed=N)
+        out = compiled(h, y)
+        torch.testing.assert_close(out, step(h, y))
+        out.backward()
+        counts.append(counter.frame_count)
+    settled = 0 if dynamic else 1  # the call after which nothing may compile again
+    assert counts[settled:] == [counts[settled]] * (len(counts) - settled), counts
+
+
+def test_compiled_label_check_still_raises():
+    """No host read of the labels at trace time: the custom ops check them when they run."""
+    h, y = _head_data()
+    y[2] = 11
+    for fn in (HEAD_CALLS["linear-ce"], CALLS["ce-default"]):
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+        with pytest.raises(ValueError, match="class index 11 at position 2"):
+            compiled(h if fn is HEAD_CALLS["linear-ce"] else torch.randn(8, 11), y)
+
+
+_FRESH = r"""
+import torch, logitkit.torch as lt
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh())
+head = torch.nn.Linear(16, 40, bias=False)
+def step(x, y):
+    return lt.linear_cross_entropy(model(x), head.weight, y, label_smoothing=0.1)
+compiled = torch.compile(step, fullgraph=True)
+for n in (8, 12, 20):
+    x, y = torch.randn(n, 6), torch.randint(0, 40, (n,))
+    loss = compiled(x, y)
+    loss.backward()
+    ref = torch.nn.functional.linear_cross_entropy(model(x), head.weight, y, label_smoothing=0.1)
+    torch.testing.assert_close(loss, ref)
+print("ok")
+"""
+
+
+@pytest.mark.timeout(600)
+def test_issue13_item10_compile_linear_cross_entropy_in_a_fresh_process():
+    """The crash came from dynamo tracing numba's dispatcher in a fresh process (inductor here)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p))
+    res = subprocess.run([sys.executable, "-c", _FRESH], capture_output=True, text=True, timeout=580, env=env)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate
-from .._namespace import NUMPY, TORCH
+from .._namespace import NUMPY, TORCH, get_namespace
 from ..kernels import registry
 
 __all__ = ["acc_dtype", "run_stage"]
@@ -35,6 +35,11 @@ try:  # bfloat16 NumPy views need ml_dtypes (a dependency of jax); without it bf
     import ml_dtypes as _ml_dtypes
 except ImportError:  # pragma: no cover - depends on the environment
     _ml_dtypes = None
+
+
+# Build the torch namespace now, not lazily inside a traced call: torch.compile would guard on
+# "not built yet", and the first real run would then force a recompile.
+get_namespace(TORCH)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

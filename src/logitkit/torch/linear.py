@@ -572,21 +572,44 @@ def _unfused(input, linear_weight, target, linear_bias, weight, reduction, ignor
                                     softcap=softcap, temperature=temperature)
 
 
+def _tensors(**named: Any) -> None:
+    for name, t in named.items():
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+
+
 def linear_token_logprobs(input: Tensor, linear_weight: Tensor, target: Tensor, *,
                           linear_bias: Optional[Tensor] = None, ignore_index: int = -100,
                           softcap: Optional[float] = None, temperature: float = 1.0,
                           chunk_size: Any = None) -> Tensor:
-    """``log softmax(input @ W.T + b)[target]`` per token, differentiable; 0 where ignored."""
-    return _public.linear_token_logprobs(input, linear_weight, target, linear_bias=linear_bias,
-                                         ignore_index=ignore_index, softcap=softcap, temperature=temperature,
-                                         chunk_size=chunk_size)
+    """``log softmax(input @ W.T + b)[target]`` per token, differentiable; 0 where ignored.
+
+    >>> import torch, logitkit.torch as lt
+    >>> lt.linear_token_logprobs(torch.ones(1, 2), torch.zeros(4, 2), torch.tensor([3]))  # log 1/4
+    tensor([-1.3863])
+    """
+    _tensors(input=input, linear_weight=linear_weight, target=target, linear_bias=linear_bias)
+    chunk_size = _public.validate_head(TORCH, input, linear_weight, target, linear_bias, None,
+                                       ignore_index=ignore_index, softcap=softcap, temperature=temperature,
+                                       chunk_size=chunk_size, names=("input", "linear_weight", "target"))
+    opts = _public._opts(None, ignore_index, 0.0, 0.0, softcap, temperature)
+    return -fused_linear_cross_entropy(input, linear_weight, target, linear_bias, opts, "none", chunk_size)
 
 
 def linear_entropy(input: Tensor, linear_weight: Tensor, *, linear_bias: Optional[Tensor] = None,
                    softcap: Optional[float] = None, temperature: float = 1.0, chunk_size: Any = None) -> Tensor:
-    """Entropy of ``softmax(input @ W.T + b)`` per token, differentiable."""
-    return _public.linear_entropy(input, linear_weight, linear_bias=linear_bias, softcap=softcap,
-                                  temperature=temperature, chunk_size=chunk_size)
+    """Entropy of ``softmax(input @ W.T + b)`` per token, differentiable.
+
+    >>> import torch, logitkit.torch as lt
+    >>> lt.linear_entropy(torch.ones(1, 2), torch.zeros(4, 2))  # log 4
+    tensor([1.3863])
+    """
+    _tensors(input=input, linear_weight=linear_weight, linear_bias=linear_bias)
+    chunk_size = _public.validate_head(TORCH, input, linear_weight, None, linear_bias, None, softcap=softcap,
+                                       temperature=temperature, chunk_size=chunk_size,
+                                       names=("input", "linear_weight", "target"))
+    opts = _public._opts(None, -100, 0.0, 0.0, softcap, temperature)
+    return fused_linear_entropy(input, linear_weight, linear_bias, opts, chunk_size)
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
