@@ -48,7 +48,19 @@ def contract_rows(rng, bounds, temperature=1.0):
     add("plain", b, int(rng.integers(V)))
     b = noise(3.0); b[first] = b[mid] = b[last] = b.max() + 1.0
     add("max tied on three ranks", b, int(rng.integers(V)))
+    # The maximum has low-order bits and is alone on its rank; the mass lies on the others: the
+    # rescale exp(m_loc − m) of those ranks is where a float32 difference rounds (issue 21).
+    b = noise() - 30.0
+    b[nz[0][0]:nz[0][1]] = -200.0
+    b[first] = 2.0 ** -20 * (1 - 2.0 ** -10)  # just under half an ulp of the ~30 it is subtracted from
+    add("confident, max alone on its rank, with low-order bits", b, first)
     return np.stack(rows).astype(np.float32), np.array(ys), names
+
+
+def offset_rows(rng, V, temperature=3.0, R=4):
+    """Rows of loss ~1 with a 1e4 offset: ``x/T − m/T`` would round away the low bits (T = 3)."""
+    x = (1e4 + temperature * _grid(rng.normal(size=(R, V)) * 2)).astype(np.float32)
+    return x, rng.integers(0, V, R), ["1e4 offset, T = %g" % temperature] * R
 
 
 def row_ce_mp(row, label, *, label_smoothing=0.0, temperature=1.0, softcap=None, dps=50):
@@ -72,13 +84,15 @@ CONTRACT_OPTIONS = [{}, {"label_smoothing": 0.1}, {"temperature": 0.5}, {"temper
 
 
 def contract_cases(rng, bounds):
-    """``[(x, y, names, opts)]``: the contract rows under each of ``CONTRACT_OPTIONS`` and softcapped
-    plain rows (a float32 tanh rounds the logits themselves, so only rows of loss ~1 keep 2^-21)."""
+    """``[(x, y, names, opts)]``: the contract rows under each of ``CONTRACT_OPTIONS``, 1e4-offset
+    rows at ``T = 3``, and softcapped plain rows (a float32 tanh rounds the logits themselves, so only rows of loss ~1 keep 2^-21)."""
     out = []
     for o in CONTRACT_OPTIONS:
         x, y, names = contract_rows(rng, bounds, o.get("temperature", 1.0))
         out.append((x, y, names, {**o, "reduction": "none"}))
     V = bounds[-1][1]
+    x, y, names = offset_rows(rng, V)
+    out.append((x, y, names, {"temperature": 3.0, "reduction": "none"}))
     x = _grid(rng.normal(size=(4, V)) * 3).astype(np.float32)
     out.append((x, rng.integers(0, V, 4), ["softcapped"] * 4, {"softcap": 20.0, "temperature": 2.0,
                                                                 "label_smoothing": 0.1, "reduction": "none"}))

@@ -68,7 +68,7 @@ def _cases():
     cases.append({"x": x, "x_dev": x, "y": np.array([1, 5, 2, 7]), "dtype": "float64", "item": "5", "loss_only": True,
                   "y_dev": np.array([[1, 5, 2, 7]] + [[4, 4, 2, 7]] * 3), "opts": {}})
     # issue 21: the float32 contract rows (row statistics in float64: the child enables x64)
-    for x, y, names, o in contract_cases(rng, shard_bounds([5] * 4))[::2]:  # {}, T=0.5, softcap: compile time
+    for x, y, names, o in contract_cases(rng, shard_bounds([5] * 4))[::2]:  # {}, T=0.5, T=3 offsets: compile time
         cases.append({"x": x.astype(np.float64), "x_dev": x, "y": y, "dtype": "float32", "item": "21",
                       "names": names, "opts": o, "loss_only": True})
     return cases

@@ -312,7 +312,7 @@ def test_issue13_item9_rank_local_mistakes_raise_on_every_rank(run):
 def test_issue21_float32_contract_on_gloo(run):
     world, cases, results = run
     idx = [i for i, c in enumerate(cases) if c["kind"] == "contract"]
-    assert len(idx) == 5
+    assert len(idx) == 6
     for i in idx:
         c = cases[i]
         err, _ = contract_errors(results[0][i]["loss"], c["x"], c["y"], c["opts"])

@@ -5,9 +5,12 @@
 - :func:`jax_vocab_parallel_cross_entropy` (JAX): inside ``shard_map`` with a named mesh axis.
 - :mod:`logitkit.distributed.stages`: the maths once, against ``xp``, with the collectives injected.
 
-Forward: one MAX and one SUM all-reduce of per-token scalars; backward: no communication (the
-linear version all-reduces ``d loss / d hidden`` once). Importing this package imports neither torch
-nor jax; each binding is imported on first use.
+Forward: a fixed-size header all-reduce (what the ranks must agree on: tokens, dtype, options,
+labels, shard layout; on CPU tensors every rank raises the same error before any per-token
+collective when a rank's arguments are wrong or the ranks disagree), then one MAX and one SUM
+all-reduce of per-token scalars (16 bytes per token, 20 with label smoothing); backward: no
+communication (the linear version all-reduces ``d loss / d hidden`` once). Importing this package
+imports neither torch nor jax; each binding is imported on first use.
 """
 
 from __future__ import annotations
