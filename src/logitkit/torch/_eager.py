@@ -132,14 +132,31 @@ def fast_ce(input: Tensor, target: Tensor, ignore_index: int, reduction: str, ch
         return None
     if target.device.type != "cpu" or registry._load("cpu") is None:
         return None
-    if not checked:
-        yn = target.numpy()
-        if yn.min() < 0 or yn.max() >= C:  # only then the full check, which names the bad label
-            from .. import _validate
-            from .._namespace import TORCH
+    yn = target.numpy()
+    in_range = bool(yn.min() >= 0) and bool(yn.max() < C)
+    if not in_range and not checked:  # only then the full check, which names the bad label
+        from .. import _validate
+        from .._namespace import TORCH
 
-            _validate.check_label_range(TORCH, target, C, ignore_index, name="target")
-    return CrossEntropyIndex.apply(input, target, ignore_index, reduction)
+        _validate.check_label_range(TORCH, target, C, ignore_index, name="target")
+    # every label a class, so none is ignore_index: the mean's count is N without a pass
+    n_valid = N if in_range and not 0 <= ignore_index < C else -1
+    return CrossEntropyIndex.apply(input, target, ignore_index, reduction, n_valid)
+
+
+_consts: dict = {}
+
+
+def _const(kind: str, n: int, dtype: Any) -> np.ndarray:
+    """A cached ``ones``/``zeros`` vector (the kernels only read these; never write into one)."""
+    key = (kind, n, dtype)
+    a = _consts.get(key)
+    if a is None:
+        if len(_consts) > 64:
+            _consts.clear()
+        a = (np.ones if kind == "ones" else np.zeros)(n, dtype)
+        _consts[key] = a
+    return a
 
 
 def _run(k: Any, name: str, size: int) -> tuple[Any, int]:
@@ -155,17 +172,18 @@ class CrossEntropyIndex(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, labels: Tensor, ignore_index: int, reduction: str) -> Tensor:
+    def forward(ctx: Any, x: Tensor, labels: Tensor, ignore_index: int, reduction: str, n_valid: int) -> Tensor:
         k = registry._load("cpu")
         xn, yn = x.detach().numpy(), labels.numpy()
         N, C = xn.shape
         acc = xn.dtype
         ce, m, r = np.empty(N, acc), np.empty(N, acc), np.empty(N, acc)
-        w = np.ones(C, acc)
-        zeros = np.zeros(N)
+        w = _const("ones", C, acc)
+        zeros = _const("zeros", N, np.float64)
         inv = acc.type(1)
         if reduction == "mean":
-            n_valid = N if ignore_index < 0 and yn.min() >= 0 else int(np.count_nonzero(yn != ignore_index))
+            if n_valid < 0:
+                n_valid = int(np.count_nonzero(yn != ignore_index))
             inv = inv / acc.type(n_valid) if n_valid else acc.type(0)  # an empty mean is 0
         want = ctx.needs_input_grad[0]
         fused = want and reduction != "none" and N * C <= FUSED_MAX
@@ -192,7 +210,7 @@ class CrossEntropyIndex(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: Optional[Tensor]) -> tuple[Any, ...]:
         x, labels = ctx.saved_tensors  # raises as torch does on a second backward of a freed graph
-        none = (None, None, None)
+        none = (None, None, None, None)
         if g is None or not ctx.needs_input_grad[0]:
             return (None,) + none
         if torch.is_grad_enabled():
@@ -218,7 +236,7 @@ class CrossEntropyIndex(torch.autograd.Function):
             gce = np.full(N, float(ctx.inv) * g.item())
         out = np.empty((N, C), acc)
         kern, nt = _run(ctx.kernels, "ce_backward", N * C)
-        kern(xn, yn, m, r, gce, np.zeros(N), np.ones(C, acc), float(C), ignore_index, 0.0, 0.0, 1.0, 1.0, False,
+        kern(xn, yn, m, r, gce, _const("zeros", N, np.float64), _const("ones", C, acc), float(C), ignore_index, 0.0, 0.0, 1.0, 1.0, False,
              out, False, np.empty(0, acc), min(N, nt))
         return (torch.from_numpy(out),) + none
 
