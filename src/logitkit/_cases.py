@@ -79,6 +79,22 @@ def _optax(x: np.ndarray, y: int) -> float:
     return float(optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(x), jnp.asarray([y]))[0])
 
 
+def _tf_nn(x: np.ndarray, y: int) -> float:
+    import logitkit.tensorflow  # noqa: F401  (first: it orders Triton before TensorFlow)
+    import tensorflow as tf
+
+    return float(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.constant([y]), logits=tf.constant(x))[0])
+
+
+def _logitkit_tf(x: np.ndarray, y: int) -> float:
+    import logitkit.tensorflow  # noqa: F401
+    import tensorflow as tf
+
+    from . import sparse_softmax_cross_entropy_with_logits
+
+    return float(sparse_softmax_cross_entropy_with_logits(labels=tf.constant([y]), logits=tf.constant(x))[0])
+
+
 def _scipy(x: np.ndarray, y: int) -> float:
     from scipy.special import log_softmax
 
@@ -94,7 +110,11 @@ def peers() -> dict[str, Callable[[np.ndarray, int], float]]:
         found["optax"] = _optax
     if importlib.util.find_spec("scipy"):
         found["scipy.special"] = _scipy
+    if importlib.util.find_spec("tensorflow"):
+        found["TensorFlow tf.nn"] = _tf_nn
     found["logitkit"] = _logitkit
+    if importlib.util.find_spec("tensorflow"):
+        found["logitkit (TensorFlow)"] = _logitkit_tf
     return found
 
 
