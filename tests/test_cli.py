@@ -253,3 +253,33 @@ def test_cli_bad_arguments_name_the_option(argv, message):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
     assert message in str(exc.value.code)
+
+
+def test_info_says_when_logitkit_kernels_forces_the_core():
+    env = dict(os.environ, LOGITKIT_KERNELS="core")
+    proc = subprocess.run([sys.executable, "-m", "logitkit", "info"], capture_output=True, text=True,
+                          timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "kernel backends: (not used: LOGITKIT_KERNELS=core forces the core everywhere)" in proc.stdout
+    if "jax" in proc.stdout.split("kernel backends:", 1)[1]:
+        assert "jax      XLA only: LOGITKIT_KERNELS forces the core" in proc.stdout
+
+
+def test_info_says_why_jax_losses_take_the_xla_route():
+    from logitkit.kernels import registry
+
+    class OldJax:  # a jax without jax.ffi
+        __version__ = "0.4.0"
+
+    class Ffi:
+        @staticmethod
+        def _ffi_api_major():
+            return 1
+
+    if not registry.backends()["cpu"]:
+        assert "CPU kernels are unavailable" in cli._why_xla_only(OldJax, Ffi, registry)
+        return
+    assert "jax 0.4.0 has no jax.ffi.ffi_call" in cli._why_xla_only(OldJax, Ffi, registry)
+    jax = pytest.importorskip("jax")
+    if hasattr(jax, "ffi") and hasattr(jax.ffi, "ffi_call"):
+        assert cli._why_xla_only(jax, Ffi, registry) == "XLA FFI API 1.x (the handlers are written for 0.x)"

@@ -198,7 +198,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs")
     for dist in ("numpy", "numba", "torch", "jax", "optax", "triton", "scipy"):
         print(f"  {dist:8s} {_version(dist)}")
-    print("kernel backends:")
+    forced = os.environ.get("LOGITKIT_KERNELS", "").lower() in ("core", "off", "0", "none")
+    print("kernel backends:" + (f" (not used: LOGITKIT_KERNELS={os.environ['LOGITKIT_KERNELS']} "
+                                "forces the core everywhere)" if forced else ""))
     for name, ok in registry.backends().items():
         state = "available" if ok else f"unavailable, the core is used instead: {_why_unavailable(name)}"
         print(f"  {name:8s} {state}")
@@ -208,9 +210,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
         from .jax import _ffi
 
-        state = ("CPU kernels via XLA FFI" if registry.backends().get("cpu") and _ffi._importable()
-                 else "XLA only")
-        if state != "XLA only" and jax.device_count() > 1:
+        if forced:
+            state = "XLA only: LOGITKIT_KERNELS forces the core"
+        else:
+            state = ("CPU kernels via XLA FFI" if registry.backends().get("cpu") and _ffi._importable()
+                     else f"XLA only: {_why_xla_only(jax, _ffi, registry)}")
+        if not state.startswith("XLA only") and jax.device_count() > 1:
             state += f" (in shard_map bodies; {jax.device_count()} devices)"
         print(f"  {'jax':8s} {state}")
     return 0
@@ -218,8 +223,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _why_unavailable(backend: str) -> str:
     """The reason a kernel backend reports itself unavailable, probed without side effects."""
-    if os.environ.get("LOGITKIT_KERNELS", "").lower() in ("core", "off", "0", "none"):
-        return "LOGITKIT_KERNELS forces the core"
     if backend == "cpu":
         if importlib.util.find_spec("numba") is None:
             return "numba is not installed (pip install numba)"
@@ -241,6 +244,20 @@ def _why_unavailable(backend: str) -> str:
             return f"torch.cuda failed: {type(exc).__name__}: {exc}"
         return "triton did not load (run `python -c 'import triton'` to see why)"
     return "its module did not load"
+
+
+def _why_xla_only(jax, ffi, registry) -> str:
+    """Why JAX losses do not run on the CPU kernels here (the checks of ``_ffi._importable``)."""
+    if not registry.backends().get("cpu"):
+        return f"the CPU kernels are unavailable ({_why_unavailable('cpu')})"
+    if not (hasattr(jax, "ffi") and hasattr(jax.ffi, "ffi_call")):
+        return f"jax {jax.__version__} has no jax.ffi.ffi_call (pip install 'logitkit[jax]' for a newer one)"
+    if sys.maxsize <= 2 ** 32:
+        return "a 32-bit platform (the handlers assume 8-byte pointers)"
+    major = ffi._ffi_api_major()
+    if major != 0:
+        return f"XLA FFI API {major}.x (the handlers are written for 0.x)"
+    return "the FFI handlers did not load"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
