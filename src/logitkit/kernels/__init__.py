@@ -20,6 +20,15 @@ Row statistics: ``m = max_c z_c`` and ``r = log(sum_c exp(z_c - m))`` computed a
 sum *without* one maximal term (ties counted exactly), so that confident rows keep their ~1e-13
 losses. ``lse = m + r``. A row that is all ``-inf`` has ``m = -inf, r = 0`` and softmax 0.
 
+``z - max z`` is always formed from ``x``: ``(x - max x) / temperature`` and, with a softcap,
+``(s - s_max) / temperature`` for ``s = softcap·tanh(x / softcap)`` with the difference kept
+accurate (never ``x / T - max(x) / T``, which near a common offset of 1e4 rounds by 1e-4,
+230x the float32 contract). With ``temperature != 1`` or a softcap, ``m`` is ``max z`` rounded
+to the accumulation dtype and ``r`` is relative to the exact ``max z``, so ``lse = m + r`` holds
+to half an ulp of ``m``. A backward stage given ``(m, r)`` recomputes ``max z`` from ``x`` and
+takes ``z - m - r = (z - max z) + ((max z - m) - r)``, with ``max z - m = 0`` where ``m`` is its
+own rounded max (as the forward stored it) and the difference otherwise (a max from elsewhere).
+
 ``ce_forward(x, labels, *, weight, ignore_index, label_smoothing, softcap, temperature)
 -> (ce, m, r)``::
 
