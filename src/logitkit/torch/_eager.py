@@ -132,8 +132,8 @@ def fast_ce(input: Tensor, target: Tensor, ignore_index: int, reduction: str, ch
         return None
     if target.device.type != "cpu" or registry._load("cpu") is None:
         return None
-    yn = target.numpy()
-    in_range = bool(yn.min() >= 0) and bool(yn.max() < C)
+    lo, hi = torch.aminmax(target)  # one C++ call: cheaper than two NumPy reductions here
+    in_range = lo.item() >= 0 and hi.item() < C
     if not in_range and not checked:  # only then the full check, which names the bad label
         from .. import _validate
         from .._namespace import TORCH
@@ -159,7 +159,16 @@ def _const(kind: str, n: int, dtype: Any) -> np.ndarray:
     return a
 
 
+_serial: dict = {}
+
+
 def _run(k: Any, name: str, size: int) -> tuple[Any, int]:
+    """The compiled kernel for ``size`` elements and its thread count (serial ones cached)."""
+    if size < 2 * k._MIN_PER_THREAD:  # what the kernels' own entry points run at this size
+        fn = _serial.get(name)
+        if fn is None:
+            fn = _serial[name] = k._kernel(name, 1)
+        return fn, 1
     nt = k._apply_threads(size)
     return k._kernel(name, nt), nt
 
