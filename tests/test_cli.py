@@ -283,3 +283,13 @@ def test_info_says_why_jax_losses_take_the_xla_route():
     jax = pytest.importorskip("jax")
     if hasattr(jax, "ffi") and hasattr(jax.ffi, "ffi_call"):
         assert cli._why_xla_only(jax, Ffi, registry) == "XLA FFI API 1.x (the handlers are written for 0.x)"
+
+
+def test_check_fails_when_any_logitkit_path_misses_the_contract(monkeypatch, capsys):
+    pytest.importorskip("mpmath")
+    # One logitkit column beyond tolerance (a stand-in for a broken framework path) must fail.
+    monkeypatch.setattr(cli, "_check_rows", lambda: [
+        ("row", {"logitkit": 1e-8, "logitkit (TensorFlow)": 1e-3}, cli.CONTRACT_REL)])
+    monkeypatch.setattr(cli, "_check_properties", lambda: [])
+    assert cli.main(["check"]) == 1
+    assert "result: FAIL" in capsys.readouterr().out
