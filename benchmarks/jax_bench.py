@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="llm")
     ap.add_argument("--shape", help="N x V, e.g. 4096x32000 (overrides --workload)")
     ap.add_argument("--repeats", type=int, default=7, help="timed runs per case (median of these)")
-    ap.add_argument("--cases", default="", help="comma-separated substrings selecting cases")
+    ap.add_argument("--cases", default="",
+                    help="comma-separated substrings selecting cases (one ending in $: that exact name)")
     ap.add_argument("--rss", action="store_true",
                     help="also measure each step's peak RSS growth, one fresh child per case (Linux)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -169,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--repeats: expected at least 1")
     cases = _cases()
     if args.cases:
-        keys = [k for k in cases if any(s in k for s in args.cases.split(","))]
+        keys = [k for k in cases if any(k == s[:-1] if s.endswith("$") else s in k
+                                        for s in args.cases.split(","))]
         cases = {k: cases[k] for k in keys}
     x, y = _inputs(N, V, dtype=args.dtype)
     probs = None

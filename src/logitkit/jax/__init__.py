@@ -1,10 +1,11 @@
-"""logitkit for JAX: optax-compatible softmax cross-entropy losses with lean custom VJPs.
+"""logitkit for JAX: optax-compatible softmax cross-entropy losses, lean in both autodiff modes.
 
 ``softmax_cross_entropy``, ``softmax_cross_entropy_with_integer_labels`` and
 ``safe_softmax_cross_entropy`` take optax's arguments and return optax's results (more exactly);
 ``cross_entropy`` has every logitkit option. The forward of each keeps only per-row statistics
-for the backward, which builds the gradient in one fused expression. float16 / bfloat16 inputs
-are accumulated in float32.
+for the backward, which builds the gradient in one fused expression. Forward mode (``jax.jvp``,
+``jax.jacfwd``) and every order of either mode work too. float16 / bfloat16 inputs are
+accumulated in float32.
 
 >>> import jax, jax.numpy as jnp, logitkit.jax as lj
 >>> x = jnp.array([[2.0, 0.5, -1.0]]); y = jnp.array([0])

@@ -1,7 +1,7 @@
 """The JAX bridge of :mod:`logitkit.functional`: top-level functions on JAX arrays come here.
 
 ``functional`` has already validated every argument and moved the class axis last for
-``cross_entropy``. This module only picks the custom-VJP row function and reduces with the shared
+``cross_entropy``. This module only picks the custom-JVP row function and reduces with the shared
 core reductions, so the loss maths lives in one place and autodiff never sees an ``N×V`` softmax.
 """
 
@@ -43,10 +43,10 @@ def cross_entropy(x: Any, y: Any, *, kind: str, ignore_index: int, reduction: st
 
 
 def softmax(x: Any, axis: int, *, where: Any = None, temperature: float = 1.0) -> Any:
-    """Softmax along ``axis`` (not moved) with a custom VJP that saves only the output."""
+    """Softmax along ``axis`` (not moved); its reverse mode saves only the output."""
     return _rows.softmax(x, axis, where=where, temperature=temperature)
 
 
 def log_softmax(x: Any, axis: int, *, where: Any = None, temperature: float = 1.0) -> Any:
-    """Log-softmax along ``axis`` (not moved) with a custom VJP that saves only the output."""
+    """Log-softmax along ``axis`` (not moved); its reverse mode saves only the output."""
     return _rows.log_softmax(x, axis, where=where, temperature=temperature)

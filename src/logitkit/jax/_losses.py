@@ -2,7 +2,7 @@ r"""optax-compatible softmax cross-entropy losses, exact and lean under ``jax.gr
 
 Same names, signatures and results as optax 0.2.x (``optax.losses``), including ``axis`` (an int
 or a tuple of axes) and ``where``; see each docstring for the few places where logitkit is
-deliberately stricter or more exact. All of them run through the custom VJPs of
+deliberately stricter or more exact. All of them run through the custom JVPs of
 :mod:`logitkit.jax._rows`: the forward keeps per-row ``(max, log Σ exp)`` only.
 """
 

@@ -1,4 +1,4 @@
-r"""Per-row cross-entropy, softmax and log-softmax with ``jax.custom_vjp`` rules (class axis last).
+r"""Per-row cross-entropy, softmax and log-softmax with ``jax.custom_jvp`` rules (class axis last).
 
 The maths is the kernel stage contract of :mod:`logitkit.kernels` (``ce_forward`` /
 ``ce_backward`` / ``prob_*`` / softmax stages), written for XLA:
@@ -7,6 +7,11 @@ The maths is the kernel stage contract of :mod:`logitkit.kernels` (``ce_forward`
   ``r = log Σ exp(z - m)``, plus the inputs, which exist anyway), never an ``N×V`` softmax;
 * the backward rebuilds ``p = exp((z - m) - r)`` and the whole gradient in one elementwise
   expression, e.g. for class indices ``dz = p·a - [c = y]·b - c₀·w``, with per-row ``a, b, c₀``.
+
+Each function is a ``jax.custom_jvp`` whose tangent is one :func:`._linear.linear` call: forward
+mode (``jax.jvp``, ``jax.jacfwd``) evaluates the tangent, reverse mode transposes it into the
+backward above (so ``jax.grad`` keeps only the residuals named), and higher orders differentiate
+plain JAX code.
 
 Two facts about XLA on CPU shape the code:
 
@@ -51,7 +56,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from .._namespace import acc_dtype
-from . import _ffi
+from . import _ffi, _linear
 
 __all__ = ["Options", "index_rows", "prob_rows", "softmax", "log_softmax", "row_stats"]
 
@@ -62,7 +67,7 @@ _FLOAT_IOTA_MAX = 2 ** 24
 
 
 class Options(NamedTuple):
-    """Static options of one call (hashable: they are ``nondiff_argnums`` of the custom VJPs)."""
+    """Static options of one call (hashable: they are ``nondiff_argnums`` of the custom JVPs)."""
 
     ignore_index: int | None = None
     label_smoothing: float = 0.0
@@ -74,13 +79,16 @@ def _is_zero(g: Any) -> bool:
     return g is None or isinstance(g, SymbolicZero)
 
 
-def _value(p: Any) -> Any:
-    """The value of a ``CustomVJPPrimal`` (``symbolic_zeros=True``) or the argument itself."""
-    return getattr(p, "value", p)
+def _tangent(t: Any) -> Any:
+    """A tangent, or ``None`` for a symbolic zero (``symbolic_zeros=True``)."""
+    return None if _is_zero(t) else t
 
 
-def _perturbed(p: Any) -> bool:
-    return p is not None and bool(getattr(p, "perturbed", True))
+def _full_mask(mask: Any, x: Any) -> Any:
+    """A mask with the logits' number of axes (what :mod:`._linear` expects of ``"x"`` operands)."""
+    if mask is None or mask.ndim == x.ndim:
+        return mask
+    return jnp.broadcast_to(mask, x.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,8 +126,31 @@ def _shift(xa: Any, mx0: Any, opts: Options) -> Any:
         d = xa - mx0
         return d if inv_t == 1.0 else d * inv_t
     k = 1.0 / opts.softcap
-    d = (jnp.tanh(xa * k) - jnp.tanh(mx0 * k)) * (opts.softcap * inv_t)
+    d = _tanh_diff(xa * k, mx0 * k, (xa - mx0) * k) * (opts.softcap * inv_t)
     return d * _not_tie(xa, mx0)
+
+
+def _tanh_diff(a: Any, b: Any, a_b: Any) -> Any:
+    """``tanh(a) - tanh(b)`` to a few ulps of the difference, not of ``tanh`` (with a common
+    offset, e.g. logits near 1e4 under a cap of 2e4, the plain difference cancels); ``a_b`` is
+    ``a - b`` computed from the raw logits (``(x - x_max)/c``: exact, unlike ``x/c - x_max/c``).
+
+    Of one sign ``s``: ``s·2(e_b - e_a)/((1+e_a)(1+e_b))`` with ``e = exp(-2|·|)``, and
+    ``e_b - e_a = sign(δ)·exp(-2·min(|a|,|b|))·(-expm1(-2|δ|))``, ``δ = |a| - |b| = s·(a - b)``.
+    Of opposite signs nothing cancels.
+    """
+    ea, eb = jnp.exp(-2.0 * jnp.abs(a)), jnp.exp(-2.0 * jnp.abs(b))
+    s = jnp.where(a < 0.0, -1.0, 1.0)
+    delta = s * a_b
+    lo = jnp.minimum(jnp.abs(a), jnp.abs(b))
+    gap = jnp.sign(delta) * jnp.exp(-2.0 * lo) * -jnp.expm1(-2.0 * jnp.abs(delta))
+    same = s * 2.0 * gap / ((1.0 + ea) * (1.0 + eb))
+    return jnp.where((a < 0.0) == (b < 0.0), same, jnp.tanh(a) - jnp.tanh(b))
+
+
+def _per_class(eps: float, V: int) -> float:
+    """``eps / V``, the smoothing mass per class; 0 for an empty class axis (nothing to spread)."""
+    return eps / V if V else 0.0
 
 
 def _not_tie(xa: Any, mx0: Any) -> Any:
@@ -239,23 +270,44 @@ def _index_forward(opts: Options, x: Any, labels: Any, weight: Any, mask: Any):
     ce = (1.0 - eps) * wy * nll if eps != 1.0 else jnp.zeros_like(nll)
     if eps > 0.0:
         smooth = -jnp.sum(d if w is None else w * d, axis=-1, keepdims=True) + W * r
-        ce = ce + (eps / V) * jnp.where(all_masked, jnp.inf, smooth)
+        ce = ce + _per_class(eps, V) * jnp.where(all_masked, jnp.inf, smooth)
     ce = jnp.where(bad, jnp.nan, jnp.where(valid, ce[..., 0], 0.0))
     lse = jnp.where(valid, (_transform(mx, opts) + r)[..., 0], 0.0)
     return (ce, lse), (mx, r, nll, valid, bad, lab)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _index_rows(opts: Options, x: Any, labels: Any, weight: Any, mask: Any) -> tuple[Any, Any]:
     return _index_forward(opts, x, labels, weight, mask)[0]
 
 
-def _index_fwd(opts, x, labels, weight, mask):
-    xv, lv, wv, mv = _value(x), _value(labels), _value(weight), _value(mask)
-    out, (mx, r, nll, valid, bad, lab) = _index_forward(opts, xv, lv, wv, mv)
-    # Residuals: the inputs (alive anyway) and per-row numbers; ``nll`` only when the weight is
-    # being differentiated (its gradient needs it).
-    return out, (xv, wv, mv, mx, r, valid, bad, lab, nll if _perturbed(weight) else None)
+def _index_rows_jvp(opts, primals, tangents):
+    x, labels, weight, mask = primals
+    mask = _full_mask(mask, x)
+    out, (mx, r, nll, valid, bad, lab) = _index_forward(opts, x, labels, weight, mask)
+    tx, tw = _tangent(tangents[0]), _tangent(tangents[2])
+    if tx is None and tw is None:
+        return out, tuple(jnp.zeros_like(o) for o in out)
+    # Residuals: the inputs (alive anyway) and per-row numbers; see _linear.
+    res = (x, labels, weight, mask, mx, r, nll, valid, bad, lab)
+    return out, _linear.linear("index_xla", opts, res, (tx, tw), "xrwxxxxrrrxw")
+
+
+_index_rows.defjvp(_index_rows_jvp, symbolic_zeros=True)
+
+
+def _index_xla_fwd(opts, x, labels, weight, mask, mx, r, nll, valid, bad, lab, tx, tw):
+    tx = jnp.zeros_like(x) if tx is None else tx
+    if weight is None:
+        return jax.jvp(lambda a: _index_forward(opts, a, labels, None, mask)[0], (x,), (tx,))[1]
+    tw = jnp.zeros_like(weight) if tw is None else tw
+    return jax.jvp(lambda a, w: _index_forward(opts, a, labels, w, mask)[0], (x, weight), (tx, tw))[1]
+
+
+def _index_xla_bwd(opts, need, x, labels, weight, mask, mx, r, nll, valid, bad, lab, g_ce, g_lse):
+    res = (x, weight, mask, mx, r, valid, bad, lab, nll if need[1] else None)
+    dx, _, dw, _ = _index_bwd(opts, res, (g_ce, g_lse))
+    return (dx if need[0] else None), dw
 
 
 def _grad_factor(x: Any, acc: Any, opts: Options) -> Any:
@@ -283,7 +335,7 @@ def _index_bwd(opts, res, g):
     wy = 1.0 if w is None else jnp.take(w, lab)
     # dz = p·a - [c = y]·b - c0·w, every coefficient per row.
     b = g_ce * ((1.0 - eps) * wy)
-    a = b + g_ce * (eps / V * W)
+    a = b + g_ce * (_per_class(eps, V) * W)
     if not _is_zero(g_lse):
         a = a + jnp.where(valid, g_lse.astype(acc), 0.0)
     d = _recompute_d(x, mask, mx, opts)
@@ -297,7 +349,7 @@ def _index_bwd(opts, res, g):
     a_, b_ = a[..., None], b[..., None]
     dz = jnp.where(onehot, b_ * py_m1 + p * (a_ - b_), p * a_)
     if eps > 0.0:
-        c0 = (g_ce * (eps / V))[..., None]
+        c0 = (g_ce * _per_class(eps, V))[..., None]
         dz = dz - (c0 if w is None else c0 * w)
     dz = jnp.where(valid[..., None], dz, 0.0)
     dz = jnp.where(bad[..., None], jnp.nan, dz)
@@ -312,12 +364,12 @@ def _index_bwd(opts, res, g):
         dw = jnp.zeros((V,), acc).at[lab.reshape(-1)].add(term.reshape(-1))
         if eps > 0.0:
             lz = jnp.where(valid[..., None], r - d, 0.0)
-            dw = dw + (eps / V) * jnp.einsum("...,...c->c", g_ce, lz)
+            dw = dw + _per_class(eps, V) * jnp.einsum("...,...c->c", g_ce, lz)
         dw = dw.astype(w_in.dtype)
     return dx, None, dw, None
 
 
-_index_rows.defvjp(_index_fwd, _index_bwd, symbolic_zeros=True)
+_linear.RULES["index_xla"] = _linear.Rule(_index_xla_fwd, _index_xla_bwd)
 
 
 def index_rows(x: Any, labels: Any, weight: Any = None, mask: Any = None, *,
@@ -345,11 +397,10 @@ def index_rows(x: Any, labels: Any, weight: Any = None, mask: Any = None, *,
 # ----------------------------------------------------------------------------------------------
 # class indices through the numba kernels (XLA FFI)
 #
-# The custom VJP below calls two kernels: ``_k_forward`` (ce, lse and the row statistics m, r)
+# The custom JVP below calls two kernels: ``_k_forward`` (ce, lse and the row statistics m, r)
 # and ``_k_dx`` (the gradient). Each is a ``custom_jvp`` whose tangent is the JVP of the XLA code
-# above, so second-order reverse mode (and the Hessian) works as it does on the XLA route; the
-# tangents of ``m, r`` are left out (zero) because their only consumer, ``_k_dx``'s rule, rebuilds
-# them from ``x``. ``lax.platform_dependent`` keeps an XLA fallback for arrays on other platforms.
+# above, so second-order reverse mode (and the Hessian) works as it does on the XLA route.
+# ``lax.platform_dependent`` keeps an XLA fallback for arrays on other platforms.
 
 
 def _k_labels(labels: Any, V: int, ignore_index: int | None) -> Any:
@@ -385,8 +436,8 @@ def _k_forward_jvp(opts, primals, tangents):
     x, lab, weight = primals
     tx, _, tw = tangents
     out = _k_forward(opts, x, lab, weight)
-    _, (tce, tlse, _, _) = jax.jvp(lambda a, w: _xla_forward(opts, a, lab, w), (x, weight), (tx, tw))
-    return out, (tce, tlse, jnp.zeros_like(out[2]), jnp.zeros_like(out[3]))
+    _, t = jax.jvp(lambda a, w: _xla_forward(opts, a, lab, w), (x, weight), (tx, tw))
+    return out, t
 
 
 def _xla_dx(opts: Options, x: Any, lab: Any, weight: Any, g_ce: Any, g_lse: Any) -> Any:
@@ -413,43 +464,56 @@ def _k_dx_jvp(opts, primals, tangents):
     return out, t
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _index_rows_k(opts: Options, x: Any, lab: Any, weight: Any) -> tuple[Any, Any]:
     """``index_rows`` on the kernels, for labels coded by :func:`_k_labels`."""
     return _k_forward(opts, x, lab, weight)[:2]
 
 
-def _index_k_fwd(opts, x, lab, weight):
-    xv, lab, wv = _value(x), _value(lab), _value(weight)
-    ce, lse, m, r = _k_forward(opts, xv, lab, wv)
-    return (ce, lse), (xv, lab, wv, m, r, _perturbed(weight))
+def _index_k_jvp(opts, primals, tangents):
+    x, lab, weight = primals
+    ce, lse, m, r = _k_forward(opts, x, lab, weight)
+    tx, tw = _tangent(tangents[0]), _tangent(tangents[2])
+    if tx is None and tw is None:
+        return (ce, lse), (jnp.zeros_like(ce), jnp.zeros_like(lse))
+    return (ce, lse), _linear.linear("index_k", opts, (x, lab, weight, m, r), (tx, tw), "xrwrrxw")
 
 
-def _index_k_bwd(opts, res, g):
-    x, lab, w_in, m, r, need_w = res
-    g_ce, g_lse = g
+_index_rows_k.defjvp(_index_k_jvp, symbolic_zeros=True)
+
+
+def _index_k_fwd(opts, x, lab, weight, m, r, tx, tw):
+    tx = jnp.zeros_like(x) if tx is None else tx
+    if weight is None:
+        return jax.jvp(lambda a: _xla_forward(opts, a, lab, None)[:2], (x,), (tx,))[1]
+    tw = jnp.zeros_like(weight) if tw is None else tw
+    return jax.jvp(lambda a, w: _xla_forward(opts, a, lab, w)[:2], (x, weight), (tx, tw))[1]
+
+
+def _index_k_bwd(opts, need, x, lab, w_in, m, r, g_ce, g_lse):
     acc = acc_dtype(jnp, x.dtype)
-    g_ce = jnp.zeros(m.shape, acc) if _is_zero(g_ce) else g_ce.astype(acc)
-    g_lse = jnp.zeros(m.shape, acc) if _is_zero(g_lse) else g_lse.astype(acc)
-    dx = _k_dx(opts, x, lab, m, r, w_in, g_ce, g_lse)
+    g_ce, g_lse = g_ce.astype(acc), g_lse.astype(acc)
+    dx = _k_dx(opts, x, lab, m, r, w_in, g_ce, g_lse) if need[0] else None
     dw = None
-    if need_w:
-        # d ce / d w_c = (1-eps)·[c = y]·(lse - z_y) + eps/V·(lse - z_c), over valid rows
+    if need[1]:
+        # d ce / d w_c = (1-eps)·[c = y]·(lse - z_y) + eps/V·(lse - z_c), over valid rows, with
+        # lse - z_c = r - (z_c - m) and z_c - m from the raw logits (exact for large offsets)
         V, eps = x.shape[-1], opts.label_smoothing
         valid = (lab >= 0)[..., None]
         lab0 = jnp.where(valid[..., 0], lab, 0)
-        mr, rr = m[..., None], r[..., None]
-        zy = _transform(_raw(_gather_last(x, lab0), None, opts), opts)
-        term = jnp.where(valid, (1.0 - eps) * g_ce[..., None] * (rr - (zy - mr)), 0.0)
+        rr = r[..., None]
+        mx = _row_max(_raw(x, None, opts), -1)
+        dy, _ = _label_shift(x, lab0, mx, None, opts)
+        term = jnp.where(valid, (1.0 - eps) * g_ce[..., None] * (rr - dy), 0.0)
         dw = jnp.zeros((V,), acc).at[lab0.reshape(-1)].add(term.reshape(-1))
         if eps > 0.0:
-            lz = jnp.where(valid, rr - (_transform(_raw(x, None, opts), opts) - mr), 0.0)
-            dw = dw + (eps / V) * jnp.einsum("...,...c->c", g_ce, lz)
+            lz = jnp.where(valid, rr - _recompute_d(x, None, mx, opts), 0.0)
+            dw = dw + _per_class(eps, V) * jnp.einsum("...,...c->c", g_ce, lz)
         dw = dw.astype(w_in.dtype)
-    return dx, None, dw
+    return dx, dw
 
 
-_index_rows_k.defvjp(_index_k_fwd, _index_k_bwd, symbolic_zeros=True)
+_linear.RULES["index_k"] = _linear.Rule(_index_k_fwd, _index_k_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -460,7 +524,7 @@ def _targets(y: Any, weight: Any, mask: Any, acc: Any, eps: float) -> Any:
     V = y.shape[-1]
     t = y.astype(acc)
     if eps > 0.0:
-        t = t * (1.0 - eps) + eps / V
+        t = t * (1.0 - eps) + _per_class(eps, V)
     if weight is not None:
         t = t * weight.astype(acc)
     if mask is not None:
@@ -480,18 +544,62 @@ def _prob_forward(opts: Options, x: Any, y: Any, weight: Any, mask: Any):
     return (ce[..., 0], (_transform(mx, opts) + r)[..., 0]), (mx, r, mass)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _prob_rows(opts: Options, x: Any, y: Any, weight: Any, mask: Any) -> tuple[Any, Any]:
     return _prob_forward(opts, x, y, weight, mask)[0]
 
 
-def _prob_fwd(opts, x, y, weight, mask):
-    xv, yv, wv, mv = _value(x), _value(y), _value(weight), _value(mask)
-    out, (mx, r, mass) = _prob_forward(opts, xv, yv, wv, mv)
-    # Markers (an empty array, or None) say which of labels / weight are being differentiated:
-    # the label gradient is a whole N×V array, not worth building when nobody asked for it.
-    flags = tuple(jnp.zeros((0,), bool) if _perturbed(a) else None for a in (y, weight))
-    return out, (xv, yv, wv, mv, mx, r, mass, flags)
+def _prob_rows_jvp(opts, primals, tangents):
+    x, y, weight, mask = primals
+    mask = _full_mask(mask, x)
+    y = jnp.broadcast_to(y, x.shape)
+    out, (mx, r, mass) = _prob_forward(opts, x, y, weight, mask)
+    tx, ty, tw = (_tangent(t) for t in tangents[:3])
+    if tx is None and ty is None and tw is None:
+        return out, tuple(jnp.zeros_like(o) for o in out)
+    if ty is not None:
+        ty = jnp.broadcast_to(ty, x.shape)
+    res = (x, y, weight, mask, mx, r, mass)
+    return out, _linear.linear("prob_xla", opts, res, (tx, ty, tw), "xxwxxxxxxw")
+
+
+_prob_rows.defjvp(_prob_rows_jvp, symbolic_zeros=True)
+
+
+def _prob_label_tangent(opts: Options, x: Any, y: Any, weight: Any, mask: Any, mx: Any, r: Any,
+                        ty: Any, tw: Any) -> Any:
+    """The tangent of ``ce`` along label and weight tangents ``ty, tw`` (``None``: zero).
+
+    ``d ce/d y_c = (1-eps)·w_c·(lse - z_c)`` and ``d ce/d w_c = t_c·(lse - z_c)``; a direction
+    that does not move a class contributes 0 for it even where ``lse - z_c = +inf``.
+    """
+    acc = acc_dtype(jnp, x.dtype)
+    eps = opts.label_smoothing
+    lz = jnp.where(mx == -jnp.inf, jnp.inf, r - _recompute_d(x, mask, mx, opts))
+    tce = jnp.zeros(x.shape[:-1], acc)
+    if ty is not None:
+        a = (1.0 - eps) * (1.0 if weight is None else weight.astype(acc)) * lz
+        if mask is not None:
+            a = jnp.where(mask, a, 0.0)
+        t = ty.astype(acc)
+        tce = tce + jnp.sum(jnp.where(t == 0.0, 0.0, a * t), axis=-1)
+    if tw is not None:
+        t = _targets(y, None, mask, acc, eps)
+        twa = jnp.broadcast_to(tw.astype(acc), t.shape)
+        tce = tce + jnp.sum(jnp.where((t == 0.0) | (twa == 0.0), 0.0, t * lz * twa), axis=-1)
+    return tce
+
+
+def _prob_xla_fwd(opts, x, y, weight, mask, mx, r, mass, tx, ty, tw):
+    tx = jnp.zeros_like(x) if tx is None else tx
+    tce, tlse = jax.jvp(lambda a: _prob_forward(opts, a, y, weight, mask)[0], (x,), (tx,))[1]
+    return tce + _prob_label_tangent(opts, x, y, weight, mask, mx, r, ty, tw), tlse
+
+
+def _prob_xla_bwd(opts, need, x, y, weight, mask, mx, r, mass, g_ce, g_lse):
+    flags = tuple(jnp.zeros((0,), bool) if n else None for n in need[1:])
+    dx, dy, dw, _ = _prob_bwd(opts, (x, y, weight, mask, mx, r, mass, flags), (g_ce, g_lse))
+    return (dx if need[0] else None), dy, dw
 
 
 def _prob_bwd(opts, res, g):
@@ -518,10 +626,10 @@ def _prob_bwd(opts, res, g):
         lz = jnp.where(mx == -jnp.inf, jnp.inf, r - d)
     if need_y is not None:
         w = 1.0 if w_in is None else w_in.astype(acc)
-        dyv = gc * ((1.0 - eps) * w) * lz
-        if mask is not None:
-            dyv = jnp.where(mask, dyv, 0.0)
-        dy = dyv.astype(y.dtype)
+        # masked before the product: a masked class's +inf would make 0·inf = NaN in the
+        # derivative of this gradient
+        lzy = lz if mask is None else jnp.where(mask, lz, 0.0)
+        dy = (gc * ((1.0 - eps) * w) * lzy).astype(y.dtype)
     if need_w is not None:
         t = _targets(y, None, mask, acc, eps)
         contrib = jnp.where(t == 0.0, 0.0, gc * t * lz)
@@ -529,7 +637,7 @@ def _prob_bwd(opts, res, g):
     return dx, dy, dw, None
 
 
-_prob_rows.defvjp(_prob_fwd, _prob_bwd, symbolic_zeros=True)
+_linear.RULES["prob_xla"] = _linear.Rule(_prob_xla_fwd, _prob_xla_bwd)
 
 
 def prob_rows(x: Any, y: Any, weight: Any = None, mask: Any = None, *,
@@ -567,8 +675,8 @@ def _kp_forward(opts: Options, x: Any, y: Any, weight: Any) -> tuple[Any, ...]:
 @_kp_forward.defjvp
 def _kp_forward_jvp(opts, primals, tangents):
     out = _kp_forward(opts, *primals)
-    _, (tce, tlse, *_) = jax.jvp(lambda *a: _xla_prob_forward(opts, *a), primals, tangents)
-    return out, (tce, tlse) + tuple(jnp.zeros_like(o) for o in out[2:])
+    _, t = jax.jvp(lambda *a: _xla_prob_forward(opts, *a), primals, tangents)
+    return out, t
 
 
 def _xla_prob_dx(opts: Options, x: Any, y: Any, weight: Any, g_ce: Any, g_lse: Any) -> Any:
@@ -595,35 +703,48 @@ def _kp_dx_jvp(opts, primals, tangents):
     return out, t
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _prob_rows_k(opts: Options, x: Any, y: Any, weight: Any) -> tuple[Any, Any]:
     return _kp_forward(opts, x, y, weight)[:2]
 
 
-def _prob_k_fwd(opts, x, y, weight):
-    xv, yv, wv = _value(x), _value(y), _value(weight)
-    ce, lse, m, r, mass = _kp_forward(opts, xv, yv, wv)
-    flags = tuple(jnp.zeros((0,), bool) if _perturbed(a) else None for a in (y, weight))
-    return (ce, lse), (xv, yv, wv, m, r, mass, flags)
+def _prob_k_jvp(opts, primals, tangents):
+    x, y, weight = primals
+    ce, lse, m, r, mass = _kp_forward(opts, x, y, weight)
+    tx, ty, tw = (_tangent(t) for t in tangents)
+    if tx is None and ty is None and tw is None:
+        return (ce, lse), (jnp.zeros_like(ce), jnp.zeros_like(lse))
+    res = (x, y, weight, m, r, mass)
+    return (ce, lse), _linear.linear("prob_k", opts, res, (tx, ty, tw), "xxwrrrxxw")
 
 
-def _prob_k_bwd(opts, res, g):
-    x, y, w_in, m, r, mass, flags = res
-    g_ce, g_lse = g
+_prob_rows_k.defjvp(_prob_k_jvp, symbolic_zeros=True)
+
+
+def _prob_k_fwd(opts, x, y, weight, m, r, mass, tx, ty, tw):
+    tx = jnp.zeros_like(x) if tx is None else tx
+    tce, tlse = jax.jvp(lambda a: _xla_prob_forward(opts, a, y, weight)[:2], (x,), (tx,))[1]
+    if ty is not None or tw is not None:
+        mx = _row_max(_raw(x, None, opts), -1)
+        tce = tce + _prob_label_tangent(opts, x, y, weight, None, mx, r[..., None], ty, tw)
+    return tce, tlse
+
+
+def _prob_k_bwd(opts, need, x, y, w_in, m, r, mass, g_ce, g_lse):
     acc = acc_dtype(jnp, x.dtype)
-    g_ce = jnp.zeros(m.shape, acc) if _is_zero(g_ce) else g_ce.astype(acc)
-    g_lse = jnp.zeros(m.shape, acc) if _is_zero(g_lse) else g_lse.astype(acc)
-    dx = _kp_dx(opts, x, y, m, r, mass, w_in, g_ce, g_lse)
+    g_ce, g_lse = g_ce.astype(acc), g_lse.astype(acc)
+    dx = _kp_dx(opts, x, y, m, r, mass, w_in, g_ce, g_lse) if need[0] else None
     dy = dw = None
-    if flags[0] is not None or flags[1] is not None:
+    if need[1] or need[2]:
         # label / weight gradients on the XLA route (its dx is computed but unused: XLA drops it)
+        flags = tuple(jnp.zeros((0,), bool) if n else None for n in need[1:])
         mx = _row_max(_raw(x, None, opts), -1)
         _, dy, dw, _ = _prob_bwd(opts, (x, y, w_in, None, mx, r[..., None], mass[..., None], flags),
                                  (g_ce, g_lse))
     return dx, dy, dw
 
 
-_prob_rows_k.defvjp(_prob_k_fwd, _prob_k_bwd, symbolic_zeros=True)
+_linear.RULES["prob_k"] = _linear.Rule(_prob_k_fwd, _prob_k_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -639,14 +760,47 @@ def _softmax_forward(x: Any, axis: int, mask: Any, temperature: float, log: bool
     return out.astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 4))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 4))
 def _softmax(axis: int, temperature: float, x: Any, mask: Any, log: bool) -> Any:
     return _softmax_forward(x, axis, mask, temperature, log)
 
 
-def _softmax_fwd(axis, temperature, x, mask, log):
+def _softmax_jvp(axis, temperature, log, primals, tangents):
+    x, mask = primals
+    mask = _full_mask(mask, x)
     out = _softmax_forward(x, axis, mask, temperature, log)
-    return out, (out, mask)
+    tx = _tangent(tangents[0])
+    if tx is None:
+        return out, jnp.zeros_like(out)
+    # only the output is kept for reverse mode
+    return out, _linear.linear("sm_xla", (axis, temperature, log), (out, mask), (tx,), "xxx")[0]
+
+
+_softmax.defjvp(_softmax_jvp, symbolic_zeros=True)
+
+
+def _sm_fwd(opts, out, mask, tx):
+    """``softmax: y·(t - Σ y·t)``, ``log_softmax: t - Σ softmax·t`` with ``t = tx/T`` where not
+    masked (masked outputs are constants)."""
+    axis, temperature, log = opts
+    acc = acc_dtype(jnp, out.dtype)
+    ya, t = out.astype(acc), tx.astype(acc)
+    if mask is not None:
+        t = jnp.where(mask, t, 0.0)
+    if temperature != 1.0:
+        t = t * (1.0 / temperature)
+    if log:
+        dt = t - jnp.sum(jnp.exp(ya) * t, axis=axis, keepdims=True)
+        if mask is not None:
+            dt = jnp.where(mask, dt, 0.0)
+    else:
+        dt = ya * (t - jnp.sum(ya * t, axis=axis, keepdims=True))
+    return (dt.astype(out.dtype),)
+
+
+def _sm_xla_bwd(opts, need, out, mask, g):
+    axis, temperature, log = opts
+    return (_softmax_bwd(axis, temperature, log, (out, mask), g)[0],)
 
 
 def _softmax_bwd(axis, temperature, log, res, g):
@@ -666,7 +820,7 @@ def _softmax_bwd(axis, temperature, log, res, g):
     return dz.astype(out.dtype), None
 
 
-_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+_linear.RULES["sm_xla"] = _linear.Rule(_sm_fwd, _sm_xla_bwd)
 
 
 def _on_kernels(x: Any, axis: int, where: Any) -> bool:
@@ -735,21 +889,28 @@ def _k_smb_jvp(log, primals, tangents):
     return out, t
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _softmax_k(temperature: float, log: bool, x: Any) -> Any:
     return _k_sm(temperature, log, x)
 
 
-def _softmax_k_fwd(temperature, log, x):
-    out = _k_sm(temperature, log, x)
-    return out, out
+def _softmax_k_jvp(temperature, log, primals, tangents):
+    out = _k_sm(temperature, log, *primals)
+    tx = _tangent(tangents[0])
+    if tx is None:
+        return out, jnp.zeros_like(out)
+    return out, _linear.linear("sm_k", (-1, temperature, log), (out, None), (tx,), "xxx")[0]
 
 
-def _softmax_k_bwd(temperature, log, out, g):
+_softmax_k.defjvp(_softmax_k_jvp, symbolic_zeros=True)
+
+
+def _sm_k_bwd(opts, need, out, mask, g):
+    _, temperature, log = opts
     if temperature == 1.0:
         return (_k_smb(log, out, g),)
     # the kernel has no 1/T factor: the XLA expression, one fused pass
     return (_softmax_bwd(-1, temperature, log, (out, None), g)[0],)
 
 
-_softmax_k.defvjp(_softmax_k_fwd, _softmax_k_bwd)
+_linear.RULES["sm_k"] = _linear.Rule(_sm_fwd, _sm_k_bwd)
