@@ -123,7 +123,11 @@ def _cpu_kernels(x: Any) -> tuple[Any, Any] | None:
     """
     from ..kernels import registry
 
-    if in_xla_context() or "CPU" not in (x.device or "CPU").upper():
+    device = (x.device or "").upper()
+    if in_xla_context() or "GPU" in device or "TPU" in device:
+        return None
+    # An unplaced graph tensor may land on an accelerator: only a CPU-only machine is sure.
+    if "CPU" not in device and (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU")):
         return None
     probe = np.empty((1, 1), x.dtype.as_numpy_dtype)
     fwd_backend, fwd = registry.select("ce_forward", "numpy", probe)
