@@ -169,3 +169,9 @@ def acc_dtype(xp: Any, dtype: Any) -> Any:
 def is_integer(dtype: Any) -> bool:
     name = dtype_name(dtype)
     return name.startswith("int") or name.startswith("uint")
+
+
+# torch.compile cannot trace the first creation of the torch namespace (a global set inside the
+# graph); build it now when torch is already imported (no framework is imported here).
+if "torch" in sys.modules and hasattr(sys.modules["torch"], "Tensor"):
+    _torch_namespace()

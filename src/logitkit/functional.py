@@ -8,7 +8,6 @@ autograd) or, for NumPy, the kernel registry (fused kernel if one fits, else the
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 import sys
 from typing import Any
@@ -27,19 +26,22 @@ __all__ = [
     "token_logprobs", "entropy", "kl_divergence",
 ]
 
-_ADAPTER_MODULES = {TORCH: "logitkit.torch._bridge", JAX: "logitkit.jax._bridge",
-                    TENSORFLOW: "logitkit.tensorflow._bridge"}
-
-
 def _adapter(lib: str) -> Any:
     """The framework bridge that owns autograd for ``lib``, or ``None`` (core ops then)."""
-    name = _ADAPTER_MODULES.get(lib)
-    if name is None:
-        return None
+    # Import statements, not importlib: torch.compile traces an import statement (even a first
+    # import inside a compiled function) but graph-breaks on importlib.import_module.
     try:
-        return importlib.import_module(name)
+        if lib == TORCH:
+            from .torch import _bridge
+        elif lib == JAX:
+            from .jax import _bridge
+        elif lib == TENSORFLOW:
+            from .tensorflow import _bridge
+        else:
+            return None
     except ImportError:
         return None
+    return _bridge
 
 
 def _moved(xp: Any, x: Any, axis: int) -> Any:

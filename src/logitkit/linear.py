@@ -11,7 +11,6 @@ the chunking and the choice between computing gradients in forward and recomputi
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Any
 
@@ -27,14 +26,25 @@ from .core.reduction import reduce_loss, row_weights
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad", "linear_token_logprobs",
            "linear_entropy", "linear_head", "HeadOutput"]
 
-_ADAPTERS = {TORCH: "logitkit.torch.linear", JAX: "logitkit.jax.linear",
-             TENSORFLOW: "logitkit.tensorflow.linear"}
-_HEAD_ADAPTERS = {TORCH: "logitkit.torch.head", JAX: "logitkit.jax.linear",
-                  TENSORFLOW: "logitkit.tensorflow.linear"}
-
-
 def _adapter(lib: str) -> Any:
-    return importlib.import_module(_ADAPTERS[lib])
+    """The framework module of the fused linear cross-entropy for ``lib``."""
+    # Import statements, not importlib: torch.compile traces an import statement but
+    # graph-breaks on importlib.import_module.
+    if lib == TORCH:
+        from .torch import linear
+    elif lib == JAX:
+        from .jax import linear
+    else:
+        from .tensorflow import linear
+    return linear
+
+
+def _head_adapter(lib: str) -> Any:
+    """The framework module of ``linear_head`` for ``lib``."""
+    if lib == TORCH:
+        from .torch import head
+        return head
+    return _adapter(lib)
 
 
 def check_chunk_size(chunk_size: Any) -> Any:
@@ -558,7 +568,7 @@ def linear_head(hidden: Any, linear_weight: Any, labels: Any = None, *, linear_b
                                     chunk_size=chunk_size)
         return HeadOutput(loss=loss if a.num_items is None else loss / a.num_items)
     if lib != NUMPY:
-        return importlib.import_module(_HEAD_ADAPTERS[lib]).fused_linear_head(a)
+        return _head_adapter(lib).fused_linear_head(a)
     return _numpy_linear_head(a)
 
 

@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
+import logitkit  # noqa: E402
 import logitkit.torch as lt  # noqa: E402
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
@@ -41,6 +42,10 @@ CALLS = {
     "module": lambda x, y: lt.CrossEntropyLoss(label_smoothing=0.05)(x, y),
     "ce-default": lambda x, y: lt.cross_entropy(x, y),  # the eager fast path's options
     "ce-top-level": lambda x, y: lt.cross_entropy(x, y, reduction="sum") + lt.softmax(x, -1, temperature=2.0).sum(),
+    # logitkit.* (class axis -1) on torch tensors: the bridge is found without importlib
+    "logitkit-top-level": lambda x, y: (logitkit.cross_entropy(x, y, label_smoothing=0.1)
+                                        + logitkit.log_softmax(x, temperature=2.0).sum()
+                                        + logitkit.logsumexp(x).sum()),
 }
 
 _HEAD_W = torch.randn(11, 4, generator=torch.Generator().manual_seed(3), requires_grad=True)
@@ -55,6 +60,7 @@ HEAD_CALLS = {
     "linear-tiled": lambda h, y: lt.linear_cross_entropy(h, _HEAD_W, y, chunk_size=(3, 5)),
     "token-logprobs": lambda h, y: lt.linear_token_logprobs(h, _HEAD_W, y, temperature=0.7).sum(),
     "entropy": lambda h, y: lt.linear_entropy(h, _HEAD_W, linear_bias=_HEAD_B).sum(),
+    "logitkit-linear-ce": lambda h, y: logitkit.linear_cross_entropy(h, _HEAD_W, y, linear_bias=_HEAD_B),
 }
 
 
@@ -192,3 +198,19 @@ def test_issue13_item10_compile_linear_cross_entropy_in_a_fresh_process():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p))
     res = subprocess.run([sys.executable, "-c", _FRESH], capture_output=True, text=True, timeout=580, env=env)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+def test_top_level_compiles_when_first_called_inside_the_graph():
+    """A fresh process whose first logitkit call on torch tensors is inside torch.compile(fullgraph=True):
+    the bridge's first import and the torch namespace must not break the graph."""
+    code = (
+        "import torch, logitkit\n"
+        "f = lambda x, y: logitkit.cross_entropy(x, y) + logitkit.softmax(x).sum()\n"
+        "x = torch.randn(6, 9, requires_grad=True); y = torch.randint(0, 9, (6,))\n"
+        "a = torch.compile(f, fullgraph=True, backend='eager')(x, y); b = f(x, y)\n"
+        "torch.testing.assert_close(a, b)\n"
+        "torch.testing.assert_close(torch.autograd.grad(a, x)[0], torch.autograd.grad(b, x)[0])\n"
+        "print('ok')\n")
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -24,11 +24,16 @@ def quiet(fn: Any) -> Any:
     JAX never warn, so the context costs them nothing.
     """
     import functools
+    import sys
 
     import numpy as np
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        torch = sys.modules.get("torch")
+        # torch.compile cannot trace np.errstate (a graph break); traced code never runs NumPy.
+        if torch is not None and torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
         with np.errstate(all="ignore"):
             return fn(*args, **kwargs)
 
