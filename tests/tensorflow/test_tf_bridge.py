@@ -275,3 +275,20 @@ def test_linear_head_refuses_tensorflow_clearly():
     for call in (lambda: logitkit.linear_cross_entropy(h, w, y), lambda: logitkit.linear_entropy(h, w)):
         with pytest.raises(TypeError, match="does not take TensorFlow tensors yet"):
             call()
+
+
+def test_issue13_item7_watched_class_weight_is_refused_not_dropped():
+    """A class weight a tape watches would get no gradient: refused, as torch refuses requires_grad."""
+    x = tf.constant(np.random.default_rng(0).standard_normal((4, 5)), tf.float32)
+    y = tf.constant([0, 1, 2, 3])
+    w = tf.Variable([1.0, 2.0, 3.0, 4.0, 5.0])
+    with pytest.raises(ValueError, match="weight"):
+        with tf.GradientTape():
+            logitkit.cross_entropy(x, y, weight=w)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = logitkit.cross_entropy(x, y, weight=tf.stop_gradient(w))
+    ref = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(y, x) * tf.gather(w, y)) / tf.reduce_sum(
+        tf.gather(w, y))
+    np.testing.assert_allclose(float(loss), float(ref), rtol=1e-6)
+    assert tape.gradient(loss, x) is not None

@@ -302,8 +302,12 @@ def cross_entropy(x: Any, y: Any, *, kind: str, ignore_index: int, reduction: st
                   temperature: float) -> Any:
     """Reduced cross-entropy of ``x`` (class axis last) in ``x``'s dtype; ``"none"`` gives ``x.shape[:-1]``.
 
-    Class weights are constants (``tf.stop_gradient``): no gradient reaches ``weight``.
+    Class weights are constants: a ``weight`` that a tape is watching is refused (as torch refuses
+    a weight that requires grad) rather than silently left without a gradient.
     """
+    if weight is not None and _recording(tf.convert_to_tensor(weight)):
+        raise ValueError("weight: class weights are not differentiated, and a GradientTape is watching "
+                         "this one; pass tf.stop_gradient(weight) (or a non-trainable tensor)")
     nclass = x.shape[-1]
     if nclass is None:
         raise ValueError("logits: the class axis must have a static size inside tf.function")
