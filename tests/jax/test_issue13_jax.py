@@ -257,8 +257,8 @@ def test_issue13_item12_empty_class_axis_and_batch(route):
     empty_n = jnp.zeros((0, 5), jnp.float32)
     no_labels = jnp.zeros((0,), jnp.int32)
     with _route(route):
-        for opts in ({}, {"label_smoothing": 0.1, "z_loss": 1e-2}, {"weight": jnp.zeros((0,))},
-                     {"softcap": 2.0, "temperature": 0.5}):
+        for opts in ({}, {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 2.0, "temperature": 0.5},
+                     {"weight": jnp.zeros((0,))}):
             for x, y in ((empty_v, ignored), (empty_n, no_labels), (empty_n, jnp.zeros((0, 5))),
                          (empty_v, jnp.zeros((3, 0)))):
                 if "weight" in opts and x.shape[-1] != 0:
