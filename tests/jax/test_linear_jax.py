@@ -12,6 +12,7 @@ import pytest
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
+import logitkit  # noqa: E402
 from logitkit import reference as R  # noqa: E402
 from logitkit.jax import linear as L  # noqa: E402
 
@@ -182,3 +183,17 @@ def test_issue13_item15_jax_linear_token_logprobs_and_entropy(rng):
 
         for g, e in zip(jax.grad(ours, argnums=(0, 1, 2))(*args), jax.grad(ref, argnums=(0, 1, 2))(*args)):
             np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-10, atol=1e-12)
+
+
+def test_issue13_item12_jax_linear_hidden_size_zero():
+    """H = 0: the logits are the bias (or 0), as F.linear_cross_entropy gives, with empty-shaped grads."""
+    h, w, y = jnp.zeros((3, 0)), jnp.zeros((5, 0)), jnp.array([0, 1, -100])
+    b = jnp.arange(5.0)
+    np.testing.assert_allclose(float(logitkit.linear_cross_entropy(h, w, y)), np.log(5.0), rtol=1e-6)
+    ref = np.log(np.exp(np.arange(5.0)).sum()) - np.array([0.0, 1.0])
+    np.testing.assert_allclose(float(logitkit.linear_cross_entropy(h, w, y, linear_bias=b)), ref.mean(), rtol=1e-6)
+    gh, gw = jax.grad(lambda h, w: logitkit.linear_cross_entropy(h, w, y), argnums=(0, 1))(h, w)
+    assert gh.shape == (3, 0) and gw.shape == (5, 0)
+    np.testing.assert_allclose(np.asarray(logitkit.linear_entropy(h, w)), np.full(3, np.log(5.0)), rtol=1e-6)
+    out = logitkit.linear_head(h, w, y, outputs=("loss", "logprobs"))
+    np.testing.assert_allclose(np.asarray(out.logprobs), [-np.log(5.0)] * 2 + [0.0], rtol=1e-6)

@@ -20,6 +20,7 @@ products) and backward scales them by the cotangent; otherwise backward recomput
 
 from __future__ import annotations
 
+
 import functools
 from typing import Any, NamedTuple, Optional
 
@@ -347,9 +348,19 @@ def _static(opts: dict, reduction: str, plan: core.Plan, b: Any, weight: Any) ->
                    weight is not None)
 
 
+def _pad_empty_hidden(hidden, linear_weight):
+    """Hidden size 0: one zero column on both sides gives the same logits (the bias, or 0) and,
+    through ``jnp.pad``, gradients of the original (empty) shapes; the chunked code needs H > 0."""
+    if hidden.shape[-1] != 0:
+        return hidden, linear_weight
+    return (jnp.pad(hidden, [(0, 0)] * (hidden.ndim - 1) + [(0, 1)]),
+            jnp.pad(linear_weight, [(0, 0), (0, 1)]))
+
+
 def fused_linear_cross_entropy(hidden, linear_weight, labels, linear_bias, opts: dict, reduction: str,
                                chunk_size: Any):
     """Adapter of :func:`logitkit.linear_cross_entropy` for validated JAX arrays (differentiable)."""
+    hidden, linear_weight = _pad_empty_hidden(hidden, linear_weight)
     H = hidden.shape[-1]
     h2 = hidden.reshape(-1, H)
     lab = labels.reshape(-1).astype(jnp.int32)
@@ -459,6 +470,7 @@ _lent.defvjp(_lent_fwd, _lent_bwd)
 
 def fused_linear_entropy(hidden, linear_weight, linear_bias, opts: dict, chunk_size: Any):
     """Adapter of :func:`logitkit.linear_entropy` for JAX arrays (differentiable)."""
+    hidden, linear_weight = _pad_empty_hidden(hidden, linear_weight)
     H = hidden.shape[-1]
     h2 = hidden.reshape(-1, H)
     N, V = h2.shape[0], linear_weight.shape[0]
@@ -680,6 +692,9 @@ _lhead_jit = jax.jit(_lhead, static_argnums=(9,))
 def fused_linear_head(a):
     """Validated :class:`logitkit.linear.HeadArgs` of JAX arrays in, :class:`HeadOutput` out."""
     spec = a.spec
+    if a.hidden.shape[-1] == 0:
+        hp, wp = _pad_empty_hidden(a.hidden, a.W)
+        a = type(a)(**dict(a.__dict__, hidden=hp, W=wp))
     H = a.hidden.shape[-1]
     h2 = a.hidden.reshape(-1, H)
     N, V = h2.shape[0], a.W.shape[0]
