@@ -577,6 +577,14 @@ def _chart(results: list[Result], plt):
     return fig
 
 
+def _report_outputs(results: list, out: str) -> None:
+    """Write results.csv (and the chart, where matplotlib is installed) and say what was written."""
+    written, missing = write_outputs(results, out)
+    print("wrote " + " and ".join(written))
+    if missing:
+        print(missing)
+
+
 def main(args: Any) -> int:
     if getattr(args, "from_csv", None):
         # Redraw a saved run: nothing is measured, so the table says where it came from.
@@ -584,10 +592,7 @@ def main(args: Any) -> int:
         print(f"results read from {args.from_csv} (not measured now)")
         print(format_table(results))
         if args.out:
-            written, missing = write_outputs(results, args.out)
-            print("wrote " + " and ".join(written))
-            if missing:
-                print(missing)
+            _report_outputs(results, args.out)
         return 0
     workloads = args.workload or list(DEFAULT_WORKLOADS)
     for w in workloads:
@@ -606,10 +611,7 @@ def main(args: Any) -> int:
     print(f"machine: {os.cpu_count()} CPUs, {_cpu_name()}; median of {args.repeat}")
     print(format_table(results))
     if args.out:
-        written, missing = write_outputs(results, args.out)
-        print("wrote " + " and ".join(written))
-        if missing:
-            print(missing)
+        _report_outputs(results, args.out)
     return 0
 
 
