@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
+# Triton's kernel tests run in its CPU interpreter, which must be chosen before Triton is first
+# imported: the TensorFlow/Keras conftests import Triton at collection (before TensorFlow, against
+# an LLVM clash), earlier than tests/kernels/triton/conftest.py would set it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
 import pytest
 
 try:
