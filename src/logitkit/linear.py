@@ -12,6 +12,7 @@ the chunking and the choice between computing gradients in forward and recomputi
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import numpy as np
@@ -300,6 +301,10 @@ def _host(lib: str, x: Any) -> Any:
         if V._is_tracer(x):
             return None
         x = np.asarray(x)
+    if lib == TENSORFLOW:
+        if sys.modules["tensorflow"].is_symbolic_tensor(x):
+            return None
+        x = x.numpy()
     return x.astype(np.float64) if is_floating(x.dtype) else np.asarray(x)
 
 
@@ -610,3 +615,12 @@ def _numpy_linear_head(a: HeadArgs) -> HeadOutput:
     valid = np.ones(run.N, bool) if lab is None else lab != a.spec.ignore_index
     vals["lse"] = np.where(valid, rows["m"] + rows["r"], 0.0)
     return assemble_outputs(np, a, vals, lab if lab is not None else np.zeros(run.N, np.int64))
+
+
+# TensorFlow tensors and variables: the bridge reads variables (so that a tape sees the read)
+# and calls these functions back; torch, JAX and NumPy calls pass straight through.
+from .functional import _tensorflow_entry  # noqa: E402
+
+for _name in ("linear_cross_entropy", "linear_token_logprobs", "linear_entropy", "linear_head"):
+    globals()[_name] = _tensorflow_entry(globals()[_name])
+del _name
