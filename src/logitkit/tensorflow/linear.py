@@ -518,7 +518,7 @@ def fused_linear_head(a: Any) -> Any:
         rows = dict(zip(row_keys, rest[nk:nk + nr]))
         extra = rest[nk + nr:]
         run, _ = run_np(h, Wn, extra)
-        dh, dw, db = run.backward(rows, cots, (True, True, has_b), has_b=has_b)
+        dh, dw, db = run.backward(rows, cots, (True, True, has_b), has_bias=has_b)
         dw = dw.astype(Wn.dtype)
         out = [dh.astype(h.dtype, copy=False), dw]
         return out + ([db.astype(extra[0].dtype)] if has_b else [])
