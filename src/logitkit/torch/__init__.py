@@ -14,11 +14,12 @@ break.
 """
 
 from ._autograd import InplaceError
+from ._dtensor import global_num_items
 from ._functional import cross_entropy, log_softmax, softmax
 from ._modules import CrossEntropyLoss, LogSoftmax, Softmax
 from .linear import LinearCrossEntropyLoss, linear_cross_entropy, linear_entropy, linear_token_logprobs
 
 __all__ = ["cross_entropy", "softmax", "log_softmax", "CrossEntropyLoss", "Softmax", "LogSoftmax",
            "InplaceError", "linear_cross_entropy", "LinearCrossEntropyLoss", "linear_token_logprobs",
-           "linear_entropy", "linear_head"]
+           "linear_entropy", "linear_head", "global_num_items"]
 from .head import linear_head  # noqa: E402

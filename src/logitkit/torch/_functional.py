@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import _validate as V
 from .._namespace import TORCH
-from . import _eager
+from . import _dtensor, _eager
 from ._autograd import CrossEntropyIndex, CrossEntropyProb, SoftmaxRows, check_inplace
 
 __all__ = ["cross_entropy", "softmax", "log_softmax"]
@@ -112,7 +112,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                   size_average: Optional[bool] = None, ignore_index: int = -100,
                   reduce: Optional[bool] = None, reduction: str = "mean", label_smoothing: float = 0.0,
                   *, z_loss: float = 0.0, softcap: Optional[float] = None, temperature: float = 1.0,
-                  return_lse: bool = False, inplace_backward: bool = False) -> Any:
+                  return_lse: bool = False, inplace_backward: bool = False,
+                  num_items_in_batch: Any = None) -> Any:
     r"""``torch.nn.functional.cross_entropy`` with a fused forward and backward.
 
     With ``z = softcap·tanh(x/softcap) / T`` (both optional) and ``lse = log Σ_c exp z_c``, the
@@ -139,11 +140,21 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
 
     Forward saves only the input, the targets and two float32 numbers per position.
 
+    ``num_items_in_batch`` (int or 0-d tensor, Hugging Face's meaning): ``"mean"`` is the
+    (weighted) sum, z-loss included, divided by it (see :func:`logitkit.torch.global_num_items`).
+    DTensor inputs (logits ``Shard`` on the class dim, the tokens, or ``Replicate``) run
+    :mod:`logitkit.torch._dtensor`: a vocabulary-parallel loss, a global mean, a DTensor loss.
+
     >>> import torch, logitkit.torch as lt
     >>> x = torch.tensor([[2.0, 0.0, 0.0]], requires_grad=True)
     >>> lt.cross_entropy(x, torch.tensor([0]))
     tensor(0.2395, grad_fn=<CrossEntropyIndexBackward>)
     """
+    if num_items_in_batch is not None:  # before the fast path, which has no such option
+        return _dtensor.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
+                                      label_smoothing, z_loss=z_loss, softcap=softcap, temperature=temperature,
+                                      return_lse=return_lse, inplace_backward=inplace_backward,
+                                      num_items_in_batch=num_items_in_batch)
     if (weight is None and size_average is None and reduce is None and return_lse is False
             and inplace_backward is False and softcap is None and type(ignore_index) is int
             and reduction in _REDUCTIONS and _default(label_smoothing, 0.0) and _default(z_loss, 0.0)
@@ -152,6 +163,10 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         loss = _eager.fast_ce(input, target, ignore_index, reduction)
         if loss is not None:
             return loss
+    if _dtensor.is_dtensor(input, target, weight):  # never on the fast path: type(DTensor) is not Tensor
+        return _dtensor.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
+                                      label_smoothing, z_loss=z_loss, softcap=softcap, temperature=temperature,
+                                      return_lse=return_lse, inplace_backward=inplace_backward)
     _check_tensor("input", input)
     _check_tensor("target", target)
     if size_average is not None or reduce is not None:

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .. import linear as _public
 from ..core import linear_head as core_head
+from . import _dtensor
 from .linear import TorchOps
 
 __all__ = ["linear_head", "fused_linear_head"]
@@ -159,6 +160,8 @@ def fused_linear_head(a: Any) -> Any:
 
 def linear_head(input: Tensor, linear_weight: Tensor, labels: Optional[Tensor] = None, **kwargs: Any) -> Any:
     """:func:`logitkit.linear_head` for torch tensors (every option keyword-only, as there)."""
+    if _dtensor.is_dtensor(input, linear_weight, labels, kwargs.get("linear_bias"), kwargs.get("weight")):
+        return _dtensor.linear_head(input, linear_weight, labels, **kwargs)
     if not isinstance(input, Tensor):
         raise TypeError(f"hidden: expected a torch.Tensor, got {type(input).__name__}")
     return _public.linear_head(input, linear_weight, labels, **kwargs)

@@ -33,6 +33,7 @@ from .._namespace import NUMPY, TORCH, get_namespace
 from ..core import linear_cross_entropy as core
 from ..core.reduction import reduce_loss, row_scales, row_weights
 from ..kernels import registry
+from . import _dtensor
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "linear_token_logprobs", "linear_entropy",
            "TorchOps"]
@@ -487,7 +488,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                          reduction: str = "mean", ignore_index: Optional[int] = None,
                          label_smoothing: float = 0.0, options: Any = None, z_loss: float = 0.0,
                          softcap: Optional[float] = None, temperature: float = 1.0,
-                         chunk_size: Any = None) -> Tensor:
+                         chunk_size: Any = None, num_items_in_batch: Any = None) -> Tensor:
     r"""Drop-in for ``torch.nn.functional.linear_cross_entropy`` that never materializes the logits.
 
     Same result as ``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)``.
@@ -501,6 +502,11 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         ``batch_chunk_size`` sets the tokens per chunk when ``chunk_size`` is not given).
       z_loss, softcap, temperature: keyword-only extras as in :func:`logitkit.cross_entropy`.
       chunk_size: ``None`` (auto), tokens per chunk, or ``(tokens, classes)``.
+      num_items_in_batch: int or 0-d tensor (Hugging Face's meaning): ``"mean"`` is the (weighted)
+        sum, z-loss included, divided by it (see :func:`logitkit.torch.global_num_items`).
+
+    DTensor arguments (a ``ColwiseParallel`` head ``Shard(0)``, token-sharded ``Shard(0)`` input
+    and target, ``Replicate``) and FSDP2-sharded weights run :mod:`logitkit.torch._dtensor`.
 
     Probability targets and K-dimensional weights ``(C, d1, ..., H)`` are computed on the full
     logits (as torch itself does for them).
@@ -511,6 +517,12 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     ...                torch.nn.functional.cross_entropy(h @ W.T, y), atol=1e-6)
     True
     """
+    if num_items_in_batch is not None or _dtensor.is_dtensor(input, linear_weight, target, linear_bias, weight):
+        return _dtensor.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+                                             reduction=reduction, ignore_index=ignore_index,
+                                             label_smoothing=label_smoothing, options=options, z_loss=z_loss,
+                                             softcap=softcap, temperature=temperature, chunk_size=chunk_size,
+                                             num_items_in_batch=num_items_in_batch)
     if options is not None and chunk_size is None:
         if not hasattr(options, "batch_chunk_size"):
             raise TypeError(f"options: expected a torch.nn.LinearCrossEntropyOptions or None, got "
