@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .._namespace import acc_dtype
+from .._namespace import acc_dtype, dtype_name
 from .cross_entropy import ce_backward, ce_forward
 from .linear_cross_entropy import _chunk_selections, _host_bool, _itemsize
 from .logsumexp import quiet, row_stats, transform, transform_grad_factor
@@ -349,8 +349,12 @@ def _iota(xp: Any, n: int, like: Any) -> Any:
 
 
 def plan_rows(n_rows: int, V: int, acc_bytes: int, teacher: str, chunk_size: Any = None,
-              workspace: int = DEFAULT_WORKSPACE) -> int:
-    """Tokens per chunk: ``chunk_size`` when given, else as many as ``workspace`` holds."""
+              workspace: int = DEFAULT_WORKSPACE, temps: Any = None) -> int:
+    """Tokens per chunk: ``chunk_size`` when given, else as many as ``workspace`` holds.
+
+    ``temps``: logit-sized temporaries per row (default: those of the whole-array core stages;
+    the numba row pass needs only the chunk's logits, and the teacher's).
+    """
     if chunk_size is not None:
         if isinstance(chunk_size, (tuple, list)):
             rows, cols = int(chunk_size[0]), int(chunk_size[1])
@@ -361,7 +365,8 @@ def plan_rows(n_rows: int, V: int, acc_bytes: int, teacher: str, chunk_size: Any
         else:
             rows = int(chunk_size)
         return max(1, min(rows, max(n_rows, 1)))
-    temps = STUDENT_TEMPS + (TEACHER_TEMPS if teacher == "dense" else 0)
+    if temps is None:
+        temps = STUDENT_TEMPS + (TEACHER_TEMPS if teacher == "dense" else 0)
     per_row = max(1, V * acc_bytes * temps)
     return max(1, min(workspace // per_row, max(n_rows, 1)))
 
@@ -372,6 +377,13 @@ class HeadRun:
     ``ops`` (and ``teacher_ops`` for a teacher head) are the ``NumpyOps`` / ``TorchOps`` of the
     linear cross-entropy driver. ``teacher``: ``None``, ``("head", th2)``, ``("logits", tl2)`` or
     ``("topk", idx2, lp2)``, rows aligned with ``h2``.
+
+    CPU chunks of float32 / float64 logits without softcap (no teacher, or a dense teacher with
+    the forward KL) run the numba row pass of :mod:`logitkit.kernels.cpu.head`: every statistic in
+    one pass over the chunk's logits and, with cotangents, their gradient written over them, so a
+    chunk's workspace is its logits alone (and the teacher's) and chunks hold ~10x more tokens
+    than on the array-level stages (:func:`chunk_forward` / :func:`chunk_backward`, which serve
+    everything else and the kernel's special rows: non-finite maxima, NaN).
     """
 
     def __init__(self, ops: Any, h2: Any, W: Any, labels: Any, temp: Any, weight: Any, spec: HeadSpec,
@@ -389,7 +401,13 @@ class HeadRun:
             valid = np.ones(self.N, bool)
         idx = np.flatnonzero(valid)
         self.n_valid = int(idx.size)
-        self.rows = plan_rows(self.n_valid, self.V, _itemsize(self.acc), spec.teacher, chunk_size, workspace)
+        self.fast = _fast_ok(ops, spec, teacher, teacher_ops)
+        temps = None
+        if self.fast:
+            temps = 1 + (1 if spec.teacher == "dense" else 0)
+            self._w_np = None if weight is None else _np(weight).astype(_np_dtype(ops.logit_dtype))
+        self.rows = plan_rows(self.n_valid, self.V, _itemsize(ops.logit_dtype if self.fast else self.acc),
+                              spec.teacher, chunk_size, workspace, temps)
         self.chunks = [(s if isinstance(s, slice) else ops.index(s), n)
                        for s, n in _chunk_selections(idx, self.N, self.rows)]
 
@@ -418,45 +436,191 @@ class HeadRun:
             tbuf = self.tops.empty((self.rows, self.V), self.tops.logit_dtype)
         return buf, tbuf
 
-    def forward(self) -> dict:
-        """Per-row values ``(N,)`` (rows not processed, i.e. ignored, hold 0)."""
-        ops, spec = self.ops, self.spec
-        names = row_names(spec)
+    # -- the numba row pass on one chunk
+    def _kernel(self, x: Any, lab: Any, temp: Any, teach: Any, cots: Any) -> tuple[dict, np.ndarray]:
+        """Per-row values of the chunk (NumPy, accumulation dtype) and the rows left to the core."""
+        from ..kernels.cpu.head import head_rows
+
+        spec = self.spec
+        xn = _np(x)
+        n = xn.shape[0]
+        temps = (np.full(n, spec.temperature, np.float64) if temp is None
+                 else _np(temp).astype(np.float64).reshape(n))
+        o = spec.outputs
+        c = None if cots is None else {k: (None if v is None else _np(v)) for k, v in cots.items()}
+        st, special = head_rows(xn, None if lab is None else _np(lab), ignore_index=spec.ignore_index,
+                                weight=self._w_np, label_smoothing=spec.label_smoothing, temps=temps,
+                                teacher=None if teach is None else _np(teach),
+                                teacher_temperature=spec.teacher_temperature,
+                                want_ent="entropy" in o, want_am="argmax" in o, cots=c)
+        acc = _np_dtype(self.acc)
+        vals = {"m": st[0].astype(acc), "r": st[1].astype(acc)}
+        for name, key, row in (("loss", "ce", 2), ("logprobs", "lp", 3), ("entropy", "ent", 4)):
+            if name in o:
+                vals[key] = st[row].astype(acc)
+        if "kl" in o:
+            vals["kl"] = vals["aux"] = st[5].astype(acc)
+        if "argmax" in o:
+            vals["am"] = st[6].astype(np.int64)
+        return vals, special
+
+    def _special(self, special: np.ndarray, x: Any, lab: Any, temp: Any, teach: Any) -> tuple:
+        """The chunk's rows the kernel left (index, and each argument restricted to them)."""
+        ops = self.ops
+        sp = np.flatnonzero(special)
+        ix = ops.index(sp)
+        sub = lambda a: None if a is None else a[ix]  # noqa: E731
+        return ix, x[ix], sub(lab), sub(temp), sub(teach)
+
+    def _lib(self, vals: dict) -> dict:
+        if self.ops.xp is np:
+            return vals
+        import torch
+
+        dev = self.ops.device
+        return {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev) for k, v in vals.items()}
+
+    def _chunk_forward(self, x: Any, lab: Any, temp: Any, teach: Any) -> dict:
+        if not self.fast:
+            return chunk_forward(self.xp, x, lab, temp, teach, self.weight, self.spec)
+        vals, special = self._kernel(x, lab, temp, teach, None)
+        vals = self._lib(vals)
+        if special.any():
+            ix, xs, ls, ts, tt = self._special(special, x, lab, temp, teach)
+            sv = chunk_forward(self.xp, xs, ls, ts, tt, self.weight, self.spec)
+            for k, v in sv.items():
+                self.ops.put_rows(vals[k], ix, v)
+        return vals
+
+    def _chunk_grad(self, x: Any, lab: Any, temp: Any, teach: Any, rows: Any, cots: dict) -> tuple[Any, Any]:
+        """``(dz, vals)``: the gradient of the chunk's logits (in place over ``x`` on the kernel's
+        path) and, on that path, the chunk's per-row values (``None`` otherwise)."""
+        if not self.fast:
+            dz = chunk_backward(self.xp, x, lab, temp, teach, self.weight, self.spec, rows, cots)
+            return self.ops.to_out(dz, self.ops.logit_dtype), None
+        vals, special = self._kernel(x, lab, temp, teach, cots)
+        vals = self._lib(vals)
+        if special.any():
+            ix, xs, ls, ts, tt = self._special(special, x, lab, temp, teach)
+            sv = chunk_forward(self.xp, xs, ls, ts, tt, self.weight, self.spec)
+            for k, v in sv.items():
+                self.ops.put_rows(vals[k], ix, v)
+            r_s = {k: sv[k] for k in ("m", "r", "ent", "aux") if k in sv}
+            c_s = {k: (None if v is None else v[ix]) for k, v in cots.items() if k != "g_sq"}
+            if cots.get("g_sq") is not None:  # z-loss: d(g·lse²) = 2 g lse · d lse
+                extra = 2.0 * cots["g_sq"][ix] * (sv["m"] + sv["r"])
+                c_s["g_lse"] = extra if c_s.get("g_lse") is None else c_s["g_lse"] + extra
+            dz = chunk_backward(self.xp, xs, ls, ts, tt, self.weight, self.spec, r_s, c_s)
+            self.ops.put_rows(x, ix, self.ops.to_out(dz, self.ops.logit_dtype))
+        return x, vals
+
+    def _grads(self, dz: Any, h_c: Any, sel: Any, dh: Any, dw: Any, db: Any) -> None:
+        ops = self.ops
+        if dh is not None:
+            if isinstance(sel, slice):
+                ops.dh(dz, 0, self.V, out=dh[sel])
+            else:
+                ops.put_rows(dh, sel, ops.to_out(ops.dh(dz, 0, self.V), dh.dtype))
+        if dw is not None:
+            ops.add_dw(dw, dz, h_c, 0, self.V)
+        if db is not None:
+            ops.add_db(db, dz, 0, self.V)
+
+    def _out_rows(self) -> dict:
+        ops = self.ops
+        names = row_names(self.spec)
         out = {k: ops.zeros((self.N,), self.acc) for k in names if k != "am"}
         if "am" in names:
             out["am"] = ops.zeros((self.N,), _int64(self.xp))
+        return out
+
+    def _grad_buffers(self, need: tuple, has_bias: bool) -> tuple:
+        ops = self.ops
+        dh = ops.zeros((self.N, self.H), self.h.dtype) if need[0] else None
+        wacc = acc_dtype(self.xp, self.W.dtype)
+        dw = ops.zeros((self.V, self.H), wacc) if need[1] else None
+        db = ops.zeros((self.V,), wacc) if need[2] and has_bias else None
+        return dh, dw, db
+
+    def forward(self) -> dict:
+        """Per-row values ``(N,)`` (rows not processed, i.e. ignored, hold 0)."""
+        out = self._out_rows()
         if not self.n_valid or not self.V:
             return out
         buf, tbuf = self._buffers()
         for sel, n in self.chunks:
             _, x, lab, temp, teach = self._chunk(sel, n, buf, tbuf)
-            vals = chunk_forward(self.xp, x, lab, temp, teach, self.weight, spec)
-            for k, v in vals.items():
-                ops.put_rows(out[k], sel, v)
+            for k, v in self._chunk_forward(x, lab, temp, teach).items():
+                self.ops.put_rows(out[k], sel, v)
         return out
 
     def backward(self, rows: dict, cots: dict, need: tuple = (True, True, True), has_bias: bool = False):
         """``(dh, dW, db)`` of ``Σ cots · values``, recomputing the logits (``None`` where not needed)."""
-        ops, xp = self.ops, self.xp
-        dh = ops.zeros((self.N, self.H), self.h.dtype) if need[0] else None
-        wacc = acc_dtype(xp, self.W.dtype)
-        dw = ops.zeros((self.V, self.H), wacc) if need[1] else None
-        db = ops.zeros((self.V,), wacc) if need[2] and has_bias else None
+        dh, dw, db = self._grad_buffers(need, has_bias)
         if self.n_valid and self.V:
             buf, tbuf = self._buffers()
             for sel, n in self.chunks:
                 h_c, x, lab, temp, teach = self._chunk(sel, n, buf, tbuf)
                 r_c = {k: v[sel] for k, v in rows.items() if k in ("m", "r", "ent", "aux")}
                 c_c = {k: (None if v is None else v[sel]) for k, v in cots.items()}
-                dz = chunk_backward(xp, x, lab, temp, teach, self.weight, self.spec, r_c, c_c)
-                dz = ops.to_out(dz, ops.logit_dtype)
-                if dh is not None:
-                    ops.put_rows(dh, sel, ops.to_out(ops.dh(dz, 0, self.V), dh.dtype))
-                if dw is not None:
-                    ops.add_dw(dw, dz, h_c, 0, self.V)
-                if db is not None:
-                    ops.add_db(db, dz, 0, self.V)
+                dz, _ = self._chunk_grad(x, lab, temp, teach, r_c, c_c)
+                self._grads(dz, h_c, sel, dh, dw, db)
         return dh, dw, db
+
+    def forward_backward(self, cots: dict, need: tuple = (True, True, True), has_bias: bool = False):
+        """Per-row values and ``(dh, dW, db)`` of ``Σ cots · values`` from one pass (three matrix
+        products, four with a teacher head) when the cotangents are known before the logits:
+        ``cots`` as in :meth:`backward`, plus ``g_sq`` ``(N,)``, the cotangent of ``lse²`` (the
+        z-loss). Needs the kernel's path (:attr:`fast`)."""
+        if not self.fast:
+            raise ValueError("forward_backward: needs the CPU row kernel (float32/float64, no softcap, "
+                             "no teacher or a dense teacher with divergence='kl')")
+        out = self._out_rows()
+        dh, dw, db = self._grad_buffers(need, has_bias)
+        if self.n_valid and self.V:
+            buf, tbuf = self._buffers()
+            for sel, n in self.chunks:
+                h_c, x, lab, temp, teach = self._chunk(sel, n, buf, tbuf)
+                c_c = {k: (None if v is None else v[sel]) for k, v in cots.items()}
+                dz, vals = self._chunk_grad(x, lab, temp, teach, None, c_c)
+                for k, v in vals.items():
+                    self.ops.put_rows(out[k], sel, v)
+                self._grads(dz, h_c, sel, dh, dw, db)
+        return out, (dh, dw, db)
+
+
+def _np(a: Any) -> np.ndarray:
+    """A NumPy view (no copy where possible) of a NumPy array or a CPU tensor."""
+    if hasattr(a, "detach"):
+        a = a.detach()
+        if a.is_floating_point() and a.element_size() < 4:
+            a = a.float()  # a bfloat16 / float16 teacher: NumPy has no such type
+        return (a if a.is_contiguous() else a.contiguous()).numpy()
+    return np.asarray(a)
+
+
+def _np_dtype(dtype: Any) -> np.dtype:
+    if isinstance(dtype, np.dtype) or (isinstance(dtype, type) and issubclass(dtype, np.generic)):
+        return np.dtype(dtype)
+    return np.dtype(str(dtype).replace("torch.", ""))
+
+
+def _fast_ok(ops: Any, spec: HeadSpec, teacher: Any, tops: Any) -> bool:
+    """Whether the chunks can run the numba row pass (see :class:`HeadRun`)."""
+    from ..kernels import registry
+    from ..kernels.cpu import available
+
+    if registry._forced_core[0] or not available() or spec.softcap is not None:
+        return False
+    if spec.teacher == "topk" or (spec.teacher == "dense" and spec.divergence != "kl"):
+        return False
+    if dtype_name(ops.logit_dtype) not in ("float32", "float64"):
+        return False
+    if ops.xp is not np and getattr(ops, "device", None) is not None and ops.device.type != "cpu":
+        return False
+    if teacher is not None and teacher[0] == "head" and dtype_name(tops.logit_dtype) not in ("float32", "float64"):
+        return False
+    return True
 
 
 def _int64(xp: Any) -> Any:

@@ -1,0 +1,250 @@
+"""Numba row kernel of the fused LM head (:mod:`logitkit.core.linear_head`); imports numba.
+
+One pass per row of raw logits ``x`` (float32 / float64, the chunk buffer of the head driver)
+computes every per-token statistic the head needs -- ``m, r`` (lse = m + r), the cross-entropy
+terms (class weights, label smoothing), the label's log-probability, the entropy, the argmax and
+the forward KL against a dense teacher -- and, when asked, overwrites the row with the gradient
+with respect to ``x`` of ``Σ_k g_k · value_k`` for any combination of row cotangents
+``g_ce, g_lse, g_lp, g_ent, g_kl`` (and ``g_sq`` of ``lse²``, the z-loss):
+
+    dz_c = α p_c + κ p_c ls_c − β w_c − γ [c = y] − g_kl q_c,   dx = dz / T
+
+with ``α = a_ce + g_lse + 2 g_sq lse − g_lp − g_ent H + g_kl``, ``κ = −g_ent``, ``β = b_ce``,
+``γ = c_ce − g_lp`` (``a_ce, b_ce, c_ce`` the cross-entropy coefficients of
+:func:`logitkit.kernels.cpu._kernels._ce_coefs`). The label's entry is written as
+``γ (p_y − 1) + (α − γ) p_y + ...`` with ``p_y − 1`` from ``expm1`` so that confident rows keep
+their ~1e-13 gradients.
+
+Accuracy: ``d = (x − max x) / T`` (one rounding, as the CE kernels), the sum of ``exp(d)`` over the
+non-maximal terms with the maximal ones counted exactly (``r = log1p(sum + ties − 1)``); the
+entropy ``H = r + Σ e (−d) / S`` (every term ≥ 0) and the divergence
+``KL = Σ q (u − d) − r_t + r`` (``u`` the teacher's shifted logits, the difference formed in
+float64) accumulate per block of :data:`_B` terms and in float64 across blocks.
+
+Rows the kernel does not finish -- a maximum that is not finite (masked or +inf rows), a NaN
+anywhere in the row or its teacher row, a label outside ``[0, V)`` -- are flagged in ``special``
+and left untouched; the driver computes them with the array-level core (same semantics).
+
+Caching: the kernels inline helpers of :mod:`._kernels`, and numba's on-disk cache checks only the
+source file of the cached function, so this module registers cache locators whose source stamp
+covers both files (a change to either recompiles).
+"""
+from __future__ import annotations
+
+import math
+import os
+import types as _pytypes
+
+import numpy as np
+from numba import prange
+
+from . import _kernels as _k
+from ._kernels import (_B, _NINF, _ce_coefs, _ce_loss, _count_max, _jit, _jit_exact, _rowmax, _smooth_sum,
+                       acc_zero, cast, exp64, vexp_neg)
+
+_DEPS = (os.path.abspath(__file__), os.path.abspath(_k.__file__))
+
+
+def _register_locators() -> None:
+    """Cache locators for this file whose stamp is that of this file and of ``_kernels.py``."""
+    try:
+        from numba.core import caching
+    except ImportError:  # pragma: no cover - numba layout changed: numba's default locators
+        return
+    impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl", None)
+    if impl is None or any(getattr(c, "_logitkit_head", False) for c in impl._locator_classes):
+        return
+
+    class _Mixin:
+        _logitkit_head = True
+
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if os.path.abspath(py_file) != _DEPS[0]:
+                return None
+            return super().from_function(py_func, py_file)
+
+        def get_source_stamp(self):
+            return tuple((os.stat(p).st_mtime, os.stat(p).st_size) for p in _DEPS)
+
+    bases = [getattr(caching, n, None) for n in ("UserProvidedCacheLocator", "InTreeCacheLocator",
+                                                 "UserWideCacheLocator")]
+    new = [type("Head" + b.__name__, (_Mixin, b), {}) for b in bases if b is not None]
+    impl._locator_classes[:0] = new
+
+
+_register_locators()
+
+
+@_jit()
+def _blk_stats(src, mx, t, want_a):
+    """Σ exp(d) over the non-maximal terms and Σ exp(d)·(−d), d = (x − mx) / t, in src's dtype."""
+    zero = mx - mx
+    s = zero
+    a = zero
+    for j in range(src.size):
+        xj = src[j]
+        d = (xj - mx) / t
+        e = vexp_neg(d)
+        s += zero if xj == mx else e
+        if want_a:
+            a += zero if e == zero else e * (-d)
+    return s, a
+
+
+@_jit()
+def _blk_kl(sr, smx, st, tr, tmx, tt):
+    """``(Σ exp(u)·(u − d), Σ exp(u))`` in float64, u = (t − tmx)·tt, d = (x − smx)·st (reciprocal
+    temperatures); terms with exp(u) = 0 count 0. KL = Σ q (u − d) − r_t + r is a difference of
+    numbers ~10 for a ~0.1 result: a float32 exp or sum here costs ~1e-6 of it."""
+    s = 0.0
+    t = 0.0
+    for j in range(sr.size):
+        u64 = (np.float64(tr[j]) - np.float64(tmx)) * tt
+        d64 = (np.float64(sr[j]) - np.float64(smx)) * st
+        eu = exp64(u64)
+        t += eu
+        s += 0.0 if eu == 0.0 else eu * (u64 - d64)
+    return s, t
+
+
+@_jit_exact()
+def _grad_row(xr, mx, t, r, a_s, k_s, bw, w, tr, tmx, tt, gq, use_t, inv_t):
+    """xr[c] = (a_s e_c + k_s e_c (d_c − r) − bw w_c − gq q'_c) / T with e = exp(d)."""
+    zero = mx - mx
+    a32 = cast(a_s, mx)
+    k32 = cast(k_s, mx)
+    r32 = cast(r, mx)
+    b32 = cast(bw, mx)
+    g32 = cast(gq, mx)
+    it = cast(inv_t, mx)
+    ttz = cast(tt, mx)
+    for j in range(xr.size):
+        d = (xr[j] - mx) / t
+        e = vexp_neg(d)
+        g = a32 * e
+        if k_s != 0.0:
+            g += zero if e == zero else k32 * e * (d - r32)
+        if bw != 0.0:
+            g -= b32 * w[j]
+        if use_t:
+            g -= g32 * vexp_neg((tr[j] - tmx) * ttz)
+        xr[j] = g * it
+
+
+@_jit_exact()
+def _argmax(xr, mx):
+    for j in range(xr.size):
+        if xr[j] == mx:
+            return j
+    return 0
+
+
+@_jit_exact(parallel=True)
+def head_rows(x, lab, has_lab, ii, w, wsum, eps, temps, tx, use_t, tt, want_ent, want_am,
+              cots, want_grad, st, special):
+    """Per-row statistics into ``st`` (7, n) float64: m, r, ce, lp, ent, kl, argmax; gradient
+    into ``x`` when ``want_grad`` (``cots`` (6, n): g_ce, g_lse, g_lp, g_ent, g_kl and g_sq, the
+    cotangent of lse², i.e. of the z-loss)."""
+    n, v = x.shape
+    for i in prange(n):
+        xr = x[i]
+        zero = acc_zero(xr)
+        y = lab[i] if has_lab else 0
+        if has_lab and y == ii:
+            if want_grad:
+                for j in range(v):
+                    xr[j] = zero
+            for k in range(7):
+                st[k, i] = 0.0
+            continue
+        if y < 0 or y >= v:
+            special[i] = 1
+            continue
+        T = temps[i]
+        tz = cast(T, zero)
+        mx = _rowmax(xr, zero)
+        if not (mx > _NINF and mx < np.inf):
+            special[i] = 1
+            continue
+        ties = np.float64(_count_max(xr, mx))
+        need_a = want_ent or (want_grad and cots[3, i] != 0.0)
+        s = 0.0
+        a = 0.0
+        for b in range(0, v, _B):
+            bs, ba = _blk_stats(xr[b:min(b + _B, v)], mx, tz, need_a)
+            s += np.float64(bs)
+            a += np.float64(ba)
+        sp = s + (ties - 1.0)
+        r = math.log1p(sp)
+        S = 1.0 + sp
+        ent = r + a / S
+        m = np.float64(mx) / T
+        dy = (np.float64(xr[y]) - np.float64(mx)) / T
+        wy = np.float64(w[y])
+        sm = _smooth_sum(xr, mx, w) / T if eps != 0.0 else 0.0
+        kl = 0.0
+        rt = 0.0
+        St = 1.0
+        tmx = zero
+        if use_t:
+            trw = tx[i]
+            tmx = _rowmax(trw, zero)
+            if not (tmx > _NINF and tmx < np.inf):
+                special[i] = 1
+                continue
+            ks = 0.0
+            St = 0.0
+            for b in range(0, v, _B):
+                e_ = min(b + _B, v)
+                bk, bt = _blk_kl(xr[b:e_], mx, 1.0 / T, trw[b:e_], tmx, 1.0 / tt)
+                ks += bk
+                St += bt
+            rt = math.log(St)  # St >= 1 (the maximal terms are exactly 1), all in float64
+            kl = ks / St - rt + r
+        if r != r or ent != ent or kl != kl or (eps != 0.0 and sm != sm):
+            special[i] = 1
+            continue
+        ce = _ce_loss(eps, wy, r, dy, sm, wsum, v) if has_lab else 0.0
+        st[0, i] = m
+        st[1, i] = r
+        st[2, i] = ce
+        st[3, i] = dy - r
+        st[4, i] = ent
+        st[5, i] = kl
+        st[6, i] = np.float64(_argmax(xr, mx)) if want_am else 0.0
+        if not want_grad:
+            continue
+        gce = cots[0, i]
+        glp = cots[2, i]
+        gent = cots[3, i]
+        gkl = cots[4, i]
+        ac, bc, cc = (_ce_coefs(eps, wy, wsum, v, gce, 0.0, 1.0) if has_lab else (0.0, 0.0, 0.0))
+        alpha = ac + cots[1, i] + 2.0 * cots[5, i] * (m + r) - glp - gent * ent + gkl
+        gamma = cc - glp
+        kappa = -gent
+        inv_t = 1.0 / T
+        trw = tx[i] if use_t else xr
+        _grad_row(xr, mx, tz, r, alpha / S, kappa / S, bc, w, trw, tmx,
+                  1.0 / tt, gkl / St, use_t and gkl != 0.0, inv_t)
+        if has_lab:
+            pm1 = (math.expm1(dy) - sp) / S
+            py = pm1 + 1.0
+            gy = gamma * pm1 + (alpha - gamma) * py + kappa * py * (dy - r)
+            gy -= bc * wy
+            if use_t and gkl != 0.0:
+                gy -= gkl * math.exp((np.float64(tx[i][y]) - np.float64(tmx)) / tt) / St
+            xr[y] = cast(gy * inv_t, zero)
+
+
+def _serial_clone(fn):
+    py = fn.py_func
+    f = _pytypes.FunctionType(py.__code__, py.__globals__, py.__name__ + "_serial", py.__defaults__,
+                              py.__closure__)
+    f.__qualname__ = py.__qualname__ + "_serial"
+    f.__module__ = py.__module__
+    f.__doc__ = py.__doc__
+    return _jit_exact()(f)
+
+
+head_rows_serial = _serial_clone(head_rows)
