@@ -149,6 +149,8 @@ def _ce_cases(x: np.ndarray, y: np.ndarray) -> list[tuple[str, str, Callable, Ca
         cases += _torch_cases(x, y, fresh_copy)
     if importlib.util.find_spec("jax"):
         cases += _jax_cases(x, y)
+    if importlib.util.find_spec("tensorflow"):
+        cases += _tf_cases(x, y)
     return cases
 
 
@@ -267,6 +269,42 @@ def _jax_cases(x, y):
         except Exception:
             pass
     return cases
+
+
+def _tf_cases(x, y):
+    """tf.nn's fused op eager, in tf.function and under XLA, and logitkit's TensorFlow path; each is
+    ``reduce_mean`` of the per-example loss and its gradient from a GradientTape."""
+    import logitkit.tensorflow  # noqa: F401  (first: it loads Triton before TensorFlow)
+    import tensorflow as tf
+
+    import logitkit as lk
+
+    yt = tf.constant(y)
+    holder = {}
+
+    def tensor():  # converted once, on first use (the input, outside the timed region)
+        if "x" not in holder:
+            holder["x"] = tf.constant(x)
+        return holder["x"]
+
+    def step(fn):
+        def f(a):
+            with tf.GradientTape() as tape:
+                tape.watch(a)
+                loss = tf.reduce_mean(fn(labels=yt, logits=a))
+            return loss, tape.gradient(loss, a)
+        return f
+
+    # CPU tensors are ready when a call returns (TensorFlow runs CPU ops synchronously).
+    nn, lkf = tf.nn.sparse_softmax_cross_entropy_with_logits, lk.sparse_softmax_cross_entropy_with_logits
+    grad = lambda r: r[1].numpy()  # noqa: E731
+    return [
+        ("TensorFlow tf.nn eager", "copy", tensor, step(nn), grad),
+        ("TensorFlow tf.nn tf.function", "copy", tensor, tf.function(step(nn)), grad),
+        ("TensorFlow tf.nn jit_compile=True", "copy", tensor, tf.function(step(nn), jit_compile=True), grad),
+        ("logitkit TensorFlow tf.function", "copy", tensor, tf.function(step(lkf)), grad),
+        ("logitkit TensorFlow eager", "copy", tensor, step(lkf), grad),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
