@@ -25,7 +25,7 @@ from .core.linear_head import HeadOutput
 from .core.reduction import reduce_loss, row_weights
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad", "linear_token_logprobs",
-           "linear_entropy", "linear_head", "HeadOutput"]
+           "linear_entropy", "linear_head", "linear_head_with_grad", "HeadOutput"]
 
 def _adapter(lib: str) -> Any:
     """The framework module of the fused linear cross-entropy for ``lib``."""
@@ -615,6 +615,150 @@ def _numpy_linear_head(a: HeadArgs) -> HeadOutput:
     valid = np.ones(run.N, bool) if lab is None else lab != a.spec.ignore_index
     vals["lse"] = np.where(valid, rows["m"] + rows["r"], 0.0)
     return assemble_outputs(np, a, vals, lab if lab is not None else np.zeros(run.N, np.int64))
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused head with its gradients in the same pass (cotangents known before the logits)
+
+
+_HEAD_DEFAULTS = dict(linear_bias=None, outputs=("loss",), temperature=1.0, softcap=None, weight=None,
+                      ignore_index=-100, label_smoothing=0.0, reduction="mean", z_loss=0.0,
+                      num_items_in_batch=None, teacher_hidden=None, teacher_weight=None, teacher_bias=None,
+                      teacher_logits=None, teacher_topk=None, divergence="kl", beta=0.5, teacher_temperature=1.0,
+                      chunk_size=None)
+
+
+def linear_head_with_grad(hidden: Any, linear_weight: Any, labels: Any = None, *, grad_outputs: Any = None,
+                          **kwargs: Any) -> tuple[HeadOutput, Any, Any, Any]:
+    r"""``(HeadOutput, dhidden, dlinear_weight, dlinear_bias)``: :func:`linear_head` and the
+    gradients of ``Σ_k <grad_outputs[k], output_k>`` from the same chunked pass.
+
+    When the cotangents are known before the logits (a loss's ``grad_output``, an RL objective's
+    per-token advantages and entropy coefficient, a distillation weight), every chunk's logits are
+    turned into their gradient in place right after its statistics, so the head costs the three
+    matrix products of forward + backward (four with a teacher head): no logits are recomputed.
+    On the CPU (float32 / float64, no softcap; no teacher or a dense teacher with
+    ``divergence="kl"``) that is one numba pass per chunk; other cases compute the values first and
+    the gradients in a second pass (the logits recomputed), with the same results.
+
+    Args:
+      hidden, linear_weight, labels, and every keyword of :func:`linear_head` (``outputs``,
+        ``reduction``, ``temperature``, teachers, ``chunk_size``, ...). NumPy arrays or torch
+        tensors (no autograd: the gradients are returned, in ``hidden``'s library).
+      grad_outputs: a dict from names of requested differentiable outputs (``"loss"``,
+        ``"logprobs"``, ``"entropy"``, ``"lse"``, ``"kl"``) to their cotangents: a scalar for a
+        reduced loss, a scalar or ``hidden.shape[:-1]`` values for per-token outputs (and for the
+        loss with ``reduction="none"``). Names not given get no gradient. Default
+        ``{"loss": 1.0}`` (when ``"loss"`` is requested).
+
+    Returns the :class:`HeadOutput`, ``dhidden`` (``hidden``'s shape and dtype), ``dlinear_weight``
+    and ``dlinear_bias`` (``None`` without a bias). No gradient reaches a teacher.
+
+    >>> import numpy as np, logitkit.linear as L
+    >>> h = np.eye(2, 3); W = np.array([[2.0, 0, 0], [0, 1, 0], [0, 0, 0]]); y = np.array([0, 1])
+    >>> out, dh, dW, db = L.linear_head_with_grad(h, W, y, outputs=("loss", "entropy"),
+    ...                                           grad_outputs={"loss": 1.0, "entropy": -0.01})
+    >>> dh.shape, dW.shape, db is None
+    ((2, 3), (3, 3), True)
+    """
+    unknown = sorted(set(kwargs) - set(_HEAD_DEFAULTS))
+    if unknown:
+        raise TypeError(f"linear_head_with_grad() got unexpected keyword arguments {unknown}")
+    kw = dict(_HEAD_DEFAULTS, **kwargs)
+    teacher_topk = kw["teacher_topk"]
+    lib, _ = namespace_of(hidden=hidden, linear_weight=linear_weight, labels=labels, linear_bias=kw["linear_bias"],
+                          weight=kw["weight"], temperature=kw["temperature"], teacher_hidden=kw["teacher_hidden"],
+                          teacher_weight=kw["teacher_weight"], teacher_bias=kw["teacher_bias"],
+                          teacher_logits=kw["teacher_logits"], **_topk_arrays(teacher_topk))
+    if lib not in (NUMPY, TORCH):
+        raise TypeError(f"hidden: linear_head_with_grad takes NumPy arrays or torch tensors, got {lib} arrays; "
+                        "use linear_head with the framework's autograd")
+    a = validate_linear_head(lib, hidden, linear_weight, labels, **kw)
+    if grad_outputs is None:
+        grad_outputs = {"loss": 1.0} if "loss" in a.spec.outputs else {}
+    if not isinstance(grad_outputs, dict):
+        raise TypeError(f"grad_outputs: expected a dict from output names to cotangents, got "
+                        f"{type(grad_outputs).__name__}")
+    bad = [k for k in grad_outputs if k not in core_head.DIFFERENTIABLE or k not in a.spec.outputs]
+    if bad:
+        raise ValueError(f"grad_outputs: {bad[0]!r} is not a requested differentiable output (requested: "
+                         f"{a.spec.outputs}; differentiable: {core_head.DIFFERENTIABLE})")
+    if lib == TORCH:
+        import torch
+
+        with torch.no_grad():
+            return _head_with_grad(a, grad_outputs)
+    return _head_with_grad(a, grad_outputs)
+
+
+def _cotangent(name: str, g: Any, shape: tuple, per_token: bool) -> np.ndarray:
+    """A cotangent as float64 ``(N,)`` (per-token) or a float (reduced loss)."""
+    if hasattr(g, "detach"):
+        g = g.detach().cpu().double().numpy()
+    arr = np.asarray(g)
+    if not (is_floating(arr.dtype) or is_integer(arr.dtype)):
+        raise TypeError(f"grad_outputs[{name!r}]: expected real numbers, got {arr.dtype}")
+    if not per_token:
+        if arr.ndim:
+            raise ValueError(f"grad_outputs[{name!r}]: expected a scalar for a reduced loss, got shape {arr.shape}")
+        return float(arr)
+    if arr.ndim and tuple(arr.shape) != tuple(shape):
+        raise ValueError(f"grad_outputs[{name!r}]: expected a scalar or shape {tuple(shape)}, got {arr.shape}")
+    return np.broadcast_to(arr.astype(np.float64), shape).reshape(-1).copy()
+
+
+def _head_with_grad(a: HeadArgs, grad_outputs: dict) -> tuple:
+    from .core.reduction import row_scales
+
+    spec, N = a.spec, math.prod(a.shape)
+    if a.lib == TORCH:
+        from .torch import head as th
+
+        run, lab, xp = th.with_grad_run(a)
+        lab_np = None if lab is None else lab.detach().cpu().numpy()
+    else:
+        run, lab = _numpy_run(a)
+        lab_np, xp = lab, np
+    cots = {}
+    if "loss" in grad_outputs:
+        red = a.reduction
+        go = _cotangent("loss", grad_outputs["loss"], a.shape, red == "none")
+        w = None if a.weight is None else np.asarray(core_head._np(a.weight), np.float64)
+        validf, wy = row_weights(np, lab_np, w, spec.ignore_index, np.float64)
+        if a.num_items is not None:
+            g_ce = g_z = validf * (go / float(a.num_items))
+        else:
+            g_ce, g_z = row_scales(np, validf, wy, red, go)
+        cots["g_ce"] = g_ce
+        if a.z_loss:
+            cots["g_sq"] = g_z * a.z_loss
+    for name, key in (("logprobs", "g_lp"), ("entropy", "g_ent"), ("lse", "g_lse"), ("kl", "g_kl")):
+        if name in grad_outputs:
+            cots[key] = _cotangent(name, grad_outputs[name], a.shape, True)
+    if a.lib == TORCH:
+        import torch
+
+        cots = {k: torch.from_numpy(np.ascontiguousarray(v)).to(a.hidden.device) for k, v in cots.items()}
+    has_bias = a.bias is not None
+    need = (True, True, has_bias)
+    if run.fast:
+        rows, (dh, dw, db) = run.forward_backward(cots, need, has_bias)
+    else:
+        rows = run.forward()
+        if "g_sq" in cots:  # d(g lse²) = 2 g lse d lse
+            g_sq = cots.pop("g_sq")
+            extra = 2.0 * g_sq * xp.astype(rows["m"] + rows["r"], g_sq.dtype)
+            cots["g_lse"] = extra if "g_lse" not in cots else cots["g_lse"] + extra
+        dh, dw, db = run.backward(rows, cots, need, has_bias)
+    vals = dict(rows)
+    lse = rows["m"] + rows["r"]
+    vals["lse"] = lse if lab is None else xp.where(lab != spec.ignore_index, lse, 0.0)
+    lab_flat = lab if lab is not None else xp.zeros((N,), dtype=xp.int64)
+    out = assemble_outputs(xp, a, vals, lab_flat)
+    dh = xp.astype(dh, a.hidden.dtype).reshape(tuple(a.hidden.shape))
+    dw = xp.astype(dw, a.W.dtype)
+    db = None if db is None else xp.astype(db, a.bias.dtype)
+    return out, dh, dw, db
 
 
 # TensorFlow tensors and variables: the bridge reads variables (so that a tape sees the read)

@@ -28,7 +28,7 @@ from ..core import linear_head as core_head
 from . import _dtensor
 from .linear import TorchOps
 
-__all__ = ["linear_head", "fused_linear_head"]
+__all__ = ["linear_head", "fused_linear_head", "with_grad_run"]
 
 _DIFF_KEYS = ("ce", "lse", "lp", "ent", "kl")
 
@@ -140,6 +140,20 @@ class _LinearHead(torch.autograd.Function):
             db = db.to(b.dtype)
         dh = None if dh is None else dh.reshape(ctx.hidden_shape)
         return dh, dw, db, None
+
+
+def with_grad_run(a: Any) -> tuple:
+    """``(HeadRun, labels (N,) or None, torch namespace)`` for :func:`logitkit.linear.linear_head_with_grad`."""
+    from .._namespace import TORCH, get_namespace
+
+    H = a.hidden.shape[-1]
+    h2 = a.hidden.detach().reshape(-1, H).contiguous()
+    N = h2.shape[0]
+    W = a.W.detach().contiguous()
+    b = None if a.bias is None else a.bias.detach()
+    lab = None if a.labels is None else _flat(a.labels, N).long()
+    run = _run(_Cfg(a, _keys(a.spec)), h2, W, b, lab, _flat(a.temp, N))
+    return run, lab, get_namespace(TORCH)
 
 
 def fused_linear_head(a: Any) -> Any:
