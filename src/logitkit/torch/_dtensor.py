@@ -182,6 +182,17 @@ def _dt():
     return dt
 
 
+def _pn(p: Any) -> str:
+    """A placement as its constructor reads: ``Shard(0)``, ``Replicate()``, ``Partial(sum)``."""
+    if p.is_replicate():
+        return "Replicate()"
+    if p.is_partial():
+        return f"Partial({getattr(p, 'reduce_op', '')})"
+    if type(p) is _dt().Shard:
+        return f"Shard({p.dim})"
+    return repr(p)
+
+
 def _dim_name(mesh: Any, i: int) -> str:
     names = getattr(mesh, "mesh_dim_names", None)
     return f"{i} ({names[i]!r})" if names else str(i)
@@ -208,10 +219,10 @@ def _shard_dim(name: str, t: Any, mesh: Any, i: int) -> Optional[int]:
     if p.is_replicate():
         return None
     if p.is_partial():
-        raise ValueError(f"{name}: placement {p} on mesh dim {_dim_name(mesh, i)} is a pending reduction, not "
+        raise ValueError(f"{name}: placement {_pn(p)} on mesh dim {_dim_name(mesh, i)} is a pending reduction, not "
                          f"supported; redistribute {name} to Replicate() or Shard() first")
     if type(p) is not _dt().Shard:
-        raise NotImplementedError(f"{name}: placement {p} on mesh dim {_dim_name(mesh, i)} is not supported "
+        raise NotImplementedError(f"{name}: placement {_pn(p)} on mesh dim {_dim_name(mesh, i)} is not supported "
                                   "(only Shard(d) and Replicate())")
     return p.dim % max(t.ndim, 1)
 
@@ -228,7 +239,7 @@ def _replicated(name: str, t: Any, mesh: Any) -> Any:
         return t
     for i in range(mesh.ndim):
         if _shard_dim(name, t, mesh, i) is not None:
-            raise ValueError(f"{name}: expected the global class weights replicated, got {t.placements[i]} on mesh "
+            raise ValueError(f"{name}: expected the global class weights replicated, got {_pn(t.placements[i])} on mesh "
                              f"dim {_dim_name(mesh, i)}")
     return t.to_local().detach()
 
@@ -370,7 +381,7 @@ def cross_entropy(input: Any, target: Any, weight: Any = None, size_average: Any
                 raise NotImplementedError(f"target: probability targets with input sharded on the class dim "
                                           f"(Shard({cdim}) on mesh dim {_dim_name(mesh, i)}) are not supported")
             if dy is not None:
-                raise ValueError(f"target: {target.placements[i]} on mesh dim {_dim_name(mesh, i)}, where input is "
+                raise ValueError(f"target: {_pn(target.placements[i])} on mesh dim {_dim_name(mesh, i)}, where input is "
                                  f"sharded on the class dim: expected Replicate() (every rank of that dim holds "
                                  f"the same tokens)")
             if lay.vocab is not None:
@@ -379,12 +390,12 @@ def cross_entropy(input: Any, target: Any, weight: Any = None, size_average: Any
             lay.vocab = i
         elif dx is None:
             if dy is not None:
-                raise ValueError(f"target: {target.placements[i]} on mesh dim {_dim_name(mesh, i)} where input is "
+                raise ValueError(f"target: {_pn(target.placements[i])} on mesh dim {_dim_name(mesh, i)} where input is "
                                  f"Replicate(): shard both alike")
         else:
             want = dx if (prob or dx < cdim) else dx - 1  # index targets have no class dim
             if dy != want:
-                got = "a plain tensor (Replicate())" if not isinstance(target, D) else str(target.placements[i])
+                got = "a plain tensor (Replicate())" if not isinstance(target, D) else _pn(target.placements[i])
                 raise ValueError(f"target: {got} on mesh dim {_dim_name(mesh, i)}, where input is Shard({dx}): "
                                  f"expected Shard({want}) (the same tokens)")
             lay.tokens[i] = want
@@ -445,7 +456,7 @@ def _gather_fsdp(W: Any, g: Any, name: str) -> Tensor:
     mesh = W.device_mesh
     for i, p in enumerate(W.placements):
         if not (p.is_replicate() or type(p) is dt.Shard):
-            raise NotImplementedError(f"{name}: an FSDP2 parameter with placement {p} on mesh dim {_dim_name(mesh, i)} "
+            raise NotImplementedError(f"{name}: an FSDP2 parameter with placement {_pn(p)} on mesh dim {_dim_name(mesh, i)} "
                                       "(FSDP combined with tensor parallelism) is not supported outside the module's "
                                       "forward; call inside the FSDP module's forward or after module.unshard()")
     factor = getattr(g, "gradient_divide_factor", None)
@@ -489,7 +500,7 @@ def _linear_layout(hidden: Any, W: Any, labels: Any, bias: Any, mesh: Any, label
                                           "only Shard(0), the vocabulary (ColwiseParallel), is supported")
             if bias is not None and kb != 0:
                 raise ValueError(f"linear_bias: expected Shard(0) {where}, as linear_weight, got "
-                                 f"{bias.placements[i] if isinstance(bias, D) else 'a plain tensor'}")
+                                 f"{_pn(bias.placements[i]) if isinstance(bias, D) else 'a plain tensor'}")
             if kh is not None:
                 raise ValueError(f"input: Shard({kh}) {where}, where linear_weight is Shard(0) (vocabulary-parallel): "
                                  "the ranks of that dim must hold the same tokens; redistribute input to Replicate() "
@@ -511,7 +522,7 @@ def _linear_layout(hidden: Any, W: Any, labels: Any, bias: Any, mesh: Any, label
             raise NotImplementedError(f"input: Shard({kh}) {where} shards the hidden size, not supported; "
                                       "redistribute it")
         if kl != kh:
-            got = "a plain tensor (Replicate())" if not isinstance(labels, D) else str(labels.placements[i])
+            got = "a plain tensor (Replicate())" if not isinstance(labels, D) else _pn(labels.placements[i])
             raise ValueError(f"target: {got} {where}, where input is Shard({kh}): expected Shard({kh}) "
                              "(the same tokens)")
         lay.tokens[i] = kh
