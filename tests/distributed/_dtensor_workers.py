@@ -338,6 +338,47 @@ def check_fsdp2(ctx: Ctx) -> dict:
     return out
 
 
+def check_fsdp2_transformers(ctx: Ctx) -> dict:
+    """logitkit.transformers.apply on a tiny Llama whose layers and lm_head are fully_shard-ed (the
+    head's own FSDP unit: the patched forward sees its sharded weight), against one process."""
+    import torch
+    import transformers
+    from torch.distributed.fsdp import fully_shard
+
+    import logitkit.torch as lt
+    import logitkit.transformers as lkt
+
+    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(cfg).double().to(ctx.device)
+    model = transformers.LlamaForCausalLM(cfg).double().to(ctx.device)
+    model.load_state_dict(ref.state_dict())
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 40, (4, 9), generator=g).to(ctx.device)
+    labels = ids.clone()
+    labels[0, 5:] = -100
+    out = {}
+    loss = ref(input_ids=ids, labels=labels).loss
+    loss.backward()
+    out["ref/loss"] = loss.item()
+    out["ref/grads"] = {n: p.grad.detach().cpu().numpy().copy() for n, p in ref.named_parameters()}
+    lkt.apply(model)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model.lm_head)
+    fully_shard(model)
+    mine = slice(ctx.rank * 4 // ctx.world, (ctx.rank + 1) * 4 // ctx.world)
+    n = lt.global_num_items(labels[mine, 1:])  # HF shifts the labels: the first position predicts nothing
+    loss = model(input_ids=ids[mine], labels=labels[mine], num_items_in_batch=n).loss * ctx.world
+    loss.backward()
+    total = loss.detach() / ctx.world
+    torch.distributed.all_reduce(total)
+    out["loss"] = total.item()
+    out["grads"] = {nm: _np(p.grad) for nm, p in model.named_parameters()}
+    return out
+
+
 def check_grad_accum_ddp(ctx: Ctx) -> dict:
     """P ranks × G micro-batches with num_items_in_batch = global_num_items, under DDP (no_sync), and
     the token-sharded DTensor route, against one big batch."""
@@ -516,7 +557,7 @@ def check_mesh2d(ctx: Ctx) -> dict:
 
 CHECKS = {
     2: [check_ce_options_1d, check_ce_token_sharded, check_linear_tp, check_linear_token_sharded, check_fsdp2,
-        check_grad_accum_ddp, check_errors],
+        check_grad_accum_ddp, check_errors, check_fsdp2_transformers],
     4: [check_mesh2d, check_ce_options_1d, check_linear_tp, check_errors],
 }
 
@@ -560,7 +601,7 @@ def worker(rank: int, world: int, workdir: str, backend: str, names: list) -> No
 
 
 PRELOAD = ["torch", "torch._dynamo", "torch.distributed.tensor", "torch.distributed.tensor.parallel", "torch.distributed.fsdp",
-           "torch.nn.parallel", "numpy"]
+           "torch.nn.parallel", "numpy", "transformers", "transformers.models.llama.modeling_llama"]
 
 
 def launch(world: int, workdir: str, backend: str = "gloo", names: list = (), timeout: float = 120.0) -> list:

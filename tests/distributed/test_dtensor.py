@@ -240,6 +240,17 @@ def test_fsdp2_tiny_model_matches_one_process(results, mode):
         assert per_rank[0]["sharded_weight/gathers"] > 0  # the weight was all-gathered (and the counter works)
 
 
+def test_fsdp2_through_logitkit_transformers_apply(results):
+    """A tiny Llama, apply()-ed, layers and lm_head fully_shard-ed, num_items_in_batch × world size:
+    the loss and every gradient of one process on the whole batch (HF's loss is float32 there)."""
+    per_rank = results(2, "check_fsdp2_transformers")
+    for r in per_rank:
+        _close(r["loss"], r["ref/loss"], rtol=1e-6)
+        assert set(r["grads"]) == set(r["ref/grads"])
+        for name, g in r["ref/grads"].items():
+            _close(r["grads"][name], g, rtol=1e-5, atol=1e-6 * np.abs(g).max())
+
+
 @pytest.mark.parametrize("key", ["plain", "weighted", "dtensor"])
 def test_grad_accumulation_times_data_parallel_equals_one_big_batch(results, key):
     """2 ranks × 3 micro-batches with num_items_in_batch = global_num_items (DDP: loss × world size;
