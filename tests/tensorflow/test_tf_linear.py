@@ -212,9 +212,12 @@ def test_linear_entropy_and_token_logprobs(mode, problem):
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("mode", ["eager", "function"])
-def test_linear_head_outputs_per_token_temperature_and_teacher(mode, problem, rng):
+@pytest.mark.parametrize("mode", ["eager", "function", "xla", "graph route"])
+def test_linear_head_outputs_per_token_temperature_and_teacher(mode, problem, rng, monkeypatch):
     h, W, b, y, _ = problem
+    if mode == "graph route":  # what an accelerator gets outside XLA
+        monkeypatch.setattr(tf_linear, "on_host", lambda x: False)
+        mode = "eager"
     N, V = len(y), W.shape[0]
     temp = rng.uniform(0.5, 2.0, N)
     teacher = rng.standard_normal((N, V))
@@ -261,14 +264,23 @@ def test_linear_head_outputs_per_token_temperature_and_teacher(mode, problem, rn
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-9, atol=1e-12)
 
 
-def test_linear_head_under_xla(problem):
-    """The loss alone is linear_cross_entropy (XLA route); other outputs refuse, naming outputs."""
+def test_linear_head_under_xla(problem, rng):
+    """The loss alone is linear_cross_entropy; argmax alone has no gradient; a top-k teacher refuses."""
     h, W, b, y, _ = problem
     hc, Wc, yc = tf.constant(h), tf.constant(W), tf.constant(y)
-    loss = tf.function(lambda: logitkit.linear_head(hc, Wc, yc, ignore_index=-1).loss, jit_compile=True)()
+
+    def f():
+        out = logitkit.linear_head(hc, Wc, yc, ignore_index=-1, outputs=("loss",))
+        return out.loss, logitkit.linear_head(hc, Wc, outputs=("argmax",), linear_bias=tf.constant(b)).argmax
+
+    loss, am = tf.function(f, jit_compile=True)()
     np.testing.assert_allclose(float(loss), reference.cross_entropy64(h @ W.T, y, ignore_index=-1), rtol=1e-12)
-    with pytest.raises(NotImplementedError, match="outputs"):
-        tf.function(lambda: logitkit.linear_head(hc, Wc, yc, outputs=("logprobs",), ignore_index=-1).logprobs, jit_compile=True)()
+    np.testing.assert_array_equal(am.numpy(), (h @ W.T + b).argmax(-1))
+    idx = tf.constant(np.argsort(-(h @ W.T), -1)[:, :3])
+    topk = (idx, tf.constant(rng.standard_normal((len(y), 3))))
+    with pytest.raises(NotImplementedError, match="teacher_topk"):
+        tf.function(lambda: logitkit.linear_head(hc, Wc, yc, outputs=("kl",), ignore_index=-1,
+                                                 teacher_topk=topk).kl, jit_compile=True)()
 
 
 def test_errors(problem):
