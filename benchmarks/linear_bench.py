@@ -41,6 +41,8 @@ VARIANTS = {
     "head loss": "logitkit.torch.linear_head, outputs=('loss',), autograd",
     "head loss+lp+ent": "logitkit.torch.linear_head, outputs=('loss','logprobs','entropy'), autograd "
                         "(GRPO-style objective; backward recomputes the logits)",
+    "head loss+lp+ent array stages": "the same, LOGITKIT_HEAD_KERNEL=off: the array-level chunk stages "
+                                     "(the path before the row kernel; one timed call)",
     "head loss+lp+ent with_grad": "logitkit.linear.linear_head_with_grad on torch tensors, cotangents given",
     "head loss+lp+ent with_grad NumPy": "logitkit.linear.linear_head_with_grad on NumPy arrays",
     "head loss with_grad NumPy": "logitkit.linear.linear_head_with_grad, outputs=('loss',), NumPy",
@@ -126,7 +128,7 @@ def _child(variant: str, repeat: int) -> dict:
     elif variant == "head loss":
         step = torch_step(lambda a, b, c: lt.linear_head(a, b, c).loss)
         args = (h, W, y)
-    elif variant == "head loss+lp+ent":
+    elif variant in ("head loss+lp+ent", "head loss+lp+ent array stages"):
         step = torch_step(lambda a, b, c: objective(lt.linear_head(a, b, c, outputs=outs3)))
         args = (h, W, y)
     elif variant in ("head loss+lp+ent with_grad", "head loss+lp+ent with_grad NumPy"):
@@ -225,7 +227,11 @@ def run(variants: list[str], rounds: int, repeat: int) -> list[dict]:
             env = dict(os.environ)
             if v == "logitkit recompute":
                 env["LOGITKIT_LCE_STRATEGY"] = "recompute"
-            out = subprocess.run([sys.executable, __file__, "--child", v, "--repeat", str(repeat)],
+            rep = repeat
+            if v == "head loss+lp+ent array stages":
+                env["LOGITKIT_HEAD_KERNEL"] = "off"
+                rep = 0  # ~10x the others: the measured first call is its time
+            out = subprocess.run([sys.executable, __file__, "--child", v, "--repeat", str(rep)],
                                  capture_output=True, text=True, env=env)
             if out.returncode != 0:
                 rows[v]["error"] = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"
@@ -235,7 +241,7 @@ def run(variants: list[str], rounds: int, repeat: int) -> list[dict]:
                 rows[v]["error"] = res["error"]
                 continue
             rows[v]["peaks"].append(res["peak_bytes"])
-            rows[v]["times"].extend(res["times"])
+            rows[v]["times"].extend(res["times"] or [res["first_s"]])
             rows[v]["loss"] = res["loss"]
             print(f"  {v}: peak {res['peak_bytes'] / 2**20:.0f} MB, times "
                   f"{', '.join(f'{t:.2f}' for t in res['times'])} s", file=sys.stderr, flush=True)

@@ -322,3 +322,117 @@ def test_top_level_dispatch_and_loss_alone_is_linear_cross_entropy():
     torch.testing.assert_close(a.loss, b, rtol=0, atol=0)
     with pytest.raises(TypeError, match="arrays from different libraries"):
         logitkit.linear_head(P["h"], P["W"], P["y"], outputs=("kl",), teacher_logits=np.zeros((17, 23)))
+
+
+# ----------------------------------------------------------------------------------------------
+# linear_head_with_grad: values and gradients from one pass, NumPy and torch, against the same
+# float64 autograd reference on the materialized logits
+
+
+WITH_GRAD_OPTIONS = [
+    dict(),
+    dict(weight=True, label_smoothing=0.2, z_loss=1e-2, temperature=0.8),
+    dict(temperature="per-token", reduction="sum", teacher_temperature=1.4),
+    dict(reduction="none", z_loss=1e-3),
+    dict(num_items_in_batch=41, z_loss=1e-2, temperature="per-token", weight=True),
+    dict(softcap=3.0, label_smoothing=0.1),  # not the row kernel's: values first, then the gradients
+]
+
+
+@pytest.mark.parametrize("opts", WITH_GRAD_OPTIONS)
+@pytest.mark.parametrize("lib,form,divergence", [("numpy", None, "kl"), ("torch", "head", "kl"),
+                                                 ("numpy", "logits", "kl"), ("torch", "logits", "jsd")])
+def test_with_grad_values_and_grads(lib, opts, form, divergence):
+    import logitkit.linear as L
+
+    P = make(seed=13, shape=(3, 7), ignore=(1, 8, 9))
+    o = dict(opts)
+    if o.get("weight") is True:
+        o["weight"] = torch.rand(23, dtype=torch.float64) + 0.3
+    if o.get("temperature") == "per-token":
+        o["temperature"] = P["temp"]
+    kw, teach = teacher_kw(P, form) if form else ({}, None)
+    fields = DIFF if form else ("loss", "logprobs", "entropy", "lse")
+    want = ref(P["h"], P["W"], P["b"], P["y"], teacher=teach, divergence=divergence, **o)
+    cot = _cotangents(P, fields, seed=17)
+    if o.get("reduction") == "none":
+        cot["loss"] = torch.randn(P["y"].shape, dtype=torch.float64)
+    exp = _grads(_objective(want, cot, fields), P)
+    conv = (lambda t: t.detach().numpy() if isinstance(t, torch.Tensor) else t) if lib == "numpy" else \
+        (lambda t: t.detach() if isinstance(t, torch.Tensor) else t)
+    args = {k: conv(v) for k, v in dict(kw, **o).items()}
+    out, dh, dW, db = L.linear_head_with_grad(conv(P["h"]), conv(P["W"]), conv(P["y"]), linear_bias=conv(P["b"]),
+                                              outputs=fields + ("argmax",), divergence=divergence, chunk_size=4,
+                                              grad_outputs={k: conv(v) for k, v in cot.items()}, **args)
+    as_t = lambda a: torch.as_tensor(np.asarray(a)) if lib == "numpy" else a  # noqa: E731
+    for name in fields + ("argmax",):
+        torch.testing.assert_close(as_t(getattr(out, name)), want[name].detach(), rtol=1e-11, atol=1e-12, msg=name)
+    for g, e, n in zip((dh, dW, db), exp, ("hidden", "linear_weight", "linear_bias")):
+        torch.testing.assert_close(as_t(g), e, rtol=1e-9, atol=1e-11, msg=n)
+    if lib == "torch":
+        assert not dh.requires_grad and dh.shape == P["h"].shape
+
+
+def test_with_grad_loss_alone_matches_linear_cross_entropy_with_grad_and_errors():
+    import logitkit.linear as L
+
+    P = make(seed=19)
+    h, W, b = (P[k].detach().numpy() for k in ("h", "W", "b"))
+    y = P["y"].numpy()
+    kw = dict(linear_bias=b, label_smoothing=0.1, z_loss=1e-3, reduction="sum")
+    out, dh, dW, db = L.linear_head_with_grad(h, W, y, grad_outputs={"loss": 0.5}, **kw)
+    loss, eh, eW, eb = L.linear_cross_entropy_with_grad(h, W, y, grad_output=0.5, **kw)
+    for a_, e_ in ((out.loss, loss), (dh, eh), (dW, eW), (db, eb)):
+        np.testing.assert_allclose(a_, e_, rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="grad_outputs: 'entropy' is not a requested"):
+        L.linear_head_with_grad(h, W, y, grad_outputs={"entropy": 1.0})
+    with pytest.raises(ValueError, match=r"grad_outputs\['logprobs'\]: expected a scalar or shape"):
+        L.linear_head_with_grad(h, W, y, outputs=("logprobs",), grad_outputs={"logprobs": np.ones(3)})
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        L.linear_head_with_grad(h, W, y, nope=1)
+
+
+def test_row_kernel_float32_values_and_grads_with_confident_rows(monkeypatch):
+    # The numba row pass (float32, no softcap, dense-teacher kl) is what runs here; its values and
+    # gradients against float64, with rows whose label has probability 1 - 1e-13.
+    import logitkit.kernels.cpu.head as kh
+    import logitkit.linear as L
+
+    calls = []
+    real = kh.head_rows
+    monkeypatch.setattr(kh, "head_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(23)
+    N, V = 48, 701
+    h = torch.eye(N, dtype=torch.float32)
+    W = torch.randn(V, N, generator=g) * 2
+    y = torch.randint(0, V, (N,), generator=g)
+    y[::4] = 5
+    W[5, ::4] = 35.0
+    tl = torch.randn(N, V, generator=g) * 3
+    temp = torch.rand(N, generator=g, dtype=torch.float64) * 1.2 + 0.5
+    P = dict(h=h.double().requires_grad_(), W=W.double().requires_grad_())
+    fields = ("loss", "logprobs", "entropy", "lse", "kl")
+    cot = _cotangents(dict(P, y=y), fields, seed=29)
+    for T in (1.0, temp.float().double()):
+        want = ref(P["h"], P["W"], None, y, teacher=("dense", tl.double()), temperature=T)
+        exp = torch.autograd.grad(_objective(want, cot, fields), (P["h"], P["W"]))
+        Tf = T if isinstance(T, float) else T.float()
+        out, dh, dW, _ = L.linear_head_with_grad(h, W, y, outputs=fields, teacher_logits=tl, temperature=Tf,
+                                                 grad_outputs={k: v.float() for k, v in cot.items()}, chunk_size=10)
+        lse = want["lse"].detach()
+        # log p_y = -log1p(Σ_{c≠y} exp(z_c - z_y)): no cancellation (float64 log_softmax loses the
+        # digits of the confident rows' ~1e-12 here)
+        z = (W.double().T / (T if isinstance(T, float) else Tf.double()[:, None]))
+        d = (z - z.gather(-1, y[:, None])).scatter(-1, y[:, None], -math.inf)
+        lp = -torch.log1p(d.exp().sum(-1))
+        assert ((out.lse.double() - lse).abs() / lse.abs()).max() <= 2.0 ** -21
+        assert ((out.logprobs.double() - lp).abs() / lp.abs()).max() <= 2.0 ** -21
+        # 1e-6 absolute, relative above 1 (the confident rows' KL ~30 has a float32 ulp of 2e-6)
+        for name in ("entropy", "kl"):
+            e = want[name].detach()
+            assert ((getattr(out, name).double() - e).abs() / e.abs().clamp_min(1.0)).max() <= 1e-6, name
+        for got, e in zip((dh, dW), exp):
+            assert ((got.double() - e).abs().max() / e.abs().max()) <= 1e-6
+        if isinstance(T, float):
+            assert (lp[::4].abs() < 1e-11).all() and (lp[::4].abs() > 1e-16).all()  # the confident rows
+    assert calls

@@ -38,6 +38,7 @@ chosen so that the chunk workspace stays within :data:`DEFAULT_WORKSPACE`.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -612,6 +613,8 @@ def _fast_ok(ops: Any, spec: HeadSpec, teacher: Any, tops: Any) -> bool:
 
     if registry._forced_core[0] or not available() or spec.softcap is not None:
         return False
+    if os.environ.get("LOGITKIT_HEAD_KERNEL", "").lower() in ("0", "off", "core"):
+        return False  # the array-level stages only (benchmarks/linear_bench.py measures both)
     if spec.teacher == "topk" or (spec.teacher == "dense" and spec.divergence != "kl"):
         return False
     if dtype_name(ops.logit_dtype) not in ("float32", "float64"):
