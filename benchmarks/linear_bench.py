@@ -59,26 +59,65 @@ VARIANTS = {
 }
 
 
+_INPUTS: dict = {}
+
+
+def _inputs() -> tuple:
+    """The workload's arrays, made once per process (float32, scaled in place: no transient copy
+    may raise the peak before the measurement starts)."""
+    if not _INPUTS:
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        h_np = rng.standard_normal((N, H), dtype=np.float32)
+        h_np *= 0.5
+        w_np = rng.standard_normal((V, H), dtype=np.float32)
+        w_np *= 1.0 / np.sqrt(H)
+        y_np = rng.integers(0, V, N).astype(np.int64)
+        _INPUTS["v"] = (rng, h_np, w_np, y_np)
+    return _INPUTS["v"]
+
+
 def _child(variant: str, repeat: int) -> dict:
     """Runs inside the subprocess: inputs, warm-up, measured call, timed calls."""
     import resource
 
+    import torch
+
+    import logitkit
+
+    try:
+        step, args, small = _build(variant)
+    except LookupError as exc:
+        return {"error": str(exc)}
+    # warm-up on a slice: compiles kernels and starts thread pools, far below the peak to come
+    step(*small)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    loss, dh, dw = step(*args)
+    first = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    del dh, dw
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = step(*args)
+        times.append(time.perf_counter() - t0)
+        del out
+    return {"variant": variant, "peak_bytes": peak, "first_s": first, "times": times, "loss": loss,
+            "threads": torch.get_num_threads(), "logitkit": logitkit.__version__}
+
+
+def _build(variant: str) -> tuple:
+    """``(step, args, small_args)`` of one variant: ``step(*args)`` is one forward + backward."""
     import numpy as np
     import torch
     import torch.nn.functional as F
 
-    import logitkit
     import logitkit.linear as lin
     import logitkit.torch as lt
 
-    rng = np.random.default_rng(0)
-    # generated in float32 and scaled in place: no transient copy may raise the peak before the
-    # measurement starts
-    h_np = rng.standard_normal((N, H), dtype=np.float32)
-    h_np *= 0.5
-    w_np = rng.standard_normal((V, H), dtype=np.float32)
-    w_np *= 1.0 / np.sqrt(H)
-    y_np = rng.integers(0, V, N).astype(np.int64)
+    rng, h_np, w_np, y_np = _inputs()
     h, W, y = torch.from_numpy(h_np), torch.from_numpy(w_np), torch.from_numpy(y_np)
     lce = getattr(lt, "linear_cross_entropy", None)
     if lce is None:
@@ -95,9 +134,11 @@ def _child(variant: str, repeat: int) -> dict:
 
     outs3 = ("loss", "logprobs", "entropy")
     adv = torch.from_numpy(rng.standard_normal(N).astype(np.float32))
-    th_np = rng.standard_normal((N, H), dtype=np.float32)
-    tw_np = rng.standard_normal((V, H), dtype=np.float32)
-    tw_np *= 1.0 / np.sqrt(H)
+    if "t" not in _INPUTS:
+        t_np = rng.standard_normal((N, H), dtype=np.float32), rng.standard_normal((V, H), dtype=np.float32)
+        t_np[1][...] *= 1.0 / np.sqrt(H)
+        _INPUTS["t"] = t_np
+    th_np, tw_np = _INPUTS["t"]
     th, tW = torch.from_numpy(th_np), torch.from_numpy(tw_np)
 
     def objective(out):
@@ -194,30 +235,16 @@ def _child(variant: str, repeat: int) -> dict:
         args = (h, W, y)
     elif variant == "torch F.linear_cross_entropy":
         if not hasattr(F, "linear_cross_entropy"):
-            return {"error": "torch has no F.linear_cross_entropy"}
+            raise LookupError("torch has no F.linear_cross_entropy")
         opts = torch.nn.LinearCrossEntropyOptions() if hasattr(torch.nn, "LinearCrossEntropyOptions") else None
         step = torch_step(lambda a, b, c: F.linear_cross_entropy(a, b, c, options=opts))
         args = (h, W, y)
     else:
         raise SystemExit(f"unknown variant {variant!r}")
-    # warm-up on a slice: compiles kernels and starts thread pools, far below the peak to come
-    small = (args[0][:64], args[1][:2000], (args[2][:64] % 2000)) + tuple(
-        (t[:64] if i == 0 else t[:2000]) for i, t in enumerate(args[3:]))
-    step(*small)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    t0 = time.perf_counter()
-    loss, dh, dw = step(*args)
-    first = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    del dh, dw
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = step(*args)
-        times.append(time.perf_counter() - t0)
-        del out
-    return {"variant": variant, "peak_bytes": peak, "first_s": first, "times": times, "loss": loss,
-            "threads": torch.get_num_threads(), "logitkit": logitkit.__version__}
+    # 256 x 2000 logits: above the kernels' threshold for threads, so the parallel kernels compile here
+    small = (args[0][:256], args[1][:2000], (args[2][:256] % 2000)) + tuple(
+        (t[:256] if i == 0 else t[:2000]) for i, t in enumerate(args[3:]))
+    return step, args, small
 
 
 def run(variants: list[str], rounds: int, repeat: int) -> list[dict]:
@@ -254,6 +281,61 @@ def run(variants: list[str], rounds: int, repeat: int) -> list[dict]:
     return out
 
 
+def interleave(variants: list[str], rounds: int) -> list[dict]:
+    """All variants in this one process, round-robin: every round times each variant once, so a
+    loaded machine slows neighbours alike; ``ratios`` are per round against the round's products
+    of the same BLAS (:func:`_floor`), whose median is what the table quotes. No memory figures
+    (one process holds every variant's inputs)."""
+    env_of = {"logitkit recompute": ("LOGITKIT_LCE_STRATEGY", "recompute"),
+              "head loss+lp+ent array stages": ("LOGITKIT_HEAD_KERNEL", "off")}
+    built = {}
+    for v in variants:
+        try:
+            built[v] = _build(v)
+        except LookupError as exc:
+            print(f"  {v}: {exc}", file=sys.stderr)
+    rows = {v: {"variant": v, "what": VARIANTS[v], "peaks": [], "times": [], "ratios": []} for v in built}
+
+    def call(v, args):
+        key = env_of.get(v)
+        old = os.environ.get(key[0]) if key else None
+        if key:
+            os.environ[key[0]] = key[1]
+        try:
+            t0 = time.perf_counter()
+            out = built[v][0](*args)
+            return time.perf_counter() - t0, out
+        finally:
+            if key:
+                if old is None:
+                    os.environ.pop(key[0], None)
+                else:
+                    os.environ[key[0]] = old
+
+    for v in built:  # warm-up: kernels compiled, pools started
+        call(v, built[v][2])
+    for k in range(rounds):
+        this = {}
+        for v in built:
+            if v == "head loss+lp+ent array stages" and k:
+                continue  # ~10x the others: timed in the first round only
+            t, out = call(v, built[v][1])
+            del out
+            this[v] = t
+            rows[v]["times"].append(t)
+            print(f"  round {k + 1}: {v}: {t:.2f} s", file=sys.stderr, flush=True)
+        for v, t in this.items():
+            fl = _floor(v)
+            if fl in this and "matmuls" not in v:
+                rows[v]["ratios"].append(t / this[fl])
+    out = []
+    for v, r in rows.items():
+        r["peak_mb"] = float("nan")
+        r["time_s"] = statistics.median(r["times"]) if r["times"] else float("nan")
+        out.append(r)
+    return out
+
+
 def _floor(variant: str) -> str:
     """The matrix products a variant is compared with: same BLAS (torch's or NumPy's), three, or
     four with a teacher head."""
@@ -265,7 +347,7 @@ def _floor(variant: str) -> str:
 def table(rows: list[dict]) -> str:
     grads_mb = 4 * (N * H + V * H) / 2 ** 20
     by = {r["variant"]: r for r in rows}
-    eager = by.get("torch eager", {}).get("time_s", float("nan"))
+    eager = by.get("torch eager", {}).get("time_s", float("nan")) or float("nan")
     lines = [f"workload head: N={N}, H={H}, V={V}, float32, CPU, forward + backward "
              f"(gradients of hidden and weight: {grads_mb:.0f} MB; target: peak extra <= "
              f"{grads_mb + 32:.0f} MB)", "",
@@ -278,9 +360,14 @@ def table(rows: list[dict]) -> str:
             continue
         fl = by.get(_floor(r["variant"]))
         vs = ""
-        if fl and fl["times"] and "matmuls" not in r["variant"]:
+        if r.get("ratios"):
+            q = r["ratios"]
+            vs = (f"{statistics.median(q):.2f}x {_floor(r['variant'])} (per round: "
+                  f"{', '.join(f'{x:.2f}' for x in q)})")
+        elif fl and fl["times"] and "matmuls" not in r["variant"]:
             vs = f"{r['time_s'] / fl['time_s']:.2f}x {fl['variant']}"
-        lines.append(f"| {r['variant']} ({r['what']}) | {r['peak_mb']:.0f} MB | {r['time_s']:.2f} s | "
+        peak = "-" if r["peak_mb"] != r["peak_mb"] else f"{r['peak_mb']:.0f} MB"
+        lines.append(f"| {r['variant']} ({r['what']}) | {peak} | {r['time_s']:.2f} s | "
                      f"{min(r['times']):.2f}-{max(r['times']):.2f} s | {vs} | {r['time_s'] / eager:.2f}x |")
     return "\n".join(lines)
 
@@ -318,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=2, help="timed calls per subprocess")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     p.add_argument("--out", help="directory for linear_head.csv and linear_head.png")
+    p.add_argument("--interleave", action="store_true",
+                   help="all variants in one process, round-robin (ratios per round; no memory figures)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
@@ -327,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    rows = run(variants, a.rounds, a.repeat)
+    rows = interleave(variants, a.rounds) if a.interleave else run(variants, a.rounds, a.repeat)
     print(table(rows))
     if a.out:
         os.makedirs(a.out, exist_ok=True)
