@@ -41,7 +41,7 @@ from ..core import linear_cross_entropy as core
 from ..core import linear_head as core_head
 from ..core.logsumexp import transform
 from ..core.linear_head import HeadOutput
-from ..core.reduction import reduce_loss, row_weights
+from ..core.reduction import reduce_loss, row_scales, row_weights
 from ._bridge import _aligned_empty, _recording, _reduce, in_xla_context
 from ._namespace import namespace
 
@@ -155,8 +155,8 @@ def fused_linear_cross_entropy(hidden: Any, linear_weight: Any, labels: Any, lin
     xs = [h2, W] + ([] if b is None else [b])
     acc = _acc(hidden.dtype)
     host = on_host(hidden)
-    if host and reduction != "none" and _recording(*xs):
-        loss = _host_fused(xs, y, w, opts, reduction, chunk_size)
+    if reduction != "none" and _recording(*xs):
+        loss = (_host_fused if host else _graph_fused)(xs, y, w, opts, reduction, chunk_size)
     else:
         rows = _host_rows if host else _graph_rows
         ce, zt = rows(xs, y, w, opts, chunk_size)
@@ -273,7 +273,9 @@ def _rows_per_chunk(N: Any, V: int, acc: Any, chunk_size: Any) -> int:
     if chunk_size is not None:
         rows = chunk_size[0] if isinstance(chunk_size, tuple) else chunk_size
     else:
-        bpl = core.CORE_TEMPS * (8 if acc == tf.float64 else 4)
+        # XLA fuses each chunk's elementwise stages: count two accumulation-dtype copies per logit
+        # (96 rows of a 32k vocabulary; 23 rows, the core's count, ran about 25% slower: re-reading W).
+        bpl = 2 * (8 if acc == tf.float64 else 4)
         rows = max(1, core.DEFAULT_WORKSPACE // max(1, V * bpl))
     if isinstance(N, int):
         rows = min(rows, max(N, 1))
@@ -308,25 +310,34 @@ class _Chunks:
         z = tf.matmul(tf.cast(h_c, self.acc), self.Wa, transpose_b=True)
         return z if self.ba is None else z + self.ba
 
-    def backward(self, dz_fn: Any, need_b: bool) -> tuple[Any, Any, Any]:
-        """``(dh, dW, db)`` from ``dz_fn(i, z_i)``, the gradient of chunk ``i``'s logits."""
+    def backward(self, dz_fn: Any, need_b: bool, n_rows_out: int = 0) -> tuple:
+        """``(dh, dW, db)`` from ``dz_fn(i, z_i)``, the gradient of chunk ``i``'s logits.
+
+        With ``n_rows_out``, ``dz_fn`` returns ``(dz, [v_1 ... v_k])`` (per-row values of the chunk,
+        accumulation dtype) and they follow the gradients, unblocked to ``(N,)`` each.
+        """
         V = self.W.shape[0]
         dW0 = tf.zeros([V, self.H], self.acc)
         db0 = tf.zeros([V], self.acc)
         dh0 = tf.TensorArray(self.acc, size=self.n, element_shape=[self.rows, self.H])
+        rows0 = [tf.TensorArray(self.acc, size=self.n, element_shape=[self.rows]) for _ in range(n_rows_out)]
 
-        def body(i, dW, db, dh):
+        def body(i, dW, db, dh, *row_tas):
             h_c = tf.cast(self.h[i], self.acc)
             dz = dz_fn(i, self.logits(h_c))
+            if n_rows_out:
+                dz, vals = dz
+                row_tas = [ta.write(i, v) for ta, v in zip(row_tas, vals)]
             dh = dh.write(i, tf.matmul(dz, self.Wa))
             dW = dW + tf.matmul(dz, h_c, transpose_a=True)
             if need_b:
                 db = db + tf.reduce_sum(dz, axis=0)
-            return i + 1, dW, db, dh
+            return (i + 1, dW, db, dh, *row_tas)
 
-        _, dW, db, dh = tf.while_loop(lambda i, *_: i < self.n, body, [tf.constant(0), dW0, db0, dh0])
+        _, dW, db, dh, *row_tas = tf.while_loop(lambda i, *_: i < self.n, body,
+                                                [tf.constant(0), dW0, db0, dh0, *rows0])
         dh = self.unblock(dh.stack())
-        return dh, dW, db
+        return (dh, dW, db) + tuple(self.unblock(ta.stack()) for ta in row_tas)
 
 
 def _graph_rows(xs: list, y: Any, w: Any, opts: dict, chunk_size: Any) -> tuple[Any, Any]:
@@ -367,6 +378,41 @@ def _graph_rows(xs: list, y: Any, w: Any, opts: dict, chunk_size: Any) -> tuple[
             return out + ([tf.cast(db, inputs[2].dtype)] if b is not None else [])
 
         return (ce, zt), grad
+
+    return f(*xs)
+
+
+def _graph_fused(xs: list, y: Any, w: Any, opts: dict, reduction: str, chunk_size: Any) -> Any:
+    """:func:`_host_fused` in TensorFlow ops: one loop computes the loss terms and the gradients."""
+    h2, W = xs[0], xs[1]
+    has_b = len(xs) == 3
+    acc = _acc(h2.dtype)
+    rows = _rows_per_chunk(h2.shape[0], W.shape[0], acc, chunk_size)
+    ign, z_loss = opts["ignore_index"], opts["z_loss"]
+    kw = dict(weight=w, ignore_index=ign, label_smoothing=opts["label_smoothing"], softcap=opts["softcap"],
+              temperature=opts["temperature"])
+    validf, wy = row_weights(_XP, y, w, ign, acc)
+    g_ce, g_z = row_scales(_XP, validf, wy, reduction, 1.0)
+
+    @tf.custom_gradient
+    def f(*inputs):
+        ch = _Chunks(inputs[0], inputs[1], inputs[2] if has_b else None, rows)
+        yb, gb, zb = ch.block(y, ign), ch.block(g_ce), ch.block(g_z)
+
+        def dz_fn(i, z):
+            ce, m, r, dz = core_ce.ce_forward_backward(_XP, z, yb[i], gb[i], zb[i], z_loss=z_loss, **kw)
+            return dz, [ce, m + r]
+
+        dh, dW, db, ce, lse = ch.backward(dz_fn, has_b, n_rows_out=2)
+        zt = tf.where(y != ign, z_loss * lse * lse, tf.zeros_like(lse)) if z_loss else tf.zeros_like(ce)
+        loss = _reduce(ce, zt, validf, wy, reduction)
+        grads = [tf.cast(dh, inputs[0].dtype), tf.cast(dW, inputs[1].dtype)] + \
+            ([tf.cast(db, inputs[2].dtype)] if has_b else [])
+
+        def grad(g):
+            return [d * tf.cast(g, d.dtype) for d in grads]
+
+        return loss, grad
 
     return f(*xs)
 
