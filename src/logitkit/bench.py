@@ -356,17 +356,103 @@ def _np_softmax(a):
 
 
 def _head_cases(h, w, y):
+    # Ratios: each case's "limit" names the matrix products it is compared with (the same BLAS,
+    # timed alone in the same run): forward + backward is three N×H×V products, four with a
+    # teacher head. "loss+logprobs+entropy" is a GRPO-style objective: the loss, the
+    # advantage-weighted mean log-probability and an entropy bonus.
     cases = []
+    rng = np.random.default_rng(1)
+    th = (rng.standard_normal(h.shape) * 0.5).astype(np.float32)
+    tw = (rng.standard_normal(w.shape) / math.sqrt(w.shape[1])).astype(np.float32)
+    adv = rng.standard_normal(y.shape[0]).astype(np.float32)
+    n = y.shape[0]
+    outs3 = ("loss", "logprobs", "entropy")
+
+    def products(mm, teacher):
+        def run(a):
+            z = mm(a, w.T)
+            if teacher:
+                del z
+                z = mm(th, tw.T)
+            return z, mm(z, w), mm(z.T, a)
+        return run
+
+    cases.append(("3 matmuls alone (NumPy)", "", lambda: h, products(np.matmul, False), None))
     if importlib.util.find_spec("logitkit.linear") is not None:
         import logitkit.linear as lin
 
-        cases.append(("logitkit linear_cross_entropy_with_grad", "", lambda: h,
+        cases.append(("logitkit linear_cross_entropy_with_grad", "3 matmuls NumPy", lambda: h,
                       lambda a: lin.linear_cross_entropy_with_grad(a, w, y), None))
+        g3 = {"loss": 1.0, "logprobs": -adv / n, "entropy": np.full(n, -0.01 / n, np.float32)}
+        cases.append(("logitkit linear_head_with_grad loss+logprobs+entropy (NumPy)", "3 matmuls NumPy",
+                      lambda: h, lambda a: lin.linear_head_with_grad(a, w, y, outputs=outs3, grad_outputs=g3),
+                      None))
     if importlib.util.find_spec("torch"):
         import torch
         import torch.nn.functional as F
 
         yt = torch.from_numpy(y)
+        wt0, tht, twt, advt = (torch.from_numpy(t) for t in (w, th, tw, adv))
+
+        def tmm(a, b):
+            return torch.matmul(torch.as_tensor(a), torch.as_tensor(b))
+
+        cases.insert(0, ("3 matmuls alone (torch)", "", lambda: h, products(tmm, False), None))
+        cases.insert(1, ("4 matmuls alone (torch; + a teacher head's logits)", "", lambda: h,
+                         products(tmm, True), None))
+
+        def autograd(objective):
+            def run(a):
+                ht = torch.from_numpy(a).requires_grad_()
+                wt = torch.from_numpy(w).requires_grad_()
+                loss = objective(ht, wt)
+                loss.backward()
+                return loss.detach(), ht.grad, wt.grad
+            return run
+
+        def grpo(out):
+            return out.loss - (advt * out.logprobs).mean() - 0.01 * out.entropy.mean()
+
+        def rl_stats(hc, wc, yc):
+            logp = torch.log_softmax(hc @ wc.T, -1)
+            return logp.gather(-1, yc[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
+
+        def rl_loop(ht, wt):
+            # as RL frameworks write it: token chunks, each recomputed in backward (checkpoint)
+            import torch.utils.checkpoint as cp
+
+            parts = [cp.checkpoint(rl_stats, ht[i:i + 1024], wt, yt[i:i + 1024], use_reentrant=False)
+                     for i in range(0, ht.shape[0], 1024)]
+            lp, ent = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            return -lp.mean() - (advt * lp).mean() - 0.01 * ent.mean()
+
+        def eager_rl(ht, wt):
+            lp, ent = rl_stats(ht, wt, yt)
+            return -lp.mean() - (advt * lp).mean() - 0.01 * ent.mean()
+
+        cases.append(("PyTorch eager, materialized logits: loss+logprobs+entropy", "3 matmuls torch", lambda: h,
+                      autograd(eager_rl), None))
+        cases.append(("plain chunked PyTorch loop (checkpoint per 1024 tokens): loss+logprobs+entropy",
+                      "3 matmuls torch", lambda: h, autograd(rl_loop), None))
+        if importlib.util.find_spec("logitkit.torch") is not None:
+            import logitkit.linear as lin
+            import logitkit.torch as lkt
+
+            cases.insert(2, ("logitkit.torch linear_head loss (autograd)", "3 matmuls torch", lambda: h,
+                             autograd(lambda ht, wt: lkt.linear_head(ht, wt, yt).loss), None))
+            cases.insert(3, ("logitkit.torch linear_head loss+logprobs+entropy (autograd: the logits "
+                             "recomputed in backward)", "3 matmuls torch", lambda: h,
+                             autograd(lambda ht, wt: grpo(lkt.linear_head(ht, wt, yt, outputs=outs3))), None))
+            g3t = {"loss": 1.0, "logprobs": -advt / n, "entropy": torch.full((n,), -0.01 / n)}
+            cases.insert(4, ("logitkit linear_head_with_grad loss+logprobs+entropy (torch)", "3 matmuls torch",
+                             lambda: h, lambda a: lin.linear_head_with_grad(torch.from_numpy(a), wt0, yt,
+                                                                            outputs=outs3, grad_outputs=g3t),
+                             None))
+            cases.insert(5, ("logitkit linear_head_with_grad dense-teacher kl (torch, teacher head)",
+                             "4 matmuls torch", lambda: h,
+                             lambda a: lin.linear_head_with_grad(torch.from_numpy(a), wt0, yt, outputs=("kl",),
+                                                                 teacher_hidden=tht, teacher_weight=twt,
+                                                                 grad_outputs={"kl": 1.0 / n}), None))
 
         def eager(a):
             ht = torch.from_numpy(a).requires_grad_()
@@ -375,7 +461,7 @@ def _head_cases(h, w, y):
             loss.backward()
             return loss.detach(), ht.grad, wt.grad
 
-        cases.append(("torch eager (h @ W.T, F.cross_entropy)", "", lambda: h, eager, None))
+        cases.append(("torch eager (h @ W.T, F.cross_entropy)", "3 matmuls torch", lambda: h, eager, None))
         if importlib.util.find_spec("logitkit.torch") is not None:
             import logitkit.torch as lkt
 
@@ -386,7 +472,7 @@ def _head_cases(h, w, y):
                 loss.backward()
                 return loss.detach(), ht.grad, wt.grad
 
-            cases.insert(0, ("logitkit.torch linear_cross_entropy", "", lambda: h, lk_head, None))
+            cases.insert(2, ("logitkit.torch linear_cross_entropy", "3 matmuls torch", lambda: h, lk_head, None))
         if hasattr(F, "linear_cross_entropy"):
             def chunked(a):
                 ht = torch.from_numpy(a).requires_grad_()
@@ -396,7 +482,8 @@ def _head_cases(h, w, y):
                 loss.backward()
                 return loss.detach(), ht.grad, wt.grad
 
-            cases.append(("torch F.linear_cross_entropy", "", lambda: h, chunked, None))
+            cases.append(("torch F.linear_cross_entropy (2.13, loss only)", "3 matmuls torch", lambda: h, chunked,
+                          None))
     return cases
 
 
@@ -476,7 +563,10 @@ def format_table(results: list[Result]) -> str:
     rows = []
     for wl in dict.fromkeys(r.workload for r in results):
         group = [r for r in results if r.workload == wl]
-        lim = {"copyto": _find(group, "np.copyto"), "copy": _find(group, "np.copy)")}
+        lim = {"copyto": _find(group, "np.copyto"), "copy": _find(group, "np.copy)"),
+               "3 matmuls torch": _find(group, "3 matmuls alone (torch)"),
+               "3 matmuls NumPy": _find(group, "3 matmuls alone (NumPy)"),
+               "4 matmuls torch": _find(group, "4 matmuls alone (torch")}
         eager = _find(group, "torch eager")
         for r in group:
             xl = lim.get(r.limit)
