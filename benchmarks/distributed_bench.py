@@ -13,12 +13,26 @@ Rows (forward + backward of the mean loss, median of ``--repeats`` after one war
   ``F.cross_entropy`` on the whole vocabulary.
 Bytes per token are counted by wrapping ``torch.distributed``'s collectives: the payload of each
 all-reduce, and for the gather what each rank receives, ``(P−1)/P·V·4``.
+
+    python benchmarks/distributed_bench.py --dtensor       # DTensor head: N=2048, H=512, V=32000
+
+``--dtensor`` compares, on a ``ColwiseParallel``-style head (weight DTensor ``Shard(0)`` over
+``--ranks`` gloo processes, hidden states replicated), forward + backward of the mean loss:
+``logitkit.torch.linear_cross_entropy(hidden, W)`` (vocabulary-parallel, no logits), logits
+``hidden @ W.T`` (a ``Shard(1)`` DTensor) with ``logitkit.torch.cross_entropy``, the same logits
+under torch's ``loss_parallel()`` + ``F.cross_entropy``, and ``full_tensor()`` of the logits
+(gathered) + ``F.cross_entropy``. Each method runs in fresh processes: the peak extra memory per
+rank is the peak resident set of one step (``VmHWM``, reset through ``/proc/self/clear_refs``
+just before) minus the resident set before it, inputs excluded (the slowest / largest rank is
+reported); bytes per token count both ``torch.distributed`` and the functional collectives that
+DTensor uses, forward and backward.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 import pickle
 import statistics
@@ -148,6 +162,134 @@ def multi_process(args) -> list:
             return pickle.load(f)
 
 
+DTENSOR_METHODS = ("logitkit linear_cross_entropy (DTensor head)", "logits DTensor + logitkit cross_entropy",
+                   "logits DTensor + torch loss_parallel", "logits full_tensor() + F.cross_entropy")
+
+
+def _count_collectives(log: list) -> None:
+    """Wrap the collectives DTensor and torch.distributed use; log (name, bytes moved per rank)."""
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+
+    def size(t):
+        return t.numel() * t.element_size() if hasattr(t, "numel") else 0
+
+    def wrap(mod, name, nbytes):
+        orig = getattr(mod, name, None)
+        if orig is None:
+            return
+
+        def wrapped(*a, **k):
+            log.append((name, nbytes(a, k)))
+            return orig(*a, **k)
+
+        setattr(mod, name, wrapped)
+
+    world = dist.get_world_size()
+    wrap(dist, "all_reduce", lambda a, k: size(a[0]))
+    wrap(funcol, "all_reduce", lambda a, k: size(a[0]))
+    wrap(dist, "all_gather", lambda a, k: size(a[1]) * (world - 1))
+    wrap(dist, "all_gather_into_tensor", lambda a, k: size(a[1]) * (world - 1))
+    wrap(funcol, "all_gather_single", lambda a, k: size(a[0]) * (world - 1))
+    wrap(funcol, "all_gather_tensor", lambda a, k: size(a[0]) * (world - 1))
+    wrap(funcol, "reduce_scatter_tensor", lambda a, k: size(a[0]) * (world - 1) // world)
+
+
+def _reset_peak() -> int:
+    """Reset the kernel's peak resident set (VmHWM) to the current one; return it (bytes)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _hwm()
+
+
+def _hwm() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _dtensor_rank(rank: int, world: int, workdir: str, args, method: str) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    import logitkit.torch as lt
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(workdir, 'rdzv')}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=600))
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        g = torch.Generator().manual_seed(0)
+        N, H, V = args.N, args.H, args.V
+        h = torch.randn(N, H, generator=g)
+        W = (torch.randn(V, H, generator=g) * 0.05)
+        y = torch.randint(0, V, (N,), generator=g)
+        Wl = W.chunk(world)[rank].contiguous()
+        del W
+
+        def step():
+            hh = h.detach().requires_grad_()
+            Wd = DTensor.from_local(Wl.detach().requires_grad_(), mesh, [Shard(0)])
+            if method == DTENSOR_METHODS[0]:
+                lt.linear_cross_entropy(hh, Wd, y, label_smoothing=args.smoothing).backward()
+                return
+            logits = DTensor.from_local(hh, mesh, [Replicate()]) @ Wd.T  # Shard(1), as ColwiseParallel
+            if method == DTENSOR_METHODS[1]:
+                lt.cross_entropy(logits, y, label_smoothing=args.smoothing).backward()
+            elif method == DTENSOR_METHODS[2]:
+                with loss_parallel():  # torch refuses label smoothing here
+                    F.cross_entropy(logits, y).backward()
+            else:
+                F.cross_entropy(logits.full_tensor(), y, label_smoothing=args.smoothing).backward()
+
+        log: list = []
+        _count_collectives(log)
+        step()  # warm-up: imports, kernels and DTensor's caches are not the loss's memory
+        gc.collect()
+        dist.barrier()
+        del log[:]
+        base = _reset_peak()
+        step()
+        peak = _hwm()
+        nbytes = sum(b for _, b in log)
+        ms = _timeit(lambda: (dist.barrier(), step()), args.repeats)
+        t = torch.tensor([ms, max(0, peak - base) / 2**20], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest / largest rank
+        if rank == 0:
+            with open(os.path.join(workdir, "rows.pkl"), "wb") as f:
+                pickle.dump([(method, world, 1, float(t[0]), nbytes / N, float(t[1]))], f)
+    finally:
+        dist.destroy_process_group()
+
+
+def dtensor_rows(args) -> list:
+    import torch.multiprocessing as mp
+
+    rows = []
+    for method in DTENSOR_METHODS:
+        with tempfile.TemporaryDirectory() as d:
+            ctx = mp.start_processes(_dtensor_rank, args=(args.ranks, d, args, method), nprocs=args.ranks,
+                                     join=False, start_method="spawn")
+            deadline = time.monotonic() + args.timeout
+            try:
+                while not ctx.join(timeout=5):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"ranks did not finish within {args.timeout} s")
+            finally:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+            with open(os.path.join(d, "rows.pkl"), "rb") as f:
+                rows += pickle.load(f)
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--N", type=int, default=4096)
@@ -158,9 +300,23 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--dtensor", action="store_true", help="the DTensor head comparison (see above)")
+    p.add_argument("--H", type=int, default=512, help="hidden size (--dtensor)")
     args = p.parse_args(argv)
     if args.V % args.ranks:
         p.error("--V must divide by --ranks")
+    if args.dtensor:
+        if argv is None and "--N" not in sys.argv:
+            args.N = 2048
+        rows = dtensor_rows(args)
+        print(f"N={args.N} H={args.H} V={args.V} float32 label_smoothing={args.smoothing}, {args.ranks} gloo "
+              f"ranks x 1 thread, head weight Shard(0); peak = extra resident memory per rank")
+        print("| method | fwd+bwd ms | peak extra MiB per rank | bytes per token communicated (fwd+bwd) |")
+        print("| --- | ---: | ---: | ---: |")
+        for name, procs, nt, ms, bpt, mib in rows:
+            print(f"| {name} | {ms:.0f} | {mib:.0f} | {bpt:,.0f} |")
+        sys.stdout.flush()
+        return
     rows = single_process(args)
     if args.device == "cpu" and args.ranks > 1:
         rows += multi_process(args)

@@ -573,6 +573,11 @@ def linear_cross_entropy(input: Any, linear_weight: Any, target: Any, *, linear_
           for i in range(mesh.ndim)]
     gh = [dt.Partial() if i == lay.vocab else (dt.Shard(lay.tokens[i]) if i in lay.tokens else dt.Replicate())
           for i in range(mesh.ndim)]
+    if lay.vocab is not None and not isinstance(input, D):
+        # A plain input stands for a replicated one (as ColwiseParallel's input_layouts): checked on CPU,
+        # then wrapped, so that its gradient's all-reduce is DTensor's, in input's dtype.
+        _check_replicated(input, mesh.get_group(lay.vocab), "input", _dim_name(mesh, lay.vocab))
+        input = dt.DTensor.from_local(input, mesh, [dt.Replicate()] * mesh.ndim, run_check=False)
     h = _local(input, gh)
     Wl = _local(linear_weight, gw)
     bl = _local(linear_bias, gw)
@@ -594,17 +599,14 @@ def linear_cross_entropy(input: Any, linear_weight: Any, target: Any, *, linear_
         i = lay.vocab
         group = mesh.get_group(i)
         start = _vocab_start(mesh, i, V, Wl.shape[0], "linear_weight")
-        plain_h = not isinstance(input, D)
-        if plain_h:
-            _check_replicated(h, group, "input", _dim_name(mesh, i))
 
         def call(red: str, z: float) -> Tensor:
-            # a plain input gets the full gradient (all-reduced here); a DTensor one a Partial() gradient
+            # d loss / d hidden leaves as a Partial() gradient: DTensor all-reduces it in hidden's dtype
             return vocab_parallel_linear_cross_entropy(h, Wl, y, local_bias=bl, group=group, vocab_start=start,
                                                        weight=w, ignore_index=ii, label_smoothing=label_smoothing,
                                                        reduction=red, z_loss=z, softcap=softcap,
                                                        temperature=temperature, chunk_size=chunk,
-                                                       reduce_hidden_grad=plain_h)
+                                                       reduce_hidden_grad=False)
     else:
         def call(red: str, z: float) -> Tensor:
             return _lin.linear_cross_entropy(h, Wl, y, linear_bias=bl, weight=w, reduction=red, ignore_index=ii,
