@@ -270,11 +270,12 @@ def test_tensorflow_numba_torch_coexist():
         np.testing.assert_allclose(float(v), want, rtol=2e-6)
 
 
-def test_linear_head_refuses_tensorflow_clearly():
+def test_linear_head_takes_tensorflow():
+    """Zero weights: uniform over 5 classes, loss and entropy log 5 (tests/tensorflow/test_tf_linear.py has the rest)."""
     h, w, y = tf.zeros((2, 3)), tf.zeros((5, 3)), tf.constant([0, 1])
-    for call in (lambda: logitkit.linear_cross_entropy(h, w, y), lambda: logitkit.linear_entropy(h, w)):
-        with pytest.raises(TypeError, match="does not take TensorFlow tensors yet"):
-            call()
+    for out in (logitkit.linear_cross_entropy(h, w, y), logitkit.linear_entropy(h, w)):
+        assert isinstance(out, tf.Tensor)
+        np.testing.assert_allclose(f64(out), np.log(5.0), rtol=1e-6)
 
 
 def test_issue13_item7_watched_class_weight_is_refused_not_dropped():

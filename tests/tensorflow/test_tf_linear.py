@@ -300,3 +300,40 @@ def test_errors(problem):
         tape.watch(wv)
         with pytest.raises(ValueError, match="weight: class weights are not differentiated"):
             logitkit.linear_cross_entropy(hc, Wc, tf.constant(y), weight=wv, ignore_index=-1)
+
+
+@pytest.mark.parametrize("mode,dtype", [("eager", "bfloat16"), ("xla", "float16")])
+def test_low_precision(mode, dtype, rng):
+    """bfloat16 / float16 inputs accumulate in float32: loss and gradients within the input's rounding."""
+    h = rng.standard_normal((9, 16))
+    W = rng.standard_normal((40, 16)) * 0.3
+    y = rng.integers(0, 40, 9)
+    dt = getattr(tf, dtype)
+    hv, Wv = tf.Variable(tf.cast(h, dt)), tf.Variable(tf.cast(W, dt))
+
+    def f():
+        with tf.GradientTape() as tape:
+            loss = logitkit.linear_cross_entropy(hv, Wv, tf.constant(y))
+        return loss, tape.gradient(loss, [hv, Wv])
+
+    loss, gs = run(mode, f)
+    assert loss.dtype == dt and gs[0].dtype == dt and gs[1].dtype == dt
+    h64, W64 = (tf.cast(v, tf.float64) for v in (hv, Wv))
+    with tf.GradientTape() as tape:
+        tape.watch([h64, W64])
+        want = tf_ce64(h64, W64, None, tf.constant(y))
+    tol = 1e-2 if dtype == "bfloat16" else 2e-3
+    np.testing.assert_allclose(float(tf.cast(loss, tf.float64)), float(want), rtol=tol)
+    for got, ref in zip(gs, tape.gradient(want, [h64, W64])):
+        np.testing.assert_allclose(tf.cast(got, tf.float64).numpy(), ref.numpy(), rtol=0, atol=tol * 0.5)
+
+
+def test_second_derivative_is_refused(problem):
+    h, W, b, y, _ = problem
+    hv = tf.Variable(h)
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            loss = logitkit.linear_cross_entropy(hv, tf.constant(W), tf.constant(y), ignore_index=-1)
+        with pytest.raises(NotImplementedError, match="second derivatives"):
+            inner.gradient(loss, hv)
+    del outer

@@ -89,6 +89,15 @@ class _HostOps(core.NumpyOps):
         return out
 
 
+def _first_order(inputs: Any, *upstream: Any) -> None:
+    """Backward here is not differentiable again: refuse a tape that watches it (a second derivative)."""
+    gs = [g for u in upstream for g in (u if isinstance(u, (tuple, list)) else (u,)) if g is not None]
+    if _recording(*inputs, *gs):
+        raise NotImplementedError("hidden: second derivatives of the fused linear head are not available on "
+                                  "TensorFlow (a GradientTape is watching its backward pass); compute the logits "
+                                  "and use logitkit.cross_entropy, whose gradient is differentiable")
+
+
 def _refuse_watched_weight(weight: Any) -> None:
     if weight is not None and _recording(tf.convert_to_tensor(weight)):
         raise ValueError("weight: class weights are not differentiated, and a GradientTape is watching "
@@ -215,6 +224,7 @@ def _host_fused(xs: list, y: Any, w: Any, opts: dict, reduction: str, chunk_size
         loss, *grads = run(inputs[0], inputs[1], y, *inputs[2:], *wl)
 
         def grad(g):
+            _first_order(inputs, g)
             g = tf.cast(g, grads[0].dtype)
             # g is 1 for the loss of a model: hand over the forward's buffers without a copy.
             return [tf.cond(tf.equal(g, 1), lambda d=d: tf.identity(d), lambda d=d: d * tf.cast(g, d.dtype))
@@ -257,6 +267,7 @@ def _host_rows(xs: list, y: Any, w: Any, opts: dict, chunk_size: Any) -> tuple[A
         ce, zt, m, r = fwd(inputs[0], inputs[1], y, *inputs[2:], *wl)
 
         def grad(dce, dzt):
+            _first_order(inputs, dce, dzt)
             dce = tf.zeros_like(ce) if dce is None else tf.cast(dce, ce.dtype)
             dzt = tf.zeros_like(zt) if dzt is None else tf.cast(dzt, zt.dtype)
             return list(bwd(inputs[0], inputs[1], y, m, r, dce, dzt, *inputs[2:], *wl))
@@ -366,6 +377,7 @@ def _graph_rows(xs: list, y: Any, w: Any, opts: dict, chunk_size: Any) -> tuple[
         zt = tf.where(valid, z_loss * lse * lse, tf.zeros_like(lse)) if z_loss else tf.zeros_like(ce)
 
         def grad(dce, dzt):
+            _first_order(inputs, dce, dzt)
             dce = tf.zeros_like(ce) if dce is None else tf.cast(dce, acc)
             dzt = tf.zeros_like(zt) if dzt is None else tf.cast(dzt, acc)
             mb, rb, gb, zb = ch.block(m), ch.block(r), ch.block(dce), ch.block(dzt)
@@ -410,6 +422,7 @@ def _graph_fused(xs: list, y: Any, w: Any, opts: dict, reduction: str, chunk_siz
             ([tf.cast(db, inputs[2].dtype)] if has_b else [])
 
         def grad(g):
+            _first_order(inputs, g)
             return [d * tf.cast(g, d.dtype) for d in grads]
 
         return loss, grad
@@ -456,6 +469,7 @@ def _host_entropy(xs: list, opts: dict, chunk_size: Any) -> Any:
         ent, m, r = fwd(*inputs)
 
         def grad(g):
+            _first_order(inputs, g)
             return list(bwd(*inputs[:2], ent, m, r, tf.cast(g, ent.dtype), *inputs[2:]))
 
         return ent, grad
@@ -485,6 +499,7 @@ def _graph_entropy(xs: list, opts: dict, chunk_size: Any) -> Any:
         ent, m, r = (ch.unblock(t) for t in tf.map_fn(chunk, ch.h, fn_output_signature=(acc, acc, acc)))
 
         def grad(g):
+            _first_order(inputs, g)
             eb, mb, rb, gb = ch.block(ent), ch.block(m), ch.block(r), ch.block(tf.cast(g, acc))
 
             def dz_fn(i, z):
@@ -600,6 +615,7 @@ def fused_linear_head(a: Any) -> Any:
             argmax.append(outs[n_out])
 
         def grad(*gs):
+            _first_order(inputs, gs)
             cots = [tf.zeros_like(v) if g is None else tf.cast(g, acc) for v, g in zip(vals, gs)]
             return list(bwd(inputs[0], inputs[1], *cots, *saved, *inputs[2:], *consts))
 
@@ -718,6 +734,7 @@ def _graph_head(a: Any) -> Any:
         vals = [rows_[k] for k in keys]
 
         def grad(*gs):
+            _first_order(inputs, gs)
             cots = {"g_" + k: (tf.zeros_like(v) if g is None else tf.cast(g, acc)) for k, v, g in zip(keys, vals, gs)}
             saved = {k: ch.block(rows_[k]) for k in _ROW_KEYS if k in rows_}
             cb = {k: ch.block(v) for k, v in cots.items()}
