@@ -555,10 +555,52 @@ def check_mesh2d(ctx: Ctx) -> dict:
     return out
 
 
+def check_fsdp_tp_2d(ctx: Ctx) -> dict:
+    """examples/dtensor_2d_mesh_torchrun.py's setup: FSDP2 over dp, a ColwiseParallel head over tp, the
+    loss inside forward (the head there is the tp-sharded DTensor); 3 SGD steps against one process."""
+    import torch
+    import torch.nn.functional as F
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    import logitkit.torch as lt
+
+    m = ctx.mesh2
+    d = data(10, n=16)
+    x_all, y_all = ctx.t(d["x"][:, :H]), ctx.t(d["y"])
+    ref = _tiny(torch, 0, ctx.device)
+    model = _tiny(torch, 0, ctx.device)
+    parallelize_module(model.lm_head, m["tp"], ColwiseParallel())
+    fully_shard(model, mesh=m["dp"])
+    dp, r = m["dp"].size(), m["dp"].get_local_rank()
+    rows = np.array_split(np.arange(16), dp)[r]
+    out = {"losses": [], "ref": []}
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    for step in range(3):
+        n = lt.global_num_items(y_all[rows], group=m["dp"].get_group())
+        loss = model(x_all[rows], y_all[rows], num_items=n, scale=float(dp))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total = loss.detach().full_tensor() / dp
+        torch.distributed.all_reduce(total, group=m["dp"].get_group())
+        out["losses"].append(total.item())
+        rl = F.cross_entropy(ref(x_all) @ ref.lm_head.weight.T, y_all)
+        ref_opt.zero_grad()
+        rl.backward()
+        ref_opt.step()
+        out["ref"].append(rl.item())
+    out["params"] = {nm: _np(p) for nm, p in model.named_parameters()}
+    out["ref_params"] = {nm: p.detach().numpy().copy() for nm, p in ref.named_parameters()}
+    out["loss_placements"] = str(tuple(loss.placements))
+    return out
+
+
 CHECKS = {
     2: [check_ce_options_1d, check_ce_token_sharded, check_linear_tp, check_linear_token_sharded, check_fsdp2,
         check_grad_accum_ddp, check_errors, check_fsdp2_transformers],
-    4: [check_mesh2d, check_ce_options_1d, check_linear_tp, check_errors],
+    4: [check_mesh2d, check_fsdp_tp_2d, check_ce_options_1d, check_linear_tp, check_errors],
 }
 
 

@@ -240,6 +240,16 @@ def test_fsdp2_tiny_model_matches_one_process(results, mode):
         assert per_rank[0]["sharded_weight/gathers"] > 0  # the weight was all-gathered (and the counter works)
 
 
+def test_fsdp2_over_dp_with_colwise_head_over_tp(results):
+    """The example's 2-D setup (FSDP2 × ColwiseParallel, loss in forward) trains as one process does."""
+    per_rank = results(4, "check_fsdp_tp_2d")
+    for r in per_rank:
+        _close(r["losses"], r["ref"], rtol=1e-12)
+        for name, p in r["ref_params"].items():
+            _close(r["params"][name], p, rtol=1e-10, atol=1e-13)
+        assert r["loss_placements"] == "(Replicate(),)"  # a DTensor on the tp mesh
+
+
 def test_fsdp2_through_logitkit_transformers_apply(results):
     """A tiny Llama, apply()-ed, layers and lm_head fully_shard-ed, num_items_in_batch × world size:
     the loss and every gradient of one process on the whole batch (HF's loss is float32 there)."""
@@ -354,7 +364,7 @@ def test_nccl_two_gpus(tmp_path):
                    names=["check_ce_options_1d", "check_linear_tp", "check_linear_token_sharded"])
     d = W.data(1)
     for r in res:
-        for name, v in r.items():
+        for v in r.values():
             assert "exception" not in v, v["exception"]
         for k, o in enumerate(W.CE_OPTIONS):
             loss, grad = _ref(d["x"], W.labels_for(d["y"], o), o, d["w"])

@@ -296,7 +296,7 @@ def _contiguous_stride(shape: tuple) -> tuple:
 
 
 def _reduce(lay: _Layout, call: Any, *, reduction: str, z_loss: float, num_items: Any, check: Any,
-            stats: Any, out_shape: tuple, device: Any) -> Tensor:
+            stats: Any, out_shape: tuple, device: Any, smoothing: float) -> Tensor:
     """The loss DTensor from ``call(reduction, z_loss) -> local loss`` (see the module docstring)."""
     dt = _dt()
     mesh = lay.mesh
@@ -330,6 +330,13 @@ def _reduce(lay: _Layout, call: Any, *, reduction: str, z_loss: float, num_items
         loc = call("sum", z_loss)
     elif num_items is not None:
         loc = _divide(call("sum", z_loss), num_items)
+    elif wsum == 0 and count != 0 and z_loss != 0.0:
+        # every counted row has class weight 0: the cross-entropy part is dropped (1/Σ w_y := 0) and
+        # the z-loss part stays, which one "sum" call separates only without smoothing (Σ w·ce = 0)
+        if smoothing:
+            raise NotImplementedError("weight: class weights that are 0 for every label in the batch, with "
+                                      "label_smoothing and z_loss, are not supported with token-sharded DTensors")
+        loc = call("sum", z_loss) / count
     else:
         # mean = Σ w·ce / Σ w_y + z·Σ lse² / count = (Σ w·ce + z·(Σ w_y / count)·Σ lse²) / Σ w_y
         z = z_loss if (z_loss == 0.0 or wsum == count or count == 0) else z_loss * wsum / count
@@ -429,7 +436,8 @@ def cross_entropy(input: Any, target: Any, weight: Any = None, size_average: Any
     out_shape = tuple(target.shape) if not prob else tuple(s for k, s in enumerate(input.shape) if k != cdim)
     ystat = y if not prob else (y if cdim == y.ndim - 1 else y.movedim(cdim, -1))
     return _reduce(lay, call, reduction=reduction, z_loss=float(z_loss), num_items=num_items, check=check,
-                   stats=lambda: _row_stats(ystat, w, ignore_index, kind), out_shape=out_shape, device=x.device)
+                   stats=lambda: _row_stats(ystat, w, ignore_index, kind), out_shape=out_shape, device=x.device,
+                   smoothing=float(label_smoothing))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -614,7 +622,8 @@ def linear_cross_entropy(input: Any, linear_weight: Any, target: Any, *, linear_
                                              temperature=temperature, chunk_size=chunk)
 
     return _reduce(lay, call, reduction=reduction, z_loss=float(z_loss), num_items=num_items, check=check,
-                   stats=lambda: _row_stats(y, w, ii, "index"), out_shape=tuple(target.shape), device=h.device)
+                   stats=lambda: _row_stats(y, w, ii, "index"), out_shape=tuple(target.shape), device=h.device,
+                   smoothing=float(label_smoothing))
 
 
 _LCE_KEYS = frozenset({"linear_bias", "weight", "ignore_index", "label_smoothing", "reduction", "z_loss", "softcap",
