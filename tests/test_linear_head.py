@@ -347,6 +347,38 @@ def test_peak_memory_is_the_chunk_workspace(rng):
     assert rows * 32000 * 4 * (core_head.STUDENT_TEMPS + core_head.TEACHER_TEMPS) <= core_head.DEFAULT_WORKSPACE
 
 
+def test_row_kernel_peak_memory_with_gradients(rng):
+    # The numba row pass (every output but jsd/topk; a teacher head with the forward KL): the chunk's
+    # logits and the teacher's are the whole workspace, for the values and for the gradients of
+    # linear_head_with_grad (allocated here too: 1 MB for dW at H=8).
+    import logitkit.linear as L
+
+    N, H, V = 512, 8, 32000
+    h = rng.standard_normal((N, H)).astype(np.float32)
+    W = rng.standard_normal((V, H)).astype(np.float32)
+    th = rng.standard_normal((N, H)).astype(np.float32)
+    tW = rng.standard_normal((V, H)).astype(np.float32)
+    y = rng.integers(0, V, N)
+    outs = ("loss", "logprobs", "entropy", "lse", "argmax", "kl")
+    g = {"loss": 1.0, "logprobs": np.ones(N), "entropy": np.ones(N), "kl": np.ones(N)}
+    for fn, kw in ((logitkit.linear_head, {}), (L.linear_head_with_grad, {"grad_outputs": g})):
+        # compiled first: numba's compiler objects are Python allocations too
+        fn(h[:300], W[:900], y[:300] % 900, outputs=outs, teacher_hidden=th[:300], teacher_weight=tW[:900],
+           **({"grad_outputs": {k: (v if np.ndim(v) == 0 else v[:300]) for k, v in g.items()}} if kw else {}))
+        tracemalloc.start()
+        try:
+            out = fn(h, W, y, outputs=outs, teacher_hidden=th, teacher_weight=tW, **kw)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        grads = 0 if fn is logitkit.linear_head else (N + V) * H * 4  # dhidden, dlinear_weight
+        out = out if fn is logitkit.linear_head else out[0]
+        assert np.isfinite(out.kl).all()
+        assert peak - grads <= 32e6 < N * V * 4, (fn.__name__, peak)
+    rows = core_head.plan_rows(4096, V, 4, "dense", workspace=core_head.KERNEL_WORKSPACE, temps=2)
+    assert rows * V * 4 * 2 <= core_head.KERNEL_WORKSPACE <= 32e6 and rows >= 100
+
+
 # ----------------------------------------------------------------------------------------------
 # errors
 

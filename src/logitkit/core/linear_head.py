@@ -49,7 +49,7 @@ from .linear_cross_entropy import _chunk_selections, _host_bool, _itemsize
 from .logsumexp import quiet, row_stats, transform, transform_grad_factor
 
 __all__ = ["HeadOutput", "HeadSpec", "OUTPUTS", "DIFFERENTIABLE", "DIVERGENCES", "chunk_forward",
-           "chunk_backward", "HeadRun", "plan_rows", "DEFAULT_WORKSPACE", "row_names"]
+           "chunk_backward", "HeadRun", "plan_rows", "DEFAULT_WORKSPACE", "KERNEL_WORKSPACE", "row_names"]
 
 OUTPUTS = ("loss", "logprobs", "entropy", "lse", "argmax", "kl")
 DIFFERENTIABLE = ("loss", "logprobs", "entropy", "lse", "kl")
@@ -62,6 +62,11 @@ DEFAULT_WORKSPACE = 24 << 20
 # 5 more for a dense teacher; tests/test_linear_head.py holds the peak to 32 MB).
 STUDENT_TEMPS = 15
 TEACHER_TEMPS = 5
+# Workspace of the numba row pass, which needs the chunk's logits alone (and the teacher's): 30 MiB
+# (31.5 MB) of float32 logits are 245 tokens of a 32k vocabulary, 122 with a teacher head. The
+# products of a chunk re-read the whole weight, so fewer, larger chunks cost less (the linear
+# cross-entropy driver measured 192 -> 256 rows at -2.6%); the issue bounds the workspace at 32 MB.
+KERNEL_WORKSPACE = 30 << 20
 
 
 class HeadOutput(NamedTuple):
@@ -389,7 +394,7 @@ class HeadRun:
 
     def __init__(self, ops: Any, h2: Any, W: Any, labels: Any, temp: Any, weight: Any, spec: HeadSpec,
                  teacher: Any = None, teacher_ops: Any = None, chunk_size: Any = None,
-                 workspace: int = DEFAULT_WORKSPACE) -> None:
+                 workspace: Any = None) -> None:
         self.ops, self.xp = ops, ops.xp
         self.h, self.W, self.labels, self.temp, self.weight = h2, W, labels, temp, weight
         self.spec, self.teacher, self.tops = spec, teacher, teacher_ops
@@ -404,6 +409,8 @@ class HeadRun:
         self.n_valid = int(idx.size)
         self.fast = _fast_ok(ops, spec, teacher, teacher_ops)
         temps = None
+        if workspace is None:
+            workspace = KERNEL_WORKSPACE if self.fast else DEFAULT_WORKSPACE
         if self.fast:
             temps = 1 + (1 if spec.teacher == "dense" else 0)
             self._w_np = None if weight is None else _np(weight).astype(_np_dtype(ops.logit_dtype))
