@@ -266,7 +266,11 @@ def linear_entropy(hidden: Any, linear_weight: Any, *, linear_bias: Any = None, 
     opts = _opts(None, -100, 0.0, 0.0, softcap, temperature)
     if lib != NUMPY:
         return _adapter(lib).fused_linear_entropy(hidden, linear_weight, linear_bias, opts, chunk_size)
-    labels = np.zeros(hidden.shape[:-1], np.int64)
+    if not isinstance(chunk_size, tuple):
+        # whole rows: the fused head's chunk loop (its numba row pass where it applies)
+        return linear_head(hidden, linear_weight, None, linear_bias=linear_bias, outputs=("entropy",),
+                           softcap=softcap, temperature=temperature, chunk_size=chunk_size).entropy
+    labels = np.zeros(hidden.shape[:-1], np.int64)  # vocabulary tiles: merged online across tiles
     head = _numpy_head(hidden, linear_weight, labels, linear_bias, opts, chunk_size, kernels=False)
     return head.entropy()[0].reshape(hidden.shape[:-1]).astype(hidden.dtype)
 
