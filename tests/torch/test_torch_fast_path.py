@@ -7,6 +7,7 @@ that size, and checks the route was taken (the node's class), so a fallback cann
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -32,7 +33,7 @@ def _data(N, C, dtype=torch.float64, seed=0, ignore=True):
 
 
 def _fast(loss):
-    return getattr(loss.grad_fn, "_forward_cls", None) is _eager.CrossEntropyIndex
+    return getattr(loss.grad_fn, "_forward_cls", None) in (_eager.CrossEntropyIndex, _eager.CrossEntropySmall)
 
 
 @pytest.mark.parametrize("N,C", SIZES)
@@ -117,3 +118,189 @@ def test_top_level_cross_entropy_takes_the_fast_path():
     loss = logitkit.cross_entropy(x, y)
     assert _fast(loss)
     torch.testing.assert_close(loss, F.cross_entropy(x, y))
+
+
+# ----------------------------------------------------------------------------------------------
+# the serial route's compiled entry (logitkit.torch._entry): short rows against the kernel
+
+
+def _special_rows(N, C, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((N, C)) * rng.choice([0.5, 3.0, 20.0])).astype(dtype)
+    y = rng.integers(0, C, N)
+    x[0] = -np.inf                      # fully masked, not ignored: loss inf, never NaN
+    x[1, 0] = np.nan                    # NaN row
+    x[2, -1] = np.inf                   # +inf row
+    x[3] = 5.0                          # every class tied
+    x[4] += 1e4                         # a large shared offset
+    x[5, y[5]] = 80.0 if dtype == np.float32 else 700.0  # confident row, loss ~1e-30
+    if C > 1:
+        x[6, (y[6] + 1) % C] = -np.inf  # one masked class
+    y[7] = -100                         # ignored
+    x[8] = -np.inf
+    y[8] = -100                         # fully masked and ignored: 0, no NaN
+    return x, y
+
+
+def _entry_outputs(x, y, red, fused):
+    from logitkit.torch import _entry
+
+    N, C = x.shape
+    is64 = x.dtype == np.float64
+    loss = np.zeros(N if red == 2 else 1, x.dtype)
+    g = np.zeros((N, C), x.dtype)
+    m, r = np.zeros(N, x.dtype), np.zeros(N, x.dtype)
+    yy = np.ascontiguousarray(y, np.int64)
+    valid = _entry.ce_entry(is64)(x.ctypes.data, yy.ctypes.data, loss.ctypes.data, g.ctypes.data if fused else 0,
+                                  m.ctypes.data, r.ctypes.data, N, C, -100, red, fused)
+    return valid, loss, g, m, r
+
+
+def _kernel_outputs(x, y, inv):
+    from logitkit.kernels.cpu import _kernels as K
+
+    N, C = x.shape
+    ce, m, r = (np.empty(N, x.dtype) for _ in range(3))
+    g = np.empty((N, C), x.dtype)
+    K.ce_direct_serial(x, np.ascontiguousarray(y, np.int64), np.ones(C, x.dtype), float(C), -100, 0.0, 0.0,
+                       np.full(N, inv), np.zeros(N), True, g, False, ce, m, r)
+    return ce, g, m, r
+
+
+def _same_values(a, b, rtol):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.array_equal(np.isnan(a), np.isnan(b))
+    ok = ~np.isnan(a)
+    assert np.array_equal(a[ok & np.isinf(a)], b[ok & np.isinf(a)])
+    fin = np.isfinite(a)
+    np.testing.assert_allclose(a[fin], b[fin], rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("C", [1, 2, 7, 32, 33, 200])  # up to SHORT_C the entry's own rows, above the kernel's
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_entry_rows_match_the_kernel(C, dtype):
+    """Every row kind, per-row loss / statistics / gradient, against the kernel's ce_direct."""
+    N = 12
+    x, y = _special_rows(N, C, dtype, seed=C)
+    valid, loss, g, m, r = _entry_outputs(x, y, 2, True)
+    assert valid == N - 2
+    ce_k, g_k, m_k, r_k = _kernel_outputs(x, y, 1.0)
+    rtol = 4e-7 if dtype == np.float32 else 1e-15
+    _same_values(loss, ce_k, rtol)
+    _same_values(m, m_k, 0)
+    _same_values(r, r_k, rtol)
+    # red=2 writes no gradient scale: compare the fused gradient of the mean instead
+    valid, mean, g, _, _ = _entry_outputs(x, y, 0, True)
+    _, g_k, _, _ = _kernel_outputs(x, y, 1.0 / valid)
+    _same_values(g, g_k, rtol)
+    assert np.isnan(mean[0])  # the NaN and +inf rows make the mean NaN, as in torch
+
+
+@pytest.mark.parametrize("C", [1, 3, 10, 32, 100])
+def test_entry_float32_meets_the_contract(C):
+    """Per-row loss within 2^-21 of the float64 value of the float32 inputs, confident rows included."""
+    rng = np.random.default_rng(C)
+    N = 64
+    x = (rng.standard_normal((N, C)) * 4).astype(np.float32)
+    y = rng.integers(0, C, N)
+    x[: N // 4, :] -= 60.0
+    x[np.arange(N // 4), y[: N // 4]] = 0.0  # confident rows: loss ~ C·exp(-60)
+    x[N // 4: N // 2] += 1e4
+    _, loss, g, _, _ = _entry_outputs(x, y, 2, False)
+    x64 = torch.from_numpy(x.astype(np.float64))
+    ref = F.cross_entropy(x64, torch.from_numpy(y), reduction="none").numpy()
+    # float64 torch loses the confident rows' digits too (log(1 + 1e-26) = 0): those from log1p
+    m = x.astype(np.float64).max(1, keepdims=True)
+    e = np.exp(x.astype(np.float64) - m)
+    top = np.argmax(x, 1)
+    e[np.arange(N), top] = 0.0
+    exact = np.log1p(e.sum(1)) - (x.astype(np.float64)[np.arange(N), y] - m[:, 0])
+    conf = slice(0, N // 4)
+    ref[conf] = exact[conf]
+    if C == 1:
+        assert np.all(loss == 0.0)
+        return
+    fin = ref > 1e-37  # float32's normal range
+    rel = np.abs(loss.astype(np.float64)[fin] - ref[fin]) / ref[fin]
+    assert rel.max() <= 2.0 ** -21, rel.max()
+
+
+def test_entry_reports_the_first_bad_label():
+    x = np.zeros((5, 4), np.float32)
+    y = np.array([0, -100, 4, -1, 2])
+    valid, loss, g, _, _ = _entry_outputs(x, y, 0, True)
+    assert valid == -1 - 2
+
+
+def test_no_grad_call_matches_torch():
+    x, y = _data(50, 9, torch.float32)
+    with torch.no_grad():
+        loss = lt.cross_entropy(x, y)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss.double(), F.cross_entropy(x.double(), y), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("N,C", SIZES)
+def test_double_backward_after_in_place_change_raises(N, C):
+    x, y = _data(N, C)
+    h = x * 1.0  # an intermediate, modified in place after the loss
+    loss = lt.cross_entropy(h, y)
+    assert _fast(loss)
+    with torch.no_grad():
+        h.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+def test_two_pass_backward_after_in_place_change_raises():
+    x, y = _data(40, 500)  # above FUSED_MAX: backward reads the logits
+    h = x * 1.0
+    loss = lt.cross_entropy(h, y)
+    assert _fast(loss)
+    with torch.no_grad():
+        h.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_fused_backward_after_in_place_change_is_the_forward_gradient():
+    """As torch's own loss (which saves its log-softmax, not the logits): the gradient of the values
+    the forward saw."""
+    x, y = _data(6, 5)
+    h = x * 1.0
+    loss = lt.cross_entropy(h, y)
+    ref = F.cross_entropy(h, y)
+    with torch.no_grad():
+        h.mul_(3.0)
+    (ours,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (exp,) = torch.autograd.grad(ref, x)
+    torch.testing.assert_close(ours, exp)
+
+
+@pytest.mark.parametrize("N,C", SIZES)
+def test_saved_tensor_hooks_see_the_logits(N, C):
+    """Offloading and checkpointing work through saved-tensor hooks: under them the route saves the
+    logits with save_for_backward (and the hooks pack them), instead of holding them itself."""
+    x, y = _data(N, C)
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = lt.cross_entropy(x, y)
+    assert any(t.data_ptr() == x.data_ptr() for t in packed)
+    (ours,) = torch.autograd.grad(loss, x)
+    (exp,) = torch.autograd.grad(F.cross_entropy(x, y), x)
+    torch.testing.assert_close(ours, exp)
+
+
+def test_gradient_buffer_becomes_the_grad():
+    """The fused gradient is handed to autograd, which keeps it as .grad without a copy."""
+    x, y = _data(6, 5)
+    loss = lt.cross_entropy(x, y)
+    ptr = loss.grad_fn.s[0].data_ptr()  # no reference kept: autograd may take the buffer only when none is
+    loss.backward()
+    assert x.grad.data_ptr() == ptr
+    assert loss.grad_fn.s is None  # released with the graph

@@ -121,27 +121,173 @@ def fast_ce(input: Tensor, target: Tensor, ignore_index: int, reduction: str, ch
     """The loss through the fast path, or ``None`` when the call needs the general route.
 
     ``reduction`` must already be one of ``"mean"``, ``"sum"``, ``"none"``. ``checked``: the
-    labels' range was checked by the caller.
+    labels' range was checked by the caller. Every line here runs on each small call, in the
+    cold caches a model's step leaves behind: the checks are attribute tests, in one expression.
     """
-    if (input.ndim != 2 or target.ndim != 1 or input.dtype not in _FAST_DTYPES or target.dtype != torch.int64
-            or input.device.type != "cpu" or registry._forced_core[0] or torch.compiler.is_compiling()
-            or not -_II_MAX < ignore_index < _II_MAX):
-        return None
+    if (_is_compiling() or input.ndim != 2 or target.ndim != 1 or input.dtype not in _FAST_DTYPES
+            or target.dtype != _I64 or not input.is_cpu or not target.is_cpu or _forced[0] or _functorch_active()
+            or not -_II_MAX < ignore_index < _II_MAX or not input.is_contiguous() or not target.is_contiguous()):
+        return None  # (the functorch transforms take the general route)
     N, C = input.shape
-    if N == 0 or C == 0 or target.shape[0] != N or not input.is_contiguous() or not target.is_contiguous():
+    if N == 0 or C == 0 or target.shape[0] != N:
         return None
-    if target.device.type != "cpu" or registry._load("cpu") is None:
+    k = _cpu[0] if _cpu else _load_cpu()
+    if k is None:
         return None
+    if N * C < _serial_max[0] or k.get_num_threads() == 1:
+        # serial: one compiled call checks the labels, runs the kernel and reduces
+        input, target = _unwrap_if_dead(input), _unwrap_if_dead(target)
+        if not (input.requires_grad and _grad_enabled()):
+            return CrossEntropySmall.forward(None, input, target, ignore_index, reduction)
+        if _saved_hooks(False) is None:  # hooks (offloading, checkpointing) see what the class below saves
+            return _apply_small(input, target, ignore_index, reduction)
     lo, hi = torch.aminmax(target)  # one C++ call: cheaper than two NumPy reductions here
     in_range = lo.item() >= 0 and hi.item() < C
     if not in_range and not checked:  # only then the full check, which names the bad label
-        from .. import _validate
-        from .._namespace import TORCH
-
-        _validate.check_label_range(TORCH, target, C, ignore_index, name="target")
+        _bad_labels(target, C, ignore_index)
     # every label a class, so none is ignore_index: the mean's count is N without a pass
     n_valid = N if in_range and not 0 <= ignore_index < C else -1
     return CrossEntropyIndex.apply(input, target, ignore_index, reduction, n_valid)
+
+
+_I64 = torch.int64
+_forced = registry._forced_core
+_is_compiling = torch.compiler.is_compiling
+_functorch_active = torch._C._are_functorch_transforms_active
+_grad_enabled = torch.is_grad_enabled
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+_saved_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda ignore: True)
+_cpu: list = []
+_serial_max = [0]  # below this many logits the kernels run serially (their own entry points' rule)
+
+
+def _load_cpu() -> Any:
+    k = registry._load("cpu")
+    if k is not None:
+        _serial_max[0] = 2 * k._MIN_PER_THREAD
+        _cpu.append(k)
+    return k
+
+
+def _bad_labels(target: Tensor, C: int, ignore_index: int) -> None:
+    """Raise the general route's error, which names the first bad label and its position."""
+    from .. import _validate
+    from .._namespace import TORCH
+
+    _validate.check_label_range(TORCH, target, C, ignore_index, name="target")
+
+
+_entry_points: list = [None, None]  # the compiled entries of :mod:`._entry`, float32 and float64
+
+
+def _entry(is64: bool) -> Any:
+    ep = _entry_points[is64]
+    if ep is None:
+        from . import _entry as mod  # imports numba, compiles or loads the entries
+
+        ep = _entry_points[is64] = mod.ce_entry(is64)
+    return ep
+
+
+_FREED = ("Trying to backward through the graph a second time (or directly access saved tensors after they "
+          "have already been freed). Specify retain_graph=True if you need to backward through the graph a "
+          "second time or if you need to access saved tensors after calling backward.")
+_MODIFIED = ("one of the variables needed for gradient computation has been modified by an inplace operation: "
+             "the logits given to logitkit.torch.cross_entropy are at version {now}; expected version {then} "
+             "instead.")
+
+
+class _DoubleOpts:
+    """What :func:`._autograd._ce_index_double` reads from a context: the default options."""
+
+    inplace = False
+
+    def __init__(self, ignore_index: int, reduction: str) -> None:
+        self.opts = (ignore_index, 0.0, reduction, 0.0, None, 1.0)
+
+
+class CrossEntropySmall(torch.autograd.Function):
+    """Cross-entropy with torch's default options on rows the serial kernels run (``N·V`` below
+    the kernels' threading threshold), the loss reduced or per row.
+
+    Forward is one compiled call (:mod:`._entry`); up to ``FUSED_MAX`` logits it also makes the
+    gradient for a unit grad_output, and backward only scales it. Above, forward keeps the row
+    statistics and backward makes the gradient in one pass. The logits are held as an attribute
+    rather than saved (saving costs more than this loss's whole kernel): backward checks their
+    version counter itself wherever it reads them, and a second backward of a freed graph raises
+    as torch does.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, labels: Tensor, ignore_index: int, reduction: str) -> Tensor:
+        # ``ctx`` None: no gradient wanted (called directly, not through apply). ``ctx.state`` is the
+        # gradient for a unit grad_output (a tensor, N·V ≤ FUSED_MAX and a reduced loss), or
+        # ``(m, r, inv)``: the row statistics and the mean's 1 / count.
+        N, C = x.shape
+        npdt = np.float64 if x.dtype == torch.float64 else np.float32
+        red = 0 if reduction == "mean" else (1 if reduction == "sum" else 2)
+        loss = torch.from_numpy(np.empty((N,) if red == 2 else (), npdt))
+        fused = ctx is not None and red != 2 and N * C <= FUSED_MAX
+        gp = mp = rp = 0
+        if fused:
+            state = torch.empty_like(x, memory_format=torch.contiguous_format)
+            gp = state.data_ptr()
+        elif ctx is not None:
+            m, r = np.empty(N, npdt), np.empty(N, npdt)
+            mp, rp = m.ctypes.data, r.ctypes.data
+        is64 = npdt is np.float64
+        valid = (_entry_points[is64] or _entry(is64))(x.data_ptr(), labels.data_ptr(), loss.data_ptr(), gp, mp, rp,
+                                                      N, C, ignore_index, red, fused)
+        if valid < 0:
+            _bad_labels(labels, C, ignore_index)  # names the label; the entry found it at -1 - valid
+            raise ValueError(f"target: class index {int(labels[-1 - valid])} at position {-1 - valid} is outside "
+                             f"[0, {C}) and is not ignore_index={ignore_index}")
+        if ctx is not None:
+            ctx.s = (state if fused else (m, r, (1.0 / valid if valid else 0.0) if red == 0 else 1.0), x, labels,
+                     x._version, ignore_index, reduction)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Any, ...]:
+        saved = ctx.s
+        if saved is None:
+            raise RuntimeError(_FREED)
+        state, x, labels, version, ii, red = saved
+        if _grad_enabled():  # create_graph: differentiable torch ops on the logits
+            if x._version != version:
+                raise RuntimeError(_MODIFIED.format(now=x._version, then=version))
+            from ._autograd import _ce_index_double
+
+            return _ce_index_double(_DoubleOpts(ii, red), x, labels, None, g, None), None, None, None
+        if _keep_graph():
+            if type(state) is Tensor:
+                return (state.clone() if g.item() == 1.0 else state * g), None, None, None
+        else:
+            ctx.s = saved = None
+            if type(state) is Tensor:  # the graph's last use: autograd takes this buffer as the .grad
+                if g.item() != 1.0:
+                    state.mul_(g)
+                return state, None, None, None
+        if x._version != version:
+            raise RuntimeError(_MODIFIED.format(now=x._version, then=version))
+        return _small_backward(x, labels, state, g, ii, red), None, None, None
+
+
+def _small_backward(x: Tensor, labels: Tensor, state: tuple, g: Tensor, ignore_index: int, reduction: str) -> Tensor:
+    m, r, inv = state
+    xn, yn = x.detach().numpy(), labels.numpy()
+    N, C = xn.shape
+    acc = xn.dtype
+    if reduction == "none":
+        gce = np.ascontiguousarray(g.detach().numpy(), dtype=np.float64)
+    else:
+        gce = np.full(N, inv * g.item())
+    out = np.empty((N, C), acc)
+    k = registry._load("cpu")
+    kern, nt = _run(k, "ce_backward", N * C)
+    kern(xn, yn, m, r, gce, _const("zeros", N, np.float64), _const("ones", C, acc), float(C), ignore_index, 0.0, 0.0,
+         1.0, 1.0, False, out, False, np.empty(0, acc), min(N, nt))
+    return torch.from_numpy(out)
 
 
 _consts: dict = {}
@@ -183,6 +329,11 @@ class CrossEntropyIndex(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, labels: Tensor, ignore_index: int, reduction: str, n_valid: int) -> Tensor:
         k = registry._load("cpu")
+        ctx.kernels = k
+        # what the create_graph backward of the general class reads
+        ctx.opts, ctx.inplace = (ignore_index, 0.0, reduction, 0.0, None, 1.0), False
+        ctx.save_for_backward(x, labels)
+        ctx.set_materialize_grads(False)
         xn, yn = x.detach().numpy(), labels.numpy()
         N, C = xn.shape
         acc = xn.dtype
@@ -206,11 +357,7 @@ class CrossEntropyIndex(torch.autograd.Function):
             kern(xn, yn, w, float(C), ignore_index, 0.0, 0.0, zeros, zeros, False, np.empty((N, 0), acc), False,
                  ce, m, r)
             ctx.stash = (m, r) if want else None
-        ctx.fused, ctx.inv, ctx.kernels = fused, inv, k
-        # what the create_graph backward of the general class reads
-        ctx.opts, ctx.inplace = (ignore_index, 0.0, reduction, 0.0, None, 1.0), False
-        ctx.save_for_backward(x, labels)
-        ctx.set_materialize_grads(False)
+        ctx.fused, ctx.inv = fused, inv
         if reduction == "none":
             return torch.from_numpy(ce)
         total = ce.sum(dtype=acc)
@@ -250,9 +397,14 @@ class CrossEntropyIndex(torch.autograd.Function):
         return (torch.from_numpy(out),) + none
 
 
-def _keep_graph() -> bool:
-    """Whether this backward keeps the graph (``retain_graph=True``): then the saved gradient must survive."""
-    try:
-        return bool(torch._C._autograd._get_current_graph_task_keep_graph())
-    except (AttributeError, RuntimeError):  # older torch: assume the graph is kept (safe)
-        return True
+# Function.apply without its Python wrapper (which binds arguments and looks for functorch
+# transforms: fast_ce takes this route only when none is active, and unwraps dead wrappers)
+_apply_small = torch._C._FunctionBase.__dict__["apply"].__get__(None, CrossEntropySmall)
+
+
+def _keep_graph_fallback() -> bool:  # pragma: no cover - a torch without the query
+    return True  # assume the graph is kept (safe: the saved gradient survives)
+
+
+# Whether this backward keeps the graph (``retain_graph=True``): then the saved gradient must survive.
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", _keep_graph_fallback)
