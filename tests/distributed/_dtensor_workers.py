@@ -594,6 +594,14 @@ def check_fsdp_tp_2d(ctx: Ctx) -> dict:
     out["params"] = {nm: _np(p) for nm, p in model.named_parameters()}
     out["ref_params"] = {nm: p.detach().numpy().copy() for nm, p in ref.named_parameters()}
     out["loss_placements"] = str(tuple(loss.placements))
+    # outside forward the head is FSDP's 2-D (dp × tp) shard: refused, with what to do instead
+    Wout = model.lm_head.weight
+    out["outside/placements"] = str(tuple(Wout.placements))
+    try:
+        lt.linear_cross_entropy(x_all[rows].detach(), Wout, y_all[rows])
+        out["outside"] = ("no error", "")
+    except (NotImplementedError, ValueError) as exc:
+        out["outside"] = (type(exc).__name__, str(exc))
     return out
 
 

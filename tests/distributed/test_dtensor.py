@@ -248,6 +248,10 @@ def test_fsdp2_over_dp_with_colwise_head_over_tp(results):
         for name, p in r["ref_params"].items():
             _close(r["params"][name], p, rtol=1e-10, atol=1e-13)
         assert r["loss_placements"] == "(Replicate(),)"  # a DTensor on the tp mesh
+        # outside forward FSDP's 2-D shard of the head is refused, naming what to do
+        typ, msg = r["outside"]
+        assert typ == "NotImplementedError" and "_StridedShard" in r["outside/placements"], r["outside"]
+        assert "linear_weight" in msg and "unshard()" in msg
 
 
 def test_fsdp2_through_logitkit_transformers_apply(results):
