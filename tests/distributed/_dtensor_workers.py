@@ -299,13 +299,18 @@ def check_fsdp2(ctx: Ctx) -> dict:
     out["ref/params"] = {n: p.detach().numpy().copy() for n, p in ref.named_parameters()}
     rows = np.array_split(np.arange(x_all.shape[0]), ctx.world)[ctx.rank]
     xs, ys = x_all[rows], y_all[rows]
-    for mode in ("sharded_weight", "unshard", "inside_forward"):
+    for mode in ("sharded_weight", "unshard", "inside_forward", "divide_factor_1"):
         model = _tiny(torch, 0, ctx.device)
         for b in model.blocks:
             fully_shard(b)
         if mode != "inside_forward":
             fully_shard(model.lm_head)
         fully_shard(model)
+        factor = float(ctx.world)
+        if mode == "divide_factor_1":  # FSDP sums gradients instead of averaging: no world-size factor
+            for m_ in (*model.blocks, model.lm_head, model):
+                m_.set_gradient_divide_factor(1.0)
+            factor = 1.0
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         losses, kinds = [], []
         for step in range(3):
@@ -322,14 +327,14 @@ def check_fsdp2(ctx: Ctx) -> dict:
                 W = model.lm_head.weight
                 kinds.append(type(W).__name__)
                 ctx.gathers = 0
-                loss = lt.linear_cross_entropy(hidden, W, ys, num_items_in_batch=n) * ctx.world
+                loss = lt.linear_cross_entropy(hidden, W, ys, num_items_in_batch=n) * factor
             loss.backward()
             if mode == "sharded_weight" and step == 0:
                 out[f"{mode}/gathers"] = ctx.gathers
             if step == 0:
                 out[f"{mode}/grads"] = {nm: _np(p.grad) for nm, p in model.named_parameters()}
             opt.step()
-            g = loss.detach().clone() / ctx.world
+            g = loss.detach().clone() / factor
             torch.distributed.all_reduce(g)  # the global loss: the sum of the ranks' parts
             losses.append(g.item())
         out[f"{mode}/losses"] = np.array(losses)

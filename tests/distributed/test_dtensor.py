@@ -222,7 +222,7 @@ def test_mesh_2d_data_by_tensor_parallel(results):
 # FSDP2, gradient accumulation × data parallel
 
 
-@pytest.mark.parametrize("mode", ["sharded_weight", "unshard", "inside_forward"])
+@pytest.mark.parametrize("mode", ["sharded_weight", "unshard", "inside_forward", "divide_factor_1"])
 def test_fsdp2_tiny_model_matches_one_process(results, mode):
     """fully_shard-ed blocks and head: the sharded weight outside forward (all-gathered, FSDP's
     contract), after unshard(), and inside the root's forward; 3 SGD steps against one process."""
@@ -235,7 +235,7 @@ def test_fsdp2_tiny_model_matches_one_process(results, mode):
             _close(r[f"{mode}/params"][name], p, rtol=1e-9, atol=1e-12)
     kinds = per_rank[0][f"{mode}/kinds"]
     assert kinds == {"sharded_weight": ["DTensor"] * 3, "unshard": ["Parameter"] * 3,
-                     "inside_forward": ["in_forward"] * 3}[mode]
+                     "inside_forward": ["in_forward"] * 3, "divide_factor_1": ["DTensor"] * 3}[mode]
     if mode == "sharded_weight":
         assert per_rank[0]["sharded_weight/gathers"] > 0  # the weight was all-gathered (and the counter works)
 
