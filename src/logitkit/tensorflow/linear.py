@@ -89,13 +89,26 @@ class _HostOps(core.NumpyOps):
         return out
 
 
-def _first_order(inputs: Any, *upstream: Any) -> None:
-    """Backward here is not differentiable again: refuse a tape that watches it (a second derivative)."""
-    gs = [g for u in upstream for g in (u if isinstance(u, (tuple, list)) else (u,)) if g is not None]
-    if _recording(*inputs, *gs):
-        raise NotImplementedError("hidden: second derivatives of the fused linear head are not available on "
-                                  "TensorFlow (a GradientTape is watching its backward pass); compute the logits "
-                                  "and use logitkit.cross_entropy, whose gradient is differentiable")
+_SECOND = ("hidden: second derivatives of the fused linear head are not available on TensorFlow (its "
+           "backward pass is not differentiable again); compute the logits and use logitkit.cross_entropy")
+
+
+@tf.custom_gradient
+def _no_second(t: Any) -> Any:
+    """Identity whose derivative raises: a gradient of the head's gradient is refused, not wrong."""
+    def grad(g):
+        raise NotImplementedError(_SECOND)
+
+    return tf.identity(t), grad
+
+
+def _once(grad_fn: Any) -> Any:
+    """``grad_fn`` whose gradients cannot be differentiated again (see :func:`_no_second`)."""
+    def wrapped(*gs):
+        out = grad_fn(*gs)
+        return [None if g is None else _no_second(g) for g in out]
+
+    return wrapped
 
 
 def _refuse_watched_weight(weight: Any) -> None:
@@ -224,13 +237,12 @@ def _host_fused(xs: list, y: Any, w: Any, opts: dict, reduction: str, chunk_size
         loss, *grads = run(inputs[0], inputs[1], y, *inputs[2:], *wl)
 
         def grad(g):
-            _first_order(inputs, g)
             g = tf.cast(g, grads[0].dtype)
             # g is 1 for the loss of a model: hand over the forward's buffers without a copy.
             return [tf.cond(tf.equal(g, 1), lambda d=d: tf.identity(d), lambda d=d: d * tf.cast(g, d.dtype))
                     for d in grads]
 
-        return loss, grad
+        return loss, _once(grad)
 
     return f(*xs)
 
@@ -267,12 +279,11 @@ def _host_rows(xs: list, y: Any, w: Any, opts: dict, chunk_size: Any) -> tuple[A
         ce, zt, m, r = fwd(inputs[0], inputs[1], y, *inputs[2:], *wl)
 
         def grad(dce, dzt):
-            _first_order(inputs, dce, dzt)
             dce = tf.zeros_like(ce) if dce is None else tf.cast(dce, ce.dtype)
             dzt = tf.zeros_like(zt) if dzt is None else tf.cast(dzt, zt.dtype)
             return list(bwd(inputs[0], inputs[1], y, m, r, dce, dzt, *inputs[2:], *wl))
 
-        return (ce, zt), grad
+        return (ce, zt), _once(grad)
 
     return f(*xs)
 
@@ -377,7 +388,6 @@ def _graph_rows(xs: list, y: Any, w: Any, opts: dict, chunk_size: Any) -> tuple[
         zt = tf.where(valid, z_loss * lse * lse, tf.zeros_like(lse)) if z_loss else tf.zeros_like(ce)
 
         def grad(dce, dzt):
-            _first_order(inputs, dce, dzt)
             dce = tf.zeros_like(ce) if dce is None else tf.cast(dce, acc)
             dzt = tf.zeros_like(zt) if dzt is None else tf.cast(dzt, acc)
             mb, rb, gb, zb = ch.block(m), ch.block(r), ch.block(dce), ch.block(dzt)
@@ -389,7 +399,7 @@ def _graph_rows(xs: list, y: Any, w: Any, opts: dict, chunk_size: Any) -> tuple[
             out = [tf.cast(dh, inputs[0].dtype), tf.cast(dW, inputs[1].dtype)]
             return out + ([tf.cast(db, inputs[2].dtype)] if b is not None else [])
 
-        return (ce, zt), grad
+        return (ce, zt), _once(grad)
 
     return f(*xs)
 
@@ -422,10 +432,9 @@ def _graph_fused(xs: list, y: Any, w: Any, opts: dict, reduction: str, chunk_siz
             ([tf.cast(db, inputs[2].dtype)] if has_b else [])
 
         def grad(g):
-            _first_order(inputs, g)
             return [d * tf.cast(g, d.dtype) for d in grads]
 
-        return loss, grad
+        return loss, _once(grad)
 
     return f(*xs)
 
@@ -469,10 +478,9 @@ def _host_entropy(xs: list, opts: dict, chunk_size: Any) -> Any:
         ent, m, r = fwd(*inputs)
 
         def grad(g):
-            _first_order(inputs, g)
             return list(bwd(*inputs[:2], ent, m, r, tf.cast(g, ent.dtype), *inputs[2:]))
 
-        return ent, grad
+        return ent, _once(grad)
 
     return f(*xs)
 
@@ -499,7 +507,6 @@ def _graph_entropy(xs: list, opts: dict, chunk_size: Any) -> Any:
         ent, m, r = (ch.unblock(t) for t in tf.map_fn(chunk, ch.h, fn_output_signature=(acc, acc, acc)))
 
         def grad(g):
-            _first_order(inputs, g)
             eb, mb, rb, gb = ch.block(ent), ch.block(m), ch.block(r), ch.block(tf.cast(g, acc))
 
             def dz_fn(i, z):
@@ -509,7 +516,7 @@ def _graph_entropy(xs: list, opts: dict, chunk_size: Any) -> Any:
             out = [tf.cast(dh, inputs[0].dtype), tf.cast(dW, inputs[1].dtype)]
             return out + ([tf.cast(db, inputs[2].dtype)] if has_b else [])
 
-        return ent, grad
+        return ent, _once(grad)
 
     return f(*xs)
 
@@ -615,11 +622,10 @@ def fused_linear_head(a: Any) -> Any:
             argmax.append(outs[n_out])
 
         def grad(*gs):
-            _first_order(inputs, gs)
             cots = [tf.zeros_like(v) if g is None else tf.cast(g, acc) for v, g in zip(vals, gs)]
             return list(bwd(inputs[0], inputs[1], *cots, *saved, *inputs[2:], *consts))
 
-        return tuple(vals), grad
+        return tuple(vals), _once(grad)
 
     vals = dict(zip(keys, f(*xs) if keys else ()))
     if want_am:
@@ -734,7 +740,6 @@ def _graph_head(a: Any) -> Any:
         vals = [rows_[k] for k in keys]
 
         def grad(*gs):
-            _first_order(inputs, gs)
             cots = {"g_" + k: (tf.zeros_like(v) if g is None else tf.cast(g, acc)) for k, v, g in zip(keys, vals, gs)}
             saved = {k: ch.block(rows_[k]) for k in _ROW_KEYS if k in rows_}
             cb = {k: ch.block(v) for k, v in cots.items()}
@@ -748,7 +753,7 @@ def _graph_head(a: Any) -> Any:
             out = [tf.cast(dh, inputs[0].dtype), tf.cast(dW, inputs[1].dtype)]
             return out + ([tf.cast(db, inputs[2].dtype)] if has_b else [])
 
-        return tuple(vals), grad
+        return tuple(vals), _once(grad)
 
     xs = [h2, W] + ([a.bias] if has_b else [])
     if keys:
