@@ -210,6 +210,13 @@ def check_linear_tp(ctx: Ctx) -> dict:
             out[key + "/loss"], out[key + "/dh"] = _np(loss), _np(hp.grad)
             out[key + "/dW"], out[key + "/db"] = _np(head.weight.grad), _np(head.bias.grad)
             out[key + "/placements"] = str(tuple(loss.placements)) + str(tuple(head.weight.grad.placements))
+    # bfloat16: float32 collectives and accumulation, as the vocabulary-parallel functions promise
+    Wb = distribute_tensor(ctx.t(d["W"], torch.bfloat16), ctx.mesh1, [torch.distributed.tensor.Shard(0)])
+    hb = ctx.t(d["h"], torch.bfloat16, grad=True)
+    lb = lt.linear_cross_entropy(hb, Wb.requires_grad_(), ctx.t(d["y"]), label_smoothing=0.1)
+    lb.backward()
+    out["bf16/loss"], out["bf16/dh"], out["bf16/dW"] = _np(lb), _np(hb.grad), _np(Wb.grad)
+    out["bf16/dtype"] = str(lb.dtype)
     # linear_head with outputs=("loss",) takes the same route
     head = distribute_tensor(ctx.t(d["W"]), ctx.mesh1, [torch.distributed.tensor.Shard(0)]).requires_grad_()
     res = lt.linear_head(ctx.t(d["h"]), head, ctx.t(d["y"]), label_smoothing=0.1)
@@ -238,8 +245,21 @@ def check_linear_token_sharded(ctx: Ctx) -> dict:
         loss.sum().backward()
         out[f"{k}/loss"], out[f"{k}/dh"], out[f"{k}/dW"] = _np(loss), _np(h.grad), _np(W.grad)
         out[f"{k}/placements"] = str(tuple(loss.placements)) + str(tuple(W.grad.placements))
-    h = distribute_tensor(ctx.t(d["h"]), ctx.mesh1, [Shard(0)]).requires_grad_()
+    # (batch, sequence, hidden) sharded on the sequence (dim 1), as sequence parallelism does
+    h3 = distribute_tensor(ctx.t(d["h"]).reshape(2, N // 2, H), ctx.mesh1, [Shard(1)]).requires_grad_()
     W = distribute_tensor(ctx.t(d["W"]), ctx.mesh1, [Replicate()])
+    y3 = distribute_tensor(ctx.t(d["y"]).reshape(2, N // 2), ctx.mesh1, [Shard(1)])
+    for red in ("mean", "none"):
+        loss = lt.linear_cross_entropy(h3, W, y3, reduction=red, label_smoothing=0.1)
+        loss.sum().backward()
+        out[f"seq/{red}/loss"], out[f"seq/{red}/dh"] = _np(loss), _np(h3.grad)
+        out[f"seq/{red}/placements"] = str(tuple(loss.placements))
+        h3.grad = None
+    # linear_head's loss with num_items_in_batch through the DTensor route
+    res = lt.linear_head(distribute_tensor(ctx.t(d["h"]), ctx.mesh1, [Shard(0)]), W,
+                         distribute_tensor(ctx.t(d["y"]), ctx.mesh1, [Shard(0)]), num_items_in_batch=20, z_loss=1e-2)
+    out["head_nib/loss"] = _np(res.loss)
+    h = distribute_tensor(ctx.t(d["h"]), ctx.mesh1, [Shard(0)]).requires_grad_()
     y = distribute_tensor(ctx.t(d["y"]), ctx.mesh1, [Shard(0)])
     res = lt.linear_head(h, W, y, outputs=("loss", "logprobs", "entropy"))
     (res.loss + 0.1 * res.entropy.sum()).backward()

@@ -145,6 +145,14 @@ def test_colwise_parallel_head(results, world):
     y = d["y"]
     logits = d["h"] @ d["W"].T
     for r in per_rank:
+        # bfloat16 inputs: the float64 loss of the rounded inputs, to bfloat16's precision
+        hb = torch.tensor(d["h"]).to(torch.bfloat16).double().numpy()
+        Wb = torch.tensor(d["W"]).to(torch.bfloat16).double().numpy()
+        gb = cross_entropy_grad64(hb @ Wb.T, y, label_smoothing=0.1)
+        assert r["bf16/dtype"] == "torch.bfloat16"
+        _close(r["bf16/loss"], cross_entropy64(hb @ Wb.T, y, label_smoothing=0.1), rtol=1e-2)
+        _close(r["bf16/dh"], gb @ Wb, rtol=5e-2, atol=2e-3)
+        _close(r["bf16/dW"], gb.T @ hb, rtol=5e-2, atol=2e-3)
         _close(r["head/loss"], cross_entropy64(logits, y, label_smoothing=0.1))
         _close(r["head/dW"], cross_entropy_grad64(logits, y, label_smoothing=0.1).T @ d["h"])
 
@@ -164,6 +172,17 @@ def test_linear_token_sharded_and_linear_head_outputs(results):
             want = "(Shard(dim=0),)" if o.get("reduction") == "none" else "(Replicate(),)"
             assert r[f"{k}/placements"] == want + "(Partial(sum),)"
     logits = d["h"] @ d["W"].T
+    g = cross_entropy_grad64(logits, d["y"], label_smoothing=0.1)
+    gs = cross_entropy_grad64(logits, d["y"], label_smoothing=0.1, reduction="none")
+    for r in per_rank:
+        _close(r["seq/mean/loss"], cross_entropy64(logits, d["y"], label_smoothing=0.1))
+        _close(r["seq/mean/dh"], (g @ d["W"]).reshape(2, W.N // 2, W.H))
+        assert r["seq/mean/placements"] == "(Replicate(),)"
+        _close(r["seq/none/loss"],
+               cross_entropy64(logits, d["y"], label_smoothing=0.1, reduction="none").reshape(2, W.N // 2))
+        _close(r["seq/none/dh"], (gs @ d["W"]).reshape(2, W.N // 2, W.H))
+        assert r["seq/none/placements"] == "(Shard(dim=1),)"
+        _close(r["head_nib/loss"], cross_entropy64(logits, d["y"], z_loss=1e-2, reduction="sum") / 20)
     from logitkit.reference import log_softmax64
 
     lp = log_softmax64(logits)
