@@ -304,3 +304,71 @@ def test_gradient_buffer_becomes_the_grad():
     loss.backward()
     assert x.grad.data_ptr() == ptr
     assert loss.grad_fn.s is None  # released with the graph
+
+
+# ----------------------------------------------------------------------------------------------
+# softmax / log_softmax on the small-call route
+
+
+def _sm_fast(y):
+    return getattr(y.grad_fn, "_forward_cls", None) is _eager.SoftmaxSmall
+
+
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dim", [1, -1])
+def test_fast_softmax_matches_torch(log, dtype, dim):
+    x, _ = _data(30, 17, dtype)
+    with torch.no_grad():
+        x[0] = -float("inf")         # a fully masked row: softmax 0, log_softmax -inf (as logitkit's kernels)
+        x[1, :5] = -float("inf")     # some classes masked
+        x[2] += 1e4
+    fn, ref_fn = (lt.log_softmax, F.log_softmax) if log else (lt.softmax, F.softmax)
+    y = fn(x, dim)
+    assert _sm_fast(y) and y.dtype == dtype
+    ref = ref_fn(x.detach().double(), dim)
+    tol = dict(rtol=2e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    ok = slice(1, None)  # torch gives NaN for the fully masked row
+    torch.testing.assert_close(y[ok].double(), ref[ok], **tol)
+    assert torch.all(y[0] == (-float("inf") if log else 0.0))
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (gx,) = torch.autograd.grad(y[ok], x, dy[ok].to(dtype))
+    xr = x.detach().double().requires_grad_()
+    (gr,) = torch.autograd.grad(ref_fn(xr, dim)[ok], xr, dy[ok])
+    torch.testing.assert_close(gx[ok].double(), gr[ok], **tol)
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_fast_softmax_double_backward_and_no_grad(log):
+    x, _ = _data(8, 6)
+    fn, ref_fn = (lt.log_softmax, F.log_softmax) if log else (lt.softmax, F.softmax)
+    y = fn(x, 1)
+    assert _sm_fast(y)
+    w = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(2))
+    (g,) = torch.autograd.grad((y * w).sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad((g * g).sum(), x)
+    (gr,) = torch.autograd.grad((ref_fn(x, 1) * w).sum(), x, create_graph=True)
+    (ggr,) = torch.autograd.grad((gr * gr).sum(), x)
+    torch.testing.assert_close(gg, ggr)
+    with torch.no_grad():
+        y0 = fn(x, 1)
+    assert y0.grad_fn is None
+    torch.testing.assert_close(y0, ref_fn(x.detach(), 1))
+
+
+def test_fast_softmax_output_changed_in_place_raises():
+    x, _ = _data(8, 6)
+    y = lt.softmax(x, 1)
+    assert _sm_fast(y)
+    y.mul_(2.0)  # the saved output: torch's version check refuses, as for its own softmax
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_fast_softmax_not_taken_elsewhere():
+    x, _ = _data(8, 6)
+    assert not _sm_fast(lt.softmax(x, 0))
+    assert not _sm_fast(lt.softmax(x, 1, temperature=2.0))
+    assert not _sm_fast(lt.softmax(x, 1, dtype=torch.float32))
+    assert not _sm_fast(lt.softmax(x.t(), 1))  # strided
+    assert not _sm_fast(lt.softmax(x.reshape(2, 4, 6), -1))

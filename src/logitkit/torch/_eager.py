@@ -402,6 +402,78 @@ class CrossEntropyIndex(torch.autograd.Function):
 _apply_small = torch._C._FunctionBase.__dict__["apply"].__get__(None, CrossEntropySmall)
 
 
+# ----------------------------------------------------------------------------------------------
+# the small-call softmax / log_softmax: 2-D contiguous float32 / float64 CPU rows, the class axis
+# last, temperature 1, sizes the kernels run serially; one compiled call per pass.
+
+_sm_points: list = [None, None, None, None]  # forward float32, float64, backward float32, float64
+
+
+def _sm_entry(i: int) -> Any:
+    ep = _sm_points[i]
+    if ep is None:
+        from . import _entry as mod
+
+        ep = _sm_points[i] = (mod.softmax_entry if i < 2 else mod.softmax_backward_entry)(i % 2 == 1)
+    return ep
+
+
+def fast_softmax(x: Tensor, dim: Any, log: bool) -> Optional[Tensor]:
+    """``softmax`` (``log_softmax``) of ``x`` along ``dim`` through the fast path, or ``None``."""
+    if (_is_compiling() or x.ndim != 2 or (dim != 1 and dim != -1) or type(dim) is not int
+            or x.dtype not in _FAST_DTYPES or not x.is_cpu or _forced[0] or _functorch_active()
+            or not x.is_contiguous()):
+        return None
+    N, C = x.shape
+    if N == 0 or C == 0:
+        return None
+    k = _cpu[0] if _cpu else _load_cpu()
+    if k is None or (N * C >= _serial_max[0] and k.get_num_threads() > 1):
+        return None
+    x = _unwrap_if_dead(x)
+    if not (x.requires_grad and _grad_enabled()):
+        return SoftmaxSmall.forward(None, x, log)
+    return _apply_softmax(x, log)
+
+
+class SoftmaxSmall(torch.autograd.Function):
+    """The fast path's softmax / log_softmax; saves its output (``save_for_backward``: an output
+    held on the context would be a reference cycle). Backward is one compiled call; with
+    ``create_graph=True`` the general class's differentiable formula."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, log: bool) -> Tensor:
+        N, C = x.shape
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        (_sm_points[x.dtype is _F64] or _sm_entry(x.dtype is _F64))(x.data_ptr(), y.data_ptr(), N, C, int(log))
+        if ctx is not None:
+            ctx.save_for_backward(y)
+            ctx.log = log
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Any, ...]:
+        (y,) = ctx.saved_tensors
+        log = ctx.log
+        if _grad_enabled():
+            if log:
+                dx = dy - torch.exp(y) * dy.sum(-1, keepdim=True)
+            else:
+                dx = y * (dy - (y * dy).sum(-1, keepdim=True))
+            return dx, None
+        if dy.dtype is not y.dtype or not dy.is_contiguous():
+            dy = dy.to(y.dtype).contiguous()
+        dx = torch.empty_like(y)
+        i = 2 + (y.dtype is _F64)
+        N, C = y.shape
+        (_sm_points[i] or _sm_entry(i))(y.data_ptr(), dy.data_ptr(), dx.data_ptr(), N, C, log)
+        return dx, None
+
+
+_F64 = torch.float64
+_apply_softmax = torch._C._FunctionBase.__dict__["apply"].__get__(None, SoftmaxSmall)
+
+
 def _keep_graph_fallback() -> bool:  # pragma: no cover - a torch without the query
     return True  # assume the graph is kept (safe: the saved gradient survives)
 

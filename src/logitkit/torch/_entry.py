@@ -25,10 +25,12 @@ from numba import carray, njit
 
 from ..kernels.cpu import _kernels as _K
 
-__all__ = ["ce_entry", "SHORT_C"]
+__all__ = ["ce_entry", "softmax_entry", "softmax_backward_entry", "SHORT_C"]
 
 _addr = _K._addr
 _ce_direct = _K.ce_direct_serial
+_sm_direct = _K.softmax_direct_serial
+_sm_bwd = _K.softmax_bwd_serial
 _NINF = -np.inf
 
 # Rows of at most this many classes go through ``_short_rows``: ce_direct's per-row set-up (its
@@ -163,18 +165,55 @@ def _make_ce(dt: Any) -> Any:
     return ce_entry
 
 
+def _make_softmax(dt: Any) -> tuple[Any, Any]:
+    @njit(cache=True, error_model="numpy")
+    def softmax_entry(xp, yp, n, c, mode):
+        """The kernel's serial ``softmax_direct`` of rows at ``xp`` (n, c) into ``yp``; mode 0
+        softmax, 1 log_softmax."""
+        _sm_direct(carray(_addr(xp), (n, c), dt), mode, carray(_addr(yp), (n, c), dt), False, np.empty(n, dt),
+                   np.empty(n, dt))
+        return 0
+
+    @njit(cache=True, error_model="numpy")
+    def softmax_backward_entry(yp, dyp, dxp, n, c, log):
+        """The kernel's serial ``softmax_bwd``: ``dx`` at ``dxp`` from the output ``y`` and its
+        cotangent ``dy`` (all (n, c), distinct buffers)."""
+        _sm_bwd(carray(_addr(yp), (n, c), dt), carray(_addr(dyp), (n, c), dt), carray(_addr(dxp), (n, c), dt),
+                log, 0)
+        return 0
+
+    return softmax_entry, softmax_backward_entry
+
+
 _ce32 = _make_ce(np.float32)
 _ce64 = _make_ce(np.float64)
+_sm32, _smb32 = _make_softmax(np.float32)
+_sm64, _smb64 = _make_softmax(np.float64)
 _entry_points: dict = {}
 
 
-def ce_entry(is64: bool) -> Any:
-    """The compiled entry for float64 (``is64``) or float32 rows: the function's own entry point
-    once compiled (it takes exactly the eleven integers of the signature), else the dispatcher."""
-    ep = _entry_points.get(is64)
+def _entry_point(disp: Any, *warm: Any) -> Any:
+    """``disp``'s compiled function's own entry point (it takes exactly the integers of its one
+    signature: numba's argument typing skipped), compiled or loaded from the cache first by a
+    call on ``warm`` (empty sizes: nothing is read or written)."""
+    ep = _entry_points.get(disp)
     if ep is None:
-        disp = _ce64 if is64 else _ce32
         if not disp.signatures:
-            disp(0, 0, 0, 0, 0, 0, 0, 0, -100, 2, False)  # compile (or load from the cache); n = 0: no access
-        ep = _entry_points[is64] = disp.overloads[disp.signatures[0]].entry_point
+            disp(*warm)
+        ep = _entry_points[disp] = disp.overloads[disp.signatures[0]].entry_point
     return ep
+
+
+def ce_entry(is64: bool) -> Any:
+    """The compiled cross-entropy entry for float64 (``is64``) or float32 rows."""
+    return _entry_point(_ce64 if is64 else _ce32, 0, 0, 0, 0, 0, 0, 0, 0, -100, 2, False)
+
+
+def softmax_entry(is64: bool) -> Any:
+    """The compiled softmax / log_softmax forward entry."""
+    return _entry_point(_sm64 if is64 else _sm32, 0, 0, 0, 0, 0)
+
+
+def softmax_backward_entry(is64: bool) -> Any:
+    """The compiled softmax / log_softmax backward entry."""
+    return _entry_point(_smb64 if is64 else _smb32, 0, 0, 0, 0, 0, False)

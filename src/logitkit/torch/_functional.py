@@ -279,6 +279,10 @@ def softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
     >>> lt.softmax(torch.tensor([0.0, 0.6931472]), dim=0)
     tensor([0.3333, 0.6667])
     """
+    if dtype is None and type(input) is Tensor and type(temperature) is float and temperature == 1.0:
+        y = _eager.fast_softmax(input, dim, False)  # 2-D CPU rows along dim 1: one kernel call per pass
+        if y is not None:
+            return y
     return _softmax_impl("softmax", input, dim, _stacklevel, dtype, temperature, False)
 
 
@@ -290,4 +294,8 @@ def log_softmax(input: Tensor, dim: Optional[int] = None, _stacklevel: int = 3,
     >>> lt.log_softmax(torch.tensor([1e4, 1e4]), dim=0)
     tensor([-0.6931, -0.6931])
     """
+    if dtype is None and type(input) is Tensor and type(temperature) is float and temperature == 1.0:
+        y = _eager.fast_softmax(input, dim, True)
+        if y is not None:
+            return y
     return _softmax_impl("log_softmax", input, dim, _stacklevel, dtype, temperature, True)
