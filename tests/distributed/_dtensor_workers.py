@@ -508,6 +508,11 @@ def check_errors(ctx: Ctx) -> dict:
         distribute_tensor(xs, m, [Shard(0)]), y))
     attempt("hidden_differs_across_ranks", lambda: lt.linear_cross_entropy(
         ctx.t(d["h"]) + ctx.rank, distribute_tensor(ctx.t(d["W"]), m, [Shard(0)]), y))
+    attempt("hidden_columns_permuted_on_one_rank", lambda: lt.linear_cross_entropy(
+        ctx.t(d["h"])[:, [1, 0, 2, 3, 4, 5] if ctx.rank else list(range(H))],
+        distribute_tensor(ctx.t(d["W"]), m, [Shard(0)]), y))
+    attempt("plain_weight_with_sharded_tokens", lambda: lt.linear_cross_entropy(
+        distribute_tensor(ctx.t(d["h"]), m, [Shard(0)]), ctx.t(d["W"], grad=True), distribute_tensor(y, m, [Shard(0)])))
     attempt("prob_target_vocab_sharded", lambda: lt.cross_entropy(
         distribute_tensor(xs, m, [Shard(1)]), torch.softmax(xs, -1)))
     bad = y.clone()

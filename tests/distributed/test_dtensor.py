@@ -309,6 +309,8 @@ def test_errors_name_the_argument_and_placement(results, world):
         "rowwise_weight": ("NotImplementedError", ["linear_weight", "Shard(1)"]),
         "plain_target_with_sharded_tokens": ("ValueError", ["target", "plain tensor", "Shard(0)"]),
         "hidden_differs_across_ranks": ("ValueError", ["input", "differs across the ranks"]),
+        "hidden_columns_permuted_on_one_rank": ("ValueError", ["input", "differs across the ranks"]),
+        "plain_weight_with_sharded_tokens": ("ValueError", ["linear_weight", "plain tensor", "Partial()"]),
         "prob_target_vocab_sharded": ("NotImplementedError", ["target", "probability"]),
         "bad_label_one_rank": ("ValueError", []),
         "num_items_with_sum": ("ValueError", ["num_items_in_batch", "sum"]),

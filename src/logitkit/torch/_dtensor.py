@@ -481,12 +481,17 @@ def _check_replicated(h: Tensor, group: Any, name: str, dim: str) -> None:
     """A plain ``hidden`` must be the same on every rank of the vocabulary dim (CPU: checked)."""
     if h.device.type != "cpu":
         return
-    r = torch.nan_to_num(h.detach().reshape(-1, h.shape[-1] if h.ndim else 1).sum(-1, dtype=torch.float64))
+    h2 = h.detach().reshape(-1, h.shape[-1] if h.ndim else 1)
+    # a fingerprint that moves when rows or columns are permuted: row sums weighted by position, and
+    # a matrix-vector product with position weights (in h's dtype: no float64 copy of h)
+    r = torch.nan_to_num(h2.sum(-1, dtype=torch.float64))
     pos = torch.arange(1, r.shape[0] + 1, dtype=torch.float64)
-    f = torch.stack([r.sum(), (r * pos).sum()])
+    cw = torch.arange(1, h2.shape[1] + 1, dtype=h2.dtype) / max(h2.shape[1], 1)
+    c = torch.nan_to_num(torch.mv(h2, cw).double()) if h2.numel() else r.new_zeros(1)
+    f = torch.stack([r.sum(), (r * pos).sum(), (c * pos).sum()])
     buf = torch.cat([f, -f])
     torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.MAX, group=group)
-    if not torch.equal(buf[:2], -buf[2:]):
+    if not torch.equal(buf[:3], -buf[3:]):
         raise ValueError(f"{name}: a plain tensor that differs across the ranks of mesh dim {dim}, where linear_weight "
                          "is Shard(0) (vocabulary-parallel needs the same tokens on each of them); pass it as a "
                          "DTensor (Shard(0) for data-parallel tokens) or replicate it")
@@ -573,6 +578,14 @@ def linear_cross_entropy(input: Any, linear_weight: Any, target: Any, *, linear_
                   ("linear_bias", linear_bias), ("weight", weight)])
     lay = _linear_layout(input, linear_weight, target, linear_bias, mesh)
     dt = _dt()
+    if lay.tokens:
+        for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+            if t is not None and not isinstance(t, D) and t.requires_grad:
+                # its gradient would be this rank's tokens' part only, which a plain tensor cannot say
+                raise ValueError(f"{name}: a plain tensor that requires grad, with input sharded over tokens on mesh "
+                                 f"dim {_dim_name(mesh, min(lay.tokens))}: its gradient would hold this rank's part "
+                                 "only; pass it as a DTensor (Replicate(): its gradient is then Partial()), or pass "
+                                 "plain tensors throughout (data parallel with DDP / FSDP)")
     w = _replicated("weight", weight, mesh)
     ii = -100 if ignore_index is None else ignore_index
     V = linear_weight.shape[0]
