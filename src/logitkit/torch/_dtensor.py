@@ -542,6 +542,19 @@ def _linear_layout(hidden: Any, W: Any, labels: Any, bias: Any, mesh: Any, label
     return lay
 
 
+def _no_plain_params(lay: _Layout, W: Any, bias: Any) -> None:
+    """With tokens sharded, a plain head that requires grad would get one rank's part of its gradient."""
+    if not lay.tokens:
+        return
+    D = _dt().DTensor
+    for name, t in (("linear_weight", W), ("linear_bias", bias)):
+        if t is not None and not isinstance(t, D) and t.requires_grad:
+            raise ValueError(f"{name}: a plain tensor that requires grad, with input sharded over tokens on mesh dim "
+                             f"{_dim_name(lay.mesh, min(lay.tokens))}: its gradient would hold this rank's part "
+                             "only; pass it as a DTensor (Replicate(): its gradient is then Partial()), or pass "
+                             "plain tensors throughout (data parallel with DDP / FSDP)")
+
+
 def linear_cross_entropy(input: Any, linear_weight: Any, target: Any, *, linear_bias: Any = None, weight: Any = None,
                          reduction: str = "mean", ignore_index: Optional[int] = None, label_smoothing: float = 0.0,
                          options: Any = None, z_loss: float = 0.0, softcap: Optional[float] = None,
@@ -578,14 +591,7 @@ def linear_cross_entropy(input: Any, linear_weight: Any, target: Any, *, linear_
                   ("linear_bias", linear_bias), ("weight", weight)])
     lay = _linear_layout(input, linear_weight, target, linear_bias, mesh)
     dt = _dt()
-    if lay.tokens:
-        for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
-            if t is not None and not isinstance(t, D) and t.requires_grad:
-                # its gradient would be this rank's tokens' part only, which a plain tensor cannot say
-                raise ValueError(f"{name}: a plain tensor that requires grad, with input sharded over tokens on mesh "
-                                 f"dim {_dim_name(mesh, min(lay.tokens))}: its gradient would hold this rank's part "
-                                 "only; pass it as a DTensor (Replicate(): its gradient is then Partial()), or pass "
-                                 "plain tensors throughout (data parallel with DDP / FSDP)")
+    _no_plain_params(lay, linear_weight, linear_bias)
     w = _replicated("weight", weight, mesh)
     ii = -100 if ignore_index is None else ignore_index
     V = linear_weight.shape[0]
@@ -681,6 +687,7 @@ def linear_head(input: Any, linear_weight: Any, labels: Any = None, **kwargs: An
     tok_shape = tuple(labels.shape) if labels is not None else tuple(input.shape[:-1])
     lay = _linear_layout(input, linear_weight, labels, kwargs.get("linear_bias"), mesh,
                          labels_follow=labels is None)
+    _no_plain_params(lay, linear_weight, kwargs.get("linear_bias"))
     if lay.vocab is not None:
         raise NotImplementedError(f"outputs: {outputs} with linear_weight sharded over the vocabulary (mesh dim "
                                   f"{_dim_name(mesh, lay.vocab)}) are not supported; only ('loss',)")
