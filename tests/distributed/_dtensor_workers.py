@@ -388,19 +388,25 @@ def check_fsdp2_transformers(ctx: Ctx) -> dict:
     loss.backward()
     out["ref/loss"] = loss.item()
     out["ref/grads"] = {n: p.grad.detach().cpu().numpy().copy() for n, p in ref.named_parameters()}
-    lkt.apply(model)
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model.lm_head)
-    fully_shard(model)
-    mine = slice(ctx.rank * 4 // ctx.world, (ctx.rank + 1) * 4 // ctx.world)
-    n = lt.global_num_items(labels[mine, 1:])  # HF shifts the labels: the first position predicts nothing
-    loss = model(input_ids=ids[mine], labels=labels[mine], num_items_in_batch=n).loss * ctx.world
-    loss.backward()
-    total = loss.detach() / ctx.world
-    torch.distributed.all_reduce(total)
-    out["loss"] = total.item()
-    out["grads"] = {nm: _np(p.grad) for nm, p in model.named_parameters()}
+    state = model.state_dict()
+    for head_unit in (True, False):  # the head its own FSDP unit (sharded in the patched forward), or the root's
+        model = transformers.LlamaForCausalLM(cfg).double().to(ctx.device)
+        model.load_state_dict(state)
+        lkt.apply(model)
+        for layer in model.model.layers:
+            fully_shard(layer)
+        if head_unit:
+            fully_shard(model.lm_head)
+        fully_shard(model)
+        mine = slice(ctx.rank * 4 // ctx.world, (ctx.rank + 1) * 4 // ctx.world)
+        n = lt.global_num_items(labels[mine, 1:])  # HF shifts the labels: the first position predicts nothing
+        loss = model(input_ids=ids[mine], labels=labels[mine], num_items_in_batch=n).loss * ctx.world
+        loss.backward()
+        total = loss.detach() / ctx.world
+        torch.distributed.all_reduce(total)
+        key = "head_unit" if head_unit else "root"
+        out[f"{key}/loss"] = total.item()
+        out[f"{key}/grads"] = {nm: _np(p.grad) for nm, p in model.named_parameters()}
     return out
 
 

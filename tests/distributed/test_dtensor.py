@@ -274,14 +274,16 @@ def test_fsdp2_over_dp_with_colwise_head_over_tp(results):
 
 
 def test_fsdp2_through_logitkit_transformers_apply(results):
-    """A tiny Llama, apply()-ed, layers and lm_head fully_shard-ed, num_items_in_batch × world size:
-    the loss and every gradient of one process on the whole batch (HF's loss is float32 there)."""
+    """A tiny Llama, apply()-ed, layers fully_shard-ed and the head its own unit or the root's,
+    num_items_in_batch × world size: the loss and every gradient of one process on the whole batch
+    (HF's loss is float32 there)."""
     per_rank = results(2, "check_fsdp2_transformers")
     for r in per_rank:
-        _close(r["loss"], r["ref/loss"], rtol=1e-6)
-        assert set(r["grads"]) == set(r["ref/grads"])
-        for name, g in r["ref/grads"].items():
-            _close(r["grads"][name], g, rtol=1e-5, atol=1e-6 * np.abs(g).max())
+        for key in ("head_unit", "root"):
+            _close(r[f"{key}/loss"], r["ref/loss"], rtol=1e-6)
+            assert set(r[f"{key}/grads"]) == set(r["ref/grads"])
+            for name, g in r["ref/grads"].items():
+                _close(r[f"{key}/grads"][name], g, rtol=1e-5, atol=1e-6 * np.abs(g).max())
 
 
 @pytest.mark.parametrize("key", ["plain", "weighted", "dtensor"])
