@@ -217,6 +217,19 @@ def check_linear_tp(ctx: Ctx) -> dict:
     lb.backward()
     out["bf16/loss"], out["bf16/dh"], out["bf16/dW"] = _np(lb), _np(hb.grad), _np(Wb.grad)
     out["bf16/dtype"] = str(lb.dtype)
+    # sequence parallel before the head: (batch, seq, H) Shard(1) on the head's own mesh dim, all-gathered
+    # there; labels Shard(1) too (gathered) or plain
+    for lk in ("sharded", "plain"):
+        hs = distribute_tensor(ctx.t(d["h"]).reshape(2, N // 2, H), ctx.mesh1, [torch.distributed.tensor.Shard(1)])
+        hs.requires_grad_()
+        Ws = distribute_tensor(ctx.t(d["W"]), ctx.mesh1, [torch.distributed.tensor.Shard(0)]).requires_grad_()
+        ys = ctx.t(d["y"]).reshape(2, N // 2)
+        if lk == "sharded":
+            ys = distribute_tensor(ys, ctx.mesh1, [torch.distributed.tensor.Shard(1)])
+        ls = lt.linear_cross_entropy(hs, Ws, ys, label_smoothing=0.1)
+        ls.backward()
+        out[f"sp/{lk}/loss"], out[f"sp/{lk}/dh"], out[f"sp/{lk}/dW"] = _np(ls), _np(hs.grad), _np(Ws.grad)
+        out[f"sp/{lk}/placements"] = str(tuple(hs.grad.placements))
     # linear_head with outputs=("loss",) takes the same route
     head = distribute_tensor(ctx.t(d["W"]), ctx.mesh1, [torch.distributed.tensor.Shard(0)]).requires_grad_()
     res = lt.linear_head(ctx.t(d["h"]), head, ctx.t(d["y"]), label_smoothing=0.1)
@@ -505,8 +518,8 @@ def check_errors(ctx: Ctx) -> dict:
     xs = ctx.t(d["x"])
     y = ctx.t(d["y"])
     attempt("partial_input", lambda: lt.cross_entropy(DTensor.from_local(xs, m, [Partial()]), y))
-    attempt("hidden_sharded_with_vocab", lambda: lt.linear_cross_entropy(
-        distribute_tensor(ctx.t(d["h"]), m, [Shard(0)]), distribute_tensor(ctx.t(d["W"]), m, [Shard(0)]),
+    attempt("target_sharded_with_vocab", lambda: lt.linear_cross_entropy(
+        distribute_tensor(ctx.t(d["h"]), m, [Replicate()]), distribute_tensor(ctx.t(d["W"]), m, [Shard(0)]),
         distribute_tensor(y, m, [Shard(0)])))
     attempt("rowwise_weight", lambda: lt.linear_cross_entropy(
         distribute_tensor(ctx.t(d["h"]), m, [Replicate()]), distribute_tensor(ctx.t(d["W"]), m, [Shard(1)]), y))

@@ -153,6 +153,12 @@ def test_colwise_parallel_head(results, world):
         _close(r["bf16/loss"], cross_entropy64(hb @ Wb.T, y, label_smoothing=0.1), rtol=1e-2)
         _close(r["bf16/dh"], gb @ Wb, rtol=5e-2, atol=2e-3)
         _close(r["bf16/dW"], gb.T @ hb, rtol=5e-2, atol=2e-3)
+        for lk in ("sharded", "plain"):  # sequence parallel before the head: all-gathered on the head's dim
+            g = cross_entropy_grad64(logits, y, label_smoothing=0.1)
+            _close(r[f"sp/{lk}/loss"], cross_entropy64(logits, y, label_smoothing=0.1))
+            _close(r[f"sp/{lk}/dh"], (g @ d["W"]).reshape(2, W.N // 2, W.H))
+            _close(r[f"sp/{lk}/dW"], g.T @ d["h"])
+            assert r[f"sp/{lk}/placements"] == "(Shard(dim=1),)"
         _close(r["head/loss"], cross_entropy64(logits, y, label_smoothing=0.1))
         _close(r["head/dW"], cross_entropy_grad64(logits, y, label_smoothing=0.1).T @ d["h"])
 
@@ -307,7 +313,7 @@ def test_errors_name_the_argument_and_placement(results, world):
     per_rank = results(world, "check_errors")
     expect = {
         "partial_input": ("ValueError", ["input", "Partial"]),
-        "hidden_sharded_with_vocab": ("ValueError", ["input", "Shard(0)", "linear_weight"]),
+        "target_sharded_with_vocab": ("ValueError", ["target", "Shard(0)", "Replicate()"]),
         "rowwise_weight": ("NotImplementedError", ["linear_weight", "Shard(1)"]),
         "plain_target_with_sharded_tokens": ("ValueError", ["target", "plain tensor", "Shard(0)"]),
         "hidden_differs_across_ranks": ("ValueError", ["input", "differs across the ranks"]),

@@ -5,7 +5,9 @@ What each placement means here, per mesh dimension (a plain tensor counts as ``R
 * head weight ``Shard(0)`` (``ColwiseParallel``) with replicated hidden states and labels: the
   vocabulary is split over that mesh dimension; the exact loss comes from
   :func:`logitkit.distributed.vocab_parallel_linear_cross_entropy` over ``mesh.get_group(dim)``,
-  with no gather of the weight or the logits. Logits ``Shard(class dim)`` (``ColwiseParallel(
+  with no gather of the weight or the logits. Hidden states sharded on a token dim of that same mesh
+  dimension (sequence parallelism before the head) are all-gathered there first, as
+  ``ColwiseParallel(input_layouts=Shard(d))`` does. Logits ``Shard(class dim)`` (``ColwiseParallel(
   use_local_output=False)``) likewise go to :func:`~logitkit.distributed.vocab_parallel_cross_entropy`.
 * hidden states / logits and labels ``Shard(d)`` on a token dimension (data or sequence parallel),
   weight replicated: local per-token losses; ``"mean"`` divides by the *global* count (``Σ w_y``,
@@ -18,8 +20,8 @@ loss ``Shard(d)`` on token dimensions and ``Replicate()`` elsewhere. Gradients c
 placements DTensor's own ops would give: the weight's gradient is ``Partial()`` on token
 dimensions (each rank's tokens contribute their part), the hidden states' ``Partial()`` on the
 vocabulary dimension. Anything else (``Partial`` inputs, a sharded hidden size, the vocabulary
-split over two mesh dimensions, hidden states sharded where the weight is) raises an error that
-names the argument, the placement and the mesh dimension.
+split over two mesh dimensions, labels sharded where the hidden states are not) raises an error
+that names the argument, the placement and the mesh dimension.
 
 FSDP2: a ``fully_shard``-ed parameter is a DTensor ``Shard(0)`` outside its module's forward, but
 that is data-parallel storage, not a vocabulary split (each rank holds different tokens). Such a
@@ -251,6 +253,7 @@ class _Layout:
         self.mesh = mesh
         self.vocab: Optional[int] = None
         self.tokens: dict = {}  # mesh dim -> tensor dim of the labels that it shards
+        self.gather: dict = {}  # vocabulary mesh dim -> whether target is gathered too (sequence parallel)
 
     def placements(self, token: bool) -> list:
         dt = _dt()
@@ -515,11 +518,16 @@ def _linear_layout(hidden: Any, W: Any, labels: Any, bias: Any, mesh: Any, label
                 raise ValueError(f"linear_bias: expected Shard(0) {where}, as linear_weight, got "
                                  f"{_pn(bias.placements[i]) if isinstance(bias, D) else 'a plain tensor'}")
             if kh is not None:
-                raise ValueError(f"input: Shard({kh}) {where}, where linear_weight is Shard(0) (vocabulary-parallel): "
-                                 "the ranks of that dim must hold the same tokens; redistribute input to Replicate() "
-                                 "on that dim (as ColwiseParallel's input_layouts does)")
-            if kl is not None:
-                raise ValueError(f"target: Shard({kl}) {where}, where linear_weight is Shard(0): expected Replicate()")
+                # sequence parallel before a ColwiseParallel head: all-gather input (and target) on this
+                # dim, as ColwiseParallel(input_layouts=Shard(d)) does; the ranks then hold the same tokens
+                if kh == last:
+                    raise NotImplementedError(f"input: Shard({kh}) {where} shards the hidden size, not supported")
+                if kl is not None and kl != kh:
+                    raise ValueError(f"target: Shard({kl}) {where}, where input is Shard({kh}): expected Shard({kh}) "
+                                     "or Replicate()")
+                lay.gather[i] = kl is not None
+            elif kl is not None:
+                raise ValueError(f"target: Shard({kl}) {where}, where input is Replicate(): expected Replicate()")
             if lay.vocab is not None:
                 raise NotImplementedError(f"linear_weight: the vocabulary is sharded over two mesh dims "
                                           f"({_dim_name(mesh, lay.vocab)} and {_dim_name(mesh, i)}), not supported")
@@ -591,6 +599,13 @@ def linear_cross_entropy(input: Any, linear_weight: Any, target: Any, *, linear_
                   ("linear_bias", linear_bias), ("weight", weight)])
     lay = _linear_layout(input, linear_weight, target, linear_bias, mesh)
     dt = _dt()
+    if lay.gather:
+        # DTensor's all-gather, differentiable: its backward is the reduce-scatter of d loss / d input
+        input = input.redistribute(mesh, [dt.Replicate() if i in lay.gather else p
+                                          for i, p in enumerate(input.placements)])
+        if any(lay.gather.values()):
+            target = target.redistribute(mesh, [dt.Replicate() if i in lay.gather else p
+                                                for i, p in enumerate(target.placements)])
     _no_plain_params(lay, linear_weight, linear_bias)
     w = _replicated("weight", weight, mesh)
     ii = -100 if ignore_index is None else ignore_index
