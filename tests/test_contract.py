@@ -478,3 +478,60 @@ def test_issue13_item2_offset_rows_gradient_with_temperature_and_softcap(lib, of
             err = np.abs(to_np(g) - want)
             assert (err <= tol).all(), (f"{name} softcap={cap} T={t} row of {row.size}: worst "
                                         f"{np.max(err / tol):.3g} x tolerance")
+
+
+def _off_grid_confident_rows():
+    """Confident float32 rows whose ``x − max`` is inexact in float32: the maximum and the other
+    logits carry low-order bits (the contract rows above have an integral maximum, which hides
+    the rounding of the difference behind averaging over 32000 terms)."""
+    rng = np.random.default_rng(21)
+    R_, n = 12, 400
+    x = (rng.standard_normal((R_, n)) - 30.0).astype(np.float32)
+    y = rng.integers(0, n, R_)
+    x[np.arange(R_), y] = rng.standard_normal(R_).astype(np.float32)
+    x[0, :] = -200.0                       # one term carries the whole loss
+    x[0, y[0]] = np.float32(1.0 + 2.0 ** -23)
+    x[0, (y[0] + 1) % n] = np.float32(-29.7)
+    return x, y
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 3.0])
+@pytest.mark.parametrize("lib", LIBS)
+def test_float32_confident_rows_off_grid(lib, temperature, kernels):
+    """A rounded float32 ``x − max`` (or ``(x − max)/T``) is off by up to half an ulp of a gap of
+    ~30 (1e-6 relative in each term, twice the contract; 4x at T = 0.5): the difference must be
+    carried beyond float32. The rows' gaps scale with T so that every row stays confident."""
+    if lib != "numpy" and kernels == "core":
+        pytest.skip("the registry choice only matters for NumPy arrays")
+    x, y = _off_grid_confident_rows()
+    x = (x.astype(np.float64) * temperature).astype(np.float32) if temperature != 1.0 else x
+    exact = np.array([R.row_log_softmax_mp(x[i], temperature=temperature)[y[i]] for i in range(len(x))])
+    exact = -exact
+    assert exact.max() < 1e-9
+    xl, yl = to_lib(lib, x), to_lib(lib, y)
+    outs = {"cross_entropy": lk.cross_entropy(xl, yl, reduction="none", temperature=temperature),
+            "token_logprobs": -lk.token_logprobs(xl, yl) if temperature == 1.0 else None,
+            "log_softmax": -lk.log_softmax(xl, temperature=temperature)[np.arange(len(y)), y]
+            if lib == "numpy" else None}
+    for name, got in outs.items():
+        if got is None:
+            continue
+        err = rel_err(to_np(got), exact)
+        assert err.max() <= BOUND, f"{name}: relative errors / 2^-21: {np.round(err / BOUND, 2)}"
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_float32_confident_rows_softcap(lib, kernels):
+    """Softcapped confident rows: a float32 ``cap·tanh`` rounds the capped logits themselves
+    (2.7x the contract at cap 30); the differences are formed in float64 and split."""
+    if lib != "numpy" and kernels == "core":
+        pytest.skip("the registry choice only matters for NumPy arrays")
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((12, 400)) - 25.0).astype(np.float32)
+    y = rng.integers(0, 400, 12)
+    x[np.arange(12), y] = (rng.standard_normal(12) + 10.0).astype(np.float32)
+    exact = np.array([-R.row_log_softmax_mp(x[i], softcap=30.0)[y[i]] for i in range(12)])
+    assert exact.max() < 1e-9
+    got = to_np(lk.cross_entropy(to_lib(lib, x), to_lib(lib, y), reduction="none", softcap=30.0))
+    err = rel_err(got, exact)
+    assert err.max() <= BOUND, f"relative errors / 2^-21: {np.round(err / BOUND, 2)}"

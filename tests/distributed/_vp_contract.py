@@ -57,6 +57,15 @@ def contract_rows(rng, bounds, temperature=1.0):
     return np.stack(rows).astype(np.float32), np.array(ys), names
 
 
+def off_grid_rows(rng, V, R=8):
+    """Confident rows whose differences are inexact in float32 (no grid): every logit and the
+    maximum carry low-order bits, so a float32 ``x − max`` rounds in every term, on every shard."""
+    x = (rng.normal(size=(R, V)) - 30.0).astype(np.float32)
+    y = rng.integers(0, V, R)
+    x[np.arange(R), y] = rng.normal(size=R).astype(np.float32)
+    return x, y, ["confident, off the grid"] * R
+
+
 def offset_rows(rng, V, temperature=3.0, R=4):
     """Rows of loss ~1 with a 1e4 offset: ``x/T − m/T`` would round away the low bits (T = 3)."""
     x = (1e4 + temperature * _grid(rng.normal(size=(R, V)) * 2)).astype(np.float32)

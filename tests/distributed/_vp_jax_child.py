@@ -50,6 +50,8 @@ def main(workdir: str) -> None:
         cases = pickle.load(f)
     results = []
     for case in cases:
+        # cases without x64 (float32 row statistics) come last; the flag is read at trace time
+        jax.config.update("jax_enable_x64", case.get("x64", True))
         dtype = getattr(jnp, case["dtype"])
         opts = dict(case["opts"])
         if opts.get("weight") is not None:

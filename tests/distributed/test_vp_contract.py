@@ -9,7 +9,7 @@ import pytest
 import logitkit
 from logitkit.distributed import stages
 
-from _vp_contract import contract_cases, contract_errors
+from _vp_contract import contract_cases, contract_errors, off_grid_rows
 from _vp_sim import run_ranks, shard_bounds
 
 pytestmark = pytest.mark.timeout(120)
@@ -40,6 +40,20 @@ def test_issue21_float32_contract_against_mpmath(layout):
         assert not bad, (o, bad)
         for loss, _ in results[1:]:
             np.testing.assert_array_equal(loss, results[0][0])  # the same loss on every rank
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 3.0])
+def test_issue21_float32_contract_off_the_grid(temperature):
+    """Rows whose every float32 ``x − max`` rounds (no grid): the local differences carry their
+    rounding error (TwoSum), as one process does."""
+    bounds = shard_bounds(LAYOUTS["4 uneven"])
+    x, y, names = off_grid_rows(np.random.default_rng(3), bounds[-1][1], R=12)
+    x = (x.astype(np.float64) * temperature).astype(np.float32)
+    o = {"temperature": temperature, "reduction": "none"}
+    results = _run(x, y, bounds, **o)
+    err, ref = contract_errors(results[0][0], x, y, o)
+    assert ref.max() < 1e-9
+    assert err.max() <= 2.0 ** -21, np.round(err / 2.0 ** -21, 2)
 
 
 def test_issue21_error_entered_in_the_float32_rescale():

@@ -16,7 +16,7 @@ pytest.importorskip("jax")
 from logitkit.distributed import stages  # noqa: E402
 from logitkit.reference import cross_entropy64, cross_entropy_grad64  # noqa: E402
 
-from _vp_contract import contract_cases, contract_errors  # noqa: E402
+from _vp_contract import contract_cases, contract_errors, contract_rows, off_grid_rows  # noqa: E402
 from _vp_sim import shard_bounds  # noqa: E402
 
 pytestmark = pytest.mark.timeout(400)  # the child process is killed after 240 s
@@ -72,6 +72,14 @@ def _cases():
     for x, y, names, o in contract_cases(rng, shard_bounds([5] * 4))[::2]:  # {}, T=0.5, T=3 offsets: compile time
         cases.append({"x": x.astype(np.float64), "x_dev": x, "y": y, "dtype": "float32", "item": "21",
                       "names": names, "opts": o, "loss_only": True})
+    # issue 21 without x64: float32 row statistics, contract rows and rows off the grid
+    x, y, names = contract_rows(rng, shard_bounds([5] * 4))
+    xo, yo, no = off_grid_rows(rng, V)
+    for T in (1.0, 0.5):
+        xs = np.concatenate([x, (xo.astype(np.float64) * T).astype(np.float32)])
+        cases.append({"x": xs.astype(np.float64), "x_dev": xs, "y": np.concatenate([y, yo]), "dtype": "float32",
+                      "item": "21-nox64", "names": names + no, "opts": {"temperature": T, "reduction": "none"},
+                      "loss_only": True, "x64": False})
     return cases
 
 
@@ -146,6 +154,17 @@ def test_issue13_item4_non_tiling_shards_give_nan(jax_results):
 def test_issue13_item5_colliding_label_edits_give_nan(jax_results):
     ((case, out),) = _item(*jax_results, "5")
     assert np.isnan(out["loss"])
+
+
+def test_issue21_float32_contract_without_x64(jax_results):
+    """Row statistics in float32 (no x64): the rescale exp(m_loc − m) and every local difference
+    carry their float32 rounding error (TwoSum), so the contract holds as with x64."""
+    found = _item(*jax_results, "21-nox64")
+    assert len(found) == 2
+    for case, out in found:
+        err, _ = contract_errors(out["loss"], case["x"], case["y"], case["opts"])
+        bad = [(case["names"][j], err[j] / 2.0 ** -21) for j in range(len(err)) if not err[j] <= 2.0 ** -21]
+        assert not bad, (case["opts"], bad)
 
 
 def test_issue21_float32_contract_under_shard_map(jax_results):

@@ -81,8 +81,8 @@ def ce_forward(xp: Any, x: Any, labels: Any, *, weight: Any = None, ignore_index
     acc = acc_dtype(xp, x.dtype)
     V = x.shape[-1]
     # z - max z from x itself (see shifted): m here is 0 (or -inf / NaN for special rows)
-    z, m_z, delta = shifted(xp, xp.astype(x, acc), softcap, temperature)
-    m, r, _ = row_stats(xp, z, -1)
+    z, m_z, delta, lo = shifted(xp, xp.astype(x, acc), softcap, temperature, with_lo=True)
+    m, r, _ = row_stats(xp, z, -1, lo=lo)
     w, W = _class_weights(xp, weight, acc, V)
     valid, bad, _, zy, wy = _label_parts(xp, z, labels, ignore_index, w)
     all_masked = m == -math.inf
@@ -107,7 +107,8 @@ def _shift_from_stats(xp: Any, x: Any, m: Any, r: Any, softcap: float | None,
     rounded and ``r`` relative to the exact max (a confident row's r ~ 1e-13 keeps its digits),
     so where ``m`` is this row's own rounded max, ``max z - m`` is taken as 0.
     """
-    d, m_x, delta = shifted(xp, x, softcap, temperature)
+    # with_lo: the same m (and d) as the forward pass formed them (softcap in float64)
+    d, m_x, delta, _ = shifted(xp, x, softcap, temperature, with_lo=True)
     m = xp.expand_dims(m, -1)
     r = xp.expand_dims(r, -1)
     finite = xp.isfinite(m) & xp.isfinite(m_x)
@@ -202,8 +203,8 @@ def prob_forward(xp: Any, x: Any, y: Any, *, weight: Any = None, label_smoothing
     Classes with ``w_c y_c = 0`` take no part, so a ``-inf`` logit with zero target gives no NaN.
     """
     acc = acc_dtype(xp, x.dtype)
-    z, m_z, delta = shifted(xp, xp.astype(x, acc), softcap, temperature)
-    m, r, _ = row_stats(xp, z, -1)
+    z, m_z, delta, lo = shifted(xp, xp.astype(x, acc), softcap, temperature, with_lo=True)
+    m, r, _ = row_stats(xp, z, -1, lo=lo)
     wy = _smoothed_targets(xp, y, acc, weight, label_smoothing)
     terms = xp.where(wy == 0.0, 0.0, wy * (m - z))
     mass = xp.sum(wy, axis=-1, keepdims=True)

@@ -15,16 +15,16 @@ __all__ = ["softmax", "log_softmax", "softmax_backward", "log_softmax_backward",
 @quiet
 def softmax(xp: Any, x: Any, axis: int = -1, where: Any = None, temperature: float = 1.0) -> Any:
     """``exp(z - m) / Σ exp(z - m)`` with ``z - m = (x - max x) / temperature``; masked entries and all-masked rows give 0."""
-    z, _, _ = shifted(xp, xp.astype(x, acc_dtype(xp, x.dtype)), None, temperature, axis, where)
-    _, r, e = row_stats(xp, z, axis, where)
+    z, _, _, lo = shifted(xp, xp.astype(x, acc_dtype(xp, x.dtype)), None, temperature, axis, where, with_lo=True)
+    _, r, e = row_stats(xp, z, axis, where, lo)
     return xp.astype(e / xp.exp(r), x.dtype)
 
 
 @quiet
 def log_softmax(xp: Any, x: Any, axis: int = -1, where: Any = None, temperature: float = 1.0) -> Any:
     """``(z - m) - r``; masked entries and all-masked rows give ``-inf``."""
-    z, _, _ = shifted(xp, xp.astype(x, acc_dtype(xp, x.dtype)), None, temperature, axis, where)
-    m, r, _ = row_stats(xp, z, axis, where)
+    z, _, _, lo = shifted(xp, xp.astype(x, acc_dtype(xp, x.dtype)), None, temperature, axis, where, with_lo=True)
+    m, r, _ = row_stats(xp, z, axis, where, lo)
     out = xp.where(m == -math.inf, -math.inf, (z - m) - r)
     if where is not None:
         out = xp.where(where, out, -math.inf)
@@ -55,8 +55,8 @@ def entropy(xp: Any, x: Any, temperature: float = 1.0) -> Any:
     ``p_c = 0`` (``-inf`` logits) contribute 0, and so does their gradient.
     """
     acc = acc_dtype(xp, x.dtype)
-    z, _, _ = shifted(xp, xp.astype(x, acc), None, temperature)
-    m, r, e = row_stats(xp, z, -1)
+    z, _, _, lo = shifted(xp, xp.astype(x, acc), None, temperature, with_lo=True)
+    m, r, e = row_stats(xp, z, -1, lo=lo)
     p = e / xp.exp(r)
     live = p > 0
     # Replace dead entries *before* the product: 0·inf would poison autograd through ``where``.

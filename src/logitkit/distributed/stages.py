@@ -56,7 +56,7 @@ import math
 from typing import Any, Callable, NamedTuple
 
 from .._namespace import acc_dtype
-from ..core.logsumexp import transform, transform_grad_factor
+from ..core.logsumexp import _div_residual, transform, transform_grad_factor, two_diff
 
 __all__ = [
     "Partials", "Reduced", "local_partials", "global_slots", "finish", "reduce_rows", "local_grad",
@@ -590,10 +590,20 @@ def _local_partials(xp, z, labels, start, ignore_index, label_smoothing, weight_
         return Partials(m, t, c, zy, xp.expand_dims(own, -1), s, wsum)
     m, imax = _max_argmax(xp, z)
     m0 = xp.where(xp.isfinite(m), m, 0.0)
-    # d = (m_loc − z)/T ≥ 0 feeds the smoothing sum, and exp(−d) is e = exp((z − m_loc)/T)
-    d = m0 - z
-    if T != 1.0:
-        d = _div_(xp, d, T)
+    # d = (m_loc − z)/T ≥ 0 feeds the smoothing sum, and exp(−d) is e = exp((z − m_loc)/T). A
+    # float32 difference is off by up to half an ulp of a gap of ~30: 1e-6 relative in each term
+    # of a confident row, twice the contract; its error lo is carried (TwoSum, division residual).
+    lo = None
+    if "64" not in str(z.dtype):
+        d, lo = two_diff(xp, m0, z)
+        if T != 1.0:
+            q = d / T
+            lo = _div_residual(xp, d, T, q) + lo / T
+            d = q
+    else:
+        d = m0 - z
+        if T != 1.0:
+            d = _div_(xp, d, T)
     s = wsum = None
     if label_smoothing > 0.0:
         wd = d if weight_local is None else weight_local * d
@@ -605,6 +615,8 @@ def _local_partials(xp, z, labels, start, ignore_index, label_smoothing, weight_
             w = xp.where(col_mask, w, 0.0)
         wsum = xp.sum(_as(xp, w, sdt))
     e = _exp_(xp, _neg_(xp, d))
+    if lo is not None:
+        e = _submul_(xp, e, e, lo)  # exp(−d − lo) = exp(−d)·(1 − lo) to first order
     # Leave one maximal term out of the sum (its exp is exactly 1): the log1p trick. Ties on this
     # rank stay in as exact ones; c says whether this rank left one out.
     e = _set_at(xp, e, imax, 0.0)
@@ -631,9 +643,20 @@ def global_slots(xp: Any, p: Partials, m: Any, temperature: float = 1.0) -> list
         keep = pm == mg
         both_finite = xp.isfinite(pm) & xp.isfinite(mg)
         diff = xp.where(both_finite, pm - mg, -math.inf)
+        lo = None
+        if "64" not in str(sdt):
+            # statistics in float32 (JAX without x64): the rounding of m_loc − m would be one
+            # coherent error for every term of the shard (issue 21); TwoSum carries it
+            _, lo = two_diff(xp, pm, mg)
+            lo = xp.where(both_finite, lo, 0.0)
         if temperature != 1.0:
-            diff = diff / temperature
+            q = diff / temperature
+            if lo is not None:
+                lo = xp.where(both_finite, _div_residual(xp, diff, temperature, q), 0.0) + lo / temperature
+            diff = q
         scale = xp.exp(diff)
+        if lo is not None:
+            scale = scale + scale * lo
         t = xp.where(keep, p.t, scale * (p.t + p.c))
         t = xp.where(xp.isnan(pm), math.nan, t)
         dy = mg - _as(xp, p.zy, sdt)

@@ -238,6 +238,50 @@ def expneg32(d):
     return (p * float32_from_bits(bits)) * _F32(2.0 ** -64)
 
 
+@_jit_exact()
+def expneg32_lo(d, lo):
+    """exp(d + lo) for float32 d <= 0 and a low part |lo| <= ulp(d): lo joins the reduced
+    argument, exp(d + lo) = 2^k exp(r + lo), so d + lo counts to twice float32's precision."""
+    lo = lo if d > _F32(-110.0) else _F32(0.0)  # -inf and NaN d: no low part (it may be NaN)
+    d = _F32(-110.0) if d < _F32(-110.0) else d
+    kb = d * _F32(1.4426950408889634) + _F32(12582912.0)
+    kf = kb - _F32(12582912.0)
+    r = d - kf * _F32(0.693359375)
+    r = r - kf * _F32(-2.12194440e-4)
+    r = r + lo
+    p = _E32[0]
+    p = p * r + _E32[1]
+    p = p * r + _E32[2]
+    p = p * r + _E32[3]
+    p = p * r + _E32[4]
+    p = p * r + _E32[5]
+    p = p * r + _F32(1.0)
+    bits = (bits32(kb) - np.int32(0x4B400000) + np.int32(127 + 64)) << np.int32(23)
+    return (p * float32_from_bits(bits)) * _F32(2.0 ** -64)
+
+
+@_jit_exact()
+def expdiff32(a, m):
+    """exp(a - m) for float32 a <= m, with the difference carried to twice float32's precision.
+
+    A rounded ``a - m`` is off by up to half an ulp of the difference: at a gap of 30 that is
+    1e-6 absolute in the exponent, so 1e-6 relative in the term, twice the 2^-21 contract on a
+    confident row whose loss is the sum of such terms.  TwoSum gives the rounding error exactly
+    (no multiplication, so ``contract`` cannot change it; the body is never reassociated)."""
+    s = a - m
+    bb = s - a
+    return expneg32_lo(s, (a - (s - bb)) + ((-m) - bb))
+
+
+@_jit_exact()
+def tdiff32(a, xm, inv_t):
+    """``(hi, exp(hi + lo))`` for ``(a - xm) / T`` formed in float64 (exact difference, one
+    rounding of the product by 1/T) and split into float32 ``hi + lo``."""
+    q = (np.float64(a) - np.float64(xm)) * inv_t
+    hi = np.float32(q)
+    return hi, expneg32_lo(hi, np.float32(q - np.float64(hi)))
+
+
 _E64 = tuple(1.0 / float(np.prod(np.arange(1, k + 2, dtype=np.float64))) for k in range(12, -1, -1))
 
 
@@ -323,6 +367,20 @@ def _ol_vexp_neg(d):
     return None
 
 
+def vexp_diff(a, m):
+    """exp(a - m) for a <= m dispatched on the floating type: float32 compensates the rounding of
+    the difference (expdiff32), float64 needs no compensation (exp64)."""
+
+
+@overload(vexp_diff)
+def _ol_vexp_diff(a, m):
+    if a == types.float32 and m == types.float32:
+        return lambda a, m: expdiff32(a, m)
+    if a == types.float64 and m == types.float64:
+        return lambda a, m: exp64(a - m)
+    return None
+
+
 def vtanh(u):
     """tanh dispatched on the floating type."""
 
@@ -400,6 +458,42 @@ def _dfill_t(row, buf, xm, t):
         buf[j] = (to_acc(row[j]) - xm) / t
 
 
+@_jit()
+def _blk_fill_t(src, buf, xm, inv_t):
+    zero = xm - xm
+    s = zero
+    for j in range(src.size):
+        hi, e = tdiff32(to_acc(src[j]), xm, inv_t)
+        buf[j] = hi
+        s += zero if hi == zero else e
+    return s
+
+
+def _dfill_t_sum(row, buf, xm, temp, zero):
+    """buf = (x - xm) / T; returns the float64 sum of exp(buf) over the entries that are not 0,
+    each from (x - xm)/T to twice float32's precision (float32 accumulation), or -1.0 where
+    the accumulation dtype's own sum is exact enough (float64)."""
+
+
+@overload(_dfill_t_sum, jit_options={"fastmath": EXACT, "error_model": "numpy"})
+def _ol_dfill_t_sum(row, buf, xm, temp, zero):
+    if zero == types.float32:
+        def impl(row, buf, xm, temp, zero):
+            inv_t = 1.0 / temp
+            n = row.size
+            s = 0.0
+            for b in range(0, n, _B):
+                e = min(b + _B, n)
+                s += np.float64(_blk_fill_t(row[b:e], buf[b:e], xm, inv_t))
+            return s
+        return impl
+
+    def impl64(row, buf, xm, temp, zero):
+        _dfill_t(row, buf, xm, cast(temp, zero))
+        return -1.0
+    return impl64
+
+
 @_jit_exact()
 def _dfill_cap(row, buf, xm, cap, sm, t, zero):
     """buf = (cap tanh(x / cap) - sm) / T, formed in float64 (cap, sm, t float64), and exactly 0
@@ -416,19 +510,22 @@ def _shift_row(xr, buf, temp, cap, use_cap, zero):
     in the accumulation dtype and its rounding error (float64).  ``r = log sum exp(d)`` is then
     relative to the exact max (lse = m + delta + r; kept as m + r, to the rounding of m), so a
     confident row's tiny r keeps its digits.  A row whose max is not finite (no softcap) leaves
-    ``buf`` unfilled."""
+    ``buf`` unfilled.  The third result is the sum of the non-zero ``exp(buf)`` from the
+    difference carried beyond float32 (:func:`_dfill_t_sum`), or -1.0 where the caller's sum of
+    ``exp(buf)`` stands (softcap, float64)."""
     xm = _rowmax(xr, zero)
+    sc = -1.0
     if use_cap:
         sm = cap * tanh64(np.float64(xm) / cap)
         _dfill_cap(xr, buf, xm, cap, sm, temp, zero)
     else:
         sm = np.float64(xm)
         if not (xm > _NINF and xm < np.inf):
-            return cast(sm / temp, zero), 0.0
-        _dfill_t(xr, buf, xm, cast(temp, zero))
+            return cast(sm / temp, zero), 0.0, sc
+        sc = _dfill_t_sum(xr, buf, xm, temp, zero)
     q = sm / temp
     m = cast(q, zero)
-    return m, q - np.float64(m)
+    return m, q - np.float64(m), sc
 
 
 @_jit_exact()
@@ -479,9 +576,9 @@ def _blk_sum(src, mx):
     zero = mx - mx
     s = zero
     for j in range(src.size):
-        d = to_acc(src[j]) - mx
-        e = vexp_neg(d)
-        s += zero if d == zero else e
+        a = to_acc(src[j])
+        e = vexp_diff(a, mx)
+        s += zero if a == mx else e
     return s
 
 
@@ -490,10 +587,10 @@ def _blk_store(src, dst, mx):
     zero = mx - mx
     s = zero
     for j in range(src.size):
-        d = src[j] - mx
-        e = vexp_neg(d)
+        a = src[j]
+        e = vexp_diff(a, mx)
         dst[j] = e
-        s += zero if d == zero else e
+        s += zero if a == mx else e
     return s
 
 
@@ -502,10 +599,10 @@ def _blk_store_inplace(row, mx):
     zero = mx - mx
     s = zero
     for j in range(row.size):
-        d = row[j] - mx
-        e = vexp_neg(d)
+        a = row[j]
+        e = vexp_diff(a, mx)
         row[j] = e
-        s += zero if d == zero else e
+        s += zero if a == mx else e
     return s
 
 
@@ -764,7 +861,7 @@ def ce_buffered(x, labels, w, wsum, ignore_index, eps, zl, temp, cap, use_cap, g
             y = labels[i]
             ignored = y == ignore_index
             bad = _bad_label(y, ignored, v)
-            m, delta = _shift_row(xr, buf, temp, cap, use_cap, zero)  # buf = z - max z
+            m, delta, sc = _shift_row(xr, buf, temp, cap, use_cap, zero)  # buf = z - max z
             if not (m > _NINF and m < np.inf):
                 c_, m_, r_ = _ce_special(orow, y, ignored or bad, w, wsum, eps, inv_t, g_ce[i], m,
                                          want_grad, zero)
@@ -775,6 +872,7 @@ def ce_buffered(x, labels, w, wsum, ignore_index, eps, zl, temp, cap, use_cap, g
             m64 = np.float64(m) + delta  # max z
             if ignored or bad:
                 s, ties = _exp_sum(buf, zero)
+                s = sc if sc >= 0.0 else s
                 if want_grad:
                     _fill(orow, zero)
                 ce[i] = _bad_row(orow, bad, want_grad, 0.0, zero)
@@ -787,6 +885,7 @@ def ce_buffered(x, labels, w, wsum, ignore_index, eps, zl, temp, cap, use_cap, g
                 s, ties = _exp_store_inplace(buf, zero)
             else:
                 s, ties = _exp_sum(buf, zero)
+            s = sc if sc >= 0.0 else s
             sp = s + (ties - 1)
             r = math.log1p(sp)
             wy = np.float64(w[y])
@@ -970,7 +1069,7 @@ def softmax_buffered(x, mode, temp, cap, use_cap, out, m_out, r_out, buf_proto, 
         for i in range(ch * n // nchunk, (ch + 1) * n // nchunk):
             xr = x[i]
             orow = out[i]
-            m, delta = _shift_row(xr, buf, temp, cap, use_cap, zero)  # buf = z - max z
+            m, delta, sc = _shift_row(xr, buf, temp, cap, use_cap, zero)  # buf = z - max z
             if not (m > _NINF and m < np.inf):
                 _sm_special(orow, m, mode, zero)
                 m_out[i] = m
@@ -980,6 +1079,7 @@ def softmax_buffered(x, mode, temp, cap, use_cap, out, m_out, r_out, buf_proto, 
                 s, ties = _exp_store_inplace(buf, zero)
             else:
                 s, ties = _exp_sum(buf, zero)
+            s = sc if sc >= 0.0 else s
             sp = s + (ties - 1)
             r = math.log1p(sp)
             m_out[i] = m
@@ -1128,7 +1228,7 @@ def prob_forward(x, y, w, eps, temp, cap, use_cap, ce, m_out, r_out, mass_out, b
         tz = cast(temp, zero)
         capa = cast(cap, zero)
         for i in range(ch * n // nchunk, (ch + 1) * n // nchunk):
-            m, delta = _shift_row(x[i], buf, temp, cap, use_cap, zero)  # buf = z - max z
+            m, delta, sc = _shift_row(x[i], buf, temp, cap, use_cap, zero)  # buf = z - max z
             if not (m > _NINF and m < np.inf):
                 mass = 0.0
                 for j in range(v):
@@ -1143,6 +1243,7 @@ def prob_forward(x, y, w, eps, temp, cap, use_cap, ce, m_out, r_out, mass_out, b
                     ce[i] = np.nan
                 continue
             s, ties = _exp_sum(buf, zero)
+            s = sc if sc >= 0.0 else s
             r = math.log1p(s + (ties - 1))
             dot, mass = _prob_dot(buf, y[i], zero, w, eps, inv_v)
             ce[i] = mass * r - dot
