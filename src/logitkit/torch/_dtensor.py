@@ -49,14 +49,27 @@ __all__ = ["is_dtensor", "cross_entropy", "linear_cross_entropy", "linear_head",
            "check_num_items"]
 
 
+_DTENSOR: list = [None]  # the DTensor class, once torch.distributed.tensor has been imported by someone
+_PLAIN = (Tensor, torch.nn.Parameter, type(None))
+
+
 def is_dtensor(*xs: Any) -> bool:
-    """True when any argument is a DTensor (``torch.distributed.tensor`` is never imported here)."""
-    mod = sys.modules.get("torch.distributed.tensor")
-    if mod is None:
-        return False
-    D = mod.DTensor
+    """True when any argument is a DTensor (``torch.distributed.tensor`` is never imported here).
+
+    Exact type checks first: ``isinstance`` against DTensor costs ~0.3 µs an argument, and this
+    runs at the entry of every call.
+    """
+    D = _DTENSOR[0]
+    if D is None:
+        mod = sys.modules.get("torch.distributed.tensor")
+        if mod is None:
+            return False
+        D = _DTENSOR[0] = mod.DTensor
     for x in xs:
-        if isinstance(x, D):
+        t = type(x)
+        if t in _PLAIN:
+            continue
+        if t is D or issubclass(t, D):
             return True
     return False
 
