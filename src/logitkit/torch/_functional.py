@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as V
-from .._namespace import TORCH
+from .._namespace import NUMPY, TORCH
 from . import _dtensor, _eager
 from ._autograd import CrossEntropyIndex, CrossEntropyProb, SoftmaxRows, check_inplace
 
@@ -79,6 +79,9 @@ def ce_lastdim(x: Tensor, y: Tensor, *, kind: str, out_shape: tuple, weight: Opt
     eps, zl, T = float(label_smoothing), float(z_loss), float(temperature)
     cap = None if softcap is None else float(softcap)
     inplace = bool(inplace_backward) and x2d.requires_grad and torch.is_grad_enabled()
+    if torch._C._are_functorch_transforms_active():
+        return _transformed_ce(x2d, y, kind, out_shape, weight, ignore_index, reduction, eps, zl, cap, T, return_lse,
+                               bool(inplace_backward), label_name, out_dtype)
     if kind == "index":
         if weight is not None and weight.requires_grad and torch.is_grad_enabled():
             # torch refuses too ("not differentiable with respect to argument 'weight'"); a
@@ -106,6 +109,64 @@ def ce_lastdim(x: Tensor, y: Tensor, *, kind: str, out_shape: tuple, weight: Opt
     if return_lse:
         return loss, lse.reshape(out_shape)
     return loss
+
+
+def _host_values(t: Tensor) -> Any:
+    """A NumPy view of a contiguous CPU tensor's memory, read without any torch op (under a
+    transform even ``detach`` gives a wrapped tensor, which has no memory to read)."""
+    import ctypes
+
+    import numpy as np
+
+    n = t.numel()
+    if n == 0:
+        return np.zeros(tuple(t.shape), np.int64)
+    buf = (ctypes.c_char * (n * t.element_size())).from_address(t.data_ptr())
+    return np.frombuffer(buf, dtype=str(t.dtype).rsplit(".", 1)[-1], count=n).reshape(tuple(t.shape))
+
+
+def _transformed_ce(x2d: Tensor, y: Tensor, kind: str, out_shape: tuple, weight: Optional[Tensor], ignore_index: int,
+                    reduction: str, eps: float, zl: float, cap: Optional[float], T: float, return_lse: bool,
+                    inplace_backward: bool, label_name: str, out_dtype: torch.dtype) -> Any:
+    """Cross-entropy under ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``, ``jvp`` ...).
+
+    The autograd functions run kernels on the tensors' memory, which a transform's wrapped
+    tensors do not have; here the same maths runs as logitkit's core on differentiable torch ops
+    (the exact formulation: log1p for confident rows, -inf masking), which every transform
+    differentiates and batches as it does torch's own ops.
+    """
+    from .._namespace import get_namespace
+    from ..core import cross_entropy as core_ce
+    from ..core.reduction import reduce_loss, row_weights
+
+    if inplace_backward:
+        raise ValueError("inplace_backward=True: not supported under torch.func transforms (grad, vmap, jvp, "
+                         "jacrev, ...), which need the logits after the backward; use inplace_backward=False")
+    xp = get_namespace(TORCH)
+    acc = torch.float64 if x2d.dtype == torch.float64 else torch.float32
+    w = None if weight is None else weight.to(acc)
+    if kind == "index":
+        if weight is not None and weight.requires_grad:
+            raise ValueError("weight: cross-entropy with class indices is not differentiable with respect to "
+                             "weight (as in torch); pass weight.detach()")
+        lab = y  # the labels' own values, under the transforms' wrappers (vmap: the whole batch)
+        while torch._C._functorch.is_functorch_wrapped_tensor(lab):
+            lab = torch._C._functorch.get_unwrapped(lab)
+        if lab.device.type == "cpu" and lab.is_contiguous():
+            V.check_label_range(NUMPY, _host_values(lab), x2d.shape[-1], ignore_index, name=label_name)
+        y1 = y.reshape(x2d.shape[0]).to(torch.int64)
+        ce, m, r = core_ce.ce_forward(xp, x2d, y1, weight=w, ignore_index=ignore_index, label_smoothing=eps,
+                                      softcap=cap, temperature=T)
+        validf, wy = row_weights(xp, y1, w, ignore_index, ce.dtype)
+    else:
+        ce, m, r = core_ce.prob_forward(xp, x2d, y.reshape(x2d.shape), weight=w, label_smoothing=eps, softcap=cap,
+                                        temperature=T)
+        validf = wy = torch.ones_like(ce)
+    lse = m + r
+    loss = reduce_loss(xp, ce, lse, validf, wy, reduction, zl).to(out_dtype)
+    if reduction == "none":
+        loss = loss.reshape(out_shape)
+    return (loss, lse.reshape(out_shape)) if return_lse else loss
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
@@ -230,6 +291,15 @@ def _softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
 def softmax_lastdim(x: Tensor, dim: int, temperature: float, log: bool) -> Tensor:
     """Fused softmax of validated ``x`` along ``dim`` (moved last internally)."""
     T = float(temperature)
+    if torch._C._are_functorch_transforms_active():
+        # torch.func transforms: the core on differentiable torch ops (see _transformed_ce)
+        from .._namespace import get_namespace
+        from ..core import softmax as core_sm
+
+        fn = core_sm.log_softmax if log else core_sm.softmax
+        if x.ndim == 0:
+            return fn(get_namespace(TORCH), x.reshape(1), -1, None, T).reshape(()).to(x.dtype)
+        return fn(get_namespace(TORCH), x, dim % x.ndim, None, T).to(x.dtype)
     if x.ndim == 0:
         return SoftmaxRows.apply(x.reshape(1, 1), T, log).reshape(())
     d = dim % x.ndim
