@@ -347,3 +347,19 @@ def _check_grad_h(h, W, y):
         tape.watch(hc)
         loss = tf_ce64(hc, tf.constant(W), None, tf.constant(y), ignore_index=-1)
     return tape.gradient(loss, hc).numpy()
+
+
+@pytest.mark.parametrize("mode", ["eager", "xla"])
+def test_empty_batch(mode):
+    """No rows: mean 0 with zero gradients, empty per-row outputs (XLA: one chunk of padding)."""
+    h, W = tf.Variable(tf.zeros([0, 4], tf.float64)), tf.Variable(tf.ones([7, 4], tf.float64))
+    y = tf.zeros([0], tf.int64)
+
+    def f():
+        with tf.GradientTape() as tape:
+            loss = logitkit.linear_cross_entropy(h, W, y)
+        return loss, logitkit.linear_entropy(h, W), tape.gradient(loss, [h, W])
+
+    loss, ent, (dh, dW) = run(mode, f)
+    assert float(loss) == 0.0 and ent.shape == (0,) and dh.shape == (0, 4)
+    np.testing.assert_array_equal(dW.numpy(), np.zeros((7, 4)))

@@ -310,7 +310,9 @@ class _Chunks:
     def __init__(self, h2: Any, W: Any, b: Any, rows: int) -> None:
         self.N = tf.shape(h2)[0]
         self.rows = rows
-        self.n = (self.N + rows - 1) // rows
+        # At least one chunk: XLA compiles a loop body even when it runs 0 times, and its slices of
+        # an empty block fail; a chunk of padding rows contributes nothing.
+        self.n = tf.maximum((self.N + rows - 1) // rows, 1)
         self.pad = self.n * rows - self.N
         self.acc = _acc(h2.dtype)
         self.H = h2.shape[-1]
