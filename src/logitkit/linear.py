@@ -538,7 +538,10 @@ def linear_head(hidden: Any, linear_weight: Any, labels: Any = None, *, linear_b
     Ignored tokens (``labels == ignore_index``) give 0 in every per-token field. Every output but
     ``argmax`` is differentiable (torch, JAX) with respect to ``hidden``, ``linear_weight`` and
     ``linear_bias``, any combination in one backward pass that recomputes the logits chunk by chunk.
-    ``outputs=("loss",)`` with a scalar temperature is :func:`linear_cross_entropy` itself.
+    ``outputs=("loss",)`` with a scalar temperature is :func:`linear_cross_entropy` itself. When the
+    cotangents are known before the call (a loss, an RL objective's per-token weights),
+    :func:`linear_head_with_grad` returns the gradients from the same pass: three matrix products
+    instead of autograd's four (the backward of per-token outputs recomputes the logits).
 
     Args:
       hidden: ``(..., H)`` floating. linear_weight: ``(V, H)``, same dtype. labels: ``(...)`` class
