@@ -1,11 +1,13 @@
 """Small-call latency of logitkit.torch against torch.nn.functional, forward + backward, on the CPU.
 
-Every case alternates the two calls in one loop (``F`` then logitkit, repeat), so both see the
-same machine load, and reports the median of each and the ratio of the medians (< 1: logitkit is
-faster). ``--compile`` adds both functions under ``torch.compile`` (inductor, ``fullgraph=True``).
+Every case alternates the calls in one loop (``F`` then logitkit, repeat), so all see the same
+machine load, and reports the median of each and the ratios of the medians (< 1: logitkit is
+faster). ``--compile`` adds both functions under ``torch.compile`` (inductor, ``fullgraph=True``)
+and the ratios issue 14 asks about: compiled logitkit to its own eager (ltc/ltE) and to compiled
+F (ltc/Fc).
 
-    python benchmarks/torch_latency.py                    # tiny, small, softmax at small
-    python benchmarks/torch_latency.py --large --compile  # plus llm (4096 x 32000) and compiled
+    python benchmarks/torch_latency.py --threads 1          # tiny, small, softmax at small
+    python benchmarks/torch_latency.py --large --compile    # plus llm (4096 x 32000) and compiled
 """
 
 from __future__ import annotations
@@ -61,15 +63,17 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also torch.compile'd F and logitkit")
     ap.add_argument("--repeats", type=int, default=200, help="timed calls per function (small sizes)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--only", default=None, help="run only the cases whose name contains this")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} torch threads; median of each, measured interleaved in one run")
-    print(f"{'case':34s} {'torch us':>10s} {'logitkit us':>12s} {'ratio':>7s}")
+          f"{torch.get_num_threads()} torch threads; median of each (microseconds), measured interleaved in one "
+          "run; ratios < 1: logitkit faster")
+    cols = ["F eager", "lt eager", "lt/F"] + (["F comp", "lt comp", "ltc/ltE", "ltc/Fc"] if args.compile else [])
+    print(f"{'case':30s} " + " ".join(f"{c:>9s}" for c in cols), flush=True)
     sizes = ["tiny", "small"] + (["llm"] if args.large else [])
     g = torch.Generator().manual_seed(0)
-    rows = []
     for name in sizes:
         N, V = CASES[name]
         x = torch.randn(N, V, generator=g, requires_grad=True)
@@ -82,16 +86,21 @@ def main() -> None:
             pairs += [("softmax", _softmax_loss(F.softmax), _softmax_loss(lt.softmax)),
                       ("log_softmax", _softmax_loss(F.log_softmax), _softmax_loss(lt.log_softmax))]
         for fname, ref, ours in pairs:
+            label = f"{fname} {N}x{V} fwd+bwd"
+            if args.only and args.only not in label:
+                continue
             tgt = y if fname == "cross_entropy" else p
-            variants = [("eager", ref, ours)]
+            fns = [ref, ours]
             if args.compile:
-                variants.append(("compiled", torch.compile(ref, fullgraph=True, dynamic=False),
-                                 torch.compile(ours, fullgraph=True, dynamic=False)))
-            for mode, r_fn, o_fn in variants:
-                tr, to = _interleaved([_step(r_fn, x, tgt), _step(o_fn, x, tgt)], reps, warm)
-                label = f"{fname} {N}x{V} {mode} fwd+bwd"
-                rows.append((label, tr, to))
-                print(f"{label:34s} {tr * 1e6:10.1f} {to * 1e6:12.1f} {to / tr:7.2f}", flush=True)
+                torch._dynamo.reset()
+                fns += [torch.compile(ref, fullgraph=True, dynamic=False),
+                        torch.compile(ours, fullgraph=True, dynamic=False)]
+            t = _interleaved([_step(f, x, tgt) for f in fns], reps, warm)
+            row = [t[0], t[1], t[1] / t[0]]
+            if args.compile:
+                row += [t[2], t[3], t[3] / t[1], t[3] / t[2]]
+            cells = [f"{v * 1e6:9.1f}" if i in (0, 1, 3, 4) else f"{v:9.2f}" for i, v in enumerate(row)]
+            print(f"{label:30s} " + " ".join(cells), flush=True)
 
 
 if __name__ == "__main__":
