@@ -28,6 +28,7 @@ WORKLOADS = {
     "llm": (4096, 32000, "ce"),
     "llm3": (1024, 128256, "ce"),
     "small": (256, 1000, "ce"),
+    "tiny": (100, 10, "ce"),
     "softmax": (4096, 32000, "softmax"),
     "head": (4096, 32000, "head"),
 }
@@ -225,6 +226,19 @@ def _torch_cases(x, y, fresh_copy):
                 return loss.detach(), logits.detach()
 
             cases.append(("logitkit.torch cross_entropy", "copy", lambda: x, lk_torch, lambda r: r[1].numpy()))
+            try:
+                lk_compiled = torch.compile(lambda t: lkt.cross_entropy(t, yt), fullgraph=True)
+
+                def lk_comp(a):
+                    t = torch.from_numpy(a).requires_grad_()
+                    loss = lk_compiled(t)
+                    loss.backward()
+                    return loss.detach(), t.grad
+
+                cases.append(("torch.compile logitkit.torch cross_entropy", "copy", lambda: x, lk_comp,
+                              lambda r: r[1].numpy()))
+            except Exception:
+                pass
             cases.append(("logitkit.torch inplace_backward", "copyto", fresh_copy, lk_torch_inplace,
                           lambda r: r[1].numpy()))
         except Exception:
@@ -571,7 +585,7 @@ def format_table(results: list[Result]) -> str:
         for r in group:
             xl = lim.get(r.limit)
             rows.append([
-                wl, r.impl, _num(r.median_ms, "{:.1f}"), _spread(r),
+                wl, r.impl, _ms(r.median_ms), _spread(r),
                 f"{r.median_ms / xl:.2f}× {r.limit}" if xl and r.median_ms == r.median_ms else "",
                 f"{eager / r.median_ms:.2f}×" if eager and r.median_ms == r.median_ms else "",
                 _num(r.peak_mb, "{:.0f}"), _num(r.err, "{:.1e}"), r.note,
@@ -584,7 +598,12 @@ def format_table(results: list[Result]) -> str:
 def _spread(r: Result) -> str:
     if not r.times:
         return ""
-    return f"{min(r.times) * 1e3:.1f}-{max(r.times) * 1e3:.1f}"
+    return f"{_ms(min(r.times) * 1e3)}-{_ms(max(r.times) * 1e3)}"
+
+
+def _ms(v):
+    """Milliseconds with one decimal, or three significant digits below 1 ms (small workloads)."""
+    return _num(v, "{:.1f}" if v is None or v != v or v >= 1.0 else "{:.3g}")
 
 
 def _find(group, key):
@@ -731,7 +750,7 @@ def main(args: Any) -> int:
     print(f"workloads (--workload, default {', '.join(DEFAULT_WORKLOADS)}):")
     print(describe_workloads("  "))
     print(f"each implementation: 1 warm-up call, then --repeat {args.repeat} timed calls "
-          "(median and min-max reported; default 5)\n", flush=True)
+          "(median and min-max reported; default 5; the small workloads want --repeat 50)\n", flush=True)
     results = []
     for w in workloads:
         results += run_workload(w, args.repeat, not args.no_progress, getattr(args, "only", None))
