@@ -403,6 +403,50 @@ _apply_small = torch._C._FunctionBase.__dict__["apply"].__get__(None, CrossEntro
 
 
 # ----------------------------------------------------------------------------------------------
+# the custom operators' bodies (what torch.compile runs) on the same serial route, default options
+
+
+def op_rows_stats(x: Tensor, labels: Tensor, ignore_index: int) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    """``(ce, m, r)`` per row through the compiled entry (labels checked there), or ``None``."""
+    if (x.ndim != 2 or x.dtype not in _FAST_DTYPES or not x.is_cpu or _forced[0] or labels.dtype != _I64
+            or not x.is_contiguous() or not labels.is_contiguous() or not -_II_MAX < ignore_index < _II_MAX):
+        return None
+    N, C = x.shape
+    k = _cpu[0] if _cpu else _load_cpu()
+    if N == 0 or C == 0 or k is None or (N * C >= _serial_max[0] and k.get_num_threads() > 1):
+        return None
+    dt = x.dtype
+    ce, m, r = torch.empty(N, dtype=dt), torch.empty(N, dtype=dt), torch.empty(N, dtype=dt)
+    is64 = dt is _F64
+    valid = (_entry_points[is64] or _entry(is64))(x.data_ptr(), labels.data_ptr(), ce.data_ptr(), 0, m.data_ptr(),
+                                                  r.data_ptr(), N, C, ignore_index, 2, False)
+    if valid < 0:
+        _bad_labels(labels, C, ignore_index)
+        raise ValueError(f"labels: class index {int(labels[-1 - valid])} at position {-1 - valid} is outside "
+                         f"[0, {C}) and is not ignore_index={ignore_index}")
+    return ce, m, r
+
+
+def op_rows_backward(x: Tensor, labels: Tensor, m: Tensor, r: Tensor, g_ce: Tensor, ignore_index: int,
+                     out: Tensor) -> Optional[Tensor]:
+    """The gradient of ``Σ g_ce·ce`` (default options) into ``out`` by the serial kernel, or ``None``."""
+    if (x.ndim != 2 or x.dtype not in _FAST_DTYPES or not x.is_cpu or _forced[0] or labels.dtype != _I64
+            or not x.is_contiguous() or not out.is_contiguous() or m.dtype != x.dtype or r.dtype != x.dtype):
+        return None
+    N, C = x.shape
+    k = _cpu[0] if _cpu else _load_cpu()
+    if N == 0 or C == 0 or k is None or (N * C >= _serial_max[0] and k.get_num_threads() > 1):
+        return None
+    acc = np.float64 if x.dtype is _F64 else np.float32
+    gce = np.ascontiguousarray(g_ce.detach().numpy(), dtype=np.float64)
+    kern, _ = _run(k, "ce_backward", 0)
+    kern(x.detach().numpy(), np.ascontiguousarray(labels.numpy()), np.ascontiguousarray(m.detach().numpy()),
+         np.ascontiguousarray(r.detach().numpy()), gce, _const("zeros", N, np.float64), _const("ones", C, acc),
+         float(C), ignore_index, 0.0, 0.0, 1.0, 1.0, False, out.detach().numpy(), False, np.empty(0, acc), 1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # the small-call softmax / log_softmax: 2-D contiguous float32 / float64 CPU rows, the class axis
 # last, temperature 1, sizes the kernels run serially; one compiled call per pass.
 
