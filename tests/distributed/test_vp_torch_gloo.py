@@ -79,6 +79,13 @@ def _cases(world):
         cases.append({"kind": "linear", "h": rng.normal(size=(N, H)), "w": rng.normal(size=(V, H)),
                       "b": rng.normal(size=V), "y": _labels(rng, bounds), "bounds": bounds, "opts": o,
                       "dtype": "float64", "chunk": chunk, "reduce_hidden_grad": reduce_dh})
+    # float32 and bfloat16 heads: d loss / d hidden is all-reduced in float32 (4·H bytes a token);
+    # their own generator, so the cases after them keep their data
+    r16 = np.random.default_rng(200 + world)
+    for dtype, chunk in (("float32", 5), ("bfloat16", None)):
+        cases.append({"kind": "linear", "h": r16.normal(size=(N, H)), "w": r16.normal(size=(V, H)),
+                      "b": r16.normal(size=V), "y": _labels(r16, bounds), "bounds": bounds,
+                      "opts": {"label_smoothing": 0.1}, "dtype": dtype, "chunk": chunk, "reduce_hidden_grad": True})
     # error cases: every rank must raise the same error, none may hang
     x = rng.normal(size=(N, V))
     cases.append({"kind": "error", "x": x, "y": _labels(rng, bounds), "bounds": bounds, "opts": {}, "equal": True})
@@ -214,8 +221,8 @@ def test_collectives_per_forward_and_backward(run):
                                   ("all_reduce", "SUM", k * N, k * N * item)], (i, out["fwd"])
             if case["kind"] == "logits" or not case["reduce_hidden_grad"]:
                 assert out["bwd"] == []  # backward needs no communication
-            else:  # the linear head all-reduces d loss / d hidden once
-                assert out["bwd"] == [("all_reduce", "SUM", N * 6, N * 6 * 8)]
+            else:  # the linear head all-reduces d loss / d hidden once, float32 unless float64
+                assert out["bwd"] == [("all_reduce", "SUM", N * 6, N * 6 * item)], (i, case["dtype"], out["bwd"])
 
 
 def test_linear_head_parity(run):
@@ -224,6 +231,9 @@ def test_linear_head_parity(run):
         if case["kind"] != "linear":
             continue
         o = case["opts"]
+        if case["dtype"] != "float64":
+            _linear_head_parity_low(world, case, results, i)
+            continue
         logits = case["h"] @ case["w"].T + case["b"]
         ref, g = cross_entropy64(logits, case["y"], **o), cross_entropy_grad64(logits, case["y"], **o)
         for rank in range(world):
@@ -236,6 +246,33 @@ def test_linear_head_parity(run):
                 np.testing.assert_allclose(out["dh"], g[:, s:e] @ case["w"][s:e], rtol=1e-10, atol=1e-13)
             np.testing.assert_allclose(out["dw"], g[:, s:e].T @ case["h"], rtol=1e-10, atol=1e-13)
             np.testing.assert_allclose(out["db"], g[:, s:e].sum(0), rtol=1e-10, atol=1e-13)
+
+
+def _linear_head_parity_low(world, case, results, i):
+    """float32 / bfloat16 head against float64 on the same rounded inputs.
+
+    Errors are measured against ``Σ_c |g_c|·|W_c|``, the scale at which the float32 products and
+    the float32 all-reduce of the ``P`` partial ``d loss / d hidden`` round.
+    """
+    rnd = (lambda a: a.astype(np.float32).astype(np.float64)) if case["dtype"] == "float32" else _bf16
+    h, w, b = rnd(case["h"]), rnd(case["w"]), rnd(case["b"])
+    o = case["opts"]
+    logits = h @ w.T + b
+    ref, g = cross_entropy64(logits, case["y"], **o), cross_entropy_grad64(logits, case["y"], **o)
+    tol = {"float32": 1e-5, "bfloat16": 3e-2}[case["dtype"]]
+    scale_h = np.abs(g) @ np.abs(w)
+    for rank in range(world):
+        s, e = case["bounds"][rank]
+        out = results[rank][i]
+        np.testing.assert_allclose(out["loss"], ref, rtol=tol)
+        err = np.abs(out["dh"] - g @ w)
+        assert np.all(err <= tol * scale_h), (case["dtype"], rank, float(np.max(err / scale_h)))
+        err_w = np.abs(out["dw"] - g[:, s:e].T @ h)
+        assert np.all(err_w <= tol * (np.abs(g[:, s:e]).T @ np.abs(h))), (case["dtype"], rank)
+        assert np.all(np.abs(out["db"] - g[:, s:e].sum(0)) <= tol * np.abs(g[:, s:e]).sum(0)), (case["dtype"], rank)
+    # the all-reduced gradient is the same on every rank
+    for rank in range(1, world):
+        np.testing.assert_array_equal(results[rank][i]["dh"], results[0][i]["dh"])
 
 
 def test_errors_raise_on_every_rank(run):
