@@ -436,7 +436,8 @@ def vocab_parallel_linear_cross_entropy(hidden: torch.Tensor, local_weight: torc
         computed from them, about 24 bytes a logit measured for float32 and bfloat16, 16 for
         float64) within 32 MiB, i.e. ``32 MiB // (24 · n)`` tokens (87 for ``n = 16000``), and
         at least one. Memory beyond the inputs is then that workspace plus the gradients; 16-bit
-        inputs also hold a float32 ``dW`` accumulator of the local weight's shape.
+        inputs also hold a float32 ``dW`` accumulator of the local weight's shape (and, per
+        chunk, the 16-bit product added to it).
       reduce_hidden_grad: all-reduce (SUM) ``d loss / d hidden`` over the group in backward, so
         every rank gets the full gradient. That is the one collective of the backward pass. Pass
         ``False`` when the caller's own column-parallel layer does that all-reduce (Megatron's
