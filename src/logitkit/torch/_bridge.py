@@ -10,7 +10,7 @@ through zero-copy NumPy views, Triton on CUDA, the core otherwise), for callers 
 >>> import torch, logitkit
 >>> x = torch.zeros(2, 3, requires_grad=True)
 >>> logitkit.cross_entropy(x, torch.tensor([0, 2]))   # doctest: +ELLIPSIS
-tensor(1.0986, grad_fn=<CrossEntropyIndexBackward>)
+tensor(1.0986, grad_fn=<CrossEntropySmallBackward>)
 """
 
 from __future__ import annotations

@@ -209,7 +209,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     >>> import torch, logitkit.torch as lt
     >>> x = torch.tensor([[2.0, 0.0, 0.0]], requires_grad=True)
     >>> lt.cross_entropy(x, torch.tensor([0]))
-    tensor(0.2395, grad_fn=<CrossEntropyIndexBackward>)
+    tensor(0.2395, grad_fn=<CrossEntropySmallBackward>)
     """
     if num_items_in_batch is not None:  # before the fast path, which has no such option
         return _dtensor.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
