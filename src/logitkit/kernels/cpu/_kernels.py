@@ -239,11 +239,9 @@ def expneg32(d):
 
 
 @_jit_exact()
-def expneg32_lo(d, lo):
-    """exp(d + lo) for float32 d <= 0 and a low part |lo| <= ulp(d): lo joins the reduced
-    argument, exp(d + lo) = 2^k exp(r + lo), so d + lo counts to twice float32's precision."""
-    lo = lo if d > _F32(-110.0) else _F32(0.0)  # -inf and NaN d: no low part (it may be NaN)
-    d = _F32(-110.0) if d < _F32(-110.0) else d
+def _exp32_lo_core(d, lo):
+    """2^k exp(r + lo) for float32 d in [-110, 0] (no clamp) and a low part |lo| <= ulp(d): lo
+    joins the reduced argument, so d + lo counts to twice float32's precision."""
     kb = d * _F32(1.4426950408889634) + _F32(12582912.0)
     kf = kb - _F32(12582912.0)
     r = d - kf * _F32(0.693359375)
@@ -261,6 +259,13 @@ def expneg32_lo(d, lo):
 
 
 @_jit_exact()
+def expneg32_lo(d, lo):
+    """exp(d + lo) for float32 d <= 0 (or -inf, NaN) and its low part lo."""
+    lo = lo if d > _F32(-110.0) else _F32(0.0)  # -inf and NaN d: no low part (it may be NaN)
+    return _exp32_lo_core(_F32(-110.0) if d < _F32(-110.0) else d, lo)
+
+
+@_jit_exact()
 def expdiff32(a, m):
     """exp(a - m) for float32 a <= m, with the difference carried to twice float32's precision.
 
@@ -274,21 +279,7 @@ def expdiff32(a, m):
     a = lim if a < lim else a  # -inf: a term that underflows to 0 alike; NaN stays NaN
     s = a - m
     bb = s - a
-    lo = (a - (s - bb)) + ((-m) - bb)
-    kb = s * _F32(1.4426950408889634) + _F32(12582912.0)
-    kf = kb - _F32(12582912.0)
-    r = s - kf * _F32(0.693359375)
-    r = r - kf * _F32(-2.12194440e-4)
-    r = r + lo
-    p = _E32[0]
-    p = p * r + _E32[1]
-    p = p * r + _E32[2]
-    p = p * r + _E32[3]
-    p = p * r + _E32[4]
-    p = p * r + _E32[5]
-    p = p * r + _F32(1.0)
-    bits = (bits32(kb) - np.int32(0x4B400000) + np.int32(127 + 64)) << np.int32(23)
-    return (p * float32_from_bits(bits)) * _F32(2.0 ** -64)
+    return _exp32_lo_core(s, (a - (s - bb)) + ((-m) - bb))
 
 
 @_jit_exact()
