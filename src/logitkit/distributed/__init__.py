@@ -2,6 +2,8 @@
 
 - :func:`vocab_parallel_cross_entropy` (torch): logits already sharded over the vocabulary.
 - :func:`vocab_parallel_linear_cross_entropy` (torch): hidden states and a vocabulary-sharded head.
+- :func:`vocab_parallel_linear_head` (torch): every output of :func:`logitkit.linear_head` (loss,
+  logprobs, entropy, lse, argmax, teacher divergences) with a vocabulary-sharded head.
 - :func:`jax_vocab_parallel_cross_entropy` (JAX): inside ``shard_map`` with a named mesh axis.
 - :mod:`logitkit.distributed.stages`: the maths once, against ``xp``, with the collectives injected.
 
@@ -17,12 +19,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy",
+__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy", "vocab_parallel_linear_head",
            "jax_vocab_parallel_cross_entropy", "TorchCollectives", "stages"]
 
 _LAZY = {
     "vocab_parallel_cross_entropy": "._torch",
     "vocab_parallel_linear_cross_entropy": "._torch",
+    "vocab_parallel_linear_head": "._torch_head",
     "TorchCollectives": "._torch",
     "jax_vocab_parallel_cross_entropy": "._jax",
     "stages": ".stages",

@@ -103,7 +103,8 @@ def _host_mode(x: Any) -> bool:
 
 
 def _agree(comm: TorchCollectives, check: Any, *, x: Any, labels: Any, n: Any, vocab_start: Any, weight: Any,
-           ignore_index: Any, options: dict) -> tuple[int, int | None, Any]:
+           ignore_index: Any, options: dict, hash_extra: Any = None,
+           extra_check: Any = None) -> tuple[int, int | None, Any]:
     """Run the local checks and the header; return ``(start, V, tail)``.
 
     Host mode (CPU tensors): the header is the first collective, fixed-size, and every rank raises
@@ -111,6 +112,9 @@ def _agree(comm: TorchCollectives, check: Any, *, x: Any, labels: Any, n: Any, v
     left waiting in a later collective, and no collective ever sees buffers of different sizes).
     Device mode (CUDA): local checks raise at once, and the header table rides in the tail of the
     per-token MAX (``tail``), read on the device: a failed check gives a NaN loss, no host sync.
+    ``hash_extra``: a callable returning a 1-D int64 tensor of more per-token data the ranks must
+    agree on (hashed with the labels); ``extra_check(V)``: host-mode checks that need the global
+    ``V`` (they raise the same error on every rank).
     """
     host = _host_mode(x)
     error, fields, start = None, None, None
@@ -125,6 +129,9 @@ def _agree(comm: TorchCollectives, check: Any, *, x: Any, labels: Any, n: Any, v
                                       ignore_index=ignore_index,
                                       options={**options, "ignore_index": ignore_index, "weight": wkey,
                                                "vocab_start": vocab_start is None})
+        if hash_extra is not None:
+            ids = torch.cat([labels.reshape(-1).to(torch.int64), hash_extra()])
+            fields.update(zip(("labels_a", "labels_b", "labels_c"), stages.label_hashes(xp, ids)))
     except (TypeError, ValueError) as exc:
         if not host:
             raise
@@ -143,6 +150,8 @@ def _agree(comm: TorchCollectives, check: Any, *, x: Any, labels: Any, n: Any, v
         nV = stages.header_verdict(head, weight_len=None if weight is None else int(weight.shape[0]), hint=hint)
         # the labels are the same on every rank (checked above): the same message everywhere
         V.check_label_range(TORCH, labels, nV, ignore_index)
+        if extra_check is not None:
+            extra_check(nV)
     except (TypeError, ValueError) as exc:
         if error is not None:
             raise exc from error

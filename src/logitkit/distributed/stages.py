@@ -62,7 +62,9 @@ __all__ = [
     "Partials", "Reduced", "local_partials", "global_slots", "finish", "reduce_rows", "local_grad",
     "label_hashes", "label_range", "n_slots", "cross_entropy_with_grad", "HEADER_FIELDS", "MSG_LEN",
     "header_size", "header_fields", "encode_header", "decode_header", "header_verdict", "header_ok",
-    "Header", "option_code", "stat_dtype",
+    "Header", "option_code", "stat_dtype", "HeadPartials", "head_local_partials", "cat_head_partials",
+    "head_max_values", "head_slots", "argmax_candidates", "head_rows", "head_jsd_partials", "head_jsd_rows",
+    "head_local_grad", "NO_INDEX",
 ]
 
 
@@ -441,7 +443,8 @@ def header_verdict(h: Header, *, weight_len: int | None = None, hint: str = "") 
         v = h.field(f)
         if (v != v[0]).any():
             raise ValueError("labels: the ranks passed different labels; every rank of the group must pass the "
-                             "same labels (global class indices) for the same tokens")
+                             "same labels (global class indices) for the same tokens (the fused head also hashes "
+                             "a per-token temperature and a top-k teacher here)")
     starts, sizes = h.field("start"), h.field("size")
     V = int(sizes.sum())
     if not _tiles(starts, sizes):
@@ -704,12 +707,14 @@ class Reduced(NamedTuple):
     wy: Any       # class weight of the label (0 for ignored rows)
     vocab_size: Any   # the global V used
     tail: Any     # the reduced extra scalars of the MAX all-reduce (``max_tail``), or None
+    sums: Any = None    # the summed slots ``(k, N)`` of :func:`global_slots` (``T, C, (m − z_y)/T, ...``)
+    extra: Any = None   # the summed ``extra_slots`` columns ``(N, j)``, or None
 
 
 def reduce_rows(xp: Any, p: Partials, labels: Any, *, all_reduce_max: Callable[[Any], Any],
                 all_reduce_sum: Callable[[Any], Any], vocab_size: Any, weight: Any, ignore_index: int,
                 label_smoothing: float, temperature: float = 1.0, sum_dtype: Any = None,
-                max_tail: Any = None) -> Reduced:
+                max_tail: Any = None, extra_slots: Callable[[Any, Any], Any] | None = None) -> Reduced:
     """Stages 2–5: the per-token collectives and the row losses, from one rank's :class:`Partials`.
 
     ``all_reduce_max(a)`` / ``all_reduce_sum(a)`` take a 1-D array and return the element-wise
@@ -718,6 +723,9 @@ def reduce_rows(xp: Any, p: Partials, labels: Any, *, all_reduce_max: Callable[[
     ``p.m``'s). ``vocab_size``: the global ``V`` (from the header), or a function of the reduced
     ``max_tail`` that returns it (a header that rides in the tail). ``weight``: global ``(V,)``
     class weights or ``None``. ``p`` from :func:`local_partials` with the same ``temperature``.
+    ``extra_slots(m, tail)``: more per-row columns ``(N, j)`` for the same SUM, computed from the
+    global ``m`` ``(N, 1)`` and the reduced ``max_tail`` (the fused head's entropy and teacher
+    terms, :func:`head_slots`); their sums come back in :attr:`Reduced.extra`.
     """
     acc = p.m.dtype
     sdt = p.t.dtype
@@ -732,15 +740,22 @@ def reduce_rows(xp: Any, p: Partials, labels: Any, *, all_reduce_max: Callable[[
     slots = global_slots(xp, p, m, temperature)
     k = len(slots)
     sd = acc if sum_dtype is None else sum_dtype
-    stacked = _as(xp, _cat(xp, [s.reshape(-1) for s in slots]), sd)
-    sums = _as(xp, all_reduce_sum(stacked), sdt).reshape(k, N)
+    flat = [s.reshape(-1) for s in slots]
+    more = None if extra_slots is None else extra_slots(m, tail)
+    j = 0 if more is None else more.shape[1]
+    if j:
+        flat.append(_as(xp, xp.moveaxis(more, 0, 1), sdt).reshape(-1))   # column by column
+    stacked = _as(xp, _cat(xp, flat), sd)
+    summed = _as(xp, all_reduce_sum(stacked), sdt)
+    sums = summed[:k * N].reshape(k, N)
+    extra = xp.moveaxis(summed[k * N:].reshape(j, N), 0, 1) if j else None
     validf, wy = _row_weights(xp, labels, weight, ignore_index, sdt)
     V = vocab_size(tail) if callable(vocab_size) else vocab_size
     wtotal = V if weight is None else xp.sum(_as(xp, weight, sdt))
     m1 = _as(xp, m.reshape(N), sdt)
     ce, r = finish(xp, m1, sums, validf, wy, vocab_size=V, wtotal=wtotal, label_smoothing=label_smoothing)
     lse = (m1 if temperature == 1.0 else m1 / temperature) + r
-    return Reduced(ce, m1, r, lse, validf, wy, V, tail)
+    return Reduced(ce, m1, r, lse, validf, wy, V, tail, sums, extra)
 
 
 def _row_weights(xp: Any, labels: Any, weight: Any, ignore_index: int, acc: Any) -> tuple[Any, Any]:
@@ -913,3 +928,349 @@ def cross_entropy_with_grad(x: Any, labels: Any, *, all_reduce_max: Callable[[An
                     wy=red.wy, validf=red.validf, weight_local=wl, label_smoothing=label_smoothing, z_loss=z_loss,
                     softcap=softcap, temperature=temperature, max_before_temperature=True)
     return xp.astype(loss, x.dtype), dx
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused head's statistics (vocab_parallel_linear_head): entropy, argmax, teacher divergences
+#
+# ``z`` here is the fully transformed logit (softcap, then the scalar and per-token temperatures,
+# as :mod:`logitkit.core.linear_head` computes it), so the cross-entropy stages above run with
+# ``temperature=1``. Each extra statistic is a sum over the classes of terms relative to the local
+# maximum that a rank rescales to the global one with O(N) work once the MAX is known (as
+# :func:`global_slots` does for ``Σ exp``), so it rides in the same two all-reduces:
+#
+#   entropy   H = r + E/S,   E = Σ_c e_c (m − z_c),  e_c = exp(z_c − m),  S = Σ_c e_c
+#   kl        Σ q (lt − ls)  = Dk/St − rt + r,   Dk = Σ_c et_c ((zt_c − mt) − (z_c − m)),  St = Σ et
+#   reverse   Σ p (ls − lt)  = Dr/S − r + rt,    Dr = Σ_c e_c ((z_c − m) − (zt_c − mt))
+#
+# (every E term is ≥ 0, so a confident row keeps its tiny entropy). The generalized JSD needs
+# ``log M_c = log(β q_c + (1−β) p_c)``, which only the global statistics give: a second pass over
+# the chunks and one more SUM (:func:`head_jsd_partials`). A top-k teacher needs the student's
+# ``z`` at its k global classes: the rank that owns each sends ``m − z_I`` (k slots). The argmax
+# is the lowest global index among the ranks whose local maximum of the raw logits equals the
+# global one: its value rides in the MAX, the index needs one more (MAX of −index) all-reduce.
+
+NO_INDEX = float(_EXACT)   # above every global class index (the header keeps V < 2^24)
+
+
+class HeadPartials(NamedTuple):
+    """Local row statistics of one shard for the fused head (``(N, 1)`` each unless noted)."""
+
+    ce: Partials              # the cross-entropy partials (:func:`local_partials`, temperature 1)
+    ent: Any = None           # Σ e (m_loc − z), e = exp(z − m_loc)
+    amv: Any = None           # local max of the raw logits (NaN → +inf), for the argmax
+    ami: Any = None           # its global index (the first one), as a float; NO_INDEX for no class
+    mt: Any = None            # the teacher's local max
+    tt: Any = None            # Σ exp(zt − mt_loc)
+    dk: Any = None            # kl: Σ et ((zt − mt_loc) − (z − m_loc)); reverse_kl: Σ e ((z − m_loc) − (zt − mt_loc))
+    zk: Any = None            # (N, k) z at the teacher's top-k classes this rank owns (0 elsewhere)
+    ownk: Any = None          # (N, k) bool: this rank owns that class
+
+
+def _full(xp: Any, shape: tuple, value: float, dtype: Any, like: Any) -> Any:
+    return _zeros(xp, shape, dtype, like) + value
+
+
+def head_local_partials(xp: Any, z: Any, labels: Any, *, start: Any, ignore_index: int,
+                        label_smoothing: float = 0.0, weight_local: Any = None, stat_dtype: Any = None,
+                        entropy: bool = False, raw: Any = None, zt: Any = None, divergence: str = "kl",
+                        topk: Any = None) -> HeadPartials:
+    """Stage 1 of the fused head on one chunk of this rank's ``(N, n)`` slice (no communication).
+
+    ``z``: transformed logits (accumulation dtype); ``raw``: the untransformed logits when the
+    argmax is wanted; ``zt``: the teacher's logits of the same classes divided by its temperature
+    (a dense teacher; ``divergence`` ``"kl"`` or ``"reverse_kl"`` adds ``dk``, ``"jsd"`` nothing
+    here); ``topk``: ``(N, k)`` global class indices of a top-k teacher. Sums in ``stat_dtype``.
+    """
+    with _quiet(xp):
+        sdt = z.dtype if stat_dtype is None else stat_dtype
+        ce = local_partials(xp, z, labels, start=start, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                            weight_local=weight_local, stat_dtype=sdt)
+        N, n = z.shape
+        m0 = xp.where(xp.isfinite(ce.m), ce.m, 0.0)
+        out: dict = {}
+        e = None
+        if entropy or (zt is not None and divergence == "reverse_kl"):
+            e = xp.exp(z - m0)
+        if entropy:
+            out["ent"] = _sum_to(xp, xp.where(e > 0, e * (m0 - z), 0.0), sdt)
+        if raw is not None:
+            if n == 0:
+                out["amv"] = _full(xp, (N, 1), -math.inf, z.dtype, z)
+                out["ami"] = _full(xp, (N, 1), NO_INDEX, z.dtype, z)
+            else:
+                v, i = _max_argmax(xp, raw)       # a NaN is the max (torch and NumPy agree)
+                out["amv"] = _as(xp, xp.where(xp.isnan(v), math.inf, v), z.dtype)
+                out["ami"] = _as(xp, i, z.dtype) + start
+        if zt is not None:
+            if n == 0:
+                mt = _full(xp, (N, 1), -math.inf, z.dtype, z)
+                out["mt"], out["tt"] = mt, _zeros(xp, (N, 1), sdt, z)
+                if divergence != "jsd":
+                    out["dk"] = _zeros(xp, (N, 1), sdt, z)
+            else:
+                mt = _max_argmax(xp, zt)[0]
+                lt = zt - xp.where(xp.isfinite(mt), mt, 0.0)
+                et = xp.exp(lt)
+                out["mt"], out["tt"] = mt, _sum_to(xp, et, sdt)
+                if divergence == "kl":
+                    out["dk"] = _sum_to(xp, xp.where(et > 0, et * (lt - (z - m0)), 0.0), sdt)
+                elif divergence == "reverse_kl":
+                    out["dk"] = _sum_to(xp, xp.where(e > 0, e * ((z - m0) - lt), 0.0), sdt)
+        if topk is not None:
+            loc = topk - start
+            own = (loc >= 0) & (loc < n)
+            if n == 0:
+                zk = _zeros(xp, tuple(topk.shape), z.dtype, z)
+            else:
+                zk = xp.where(own, xp.take_along_axis(z, xp.where(own, loc, 0), axis=-1), 0.0)
+            out["zk"], out["ownk"] = zk, own
+        return HeadPartials(ce, **out)
+
+
+def cat_head_partials(xp: Any, pieces: list) -> HeadPartials:
+    """Join the per-chunk :class:`HeadPartials` along the tokens (``wsum`` is per shard)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    first = pieces[0]
+    c0 = first.ce
+    ce = Partials(*[_cat(xp, [getattr(p.ce, f) for p in pieces]) for f in ("m", "t", "c", "zy", "own")],
+                  None if c0.s is None else _cat(xp, [p.ce.s for p in pieces]), c0.wsum)
+    rest = {f: (None if getattr(first, f) is None else _cat(xp, [getattr(p, f) for p in pieces]))
+            for f in HeadPartials._fields[1:]}
+    return HeadPartials(ce, **rest)
+
+
+def head_max_values(xp: Any, hp: HeadPartials) -> list:
+    """What the head adds to the MAX all-reduce, ``(N,)`` each: the teacher's max (a NaN sends
+    ``−inf``; its row sends NaN in the SUM instead), the argmax key."""
+    out = []
+    if hp.mt is not None:
+        out.append(xp.where(xp.isnan(hp.mt), -math.inf, hp.mt).reshape(-1))
+    if hp.amv is not None:
+        out.append(hp.amv.reshape(-1))
+    return out
+
+
+def head_slots(xp: Any, hp: HeadPartials, m: Any, mt: Any = None, divergence: str = "kl") -> Any:
+    """Stage 3 of the head: this rank's extra SUM columns ``(N, j)`` given the global maxima.
+
+    Columns: ``E`` rescaled (entropy), then ``St`` and ``Dk``/``Dr`` (dense teacher; ``St``
+    alone for the JSD), then ``m − z_I`` for the k top-k classes this rank owns. ``m``, ``mt``:
+    the global student / teacher maxima ``(N, 1)``. ``None`` when the head adds nothing.
+    """
+    with _quiet(xp):
+        p = hp.ce
+        sdt = p.t.dtype
+        pm, mg = _as(xp, p.m, sdt), _as(xp, m, sdt)
+        fin = xp.isfinite(pm) & xp.isfinite(mg)
+        pm0 = xp.where(xp.isfinite(pm), pm, 0.0)
+        mg0 = xp.where(xp.isfinite(mg), mg, 0.0)
+        s_scale = xp.where(fin, xp.exp(pm0 - mg0), 0.0)
+        s_loc = p.t + p.c
+        cols = []
+        if hp.ent is not None:
+            cols.append(xp.where(fin, s_scale * (hp.ent + (mg0 - pm0) * s_loc), 0.0))
+        if hp.mt is not None:
+            tm, tg = _as(xp, hp.mt, sdt), _as(xp, mt, sdt)
+            tfin = xp.isfinite(tm) & xp.isfinite(tg)
+            tm0 = xp.where(xp.isfinite(tm), tm, 0.0)
+            tg0 = xp.where(xp.isfinite(tg), tg, 0.0)
+            t_scale = xp.where(tfin, xp.exp(tm0 - tg0), 0.0)
+            cols.append(xp.where(xp.isnan(tm), math.nan, t_scale * hp.tt))
+            if hp.dk is not None:
+                if divergence == "kl":
+                    shift = (tm0 - tg0) - (pm0 - mg0)
+                    cols.append(xp.where(tfin, t_scale * (hp.dk + shift * hp.tt), 0.0))
+                else:
+                    shift = (pm0 - mg0) - (tm0 - tg0)
+                    cols.append(xp.where(fin, s_scale * (hp.dk + shift * s_loc), 0.0))
+        if hp.zk is not None:
+            cols.append(xp.where(hp.ownk, mg - _as(xp, hp.zk, sdt), 0.0))
+        if not cols:
+            return None
+        return _cat_cols(xp, cols)
+
+
+def _cat_cols(xp: Any, cols: list) -> Any:
+    if _lib(xp) == "torch":
+        return xp._t.cat(cols, dim=1)
+    return xp.concatenate(cols, axis=1)
+
+
+def argmax_candidates(xp: Any, hp: HeadPartials, key: Any) -> Any:
+    """``(N,)`` for the MAX all-reduce of the argmax: ``−index`` where this rank holds the global
+    key ``key`` ``(N,)``, ``−NO_INDEX`` elsewhere; the lowest index is ``−`` the reduced value."""
+    amv = hp.amv.reshape(-1)
+    return xp.where(amv == _as(xp, key, amv.dtype), -hp.ami.reshape(-1), -NO_INDEX)
+
+
+def head_rows(xp: Any, red: Reduced, *, entropy: bool = False, teacher: str = "none",
+              divergence: str = "kl", mt: Any = None, topk_logprobs: Any = None, spec: Any = None) -> dict:
+    """Stage 5 of the head: per-row values ``(N,)`` in the statistics dtype from the reduced sums.
+
+    ``lp`` (log p of the label; labels not ignored), ``ent``, and for a teacher ``kl`` / ``aux``
+    (the divergence and what its gradient needs), ``mt`` / ``rt`` (the teacher's global max and
+    log Σ exp(zt − mt)), ``G`` ``(N, k)`` (top-k: the per-class weights of the gradient, see
+    :func:`head_local_grad`). A dense JSD's ``kl`` comes from :func:`head_jsd_rows` instead.
+    ``spec``: the :class:`logitkit.core.linear_head.HeadSpec` (top-k maths are the core's).
+    """
+    with _quiet(xp):
+        T, C, D = red.sums[0], red.sums[1], red.sums[2]
+        r = red.r
+        S = T + C
+        all_masked = (red.m == -math.inf) & ~xp.isnan(T)
+        nan = r - r
+        out = {"lp": -xp.where(all_masked, math.inf, D + r)}
+        j = 0
+        if entropy:
+            E = red.extra[:, j]
+            j += 1
+            out["ent"] = xp.where(all_masked, 0.0, r + E / S)
+        if teacher == "dense":
+            St = red.extra[:, j]
+            j += 1
+            tg = _as(xp, mt, r.dtype)
+            t_masked = (tg == -math.inf) & ~xp.isnan(St)
+            rt = xp.where(t_masked, 0.0, xp.log(St))
+            out["mt"], out["rt"] = tg, rt
+            if divergence != "jsd":
+                Dk = red.extra[:, j]
+                j += 1
+                if divergence == "kl":
+                    kl = xp.where(t_masked, 0.0, Dk / St - rt + r)
+                else:
+                    kl = xp.where(t_masked, math.inf, Dk / S - r + rt)
+                kl = kl + nan
+                out["kl"] = out["aux"] = kl
+        elif teacher == "topk":
+            from ..core import linear_head as core_head
+
+            k = topk_logprobs.shape[-1]
+            lsk = -red.extra[:, j:j + k] - xp.expand_dims(r, -1)     # log p at the k classes
+            iota = xp.broadcast_to(xp.expand_dims(_iota(xp, k, lsk), 0), tuple(lsk.shape))
+            teach = (iota, topk_logprobs)
+            kl, aux = core_head._kl_terms(xp, lsk, None, teach, spec, lsk.dtype)
+            out["kl"], out["aux"] = kl + nan, aux + nan
+            # the core's top-k gradient with p = 0 leaves the per-class weights G: d/dz = scatter(G) − p·ΣG
+            G = core_head._kl_grad(xp, lsk, xp.zeros_like(lsk), teach, spec, lsk.dtype, aux)
+            out["G"] = G
+        return out
+
+
+def head_jsd_partials(xp: Any, z: Any, zt: Any, m: Any, r: Any, mt: Any, rt: Any, beta: float,
+                      stat_dtype: Any) -> Any:
+    """The dense JSD's second pass on one chunk: ``(N, 2)`` local ``[Σ q (lt − log M), Σ p (ls − log M)]``
+    from the global statistics (``(N,)`` each), to be summed over the ranks."""
+    from ..core import linear_head as core_head
+
+    with _quiet(xp):
+        ls, p, lt, q, lm = _jsd_terms(xp, z, zt, m, r, mt, rt, beta)
+        a = _as(xp, core_head._plogq(xp, q, lt - lm), stat_dtype)
+        d = _as(xp, core_head._plogq(xp, p, ls - lm), stat_dtype)
+        return _cat_cols(xp, [xp.expand_dims(a, -1), xp.expand_dims(d, -1)])
+
+
+def _jsd_terms(xp: Any, z: Any, zt: Any, m: Any, r: Any, mt: Any, rt: Any, beta: float) -> tuple:
+    from ..core import linear_head as core_head
+
+    acc = z.dtype
+    col = lambda v: xp.expand_dims(_as(xp, v, acc), -1)  # noqa: E731
+    ls = (z - col(xp.where(xp.isfinite(m), m, 0.0))) - col(r)
+    lt = (zt - col(xp.where(xp.isfinite(mt), mt, 0.0))) - col(rt)
+    lm = core_head._logaddexp(xp, lt + math.log(beta), ls + math.log1p(-beta))
+    return ls, xp.exp(ls), lt, xp.exp(lt), lm
+
+
+def head_jsd_rows(xp: Any, sums: Any, r: Any, beta: float) -> tuple:
+    """``(jsd, aux)`` per row from the summed :func:`head_jsd_partials` ``(N, 2)``."""
+    nan = r - r
+    d = sums[:, 1] + nan
+    return beta * sums[:, 0] + (1.0 - beta) * d, d
+
+
+def head_local_grad(xp: Any, z: Any, labels: Any, rows: dict, cots: dict, *, start: Any, ignore_index: int,
+                    has_labels: bool, vocab_size: Any = None, wtotal: Any = None, weight_local: Any = None,
+                    label_smoothing: float = 0.0, teacher: str = "none", divergence: str = "kl",
+                    beta: float = 0.5, zt: Any = None, topk: Any = None) -> Any:
+    r"""``d/dz`` of ``Σ_i Σ_k cots[k]_i · value_k,i`` on this rank's ``(N, n)`` slice, no communication.
+
+    ``z``: the transformed logits (the caller chains the softcap and temperatures); ``rows``: the
+    global per-row ``m, r`` and, as needed, ``validf, wy`` (loss), ``ent``, ``aux``, ``mt, rt``
+    (dense teacher), ``G`` (top-k); ``cots``: any of ``g_ce, g_lse, g_lp, g_ent, g_kl`` ``(N,)``.
+    The terms are those of :func:`logitkit.core.linear_head.chunk_backward`:
+    ``g_ce·dce + (g_lse − g_lp)·p + g_lp·onehot(y) − g_ent·p(ls + H) + g_kl·dkl`` with ``dkl`` =
+    ``p − q`` (kl), ``p(ls − lt − K)`` (reverse_kl), ``(1−β)p(ls − log M − D)`` (jsd),
+    ``scatter(G) − p·ΣG`` (top-k), the one-hot and scatter only where this rank owns the class.
+    Ignored rows get an exact zero. Returns ``z``'s dtype.
+    """
+    with _quiet(xp):
+        acc = z.dtype
+        N, n = z.shape
+        col = lambda v: xp.expand_dims(_as(xp, v, acc), -1)  # noqa: E731
+        m, r = rows["m"], rows["r"]
+        ls = (z - col(xp.where(xp.isfinite(m), m, 0.0))) - col(r)
+        p = xp.exp(ls)
+        dz = None
+
+        def add(t: Any) -> None:
+            nonlocal dz
+            dz = t if dz is None else dz + t
+
+        if cots.get("g_ce") is not None:
+            add(local_grad(xp, z, labels, m, r, cots["g_ce"], _zeros(xp, (N,), acc, z), start=start,
+                           vocab_size=vocab_size, wtotal=wtotal, wy=rows["wy"], validf=rows["validf"],
+                           weight_local=weight_local, label_smoothing=label_smoothing))
+        coef = None
+        if cots.get("g_lse") is not None:
+            coef = col(cots["g_lse"])
+        if cots.get("g_lp") is not None:
+            g = col(cots["g_lp"])
+            coef = -g if coef is None else coef - g
+            if n > 0:
+                loc = labels - start
+                own = xp.expand_dims((loc >= 0) & (loc < n) & (labels != ignore_index), -1)
+                onehot = (xp.expand_dims(_iota(xp, n, z), 0) == xp.expand_dims(loc, -1)) & own
+                add(xp.where(onehot, g, 0.0))
+        if coef is not None:
+            add(coef * p)
+        if cots.get("g_ent") is not None:
+            add(col(cots["g_ent"]) * xp.where(p > 0, -p * (ls + col(rows["ent"])), 0.0))
+        if cots.get("g_kl") is not None:
+            gk = col(cots["g_kl"])
+            if teacher == "dense":
+                lt = (zt - col(xp.where(xp.isfinite(rows["mt"]), rows["mt"], 0.0))) - col(rows["rt"])
+                if divergence == "kl":
+                    t = p - xp.exp(lt)
+                elif divergence == "reverse_kl":
+                    t = xp.where(p > 0, p * (ls - lt - col(rows["aux"])), 0.0)
+                else:
+                    lm = _jsd_terms(xp, z, zt, m, r, rows["mt"], rows["rt"], beta)[4]
+                    t = (1.0 - beta) * xp.where(p > 0, p * (ls - lm - col(rows["aux"])), 0.0)
+            else:
+                G = _as(xp, rows["G"], acc)
+                t = -p * xp.expand_dims(xp.sum(G, axis=-1), -1)
+                if n > 0:
+                    loc = topk - start
+                    own = (loc >= 0) & (loc < n)
+                    t = _scatter_cols(xp, t, xp.where(own, loc, 0), xp.where(own, G, 0.0))
+            add(gk * t)
+        if dz is None:
+            return xp.zeros_like(z)
+        if cots.get("g_ent") is not None or cots.get("g_kl") is not None:
+            dz = dz + col(r - r)      # rows with NaN (dropped by the masks above) get NaN gradients
+        if has_labels:
+            dz = xp.where(xp.expand_dims(labels != ignore_index, -1), dz, 0.0)
+        return dz
+
+
+def _scatter_cols(xp: Any, a: Any, idx: Any, vals: Any) -> Any:
+    """``a[i, idx[i, j]] += vals[i, j]`` (repeated indices add; ``a`` is a fresh temporary)."""
+    lib = _lib(xp)
+    if lib == "torch":
+        return a.scatter_add_(-1, idx, vals.to(a.dtype))
+    rows = xp.expand_dims(xp.arange(a.shape[0]), -1)
+    if lib == "numpy":
+        xp.add.at(a, (rows, idx), vals)
+        return a
+    return a.at[rows, idx].add(vals)
