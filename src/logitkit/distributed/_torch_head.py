@@ -306,7 +306,7 @@ def _check_teacher(outs: tuple, lead: tuple, n: int, teacher_hidden: Any, teache
         if tuple(teacher_logits.shape) != lead + (n,):
             raise ValueError(f"teacher_logits: expected this rank's classes, shape {lead + (n,)}, got "
                              f"{tuple(teacher_logits.shape)}")
-        return ("logits", teacher_logits.detach().reshape(-1, n))
+        return ("logits", teacher_logits.detach().reshape(math.prod(lead), n))
     if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
         raise TypeError("teacher_topk: expected a pair (indices, logprobs), each of shape (..., k)")
     idx, lp = teacher_topk
