@@ -28,6 +28,7 @@ from torch import Tensor
 from .. import _validate
 from .._namespace import NUMPY, TORCH, get_namespace
 from ..kernels import registry
+from ..kernels.triton import _labels as _triton_labels  # imports torch only, not triton
 from . import _eager
 
 __all__ = ["acc_dtype", "run_stage"]
@@ -142,6 +143,9 @@ def run_stage(stage: str, x: Tensor, *args: Any, out: Optional[Tensor] = None, *
         # ``ce_forward_backward`` returns ``(ce, m, r, out)``; the others return ``out``.
         res = tuple(_from_np(a) for a in res[:-1]) + (target,) if isinstance(res, tuple) else target
     else:
+        # A bad label that a Triton kernel flagged on this device in an earlier call raises here,
+        # once the flag's asynchronous copy has landed (never waits; see kernels/triton/_labels).
+        _triton_labels.poll(x.device)
         if stage not in _CORE_NO_OUT:
             kw["out"] = target
         res = fn(x, *args, **kw)

@@ -12,3 +12,16 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 if importlib.util.find_spec("triton") is None or importlib.util.find_spec("torch") is None:
     collect_ignore_glob = ["test_*.py"]
+
+
+if importlib.util.find_spec("triton") is not None and importlib.util.find_spec("torch") is not None:
+    import pytest
+
+    @pytest.fixture(autouse=True)
+    def _clear_label_flags():
+        """Each test starts with no bad label pending on any device (the flag is process-wide)."""
+        from logitkit.kernels.triton import _labels
+
+        for st in _labels._STATES.values():
+            _labels._clear(st)
+        yield

@@ -10,7 +10,11 @@ Submodules import triton; this package does not until a kernel is asked for, so
 
 >>> from logitkit.kernels import triton as tk              # doctest: +SKIP
 >>> ce, m, r, dx = tk.ce_forward_backward(x, y, g, g, out=x)  # doctest: +SKIP
->>> tk.check_flag(tk.label_flag(x.device))                   # doctest: +SKIP
+>>> tk.check_labels()   # bad labels seen so far raise now (syncs)  # doctest: +SKIP
+
+A bad class index cannot raise inside a kernel: the row is NaN, a device-side flag is set, and
+:mod:`._labels` raises the ``ValueError`` at a later call without a host synchronisation (or at
+once in :func:`check_labels`); see that module for the cost and the CUDA-graph opt-out.
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ __all__ = [
     "softmax_forward", "log_softmax_forward", "logsumexp_forward",
     "softmax_backward", "log_softmax_backward",
     "linear_ce_forward", "linear_ce_backward",
-    "label_flag", "check_flag", "reset_flag",
+    "label_flag", "check_flag", "reset_flag", "check_labels", "deferred_label_check",
 ]
 
 _WHERE = {
     "ce_forward": "ce", "ce_backward": "ce", "ce_forward_backward": "ce",
-    "label_flag": "ce", "check_flag": "ce", "reset_flag": "ce",
+    # bad-label flag: no triton import (the torch adapter polls it on every call)
+    "label_flag": "_labels", "check_flag": "_labels", "reset_flag": "_labels",
+    "check_labels": "_labels", "deferred_label_check": "_labels",
     "softmax_forward": "softmax", "log_softmax_forward": "softmax",
     "logsumexp_forward": "softmax", "softmax_backward": "softmax",
     "log_softmax_backward": "softmax",

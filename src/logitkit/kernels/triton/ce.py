@@ -16,9 +16,9 @@ All tunables (block, warps, persistence, prefetch, hints) have ``LOGITKIT_TRITON
 that ``benchmarks/gpu.py`` sweeps.
 
 Bad labels (outside ``[0, V)`` and not ``ignore_index``) give NaN for that row's loss and gradient
-and set a device-side flag (:func:`label_flag`); :func:`check_flag` turns it into a ``ValueError``.
-That check synchronizes with the device, so callers run it where a sync is cheap (for example
-when the loss is read on the host); nothing else in this module synchronizes.
+and set a device-side flag that :mod:`._labels` turns into a ``ValueError`` at a later call without
+a host synchronisation (or at once, synchronizing, in :func:`check_labels`); nothing in this
+module synchronizes.
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _labels
+from ._labels import check_flag, label_flag, reset_flag
 from ._math import (_div, _exp_minus, _expm1, _finish_r, _lane_update, _merge_lanes, _scalar,
                     _transform, _exp, split64)
 
 __all__ = ["ce_forward", "ce_backward", "ce_forward_backward", "label_flag", "check_flag",
            "reset_flag"]
-
-_INT32_MAX = 2**31 - 1
 
 # ----------------------------------------------------------------------------------------------
 # launch configuration
@@ -129,6 +129,16 @@ def _prefetch() -> bool:
 
 # ----------------------------------------------------------------------------------------------
 # the kernel
+
+
+@triton.jit
+def _flag_bad(FLAG, bad, row, lab, V):
+    """Record a bad label in the int64 flag ``[count, first row, V, min, max]`` (see ``_labels``)."""
+    tl.atomic_add(FLAG, 1, mask=bad)
+    tl.atomic_min(FLAG + 1, row, mask=bad)
+    tl.atomic_xchg(FLAG + 2, tl.cast(V, tl.int64), mask=bad)
+    tl.atomic_min(FLAG + 3, lab, mask=bad)
+    tl.atomic_max(FLAG + 4, lab, mask=bad)
 
 
 @triton.jit
@@ -310,59 +320,8 @@ def _ce_kernel(X, OUT, LABELS, WEIGHT, WSUM, GCE, GZ, M_IO, R_IO, CE, FLAG,
                         tl.store(o_row + offs, dz.to(OUT.dtype.element_ty), mask=mask,
                                  eviction_policy=EV_DROP)
 
-        tl.atomic_add(FLAG, 1, mask=bad)
-        tl.atomic_min(FLAG + 1, tl.minimum(row, 2147483647).to(tl.int32), mask=bad)
-        tl.atomic_xchg(FLAG + 2, V, mask=bad)
-
-
-# ----------------------------------------------------------------------------------------------
-# bad-label flag
-
-_FLAGS: dict[Any, torch.Tensor] = {}
-
-
-def label_flag(device: Any) -> torch.Tensor:
-    """The int32 flag tensor ``[count, first_row, V]`` that kernels on ``device`` set for bad labels.
-
-    ``count`` is the number of rows seen with a class index outside ``[0, V)`` that is not
-    ``ignore_index`` (since the last :func:`check_flag` / :func:`reset_flag`), ``first_row`` the
-    smallest such row index, ``V`` the class count of the call that saw one.
-    """
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    flag = _FLAGS.get(device)
-    if flag is None:
-        flag = torch.tensor([0, _INT32_MAX, 0], dtype=torch.int32, device=device)
-        _FLAGS[device] = flag
-    return flag
-
-
-def reset_flag(flag: torch.Tensor) -> None:
-    """Clear ``flag`` on the device (no sync)."""
-    flag[0].fill_(0)
-    flag[1].fill_(_INT32_MAX)
-    flag[2].fill_(0)
-
-
-def check_flag(flag: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-    """Raise ``ValueError`` if a kernel saw a bad class index; **synchronizes with the device**.
-
-    Call it where a sync is cheap (when the loss is read on the host, or once per step); the
-    flag is cleared before raising. ``labels`` (the flattened labels of the failing call), if
-    given, lets the message name the offending value.
-
-    >>> check_flag(label_flag(x.device))        # doctest: +SKIP
-    """
-    count, first, V = (int(v) for v in flag.tolist())
-    if count == 0:
-        return
-    reset_flag(flag)
-    what = ""
-    if labels is not None and 0 <= first < labels.numel():
-        what = f" (value {int(labels.reshape(-1)[first])})"
-    raise ValueError(f"labels: {count} row(s) hold a class index outside [0, {V}) that is not "
-                     f"ignore_index; first at row {first}{what}")
+        if FORWARD:  # a backward-only launch sees the labels its forward already counted
+            _flag_bad(FLAG, bad, row, lab, V)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,6 +422,8 @@ def _ce_launch(x, labels, g_ce, g_z, m_in, r_in, *, weight, ignore_index, label_
     else:
         g1 = g2 = None
         s1 = s2 = 0
+    if forward:
+        _labels.poll(dev)  # raise a bad label an earlier call saw, before launching this one
     flag = label_flag(dev)
     if N > 0:
         block, warps, single = _config(V, x.element_size(), "ce")
@@ -480,6 +441,8 @@ def _ce_launch(x, labels, g_ce, g_z, m_in, r_in, *, weight, ignore_index, label_
             FORWARD=forward, BACKWARD=backward, IS_F64=x.dtype == torch.float64,
             SINGLE=single, BLOCK=block, PREFETCH=_prefetch(), **_hints(), num_warps=warps,
         )
+        if forward:
+            _labels.after_launch(dev)
     return ce, m, r, out
 
 
@@ -489,7 +452,8 @@ def ce_forward(x, labels, *, weight=None, ignore_index=-100, label_smoothing=0.0
     for float64 ``x``); see :mod:`logitkit.kernels` for the formula.
 
     ``x``: ``(N, V)`` CUDA tensor, class axis contiguous; ``labels``: ``(N,)`` integers.
-    Ignored rows give ``ce = 0``; a bad label gives NaN and sets :func:`label_flag`.
+    Ignored rows give ``ce = 0``; a bad label gives NaN and sets :func:`label_flag` (raised by a
+    later call, see :mod:`._labels`).
 
     >>> ce, m, r = ce_forward(x, labels, label_smoothing=0.1)   # doctest: +SKIP
     """

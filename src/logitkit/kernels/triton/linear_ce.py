@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from ._math import _exp, _expm1, _finish_r, _merge_lanes, _scalar, _transform, split64
-from .ce import _acc, label_flag
+from . import _labels
+from .ce import _acc, _flag_bad, label_flag
 
 __all__ = ["linear_ce_forward", "linear_ce_backward"]
 
@@ -184,9 +185,7 @@ def _lce_combine_kernel(PM, PT, PS, PW, PY, LABELS, CW, WSUM, CE, M_OUT, R_OUT, 
     tl.store(CE + row, ce)
     tl.store(M_OUT + row, M)
     tl.store(R_OUT + row, r)
-    tl.atomic_add(FLAG, 1, mask=bad)
-    tl.atomic_min(FLAG + 1, tl.minimum(row, 2147483647).to(tl.int32), mask=bad)
-    tl.atomic_xchg(FLAG + 2, V, mask=bad)
+    _flag_bad(FLAG, bad, row, lab, V)
 
 
 @triton.jit
@@ -445,6 +444,7 @@ def linear_ce_forward(hidden, linear_weight, labels, linear_bias=None, *, weight
         return ce, m, r
     if V == 0:
         raise ValueError("linear_weight: expected at least one class (V > 0)")
+    _labels.poll(dev)  # raise a bad label an earlier call saw, before launching this one
     t = _tiles(hidden.dtype)
     BM, BN, BK = t["BM"], t["BN"], t["BK"]
     n_row_blocks = triton.cdiv(N, BM)
@@ -474,6 +474,7 @@ def linear_ce_forward(hidden, linear_weight, labels, linear_bias=None, *, weight
         pm, pt, ps, pw, py, labels, weight if weight is not None else dummy,
         wsum if wsum is not None else dummy, ce, m, r, label_flag(dev), N, V, splits,
         int(ignore_index), *split64(eps), SP=triton.next_power_of_2(splits), num_warps=1, **flags)
+    _labels.after_launch(dev)
     return ce, m, r
 
 
