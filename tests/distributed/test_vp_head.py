@@ -386,3 +386,26 @@ def test_gloo(tmp_path, world):
     errs = [results[r][-1] for r in range(world)]
     assert all(e["error"] is not None and e["error"] == errs[0]["error"] for e in errs), errs
     assert "different" in errs[0]["error"]
+
+
+@pytest.mark.skipif(not GLOO, reason="torch.distributed with gloo is not available")
+def test_torchrun_example_two_processes():
+    """examples/vocab_parallel_head_torchrun.py as a user runs it (torchrun --standalone, gloo)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "vocab_parallel_head_torchrun.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(example)]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=example.parent, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun example did not finish in 150 s:\n{out[-4000:]}")
+    assert proc.returncode == 0, out[-4000:]
+    assert out.count("-> matches") == 2 and "step 0  objective" in out, out[-4000:]
