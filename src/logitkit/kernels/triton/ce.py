@@ -12,8 +12,9 @@ states with the next block's load in flight, pass 2 re-reads the row *in reverse
 rows run on a persistent grid of one or two programs per SM (:func:`_grid`), so only that many
 rows per SM sit between their two passes: 132 x 256 KB per program for bf16 V = 128256 on an
 H100, well inside its 50 MB L2.
-All tunables (block, warps, persistence, prefetch, hints) have ``LOGITKIT_TRITON_*`` overrides
-that ``benchmarks/gpu.py`` sweeps.
+All tunables (block, warps, persistence, prefetch, hints) come from the recorded sweep in
+``configs.json`` (:mod:`._configs`) and have ``LOGITKIT_TRITON_*`` overrides that
+``benchmarks/gpu.py --sweep`` runs through.
 
 Bad labels (outside ``[0, V)`` and not ``ignore_index``) give NaN for that row's loss and gradient
 and set a device-side flag that :mod:`._labels` turns into a ``ValueError`` at a later call without
@@ -24,13 +25,13 @@ module synchronizes.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from . import _labels
+from . import _configs, _labels
 from ._labels import check_flag, label_flag, reset_flag
 from ._math import (_div, _exp_minus, _expm1, _finish_r, _lane_update, _merge_lanes, _scalar,
                     _transform, _exp, split64)
@@ -42,45 +43,34 @@ __all__ = ["ce_forward", "ce_backward", "ce_forward_backward", "label_flag", "ch
 # launch configuration
 
 
-# Wide rows (more than one block): (BLOCK, num_warps, programs per SM) by stage family and input
-# element size, the winners of the configuration sweep of benchmarks/gpu.py on an H100 80GB HBM3
-# at N x V = 16384 x 128256 (benchmarks/results/gpu-h100-2026-11-28.md; previous default in
-# brackets, % of device copy bandwidth):
-#   CE fwd+bwd float32:  8192, 32 warps, 1/SM: 7.24 ms, 77%  [4096, 16, 1: 8.46 ms, 66%]
-#   CE fwd+bwd bfloat16: 8192,  8 warps, 2/SM: 4.04 ms, 69%  [8192, 16, 1: 4.22 ms, 66%]
-#   softmax fwd float32: 8192, 32 warps, 1/SM: 7.25 ms, 77%  [4096, 16, 1: 8.47 ms, 66%]
-#   softmax fwd bfloat16: 16384, 32 warps, 1/SM: 3.25 ms, 86% [8192, 16, 1: 3.91 ms, 72%]
-# i.e. 32 KiB of input per step (8 elements a thread) except for bf16 CE, whose fused backward
-# needs more registers per element.  float16 shares bfloat16's element size and traffic.  Not
-# swept, so unchanged: float64, and the softmax backward (two input streams): 16 KiB a step at
-# 16 warps, one program per SM.
-_WIDE = {
-    ("ce", 4): (8192, 32, 1),
-    ("ce", 2): (8192, 8, 2),
-    ("softmax", 4): (8192, 32, 1),
-    ("softmax", 2): (16384, 32, 1),
-}
+# Wide rows (more than one block): BLOCK, num_warps, programs per SM, prefetch and L2 hints per
+# (kind, dtype, V bucket) come from the recorded sweep in configs.json (see _configs; the V = 128256
+# entries for float32 / bfloat16 CE and softmax forward are the H100 winners of
+# benchmarks/results/gpu-h100-2026-11-28.md, 66-72% -> 69-86% of copy bandwidth). Narrow rows
+# (one block) keep the rule below: they were never the bottleneck.
 
 
-def _wide(itemsize: int, kind: str) -> tuple[int, int, int]:
-    """``(BLOCK, num_warps, programs per SM)`` for rows wider than one block (see ``_WIDE``)."""
-    return _WIDE.get((kind, itemsize), (16384 // itemsize, 16, 1))
+def _wide(itemsize: int, kind: str, V: int = 128256, dtype: Any = None) -> tuple[int, int, int]:
+    """``(BLOCK, num_warps, programs per SM)`` for rows wider than one block (``configs.json``)."""
+    e = _configs.wide(kind, dtype if dtype is not None else itemsize, V)
+    return int(e["block"]), int(e["warps"]), int(e["per_sm"])
 
 
-def _config(V: int, itemsize: int, kind: str = "ce") -> tuple[int, int, bool]:
+def _config(V: int, itemsize: int, kind: str = "ce", dtype: Any = None) -> tuple[int, int, bool]:
     """``(BLOCK, num_warps, single)``: a row that fits one block is held in registers.
 
     Wider rows are streamed in blocks with the next block's load in flight (:func:`_prefetch`);
-    block and warps per ``kind`` (``"ce"``, ``"softmax"`` forward, ``"softmax_bwd"``) and element
-    size come from the H100 sweep recorded in ``_WIDE``.  At one or two programs per SM
-    (:func:`_grid`) the rows between the two passes (132 x 256 KB for bf16 V = 128256) stay in L2.
+    block and warps per ``kind`` (``"ce"``, ``"softmax"`` forward, ``"softmax_bwd"``), dtype
+    (element size when ``dtype`` is not given) and V bucket come from the recorded sweep
+    (``configs.json``).  At one or two programs per SM (:func:`_grid`) the rows between the two
+    passes (132 x 256 KB for bf16 V = 128256) stay in L2.
     ``LOGITKIT_TRITON_BLOCK`` / ``LOGITKIT_TRITON_WARPS`` override (for tuning runs).
     """
     env_block = os.environ.get("LOGITKIT_TRITON_BLOCK")
     env_warps = os.environ.get("LOGITKIT_TRITON_WARPS")
     vp = triton.next_power_of_2(max(int(V), 1))
     single_max = 16384 if itemsize <= 2 else 8192
-    wide_block, wide_warps, _ = _wide(itemsize, kind)
+    wide_block, wide_warps, _ = _wide(itemsize, kind, V, dtype)
     if env_block:
         block = int(env_block)
     elif vp <= single_max:
@@ -101,30 +91,44 @@ def _config(V: int, itemsize: int, kind: str = "ce") -> tuple[int, int, bool]:
     return block, warps, single
 
 
-def _grid(N: int, single: bool, device: torch.device, itemsize: int = 2, kind: str = "ce") -> int:
+def _grid(N: int, single: bool, device: torch.device, itemsize: int = 2, kind: str = "ce",
+          V: int = 128256, dtype: Any = None) -> int:
     """Programs to launch: one per row for rows that fit a block; for wider rows a persistent
-    grid of ``_WIDE``'s programs per SM (``LOGITKIT_TRITON_PERSIST`` overrides; 0: one per row)
+    grid of the table's programs per SM (``LOGITKIT_TRITON_PERSIST`` overrides; 0: one per row)
     walks the rows, so that only that many rows per SM are between their two passes (their L2
     footprint)."""
     env = os.environ.get("LOGITKIT_TRITON_PERSIST")
-    per_sm = int(env) if env else _wide(itemsize, kind)[2]
+    per_sm = int(env) if env else _wide(itemsize, kind, V, dtype)[2]
     if single or per_sm <= 0:
         return N
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
     return max(1, min(N, per_sm * sms))
 
 
-def _hints() -> dict:
+def _entry(kind: str, V: Optional[int], dtype: Any) -> Optional[dict]:
+    return None if V is None or dtype is None else _configs.wide(kind, dtype, V)
+
+
+def _hints(kind: str = "ce", V: Optional[int] = None, dtype: Any = None) -> dict:
     """L2 eviction hints: pass 1 loads ``evict_last`` (the row is read again by pass 2), pass 2
-    loads and all stores ``evict_first``. ``LOGITKIT_TRITON_HINTS=0`` drops them (tuning)."""
-    if os.environ.get("LOGITKIT_TRITON_HINTS", "1") == "0":
+    loads and all stores ``evict_first``; on unless the table entry for ``(kind, dtype, V)`` says
+    not. ``LOGITKIT_TRITON_HINTS=0`` / ``1`` overrides (tuning)."""
+    env = os.environ.get("LOGITKIT_TRITON_HINTS")
+    e = _entry(kind, V, dtype)
+    on = env != "0" if env is not None else (e is None or bool(e.get("hints", True)))
+    if not on:
         return dict(EV_KEEP="", EV_DROP="")
     return dict(EV_KEEP="evict_last", EV_DROP="evict_first")
 
 
-def _prefetch() -> bool:
-    """Software-pipeline multi-block loops (``LOGITKIT_TRITON_PREFETCH=0`` turns it off)."""
-    return os.environ.get("LOGITKIT_TRITON_PREFETCH", "1") != "0"
+def _prefetch(kind: str = "ce", V: Optional[int] = None, dtype: Any = None) -> bool:
+    """Software-pipeline multi-block loops: on unless the table entry says not;
+    ``LOGITKIT_TRITON_PREFETCH=0`` / ``1`` overrides."""
+    env = os.environ.get("LOGITKIT_TRITON_PREFETCH")
+    if env is not None:
+        return env != "0"
+    e = _entry(kind, V, dtype)
+    return e is None or bool(e.get("prefetch", True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,9 +430,10 @@ def _ce_launch(x, labels, g_ce, g_z, m_in, r_in, *, weight, ignore_index, label_
         _labels.poll(dev)  # raise a bad label an earlier call saw, before launching this one
     flag = label_flag(dev)
     if N > 0:
-        block, warps, single = _config(V, x.element_size(), "ce")
+        its, dt = x.element_size(), x.dtype
+        block, warps, single = _config(V, its, "ce", dt)
         dummy = x  # never read: constexpr flags turn off every use
-        _ce_kernel[(_grid(N, single, dev, x.element_size(), "ce"),)](
+        _ce_kernel[(_grid(N, single, dev, its, "ce", V, dt),)](
             x, out if out is not None else dummy, labels,
             weight if weight is not None else dummy, wsum if wsum is not None else dummy,
             g1 if g1 is not None else dummy, g2 if g2 is not None else dummy,
@@ -439,7 +444,8 @@ def _ce_launch(x, labels, g_ce, g_z, m_in, r_in, *, weight, ignore_index, label_
             HAS_WEIGHT=weight is not None, HAS_SMOOTH=eps > 0.0, HAS_ZLOSS=zl != 0.0,
             HAS_SOFTCAP=softcap is not None, HAS_TEMP=float(temperature) != 1.0,
             FORWARD=forward, BACKWARD=backward, IS_F64=x.dtype == torch.float64,
-            SINGLE=single, BLOCK=block, PREFETCH=_prefetch(), **_hints(), num_warps=warps,
+            SINGLE=single, BLOCK=block, PREFETCH=_prefetch("ce", V, dt), **_hints("ce", V, dt),
+            num_warps=warps,
         )
         if forward:
             _labels.after_launch(dev)

@@ -215,11 +215,12 @@ def _forward(x, temperature, out, mode):
             out = torch.empty_like(x, memory_format=torch.contiguous_format)
         res, o, lse = out, out, x
     if N > 0 and V > 0:
-        block, warps, single = _config(V, x.element_size(), "softmax")
-        _softmax_fwd_kernel[(_grid(N, single, x.device, x.element_size(), "softmax"),)](
+        its, dt = x.element_size(), x.dtype
+        block, warps, single = _config(V, its, "softmax", dt)
+        _softmax_fwd_kernel[(_grid(N, single, x.device, its, "softmax", V, dt),)](
             x, o, lse, x.stride(0), o.stride(0), N, V, *split64(1.0 / t),
             MODE=mode, HAS_TEMP=t != 1.0, IS_F64=x.dtype == torch.float64, SINGLE=single,
-            BLOCK=block, PREFETCH=_prefetch(), **_hints(), num_warps=warps)
+            BLOCK=block, PREFETCH=_prefetch("softmax", V, dt), **_hints("softmax", V, dt), num_warps=warps)
     elif mode == _LOGSUMEXP:
         res.fill_(float("-inf"))  # log of an empty sum
     return res
@@ -271,11 +272,12 @@ def _backward(y, dy, out, log):
     if out is None:
         out = torch.empty_like(y, memory_format=torch.contiguous_format)
     if N > 0 and V > 0:
-        block, warps, single = _config(V, y.element_size(), "softmax_bwd")
-        _softmax_bwd_kernel[(_grid(N, single, y.device, y.element_size(), "softmax_bwd"),)](
+        its, dt = y.element_size(), y.dtype
+        block, warps, single = _config(V, its, "softmax_bwd", dt)
+        _softmax_bwd_kernel[(_grid(N, single, y.device, its, "softmax_bwd", V, dt),)](
             y, dy, out, y.stride(0), dy.stride(0), out.stride(0), N, V,
             LOG=log, IS_F64=y.dtype == torch.float64, SINGLE=single, BLOCK=block,
-            PREFETCH=_prefetch(), **_hints(), num_warps=warps)
+            PREFETCH=_prefetch("softmax_bwd", V, dt), **_hints("softmax_bwd", V, dt), num_warps=warps)
     return out
 
 
