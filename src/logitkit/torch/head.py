@@ -9,6 +9,16 @@ by chunk (four matrix products, five with a teacher head). Saved for backward: t
 few numbers per token, never an ``N×V`` tensor. ``outputs=("loss",)`` with a scalar temperature
 never reaches this module (it is :func:`logitkit.torch.linear_cross_entropy`).
 
+Under ``torch.compile`` the chunk driver (its host-side planning of the rows not ignored, numba)
+stays inside two custom operators, ``logitkit::linear_head_forward`` and
+``logitkit::linear_head_backward``, whose fake implementations give the outputs' shapes from the
+symbolic batch size: no graph break, no recompile for a new batch size. Their arguments are the
+options flattened into tensors, numbers and strings. Eager calls run the same functions without
+the dispatcher (:func:`logitkit.torch.linear._call`). Checks that read tensor values (label range,
+per-token temperatures, top-k indices, a 0-d ``num_items_in_batch``) run at the call site in
+eager mode and, under ``torch.compile``, inside the forward operator when it runs — on CPU
+tensors only, so that nothing waits for a device inside the compiled region.
+
 >>> import torch, logitkit.torch as lt
 >>> h = torch.randn(6, 8, requires_grad=True); W = torch.randn(50, 8); y = torch.randint(0, 50, (6,))
 >>> out = lt.linear_head(h, W, y, outputs=("logprobs", "entropy"))
@@ -18,22 +28,29 @@ torch.Size([6, 8])
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
+from .. import _validate
 from .. import linear as _public
+from .._namespace import TORCH, get_namespace
 from ..core import linear_head as core_head
 from . import _dtensor
-from .linear import TorchOps
+from .linear import TorchOps, _acc, _call, _chunk_args, _chunk_size, _grads_fake, _none_empty, _op, _rows
 
-__all__ = ["linear_head", "fused_linear_head", "with_grad_run"]
+_PLAIN = (Tensor, torch.nn.Parameter, type(None))
 
-_DIFF_KEYS = ("ce", "lse", "lp", "ent", "kl")
+__all__ = ["linear_head", "fused_linear_head", "with_grad_run", "head_values"]
+
+# the forward operator's outputs, in this order; those a call does not need are empty tensors
+_FWD = ("m", "r", "ce", "lse", "lp", "ent", "kl", "aux", "am")
 
 
 def _keys(spec: core_head.HeadSpec) -> tuple:
+    """The differentiable per-row values the autograd Function returns for ``spec``, in order."""
     o = spec.outputs
     keys = []
     if "loss" in o:
@@ -49,133 +66,272 @@ def _keys(spec: core_head.HeadSpec) -> tuple:
     return tuple(keys)
 
 
-def _flat(t: Optional[Tensor], N: int, last: Optional[int] = None) -> Optional[Tensor]:
-    if t is None:
-        return None
-    t = t.detach()
-    t = t.reshape(N) if last is None else t.reshape(N, last)
-    return t if t.is_contiguous() else t.contiguous()
+def _spec(outputs: str, ii: int, eps: float, cap: Optional[float], T: float, has_labels: bool, kind: str,
+          div: str, beta: float, tt: float, need_lse: bool) -> core_head.HeadSpec:
+    teacher = "none" if kind == "none" else ("topk" if kind == "topk" else "dense")
+    return core_head.HeadSpec(tuple(outputs.split(",")), ii, eps, cap, T, has_labels, teacher, div, beta, tt,
+                              need_lse)
 
 
-class _Cfg:
-    def __init__(self, a: Any, keys: tuple) -> None:
-        self.a, self.keys = a, keys
+def _static(spec: core_head.HeadSpec, kind: str, chunk_size: Any) -> tuple:
+    """The operators' non-tensor arguments of one call (what dynamo passes as constants)."""
+    ct, cc = _chunk_args(chunk_size)
+    return (",".join(spec.outputs), spec.ignore_index, spec.label_smoothing, spec.softcap, spec.temperature, kind,
+            spec.divergence, spec.beta, spec.teacher_temperature, spec.need_lse, ct, cc)
 
 
-def _run(cfg: _Cfg, h2: Tensor, W: Tensor, b: Optional[Tensor], lab: Optional[Tensor],
-         temp: Optional[Tensor]) -> core_head.HeadRun:
-    a = cfg.a
-    N = h2.shape[0]
+def _make_run(spec: core_head.HeadSpec, h2: Tensor, W: Tensor, b: Optional[Tensor], lab: Optional[Tensor],
+              temp: Optional[Tensor], weight: Optional[Tensor], kind: str, t0: Optional[Tensor],
+              t1: Optional[Tensor], t2: Optional[Tensor], chunk_size: Any) -> core_head.HeadRun:
+    """The chunk driver on torch ops; ``(t0, t1, t2)`` the teacher's tensors in rows (see :func:`_teacher`)."""
     teacher, tops = None, None
-    if a.teacher is not None:
-        kind = a.teacher[0]
-        if kind == "head":
-            th = _flat(a.teacher[1], N, a.teacher[1].shape[-1])
-            tW = a.teacher[2].detach().contiguous()
-            tb = None if a.teacher[3] is None else a.teacher[3].detach()
-            tops = TorchOps(th, tW, tb)
-            teacher = ("head", th)
-        elif kind == "logits":
-            teacher = ("logits", _flat(a.teacher[1], N, a.teacher[1].shape[-1]))
-        else:
-            k = a.teacher[1].shape[-1]
-            teacher = ("topk", _flat(a.teacher[1], N, k).long(), _flat(a.teacher[2], N, k))
-    return core_head.HeadRun(TorchOps(h2, W, b), h2, W, lab, temp, a.weight, a.spec, teacher, tops,
-                             a.chunk_size)
+    if kind == "head":
+        tops = TorchOps(t0, t1, t2)
+        teacher = ("head", t0)
+    elif kind == "logits":
+        teacher = ("logits", t0)
+    elif kind == "topk":
+        teacher = ("topk", t0, t1)
+    return core_head.HeadRun(TorchOps(h2, W, b), h2, W, lab, temp, weight, spec, teacher, tops, chunk_size)
+
+
+def _runtime_checks(h2: Tensor, V: int, lab: Optional[Tensor], ii: int, temp: Optional[Tensor], kind: str,
+                    t0: Optional[Tensor], t1: Optional[Tensor], num_items: Optional[Tensor]) -> None:
+    """The value checks of :func:`logitkit.linear.validate_linear_head` that a compiled call site
+    skipped (it could not read the tensors); CPU tensors only, as there."""
+    if lab is not None:
+        _validate.check_label_range(TORCH, lab, V, ii, name="labels")
+    if temp is not None and temp.device.type == "cpu" and temp.numel():
+        ok = torch.isfinite(temp) & (temp > 0)
+        if not bool(ok.all()):
+            bad = temp.reshape(-1)[~ok.reshape(-1)][0]
+            raise ValueError(f"temperature: expected finite values > 0 for every token, got {float(bad)}")
+    if kind == "topk":
+        _public._check_teacher(TORCH, h2, V, ("kl",), None, None, None, None, (t0, t1))
+    if num_items is not None and num_items.device.type == "cpu" and not float(num_items) > 0:
+        raise ValueError(f"num_items_in_batch: expected a value > 0, got {float(num_items)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the two operators
+
+
+def _head_forward(h2: Tensor, W: Tensor, bias: Optional[Tensor], lab: Optional[Tensor], temp: Optional[Tensor],
+                  weight: Optional[Tensor], t0: Optional[Tensor], t1: Optional[Tensor], t2: Optional[Tensor],
+                  num_items: Optional[Tensor], outputs: str, ii: int, eps: float, cap: Optional[float], T: float,
+                  kind: str, div: str, beta: float, tt: float, need_lse: bool, ct: int, cc: int,
+                  check: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-row values ``(N,)`` named by :data:`_FWD` (accumulation dtype; ``am`` int64); those not
+    needed are empty. ``lse`` is 0 on ignored rows; the others as :meth:`HeadRun.forward` gives them."""
+    spec = _spec(outputs, ii, eps, cap, T, lab is not None, kind, div, beta, tt, need_lse)
+    if check:  # under torch.compile the call site could not read the tensors
+        _runtime_checks(h2, W.shape[0], lab, ii, temp, kind, t0, t1, num_items)
+    rows = _make_run(spec, h2, W, bias, lab, temp, weight, kind, t0, t1, t2, _chunk_size(ct, cc)).forward()
+    if "lse" in spec.outputs or need_lse:
+        lse = rows["m"] + rows["r"]
+        rows["lse"] = lse if lab is None else torch.where(lab != ii, lse, 0.0)
+    acc = rows["m"].dtype
+    return tuple(rows[k] if k in rows else h2.new_empty((0,), dtype=torch.int64 if k == "am" else acc)
+                 for k in _FWD)
+
+
+def _head_forward_fake(h2, W, bias, lab, temp, weight, t0, t1, t2, num_items, outputs, ii, eps, cap, T, kind, div,
+                       beta, tt, need_lse, ct, cc, check):
+    o = outputs.split(",")
+    acc = _acc(h2.dtype)
+    want = {"m": True, "r": True, "ce": "loss" in o, "lse": "lse" in o or need_lse, "lp": "logprobs" in o,
+            "ent": "entropy" in o, "kl": "kl" in o, "aux": "kl" in o, "am": "argmax" in o}
+    N = h2.shape[0]
+    return tuple(h2.new_empty((N,) if want[k] else (0,), dtype=torch.int64 if k == "am" else acc) for k in _FWD)
+
+
+def _head_backward(h2: Tensor, W: Tensor, bias: Optional[Tensor], lab: Optional[Tensor], temp: Optional[Tensor],
+                   weight: Optional[Tensor], t0: Optional[Tensor], t1: Optional[Tensor], t2: Optional[Tensor],
+                   m: Tensor, r: Tensor, ent: Optional[Tensor], aux: Optional[Tensor], g_ce: Optional[Tensor],
+                   g_lse: Optional[Tensor], g_lp: Optional[Tensor], g_ent: Optional[Tensor], g_kl: Optional[Tensor],
+                   outputs: str, ii: int, eps: float, cap: Optional[float], T: float, kind: str, div: str,
+                   beta: float, tt: float, need_lse: bool, ct: int, cc: int, need_dh: bool, need_dw: bool,
+                   need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dh, dW, db)`` of ``Σ g_k · value_k`` (empty where not needed), recomputing the logits."""
+    spec = _spec(outputs, ii, eps, cap, T, lab is not None, kind, div, beta, tt, need_lse)
+    rows = {"m": m, "r": r}
+    if ent is not None:
+        rows["ent"] = ent
+    if aux is not None:
+        rows["aux"] = aux
+    cots = {k: g for k, g in (("g_ce", g_ce), ("g_lse", g_lse), ("g_lp", g_lp), ("g_ent", g_ent), ("g_kl", g_kl))
+            if g is not None}
+    need = (need_dh, need_dw, need_db and bias is not None)
+    run = _make_run(spec, h2, W, bias, lab, temp, weight, kind, t0, t1, t2, _chunk_size(ct, cc))
+    dh, dw, db = run.backward(rows, cots, need, has_bias=bias is not None)
+    if dw is not None and dw.dtype != W.dtype:
+        dw = dw.to(W.dtype)
+    if db is not None and db.dtype != bias.dtype:
+        db = db.to(bias.dtype)
+    return _none_empty(dh, h2), _none_empty(dw, W), _none_empty(db, h2)
+
+
+_op("linear_head_forward", _head_forward, _head_forward_fake)
+_op("linear_head_backward", _head_backward,
+    lambda h2, W, bias, lab, temp, weight, t0, t1, t2, m, r, ent, aux, g_ce, g_lse, g_lp, g_ent, g_kl, outputs,
+    ii, eps, cap, T, kind, div, beta, tt, need_lse, ct, cc, need_dh, need_dw, need_db:
+    _grads_fake(h2, W, bias, need_dh, need_dw, need_db))
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
 
 
 class _LinearHead(torch.autograd.Function):
-    """Per-token values of the head; backward recomputes the logits once for every cotangent."""
+    """Per-token values of the head; backward recomputes the logits once for every cotangent.
+
+    ``static`` is :func:`_static`'s tuple; ``keys`` the differentiable values returned (:func:`_keys`),
+    then ``argmax`` when ``has_am``.
+    """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], cfg: _Cfg):
-        a = cfg.a
-        H = hidden.shape[-1]
-        h2 = hidden.detach().reshape(-1, H).contiguous()
-        N = h2.shape[0]
-        W = linear_weight.detach().contiguous()
-        b = None if linear_bias is None else linear_bias.detach()
-        lab = None if a.labels is None else _flat(a.labels, N).long()
-        temp = _flat(a.temp, N)
-        run = _run(cfg, h2, W, b, lab, temp)
-        rows = run.forward()
-        valid = None if lab is None else lab != a.spec.ignore_index
-        lse = rows["m"] + rows["r"]
-        rows_out = dict(rows, lse=lse if valid is None else torch.where(valid, lse, 0.0))
-        ctx.cfg = cfg
-        ctx.need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                    linear_bias is not None and ctx.needs_input_grad[2])
-        ctx.hidden_shape = tuple(hidden.shape)
+    def forward(ctx, hidden, linear_weight, linear_bias, lab, temp, weight, t0, t1, t2, num_items, static, keys,
+                has_am, check):
+        h2 = _rows(hidden)
+        W = linear_weight.contiguous()
+        vals = _call("linear_head_forward", h2, W, linear_bias, lab, temp, weight, t0, t1, t2, num_items, *static,
+                     check)
+        v = dict(zip(_FWD, vals))
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                linear_bias is not None and ctx.needs_input_grad[2])
+        ctx.need, ctx.static, ctx.keys = need, static, keys
+        ctx.hidden_shape = hidden.shape
         ctx.set_materialize_grads(False)
-        if any(ctx.need):
-            saved = [rows[k] for k in ("m", "r", "ent", "aux") if k in rows]
-            ctx.row_keys = [k for k in ("m", "r", "ent", "aux") if k in rows]
-            ctx.save_for_backward(h2, W, b, lab, temp, *saved)
-        outs = [rows_out[k] for k in cfg.keys]
-        if "am" in rows:
-            am = rows["am"]
-            ctx.mark_non_differentiable(am)
-            outs.append(am)
+        if any(need):
+            outputs = static[0].split(",")
+            ent = v["ent"] if "entropy" in outputs else None
+            aux = v["aux"] if "kl" in outputs else None
+            ctx.save_for_backward(h2, W, linear_bias, lab, temp, weight, t0, t1, t2, v["m"], v["r"], ent, aux)
+        outs = [v[k] for k in keys]
+        if has_am:
+            ctx.mark_non_differentiable(v["am"])
+            outs.append(v["am"])
         return tuple(outs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        cfg, need = ctx.cfg, ctx.need
+        need = ctx.need
+        none = (None,) * 14
         if not any(need):
-            return None, None, None, None
-        h2, W, b, lab, temp, *saved = ctx.saved_tensors
-        rows = dict(zip(ctx.row_keys, saved))
-        cots = {}
-        for k, g in zip(cfg.keys, grads):
-            if g is not None:
-                cots["g_" + k] = g.reshape(-1)
+            return none
+        cots = {k: g.reshape(-1).contiguous() for k, g in zip(ctx.keys, grads) if g is not None}
         if not cots:
-            return None, None, None, None
-        run = _run(cfg, h2, W, b, lab, temp)
-        dh, dw, db = run.backward(rows, cots, need, has_bias=b is not None)
-        if dw is not None:
-            dw = dw.to(W.dtype)
-        if db is not None:
-            db = db.to(b.dtype)
-        dh = None if dh is None else dh.reshape(ctx.hidden_shape)
-        return dh, dw, db, None
+            return none
+        h2, W, b, lab, temp, weight, t0, t1, t2, m, r, ent, aux = ctx.saved_tensors
+        dh, dw, db = _call("linear_head_backward", h2, W, b, lab, temp, weight, t0, t1, t2, m, r, ent, aux,
+                           cots.get("ce"), cots.get("lse"), cots.get("lp"), cots.get("ent"), cots.get("kl"),
+                           *ctx.static, need[0], need[1], need[2])
+        dh = dh.reshape(ctx.hidden_shape) if need[0] else None
+        return (dh, dw if need[1] else None, db if need[2] else None) + none[3:]
+
+
+def _flat(t: Optional[Tensor], shape: tuple) -> Optional[Tensor]:
+    if t is None:
+        return None
+    t = t.detach().reshape(shape)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _teacher(teacher: Any, N: int) -> tuple:
+    """``(kind, t0, t1, t2)``: the validated teacher form as tensors in rows (detached)."""
+    if teacher is None:
+        return "none", None, None, None
+    kind = teacher[0]
+    if kind == "head":
+        th, tW, tb = teacher[1], teacher[2], teacher[3]
+        return kind, _flat(th, (N, th.shape[-1])), tW.detach().contiguous(), None if tb is None else tb.detach()
+    if kind == "logits":
+        return kind, _flat(teacher[1], (N, teacher[1].shape[-1])), None, None
+    k = teacher[1].shape[-1]
+    idx = _flat(teacher[1], (N, k))
+    return kind, idx if idx.dtype == torch.int64 else idx.long(), _flat(teacher[2], (N, k)), None
+
+
+def head_values(hidden: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], labels: Optional[Tensor],
+                temp: Optional[Tensor], weight: Optional[Tensor], teacher: Any, spec: core_head.HeadSpec,
+                chunk_size: Any, num_items: Any = None) -> dict:
+    """Validated arguments in, the differentiable per-row values ``(N,)`` out (keys of :func:`_keys`,
+    plus ``am``): what :func:`fused_linear_head` reduces, and what :func:`logitkit.torch.linear_entropy`
+    returns (one chunk loop for both)."""
+    N = math.prod(hidden.shape[:-1])
+    lab = None
+    if labels is not None:
+        lab = labels.reshape(N)
+        if lab.dtype != torch.int64:
+            lab = lab.long()
+    kind, t0, t1, t2 = _teacher(teacher, N)
+    nt = num_items if isinstance(num_items, Tensor) else None
+    keys = _keys(spec)
+    has_am = "argmax" in spec.outputs
+    res = _LinearHead.apply(hidden, linear_weight, linear_bias, lab, _flat(temp, (N,)),
+                            None if weight is None else weight.detach(), t0, t1, t2,
+                            None if nt is None else nt.detach(), _static(spec, kind, chunk_size), keys, has_am,
+                            torch.compiler.is_compiling())
+    vals = dict(zip(keys, res))
+    if has_am:
+        vals["am"] = res[-1]
+    return vals
 
 
 def with_grad_run(a: Any) -> tuple:
     """``(HeadRun, labels (N,) or None, torch namespace)`` for :func:`logitkit.linear.linear_head_with_grad`."""
-    from .._namespace import TORCH, get_namespace
-
-    H = a.hidden.shape[-1]
-    h2 = a.hidden.detach().reshape(-1, H).contiguous()
+    h2 = _rows(a.hidden.detach())
     N = h2.shape[0]
     W = a.W.detach().contiguous()
     b = None if a.bias is None else a.bias.detach()
-    lab = None if a.labels is None else _flat(a.labels, N).long()
-    run = _run(_Cfg(a, _keys(a.spec)), h2, W, b, lab, _flat(a.temp, N))
+    lab = None if a.labels is None else _flat(a.labels, (N,)).long()
+    kind, t0, t1, t2 = _teacher(a.teacher, N)
+    run = _make_run(a.spec, h2, W, b, lab, _flat(a.temp, (N,)), a.weight, kind, t0, t1, t2, a.chunk_size)
     return run, lab, get_namespace(TORCH)
 
 
 def fused_linear_head(a: Any) -> Any:
     """Validated :class:`logitkit.linear.HeadArgs` of torch tensors in, :class:`HeadOutput` out."""
-    keys = _keys(a.spec)
-    cfg = _Cfg(a, keys)
-    res = _LinearHead.apply(a.hidden, a.W, a.bias, cfg)
-    vals = dict(zip(keys, res[:len(keys)]))
-    if "argmax" in a.spec.outputs:
-        vals["am"] = res[len(keys)]
-    N = vals[keys[0]].shape[0] if keys else res[-1].shape[0]
-    lab = (torch.zeros(N, dtype=torch.int64, device=a.hidden.device) if a.labels is None
+    vals = head_values(a.hidden, a.W, a.bias, a.labels, a.temp, a.weight, a.teacher, a.spec, a.chunk_size,
+                       a.num_items)
+    ref = next(iter(vals.values()))
+    lab = (torch.zeros(ref.shape[0], dtype=torch.int64, device=a.hidden.device) if a.labels is None
            else a.labels.reshape(-1).long())
-    from .._namespace import TORCH, get_namespace
-
     return _public.assemble_outputs(get_namespace(TORCH), a, vals, lab)
+
+
+def _plain(*xs: Any) -> bool:
+    """Every argument a plain tensor, parameter or ``None``: then none is a DTensor.
+
+    Checked before :func:`logitkit.torch._dtensor.is_dtensor`, whose cached DTensor class is a
+    mutable global: under torch.compile, reading it guards the graph on its value, which changes
+    (one recompile) once anything imports ``torch.distributed.tensor``. Types alone are guarded anyway.
+    """
+    for x in xs:
+        if type(x) not in _PLAIN:
+            return False
+    return True
 
 
 def linear_head(input: Tensor, linear_weight: Tensor, labels: Optional[Tensor] = None, **kwargs: Any) -> Any:
     """:func:`logitkit.linear_head` for torch tensors (every option keyword-only, as there)."""
-    if _dtensor.is_dtensor(input, linear_weight, labels, kwargs.get("linear_bias"), kwargs.get("weight")):
+    b, w = kwargs.get("linear_bias"), kwargs.get("weight")
+    if not _plain(input, linear_weight, labels, b, w) and _dtensor.is_dtensor(input, linear_weight, labels, b, w):
         return _dtensor.linear_head(input, linear_weight, labels, **kwargs)
     if not isinstance(input, Tensor):
         raise TypeError(f"hidden: expected a torch.Tensor, got {type(input).__name__}")
+    # Literals here, not logitkit.linear_head's defaults: under torch.compile(dynamic=True) dynamo
+    # makes a float that comes from a function's defaults symbolic, and the validation
+    # (hasattr(temperature, "shape"), math.isfinite(teacher_temperature)) breaks the graph on one.
+    if "temperature" not in kwargs:
+        kwargs["temperature"] = 1.0
+    if "teacher_temperature" not in kwargs:
+        kwargs["teacher_temperature"] = 1.0
+    if "beta" not in kwargs:
+        kwargs["beta"] = 0.5
+    if "label_smoothing" not in kwargs:
+        kwargs["label_smoothing"] = 0.0
+    if "z_loss" not in kwargs:
+        kwargs["z_loss"] = 0.0
     return _public.linear_head(input, linear_weight, labels, **kwargs)
