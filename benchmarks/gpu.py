@@ -1,30 +1,39 @@
 #!/usr/bin/env python
-"""GPU benchmark of logitkit's Triton kernels against torch eager, torch.compile, Liger-Kernel
-and Cut Cross-Entropy (each when importable). Prints ONE markdown table (and writes it to
-``$OUT/gpu.md`` when ``OUT`` is set). Needs no network and nothing beyond torch, triton and,
-optionally, the ``liger-kernel`` / ``cut-cross-entropy`` wheels.
+"""GPU benchmark of logitkit's Triton kernels and torch heads against torch eager, torch.compile,
+Liger-Kernel, Cut Cross-Entropy and quack (each peer when it imports; otherwise its row says
+"not installed"). Prints ONE markdown table and writes it to ``--out`` (default on a GPU:
+``benchmarks/results/gpu-<card>-<date>.md``; also ``$OUT/gpu.md`` when ``OUT`` is set).
 
-Workloads (``--quick`` shrinks them for a smoke test):
+The table's header line names the card, the date, the versions and the device-to-device copy
+bandwidth measured first in the same run. Columns: median time over timed iterations (CUDA events,
+after warm-up); effective rate (bytes that must move / time, or useful TFLOP/s for the heads);
+% of that copy bandwidth for the memory-bound ops, or the time as a multiple of the head's three
+GEMMs alone (cuBLAS through ``torch.matmul``, same run: the physical floor); peak memory beyond
+the inputs (``torch.cuda.max_memory_allocated`` delta over one call, outputs included); error
+against float64 references.
+
+Workloads (``--quick`` shrinks them; ``--only`` picks some: ce, softmax, linear, labels):
 
 * ``ce``: cross-entropy forward+backward (mean), N x V = 16384 x 128256, bf16 and float32
 * ``softmax``: softmax forward, and forward+backward, same shapes
-* ``linear-ce``: linear + cross-entropy forward+backward, N=8192, H=4096, V=128256, bf16
+* ``linear``: the fused head, forward+backward, bf16 N=8192 H=4096 V=128256 and float32 N=4096
+  H=1024 V=32000: the Triton kernels, ``logitkit.torch.linear_cross_entropy`` and
+  ``logitkit.torch.linear_head`` with outputs loss / logprobs+entropy / kl (a teacher head)
+* ``labels``: the host cost of the deferred bad-label check (kernels/triton/_labels.py): 100
+  small ``ce_forward`` calls with it on and off
 
-Columns: median time over timed iterations (CUDA events, after warm-up); effective TB/s = bytes
-that must move / time (CE: read logits + write the gradient; softmax: read + write; softmax
-fwd+bwd: x, y, y, dy, dx); % of the device-to-device copy bandwidth measured first in the same
-run; peak memory beyond the inputs (``torch.cuda.max_memory_allocated`` delta over one call,
-outputs included); error against float64 (CE, softmax) or float32 (linear CE) references on a
-slice of rows. Linear CE is compute-bound: its row reports TFLOP/s (6 N H V useful flops).
+``--sweep`` times each kernel configuration candidate (the table's entry and ``SWEEP``) for CE
+fwd+bwd, softmax forward and softmax backward at V = 32000, 128256 and 262144 (N x V ~ 2.1e9)
+and writes the fastest per (op, dtype, V) into ``--configs`` (default: the package's
+``kernels/triton/configs.json``; a copy goes to ``$OUT``), which the kernels read.
 
-GPU::
+GPU (``benchmarks/gpu_setup.sh`` installs the peers' wheels from ``.whl/`` first)::
 
-    pip install --no-deps --target /tmp/site .whl/*.whl
-    PYTHONPATH=/tmp/site:src python benchmarks/gpu.py
+    PYTHONPATH=src python benchmarks/gpu.py [--sweep]
 
-CPU smoke test (Triton interpreter, tiny shapes)::
+Dry run (Triton interpreter on the CPU, tiny shapes, torch.compile with the eager backend)::
 
-    TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/gpu.py --quick --device cpu
+    TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/gpu.py --quick --device cpu --out /tmp/gpu.md
 
 Each cell catches its own failure and prints ``OOM`` or ``error: ...`` instead of stopping;
 cells past ``--budget`` seconds print ``skipped (time budget)``.
@@ -35,42 +44,66 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import importlib.metadata
+import json
 import math
 import os
+import re
+import shutil
 import statistics
 import sys
 import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "src"))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "src"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-# logitkit.kernels.triton directly: this script depends on no other part of logitkit.
 from logitkit.kernels import triton as tk  # noqa: E402
+from logitkit.kernels.triton import _configs  # noqa: E402
 
-
+COLUMNS = ("workload", "implementation", "time (ms, median)", "effective rate", "% of copy BW or × 3 GEMMs",
+           "peak MiB beyond inputs", "error vs float64 reference")
 # Cells run in phases so that a tight budget drops the least important ones: every workload's
-# main cells first (logitkit and the peers), then the logitkit configuration sweep (quick), then
-# torch.compile (slow to compile). The table lists them per workload in DISPLAY order.
-PHASES = ("main", "tune", "compile")
-DISPLAY = ("main", "compile", "tune")
-# logitkit sweep around the default (16 KiB steps, 16 warps, 1 program per SM, prefetch, L2
-# hints): (input bytes per block step, num_warps, programs per SM (0: one per row), prefetch, hints)
-SWEEP = ((16384, 16, 2, True, True), (32768, 32, 1, True, True), (16384, 8, 2, True, True),
-         (16384, 16, 0, True, True), (16384, 16, 1, False, True), (16384, 16, 1, True, False))
+# main cells first (logitkit and the peers), then torch.compile (slow to compile), then the
+# configuration sweep. The table lists them per workload in phase order.
+PHASES = ("main", "compile", "tune")
+# configuration candidates besides the table's own entry: (input bytes per block step, num_warps,
+# programs per SM (0: one per row), prefetch, L2 hints)
+SWEEP = ((16384, 16, 1, True, True), (16384, 16, 2, True, True), (32768, 32, 1, True, True),
+         (16384, 8, 2, True, True), (32768, 16, 2, True, True), (16384, 16, 0, True, True),
+         (16384, 16, 1, False, True), (16384, 16, 1, True, False))
+PEERS = ("liger-kernel", "cut-cross-entropy", "quack-kernels")
 
 
-def sweep_envs(itemsize: int):
-    for block_bytes, warps, persist, prefetch, hints in SWEEP:
-        label = (f"[BLOCK={block_bytes // itemsize}, warps={warps}, per-SM={persist or 'row'}, "
-                 f"prefetch={int(prefetch)}, hints={int(hints)}]")
-        env = {"LOGITKIT_TRITON_BLOCK": str(block_bytes // itemsize), "LOGITKIT_TRITON_WARPS": str(warps),
-               "LOGITKIT_TRITON_PERSIST": str(persist), "LOGITKIT_TRITON_PREFETCH": str(int(prefetch)),
-               "LOGITKIT_TRITON_HINTS": str(int(hints))}
-        yield label, env
+def cfg_label(block: int, warps: int, per_sm: int, prefetch: bool, hints: bool) -> str:
+    # the format test_triton_config.py finds a measured configuration by in a results file
+    return (f"[BLOCK={block}, warps={warps}, per-SM={per_sm or 'row'}, prefetch={int(prefetch)}, "
+            f"hints={int(hints)}]")
+
+
+def candidates(op: str, dtype: torch.dtype, V: int):
+    """``(label, config dict)``: the table's entry for ``(op, dtype, V)`` first, then ``SWEEP``."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    e = _configs.wide(op, dtype, V)
+    seen = set()
+    cfgs = [("(table) ", (int(e["block"]), int(e["warps"]), int(e["per_sm"]), bool(e.get("prefetch", True)),
+                          bool(e.get("hints", True))))]
+    cfgs += [("", (b // itemsize, w, p, pf, h)) for b, w, p, pf, h in SWEEP]
+    for tag, c in cfgs:
+        if c in seen:
+            continue
+        seen.add(c)
+        yield tag + cfg_label(*c), dict(zip(("block", "warps", "per_sm", "prefetch", "hints"), c))
+
+
+def cfg_env(c: dict) -> dict:
+    return {"LOGITKIT_TRITON_BLOCK": str(c["block"]), "LOGITKIT_TRITON_WARPS": str(c["warps"]),
+            "LOGITKIT_TRITON_PERSIST": str(c["per_sm"]), "LOGITKIT_TRITON_PREFETCH": str(int(c["prefetch"])),
+            "LOGITKIT_TRITON_HINTS": str(int(c["hints"]))}
 
 
 class env_set:
@@ -102,6 +135,9 @@ class Ctx:
         self.copy_bw = float("nan")  # bytes/s
         self.workload = 0  # index of the workload being run (table order)
         self.phase = "main"
+        self.winners: dict[tuple, tuple] = {}  # (op, dtype, V) -> (ms, config, % of copy)
+        self.gemm_ms: dict[str, float] = {}  # linear workload -> its three GEMMs' time
+        self.refs: dict[str, tuple] = {}  # linear workload -> float64 references (kept across phases)
 
     def over_budget(self) -> bool:
         return time.perf_counter() - self.t0 > self.args.budget
@@ -109,6 +145,13 @@ class Ctx:
     def sync(self):
         if self.cuda:
             torch.cuda.synchronize(self.dev)
+
+    def key(self):
+        return (self.workload, PHASES.index(self.phase), len(self.rows))
+
+    def add(self, workload, impl, *cells):
+        cells = list(cells) + [""] * (len(COLUMNS) - 2 - len(cells))
+        self.rows.append((self.key(), [workload, impl] + cells))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,38 +204,56 @@ def measure_copy(ctx: Ctx) -> None:
     del src, dst
 
 
-def cell(ctx: Ctx, workload: str, impl: str, run, *, nbytes=None, flops=None, check=None,
-         warmup=2, iters=10) -> None:
-    """Time ``run``, measure its memory, then ``check()`` -> error string; one table row."""
-    row = [workload, impl]
-    key = (ctx.workload, DISPLAY.index(ctx.phase), len(ctx.rows))
+def cell(ctx: Ctx, workload: str, impl: str, run, *, nbytes=None, flops=None, gemm_ms=None, check=None,
+         warmup=2, iters=10, record=None) -> float:
+    """Time ``run``, measure its memory, then ``check()`` -> error string; one table row.
+
+    ``nbytes``: bytes that must move (rate and % of copy); ``flops`` with ``gemm_ms``: useful flops
+    and the three GEMMs' time (rate and × GEMMs). ``record=(op, dtype, V, config)`` offers the
+    result to the sweep's winners. Returns the median ms (NaN when the cell failed or was skipped).
+    """
     if ctx.over_budget():
-        ctx.rows.append((key, row + ["skipped (time budget)", "", "", "", ""]))
+        ctx.add(workload, impl, "skipped (time budget)")
         print(f"  {impl}: skipped", file=sys.stderr)
-        return
+        return float("nan")
     t = time.perf_counter()
+    ms = float("nan")
+    if not ctx.cuda:  # the interpreter is slow: enough calls to run every code path
+        warmup, iters = 1, 1
     try:
-        ms = timed(ctx, run, warmup, iters if ctx.cuda else 2)
+        ms = timed(ctx, run, warmup, iters)
         mem = peak_mb(ctx, run)
         err = check() if check is not None else ""
         if nbytes is not None:
-            tbs = nbytes / (ms * 1e-3) / 1e12
-            rate, pct = f"{tbs:.2f} TB/s", f"{100 * nbytes / (ms * 1e-3) / ctx.copy_bw:.0f}%"
+            bps = nbytes / (ms * 1e-3)
+            rate = f"{bps / 1e12:.2f} TB/s" if ctx.cuda else f"{bps / 1e9:.3f} GB/s"
+            rel = f"{100 * nbytes / (ms * 1e-3) / ctx.copy_bw:.0f}%"
+        elif flops is not None:
+            rate = f"{flops / (ms * 1e-3) / 1e12:.0f} TFLOP/s" if ctx.cuda else f"{flops / (ms * 1e-3) / 1e9:.2f} GFLOP/s"
+            rel = f"{ms / gemm_ms:.2f}× GEMMs" if gemm_ms and not math.isnan(gemm_ms) else "—"
         else:
-            rate, pct = f"{flops / (ms * 1e-3) / 1e12:.0f} TFLOP/s", "—"
-        row += [f"{ms:.3f}", rate, pct, "n/a" if math.isnan(mem) else f"{mem:,.0f}", err]
+            rate, rel = "", "—"
+        ctx.add(workload, impl, f"{ms:.3f}", rate, rel, "n/a" if math.isnan(mem) else f"{mem:,.0f}", err)
+        if record is not None and nbytes is not None:
+            op, dt, V, cfg = record
+            pct = 100 * nbytes / (ms * 1e-3) / ctx.copy_bw
+            best = ctx.winners.get((op, dt, V))
+            if best is None or ms < best[0]:
+                ctx.winners[(op, dt, V)] = (ms, cfg, pct)
     except torch.cuda.OutOfMemoryError:
-        row += ["OOM", "", "", "", ""]
+        ctx.add(workload, impl, "OOM")
+        ms = float("nan")
     except Exception as e:  # one failing peer must not stop the table
         msg = f"{type(e).__name__}: {e}".replace("|", "/").replace("\n", " ")
-        row += [f"error: {msg[:120]}", "", "", "", ""]
+        ctx.add(workload, impl, f"error: {msg[:120]}")
+        ms = float("nan")
         if ctx.args.verbose:
             traceback.print_exc()
     finally:
         if ctx.cuda:
             torch.cuda.empty_cache()
-    ctx.rows.append((key, row))
-    print(f"  {impl}: {row[2]} ({time.perf_counter() - t:.1f} s)", file=sys.stderr)
+    print(f"  {impl}: {ctx.rows[-1][1][2]} ({time.perf_counter() - t:.1f} s)", file=sys.stderr)
+    return ms
 
 
 def _maxerr(got, want) -> float:
@@ -203,8 +264,12 @@ def _relerr(got, want) -> float:
     return _maxerr(got, want) / max(float(want.double().abs().max()), 1e-300)
 
 
+def _dtname(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 # ----------------------------------------------------------------------------------------------
-# peers (None when not importable)
+# peers
 
 
 def _peer(module: str, attr: str):
@@ -215,30 +280,26 @@ def _peer(module: str, attr: str):
         return e
 
 
-def liger_ce():
-    return _peer("liger_kernel.ops.cross_entropy", "LigerCrossEntropyFunction")
+PEER_ENTRIES = {
+    "liger-kernel CE": ("liger_kernel.ops.cross_entropy", "LigerCrossEntropyFunction"),
+    "liger-kernel softmax": ("liger_kernel.ops.softmax", "LigerSoftmaxFunction"),
+    "liger-kernel FLCE": ("liger_kernel.ops.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction"),
+    "cut-cross-entropy": ("cut_cross_entropy", "linear_cross_entropy"),
+    "quack CE": ("quack.cross_entropy", "cross_entropy"),
+    "quack softmax": ("quack.softmax", "softmax"),
+    "quack linear CE": ("quack.linear_cross_entropy", "chunked_linear_cross_entropy"),
+}
 
 
-def liger_softmax():
-    return _peer("liger_kernel.ops.softmax", "LigerSoftmaxFunction")
-
-
-def liger_flce():
-    return _peer("liger_kernel.ops.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyFunction")
-
-
-def cce_fn():
-    return _peer("cut_cross_entropy", "linear_cross_entropy")
-
-
-def peer_or_row(ctx: "Ctx", workload: str, impl: str, peer):
-    """``peer`` if usable; otherwise a table row saying why not (on a GPU) and ``None``."""
-    if not ctx.cuda:
-        return None  # the peers' kernels need CUDA; the CPU smoke test leaves them out
+def peer_or_row(ctx: Ctx, workload: str, impl: str, entry: str):
+    """The peer's entry point if it can run here; otherwise a row saying why not and ``None``."""
+    peer = _peer(*PEER_ENTRIES[entry])
     if isinstance(peer, Exception):
         msg = f"{type(peer).__name__}: {peer}".replace("|", "/").replace("\n", " ")[:100]
-        ctx.rows.append(((ctx.workload, DISPLAY.index(ctx.phase), len(ctx.rows)),
-                         [workload, impl, f"not importable ({msg})", "", "", "", ""]))
+        ctx.add(workload, impl, f"not installed ({msg})")
+        return None
+    if not ctx.cuda:
+        ctx.add(workload, impl, "skipped (needs CUDA: dry run)")
         return None
     return peer
 
@@ -247,16 +308,22 @@ def _first(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
-def _compile(fn):
-    return torch.compile(fn, dynamic=False)
+def _compile(ctx: Ctx, fn):
+    # The dry run traces with dynamo but skips inductor's code generation (minutes on 2 CPUs).
+    return torch.compile(fn, dynamic=False, backend="inductor" if ctx.cuda else "eager")
+
+
+def _compile_name(ctx: Ctx) -> str:
+    return "torch.compile" if ctx.cuda else "torch.compile [backend=eager: dry run]"
 
 
 # ----------------------------------------------------------------------------------------------
 # workloads
 
 
-def ce_workload(ctx: Ctx, N: int, V: int, dtype: torch.dtype) -> None:
-    name = f"CE fwd+bwd {N}x{V} {str(dtype).replace('torch.', '')}"
+def ce_workload(ctx: Ctx, N: int, V: int, dtype: torch.dtype, sweep_key=None) -> None:
+    """CE forward+backward. ``sweep_key`` (a V bucket): only the configuration sweep rows."""
+    name = f"CE fwd+bwd {N}x{V} {_dtname(dtype)}"
     print(name, file=sys.stderr)
     g = torch.Generator(device=ctx.dev).manual_seed(0)
     x0 = (torch.randn(N, V, device=ctx.dev, generator=g) * 2).to(dtype)
@@ -287,44 +354,52 @@ def ce_workload(ctx: Ctx, N: int, V: int, dtype: torch.dtype) -> None:
         ce, m, r, grad = tk.ce_forward_backward(x, y, scale, scale)
         return ce.sum() / N, grad
 
-    def eager(f=lambda a, b: F.cross_entropy(a, b)):
-        xr = x.detach().requires_grad_()
-        loss = f(xr, y)
-        (grad,) = torch.autograd.grad(loss, xr)
-        return loss.detach(), grad
+    def autograd(f):
+        def run():
+            xr = x.detach().requires_grad_()
+            loss = f(xr, y)
+            (grad,) = torch.autograd.grad(loss, xr)
+            return loss.detach(), grad
+        return run
 
-    if ctx.phase == "main":
+    if sweep_key is not None:
+        for label, c in candidates("ce", dtype, sweep_key):
+            with env_set(cfg_env(c)):
+                x.copy_(x0)
+                cell(ctx, name, f"logitkit in place {label}", lk_inplace, nbytes=nbytes,
+                     check=check_with(lk_inplace), record=("ce", _dtname(dtype), sweep_key, c))
+    elif ctx.phase == "main":
         x.copy_(x0)
         cell(ctx, name, "logitkit (in place)", lk_inplace, nbytes=nbytes, check=check_with(lk_inplace))
         x.copy_(x0)
         cell(ctx, name, "logitkit (new grad)", lk_new, nbytes=nbytes, check=check_with(lk_new))
         x.copy_(x0)
+        eager = autograd(lambda a, b: F.cross_entropy(a, b))
         cell(ctx, name, "torch eager", eager, nbytes=nbytes, check=check_with(eager))
-        L = peer_or_row(ctx, name, "liger-kernel", liger_ce())
+        L = peer_or_row(ctx, name, "liger-kernel", "liger-kernel CE")
         if L is not None:
-            def liger():
-                xr = x.detach().requires_grad_()
-                loss = _first(L.apply(xr, y, None))  # the gradient is written into x in forward
-                (grad,) = torch.autograd.grad(loss, xr)
-                return loss.detach(), grad
+            lg = autograd(lambda a, b: _first(L.apply(a, b, None)))  # the gradient is written into x in forward
             x.copy_(x0)
-            cell(ctx, name, "liger-kernel", liger, nbytes=nbytes, check=check_with(liger))
+            cell(ctx, name, "liger-kernel", lg, nbytes=nbytes, check=check_with(lg))
+        Q = peer_or_row(ctx, name, "quack", "quack CE")
+        if Q is not None:
+            qk = autograd(lambda a, b: Q(a, b, inplace_backward=True))
+            x.copy_(x0)
+            cell(ctx, name, "quack (inplace_backward)", qk, nbytes=nbytes, check=check_with(qk))
     elif ctx.phase == "compile":
-        cf = _compile(lambda a, b: F.cross_entropy(a, b))
+        run = autograd(_compile(ctx, lambda a, b: F.cross_entropy(a, b)))
         x.copy_(x0)
-        run = lambda: eager(cf)  # noqa: E731
-        cell(ctx, name, "torch.compile", run, nbytes=nbytes, check=check_with(run))
-    else:
-        for label, env in sweep_envs(x0.element_size()):
-            with env_set(env):
-                x.copy_(x0)
-                cell(ctx, name, f"logitkit in place {label}", lk_inplace, nbytes=nbytes,
-                     check=check_with(lk_inplace))
+        cell(ctx, name, _compile_name(ctx), run, nbytes=nbytes, check=check_with(run))
     del x, x0
 
 
-def softmax_workload(ctx: Ctx, N: int, V: int, dtype: torch.dtype, backward: bool) -> None:
-    name = f"softmax {'fwd+bwd' if backward else 'fwd'} {N}x{V} {str(dtype).replace('torch.', '')}"
+def softmax_workload(ctx: Ctx, N: int, V: int, dtype: torch.dtype, backward: bool, sweep_key=None) -> None:
+    """Softmax forward (``backward=False``) or forward+backward; ``sweep_key``: the sweep rows
+    (forward alone, and the backward kernel alone)."""
+    what = "fwd+bwd" if backward else "fwd"
+    if sweep_key is not None:
+        what = "bwd" if backward else "fwd"
+    name = f"softmax {what} {N}x{V} {_dtname(dtype)}"
     print(name, file=sys.stderr)
     g = torch.Generator(device=ctx.dev).manual_seed(1)
     x = (torch.randn(N, V, device=ctx.dev, generator=g) * 2).to(dtype)
@@ -346,6 +421,24 @@ def softmax_workload(ctx: Ctx, N: int, V: int, dtype: torch.dtype, backward: boo
         y = tk.softmax_forward(x)
         return tk.softmax_backward(y, dy, out=y) if backward else y
 
+    if sweep_key is not None:
+        if backward:  # the backward kernel alone: reads y and dy, writes dx
+            y0 = tk.softmax_forward(x)
+            nb = 3 * N * V * s
+            run = lambda: tk.softmax_backward(y0, dy)  # noqa: E731
+            for label, c in candidates("softmax_bwd", dtype, sweep_key):
+                with env_set(cfg_env(c)):
+                    cell(ctx, name, f"logitkit {label}", run, nbytes=nb, check=check_with(run),
+                         record=("softmax_bwd", _dtname(dtype), sweep_key, c))
+            del y0
+        else:
+            for label, c in candidates("softmax", dtype, sweep_key):
+                with env_set(cfg_env(c)):
+                    cell(ctx, name, f"logitkit {label}", lk, nbytes=nbytes, check=check_with(lk),
+                         record=("softmax", _dtname(dtype), sweep_key, c))
+        del x, dy
+        return
+
     def torch_fn(f):
         def run():
             if not backward:
@@ -366,143 +459,368 @@ def softmax_workload(ctx: Ctx, N: int, V: int, dtype: torch.dtype, backward: boo
             del xi
         eager = torch_fn(lambda a: torch.softmax(a, -1))
         cell(ctx, name, "torch eager", eager, nbytes=nbytes, check=check_with(eager))
-        L = peer_or_row(ctx, name, "liger-kernel", liger_softmax())
+        L = peer_or_row(ctx, name, "liger-kernel", "liger-kernel softmax")
         if L is not None:
             lg = torch_fn(lambda a: L.apply(a))
             cell(ctx, name, "liger-kernel", lg, nbytes=nbytes, check=check_with(lg))
+        Q = peer_or_row(ctx, name, "quack", "quack softmax")
+        if Q is not None:
+            qk = torch_fn(Q)
+            cell(ctx, name, "quack", qk, nbytes=nbytes, check=check_with(qk))
     elif ctx.phase == "compile":
-        comp = torch_fn(_compile(lambda a: torch.softmax(a, -1)))
-        cell(ctx, name, "torch.compile", comp, nbytes=nbytes, check=check_with(comp))
-    elif not backward:  # fwd+bwd runs the same kernels: the forward sweep covers it
-        for label, env in sweep_envs(s):
-            with env_set(env):
-                cell(ctx, name, f"logitkit {label}", lk, nbytes=nbytes, check=check_with(lk))
+        comp = torch_fn(_compile(ctx, lambda a: torch.softmax(a, -1)))
+        cell(ctx, name, _compile_name(ctx), comp, nbytes=nbytes, check=check_with(comp))
     del x, dy
 
 
-def linear_ce_workload(ctx: Ctx, N: int, H: int, V: int, dtype: torch.dtype) -> None:
-    name = f"linear CE fwd+bwd N={N} H={H} V={V} {str(dtype).replace('torch.', '')}"
+def _linear_refs(ctx, h, W, th, tW, y, k, n_valid):
+    """float64 references, chunked: the mean loss, dW of it over all rows, dh for the first k rows,
+    and per token the label's log-probability, the entropy and KL(teacher || student)."""
+    N, V, H = h.shape[0], W.shape[0], h.shape[1]
+    h64, W64, th64, tW64 = h.double(), W.double(), th.double(), tW.double()
+    loss_ref = torch.zeros((), dtype=torch.float64, device=ctx.dev)
+    dW_ref = torch.zeros(V, H, dtype=torch.float64, device=ctx.dev)
+    lp_ref = torch.zeros(N, dtype=torch.float64, device=ctx.dev)
+    ent_ref = torch.zeros_like(lp_ref)
+    kl_ref = torch.zeros_like(lp_ref)
+    for i in range(0, N, 1024):
+        sl = slice(i, i + 1024)
+        z = h64[sl] @ W64.T
+        ls = torch.log_softmax(z, -1)
+        yy = y[sl]
+        ok = yy != -100
+        lab = torch.where(ok, yy, 0)
+        lp = ls.gather(1, lab[:, None])[:, 0]
+        lp_ref[sl] = torch.where(ok, lp, 0.0)
+        ent_ref[sl] = torch.where(ok, -(ls.exp() * ls).sum(-1), 0.0)
+        lq = torch.log_softmax(th64[sl] @ tW64.T, -1)
+        kl_ref[sl] = torch.where(ok, (lq.exp() * (lq - ls)).sum(-1), 0.0)
+        loss_ref -= lp_ref[sl].sum()
+        dz = ls.exp_()
+        dz[torch.arange(dz.shape[0], device=ctx.dev), lab] -= 1
+        dz *= ok[:, None] / n_valid
+        if i == 0:
+            dh_ref = dz[:k] @ W64
+        dW_ref += dz.T @ h64[sl]
+        del z, ls, lq, dz
+    loss_ref /= n_valid
+    return loss_ref, dW_ref, dh_ref, lp_ref, ent_ref, kl_ref
+
+
+def linear_workload(ctx: Ctx, N: int, H: int, V: int, dtype: torch.dtype) -> None:
+    """The fused head, forward + backward, against the three GEMMs it cannot avoid."""
+    import logitkit.torch as lt
+
+    name = f"linear head fwd+bwd N={N} H={H} V={V} {_dtname(dtype)}"
     print(name, file=sys.stderr)
     g = torch.Generator(device=ctx.dev).manual_seed(2)
     h = torch.randn(N, H, device=ctx.dev, generator=g).to(dtype)
     W = (torch.randn(V, H, device=ctx.dev, generator=g) * (2.0 / math.sqrt(H))).to(dtype)
     y = torch.randint(0, V, (N,), device=ctx.dev, generator=g)
+    y[::13] = -100
+    # a teacher head near the student (distillation), and per-token advantages (RL)
+    th = (h.float() + 0.3 * torch.randn(N, H, device=ctx.dev, generator=g)).to(dtype)
+    tW = (W.float() + 0.3 * (2.0 / math.sqrt(H)) * torch.randn(V, H, device=ctx.dev, generator=g)).to(dtype)
+    adv = torch.randn(N, device=ctx.dev, generator=g)
     k = min(64, N)
     flops = 6 * N * H * V
-    # float32 references: loss, dW over all rows (chunked), dh for the first k rows
-    hf, Wf = h.float(), W.float()
-    old_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    loss_ref = torch.zeros((), dtype=torch.float64, device=ctx.dev)
-    dW_ref = torch.zeros(V, H, device=ctx.dev)
-    for i in range(0, N, 1024):
-        z = hf[i:i + 1024] @ Wf.T
-        loss_ref += F.cross_entropy(z, y[i:i + 1024], reduction="sum").double()
-        dz = torch.softmax(z, -1)
-        dz[torch.arange(dz.shape[0], device=ctx.dev), y[i:i + 1024]] -= 1
-        if i == 0:
-            dh_ref = (dz[:k] @ Wf) / N
-        dW_ref += dz.T @ hf[i:i + 1024] / N
-        del z, dz
-    loss_ref /= N
-    torch.backends.cuda.matmul.allow_tf32 = old_tf32
-    del hf, Wf
-    scale = torch.full((1,), 1.0 / N, device=ctx.dev)
+    n_valid = int((y != -100).sum())
 
-    def check_with(fn):
-        def check():
-            loss, dh, dW = fn()
-            return (f"loss {abs(float(loss) - float(loss_ref)):.1e}, dh {_relerr(dh[:k], dh_ref):.1e}, "
-                    f"dW {_relerr(dW, dW_ref):.1e}")
-        return check
-
-    def lk():
-        ce, m, r = tk.linear_ce_forward(h, W, y)
-        dh, dW, _db, _skipped = tk.linear_ce_backward(h, W, y, m, r, scale, scale)
-        return ce.sum() / N, dh, dW
-
-    def autograd_fn(f):
-        def run():
-            hr, Wr = h.detach().requires_grad_(), W.detach().requires_grad_()
-            loss = f(hr, Wr)
-            dh, dW = torch.autograd.grad(loss, (hr, Wr))
-            return loss.detach(), dh, dW
-        return run
-
-    def torch_lce(a, b):
-        return F.cross_entropy((a @ b.T).float(), y)
+    if name not in ctx.refs:
+        ctx.refs[name] = _linear_refs(ctx, h, W, th, tW, y, k, n_valid)
+    loss_ref, dW_ref, dh_ref, lp_ref, ent_ref, kl_ref = ctx.refs[name]
 
     if ctx.phase == "main":
-        cell(ctx, name, "logitkit", lk, flops=flops, check=check_with(lk), iters=5)
-        eager = autograd_fn(torch_lce)
-        cell(ctx, name, "torch eager", eager, flops=flops, check=check_with(eager), iters=5)
-        L = peer_or_row(ctx, name, "liger-kernel", liger_flce())
+        # the physical floor: logits, dh and dW as three cuBLAS GEMMs in the input dtype
+        dz_buf = torch.randn(N, V, device=ctx.dev, generator=g).to(dtype)
+
+        def gemms():
+            torch.matmul(h, W.T)
+            torch.matmul(dz_buf, W)
+            return torch.matmul(dz_buf.T, h)
+
+        ctx.gemm_ms[name] = cell(ctx, name, "3 GEMMs alone (cuBLAS, torch.matmul): the floor", gemms,
+                                 flops=flops, iters=5)
+        del dz_buf
+    gemm_ms = ctx.gemm_ms.get(name)
+
+    def e_loss(loss, dh, dW):
+        return (f"loss {abs(float(loss) - float(loss_ref)):.1e}, dh {_relerr(dh[:k], dh_ref):.1e}, "
+                f"dW {_relerr(dW, dW_ref):.1e}")
+
+    def autograd(f):
+        def run():
+            hr, Wr = h.detach().requires_grad_(), W.detach().requires_grad_()
+            out = f(hr, Wr)
+            obj = out[0] if isinstance(out, tuple) else out
+            dh, dW = torch.autograd.grad(obj, (hr, Wr))
+            return (out if isinstance(out, tuple) else (out,)), dh, dW
+        return run
+
+    def loss_check(run):
+        def check():
+            (loss, *_), dh, dW = run()
+            return e_loss(loss, dh, dW)
+        return check
+
+    def lpent_check(run):
+        def check():
+            (_, lp, ent), _, _ = run()
+            return f"logprobs {_relerr(lp, lp_ref):.1e}, entropy {_relerr(ent, ent_ref):.1e}"
+        return check
+
+    def kl_check(run):
+        def check():
+            (_, kl), _, _ = run()
+            return f"kl {_relerr(kl, kl_ref):.1e}"
+        return check
+
+    # the three objectives, eager (materialized float32 logits) and through logitkit.torch
+    def eager_loss(a, b):
+        return F.cross_entropy((a @ b.T).float(), y)
+
+    def eager_lpent(a, b):
+        ls = torch.log_softmax((a @ b.T).float(), -1)
+        ok = y != -100
+        lp = torch.where(ok, ls.gather(1, torch.where(ok, y, 0)[:, None])[:, 0], 0.0)
+        ent = torch.where(ok, -(ls.exp() * ls).sum(-1), 0.0)
+        return ((lp * adv).sum() + 0.01 * ent.sum()) / n_valid, lp, ent
+
+    def eager_kl(a, b):
+        ls = torch.log_softmax((a @ b.T).float(), -1)
+        with torch.no_grad():
+            lq = torch.log_softmax((th @ tW.T).float(), -1)
+        kl = torch.where(y != -100, (lq.exp() * (lq - ls)).sum(-1), 0.0)
+        return kl.sum() / n_valid, kl
+
+    def lk_loss(a, b):
+        return lt.linear_head(a, b, y, outputs=("loss",)).loss
+
+    def lk_lpent(a, b):
+        o = lt.linear_head(a, b, y, outputs=("logprobs", "entropy"))
+        return ((o.logprobs.float() * adv).sum() + 0.01 * o.entropy.float().sum()) / n_valid, o.logprobs, o.entropy
+
+    def lk_kl(a, b):
+        o = lt.linear_head(a, b, y, outputs=("kl",), teacher_hidden=th, teacher_weight=tW)
+        return o.kl.float().sum() / n_valid, o.kl
+
+    kw = dict(flops=flops, gemm_ms=gemm_ms, iters=5)
+    scale = torch.full((1,), 1.0 / n_valid, device=ctx.dev)
+    if ctx.phase == "main":
+        def kernels():
+            ce, m, r = tk.linear_ce_forward(h, W, y)
+            dh, dW, _db, _skipped = tk.linear_ce_backward(h, W, y, m, r, scale, scale)
+            return (ce.sum() / n_valid,), dh, dW
+        cell(ctx, name, "logitkit Triton kernels (loss)", kernels, check=loss_check(kernels), **kw)
+        run = autograd(lambda a, b: lt.linear_cross_entropy(a, b, y))
+        cell(ctx, name, "logitkit.torch.linear_cross_entropy (loss)", run, check=loss_check(run), **kw)
+        for label, fn, chk in (("loss", lk_loss, loss_check), ("logprobs+entropy", lk_lpent, lpent_check),
+                               ("kl, teacher head", lk_kl, kl_check)):
+            run = autograd(fn)
+            cell(ctx, name, f"logitkit.torch.linear_head ({label})", run, check=chk(run), **kw)
+        for label, fn, chk in (("loss", eager_loss, loss_check), ("logprobs+entropy", eager_lpent, lpent_check),
+                               ("kl, teacher head", eager_kl, kl_check)):
+            run = autograd(fn)
+            cell(ctx, name, f"torch eager ({label})", run, check=chk(run), **kw)
+        L = peer_or_row(ctx, name, "liger-kernel (loss)", "liger-kernel FLCE")
         if L is not None:
-            lg = autograd_fn(lambda a, b: _first(L.apply(a, b, y)))
-            cell(ctx, name, "liger-kernel", lg, flops=flops, check=check_with(lg), iters=5)
-        C = peer_or_row(ctx, name, "cut-cross-entropy", cce_fn())
+            run = autograd(lambda a, b: _first(L.apply(a, b, y)))
+            cell(ctx, name, "liger-kernel (loss)", run, check=loss_check(run), **kw)
+        C = peer_or_row(ctx, name, "cut-cross-entropy (loss)", "cut-cross-entropy")
         if C is not None:
-            cc = autograd_fn(lambda a, b: C(a, b, y))
-            cell(ctx, name, "cut-cross-entropy (default filter)", cc, flops=flops, check=check_with(cc),
-                 iters=5)
-            ce_exact = autograd_fn(lambda a, b: C(a, b, y, filter_eps=None))
-            cell(ctx, name, "cut-cross-entropy (filter_eps=None)", ce_exact, flops=flops,
-                 check=check_with(ce_exact), iters=5)
+            run = autograd(lambda a, b: C(a, b, y))
+            cell(ctx, name, "cut-cross-entropy (loss, default filter)", run, check=loss_check(run), **kw)
+            run = autograd(lambda a, b: C(a, b, y, filter_eps=None))
+            cell(ctx, name, "cut-cross-entropy (loss, filter_eps=None)", run, check=loss_check(run), **kw)
+        Q = peer_or_row(ctx, name, "quack (loss)", "quack linear CE")
+        if Q is not None:
+            run = autograd(lambda a, b: Q(a, b, y))
+            cell(ctx, name, "quack chunked_linear_cross_entropy (loss)", run, check=loss_check(run), **kw)
     elif ctx.phase == "compile":
-        comp = autograd_fn(_compile(torch_lce))
-        cell(ctx, name, "torch.compile", comp, flops=flops, check=check_with(comp), iters=5)
+        for label, fn, chk in (("loss", eager_loss, loss_check), ("logprobs+entropy", eager_lpent, lpent_check),
+                               ("kl, teacher head", eager_kl, kl_check)):
+            run = autograd(_compile(ctx, fn))
+            cell(ctx, name, f"{_compile_name(ctx)} ({label})", run, check=chk(run), **kw)
     else:
-        def lk_filter():  # CCE-style skipping of tiles whose softmax is below float32 epsilon
+        def filtered():  # CCE-style skipping of tiles whose softmax is below float32 epsilon
             ce, m, r = tk.linear_ce_forward(h, W, y)
             dh, dW, _db, _skipped = tk.linear_ce_backward(h, W, y, m, r, scale, scale, filter_eps=2.0**-24)
-            return ce.sum() / N, dh, dW
-        cell(ctx, name, "logitkit [filter_eps=2**-24]", lk_filter, flops=flops, check=check_with(lk_filter),
-             iters=5)
-    del h, W, dW_ref
+            return (ce.sum() / n_valid,), dh, dW
+        cell(ctx, name, "logitkit Triton kernels [filter_eps=2**-24]", filtered, check=loss_check(filtered), **kw)
+    del h, W, th, tW
+
+
+def labels_workload(ctx: Ctx, N: int, V: int) -> None:
+    """The deferred bad-label check's host cost: 100 launch-bound ce_forward calls, on vs off."""
+    if ctx.phase != "main":
+        return
+    calls = 100 if ctx.cuda else 3  # the interpreter spends ~0.1 s on a call whatever the check does
+    name = f"label check: {calls} x ce_forward {N}x{V} float32"
+    print(name, file=sys.stderr)
+    x = torch.randn(N, V, device=ctx.dev)
+    y = torch.randint(0, V, (N,), device=ctx.dev)
+
+    def run():
+        for _ in range(calls):
+            out = tk.ce_forward(x, y)
+        return out
+
+    on = cell(ctx, name, "deferred check on (default)", run)
+    with tk.deferred_label_check(False):
+        off = cell(ctx, name, "deferred check off", run)
+    if not (math.isnan(on) or math.isnan(off)):
+        ctx.rows[-1][1][-1] = f"on costs {(on - off) * 1e3 / calls:+.1f} µs per call"
+    tk.check_labels(ctx.dev)  # good labels: nothing to raise
 
 
 # ----------------------------------------------------------------------------------------------
+# output
+
+
+def card_slug(name: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"h100"``: the model number, else the name in lower case."""
+    m = re.search(r"\b([A-Za-z]{1,2}\d{2,4}[A-Za-z]?)\b", name.replace("NVIDIA", ""))
+    return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")).lower()
+
+
+def versions() -> str:
+    import triton
+
+    out = [f"torch {torch.__version__}", f"triton {triton.__version__}"]
+    for p in PEERS:
+        try:
+            out.append(f"{p} {importlib.metadata.version(p)}")
+        except importlib.metadata.PackageNotFoundError:
+            out.append(f"{p} not installed")
+    return ", ".join(out)
+
+
+def render(ctx: Ctx, dev_name: str) -> str:
+    lines = [
+        f"**{dev_name}**, {datetime.date.today().isoformat()}, {versions()}; device-to-device copy "
+        f"{ctx.copy_bw / 1e12:.2f} TB/s ({ctx.copy_bw / 1e9:.1f} GB/s; 1 read + 1 write); "
+        f"total run {time.perf_counter() - ctx.t0:.0f} s",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    lines += ["| " + " | ".join(r) + " |" for _, r in sorted(ctx.rows, key=lambda kr: kr[0])]
+    return "\n".join(lines) + "\n"
+
+
+def write_configs(ctx: Ctx, path: str, dev_name: str, results: str) -> None:
+    """Merge the sweep's winners into the configuration table at ``path``."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        with open(_configs.PATH) as f:
+            doc = json.load(f)
+    entries = {(e["op"], e["dtype"], int(e["V"])): e for e in doc["entries"]}
+    today = datetime.date.today().isoformat()
+    for (op, dt, V), (ms, c, pct) in ctx.winners.items():
+        e = dict(op=op, dtype=dt, V=V, **c)
+        if ctx.cuda:
+            e.update(source="measured", card=dev_name, date=today, ms=round(ms, 3), pct_copy=round(pct), run=results)
+        else:  # the interpreter's times say nothing about a GPU
+            e.update(source="dry run (Triton interpreter on the CPU): not a measurement", date=today, run=results)
+        entries[(op, dt, V)] = e
+    order = {o: i for i, o in enumerate(_configs.OPS)}
+    dorder = {d: i for i, d in enumerate(_configs.DTYPES)}
+    doc["entries"] = [entries[k] for k in sorted(entries, key=lambda k: (order.get(k[0], 9), dorder.get(k[1], 9), k[2]))]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
+    ap.add_argument("--quick", action="store_true", help="small shapes (smoke test; tiny on --device cpu)")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (needs TRITON_INTERPRET=1)")
     ap.add_argument("--budget", type=float, default=255.0,
                     help="seconds after which no new cell starts (default 255: the run ends within 5 min)")
     ap.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
     ap.add_argument("--no-tune", dest="tune", action="store_false",
-                    help="leave out the logitkit configuration sweep rows (BLOCK, warps, persistence)")
-    ap.add_argument("--only", default="", help="comma list among ce,softmax,linear")
+                    help="leave out the configuration sweep rows at the main shape (and the filter_eps row)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="sweep at V = 32000, 128256, 262144 too and write the winners to --configs")
+    ap.add_argument("--configs", default=None,
+                    help="configuration table to write with --sweep (default: the package's configs.json on "
+                         "a GPU; required with --device cpu)")
+    ap.add_argument("--only", default="", help="comma list among ce,softmax,linear,labels")
+    ap.add_argument("--dtypes", default="bfloat16,float32", help="CE / softmax dtypes (comma list)")
+    ap.add_argument("--out", default=None,
+                    help="where to write the table (default on a GPU: benchmarks/results/gpu-<card>-<date>.md)")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failing cells")
     args = ap.parse_args(argv)
     ctx = Ctx(args)
     if ctx.cuda and not torch.cuda.is_available():
-        print("no CUDA device: use --device cpu with TRITON_INTERPRET=1 for a smoke test", file=sys.stderr)
+        print("no CUDA device: use --device cpu with TRITON_INTERPRET=1 for a dry run", file=sys.stderr)
         return 2
     if not ctx.cuda and os.environ.get("TRITON_INTERPRET") != "1":
         print("--device cpu runs the Triton interpreter: set TRITON_INTERPRET=1", file=sys.stderr)
         return 2
-    torch.backends.cuda.matmul.allow_tf32 = False
-    only = set(filter(None, args.only.split(","))) or {"ce", "softmax", "linear"}
-    if args.quick:
-        ce_shape, lin_shape = (64, 20000), (64, 64, 1000)
-    else:
-        ce_shape, lin_shape = (16384, 128256), (8192, 4096, 128256)
+    if args.sweep and not ctx.cuda and not args.configs:
+        print("--sweep on the CPU needs --configs (the interpreter's times must not enter the package table)",
+              file=sys.stderr)
+        return 2
+    if ctx.cuda:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    only = set(filter(None, args.only.split(","))) or {"ce", "softmax", "linear", "labels"}
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",") if d]
+    if not args.quick:
+        ce_shape = (16384, 128256)
+        lin_shapes = [((8192, 4096, 128256), torch.bfloat16), ((4096, 1024, 32000), torch.float32)]
+        sweep_shapes = {V: (max(1, round(16384 * 128256 / V)), V) for V in _configs.BUCKETS}
+        lab_shape = (64, 1000)
+    elif ctx.cuda:
+        ce_shape = (1024, 32000)
+        lin_shapes = [((512, 256, 32000), torch.bfloat16), ((512, 256, 32000), torch.float32)]
+        sweep_shapes = {V: (256, V) for V in _configs.BUCKETS}
+        lab_shape = (64, 1000)
+    else:  # the interpreter runs a program at a time in NumPy: tiny shapes, one block and several
+        ce_shape = (8, 1000)
+        lin_shapes = [((8, 16, 300), torch.bfloat16), ((8, 16, 300), torch.float32)]
+        sweep_shapes = dict(zip(_configs.BUCKETS, ((4, 300), (4, 1000), (4, 3000))))
+        lab_shape = (4, 100)
 
     measure_copy(ctx)
-    workloads = []
+    workloads = []  # (kind, fn), in table order
     if "ce" in only:
-        workloads += [lambda dt=dt: ce_workload(ctx, *ce_shape, dt) for dt in (torch.bfloat16, torch.float32)]
+        workloads += [("ce", lambda dt=dt: ce_workload(ctx, *ce_shape, dt)) for dt in dtypes]
     if "softmax" in only:
-        workloads += [lambda dt=dt, b=b: softmax_workload(ctx, *ce_shape, dt, b)
-                      for b in (False, True) for dt in (torch.bfloat16, torch.float32)]
+        workloads += [("softmax", lambda dt=dt, b=b: softmax_workload(ctx, *ce_shape, dt, b))
+                      for b in (False, True) for dt in dtypes]
     if "linear" in only:
-        workloads += [lambda: linear_ce_workload(ctx, *lin_shape, torch.bfloat16)]
-    phases = [p for p in PHASES if (p != "compile" or not args.no_compile) and (p != "tune" or args.tune)]
-    for phase in phases:
+        workloads += [("linear", lambda s=s, dt=dt: linear_workload(ctx, *s, dt)) for s, dt in lin_shapes]
+    if "labels" in only:
+        workloads += [("labels", lambda: labels_workload(ctx, *lab_shape))]
+    # The sweep: at the main shape's V bucket; with --sweep at every bucket, 128256 first.
+    sweep = []
+    if args.sweep:
+        plan = [(V, sweep_shapes[V]) for V in (128256,) + tuple(b for b in _configs.BUCKETS if b != 128256)]
+    elif args.tune:
+        plan = [(_configs.bucket(ce_shape[1]), ce_shape)]
+    else:
+        plan = []
+    for V, (N_, V_) in plan:
+        if "ce" in only:
+            sweep += [lambda dt=dt, N_=N_, V_=V_, V=V: ce_workload(ctx, N_, V_, dt, sweep_key=V) for dt in dtypes]
+        if "softmax" in only:
+            sweep += [lambda dt=dt, b=b, N_=N_, V_=V_, V=V: softmax_workload(ctx, N_, V_, dt, b, sweep_key=V)
+                      for b in (False, True) for dt in dtypes]
+    for phase in PHASES:
+        if phase == "compile" and args.no_compile:
+            continue
         ctx.phase = phase
-        for i, run in enumerate(workloads):
+        if phase == "tune":
+            # the linear workloads' filter_eps rows, then the configuration sweep
+            todo = [(i, fn) for i, (kind, fn) in enumerate(workloads) if kind == "linear" and args.tune]
+            todo += [(len(workloads) + i, fn) for i, fn in enumerate(sweep)]
+        else:
+            todo = [(i, fn) for i, (kind, fn) in enumerate(workloads)]
+        for i, run in todo:
             if ctx.over_budget():
                 break
             ctx.workload = i
@@ -511,24 +829,33 @@ def main(argv=None) -> int:
             if ctx.cuda:
                 torch.cuda.empty_cache()
 
-    import triton
-    dev_name = torch.cuda.get_device_name(ctx.dev) if ctx.cuda else "CPU (Triton interpreter)"
-    lines = [
-        f"**{dev_name}**, {datetime.date.today().isoformat()}, torch {torch.__version__}, "
-        f"triton {triton.__version__}; device-to-device copy {ctx.copy_bw / 1e12:.2f} TB/s "
-        f"(1 read + 1 write); total run {time.perf_counter() - ctx.t0:.0f} s",
-        "",
-        "| workload | impl | time (ms, median) | effective rate | % of copy BW | peak MiB beyond inputs | error vs reference |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
-    ]
-    lines += ["| " + " | ".join(r) + " |" for _, r in sorted(ctx.rows, key=lambda kr: kr[0])]
-    text = "\n".join(lines)
-    print(text)
-    out = os.environ.get("OUT")
+    dev_name = torch.cuda.get_device_name(ctx.dev) if ctx.cuda else "CPU (Triton interpreter, dry run)"
+    today = datetime.date.today().isoformat()
+    out = args.out
+    if out is None and ctx.cuda:
+        out = os.path.join(HERE, "results", f"gpu-{card_slug(dev_name)}-{today}.md")
+    text = render(ctx, dev_name)
+    print(text, end="")
+    results_rel = os.path.relpath(os.path.abspath(out), ROOT) if out else "(not written)"
     if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "gpu.md"), "w") as f:
-            f.write(text + "\n")
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(text)
+        print(f"wrote {out}", file=sys.stderr)
+    configs = None
+    if args.sweep and ctx.winners:
+        configs = args.configs or _configs.PATH
+        write_configs(ctx, configs, dev_name, results_rel)
+        print(f"wrote {configs} ({len(ctx.winners)} winners)", file=sys.stderr)
+    dest = os.environ.get("OUT")
+    if dest:  # the device tool brings back only what is under $OUT
+        os.makedirs(dest, exist_ok=True)
+        with open(os.path.join(dest, "gpu.md"), "w") as f:
+            f.write(text)
+        if out:
+            shutil.copy(out, os.path.join(dest, os.path.basename(out)))
+        if configs:
+            shutil.copy(configs, os.path.join(dest, "configs.json"))
     return 0
 
 
