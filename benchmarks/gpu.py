@@ -50,6 +50,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -104,6 +105,15 @@ def cfg_env(c: dict) -> dict:
     return {"LOGITKIT_TRITON_BLOCK": str(c["block"]), "LOGITKIT_TRITON_WARPS": str(c["warps"]),
             "LOGITKIT_TRITON_PERSIST": str(c["per_sm"]), "LOGITKIT_TRITON_PREFETCH": str(int(c["prefetch"])),
             "LOGITKIT_TRITON_HINTS": str(int(c["hints"]))}
+
+
+class Stop(BaseException):
+    """Raised by SIGTERM (``timeout`` in gpu_setup.sh): stop measuring, still write the table.
+    A BaseException, so that a cell's ``except Exception`` does not swallow it."""
+
+
+def _on_term(signum, frame):
+    raise Stop()
 
 
 class env_set:
@@ -785,6 +795,7 @@ def main(argv=None) -> int:
         sweep_shapes = dict(zip(_configs.BUCKETS, ((4, 300), (4, 1000), (4, 3000))))
         lab_shape = (4, 100)
 
+    signal.signal(signal.SIGTERM, _on_term)
     measure_copy(ctx)
     workloads = []  # (kind, fn), in table order
     if "ce" in only:
@@ -820,14 +831,19 @@ def main(argv=None) -> int:
             todo += [(len(workloads) + i, fn) for i, fn in enumerate(sweep)]
         else:
             todo = [(i, fn) for i, (kind, fn) in enumerate(workloads)]
-        for i, run in todo:
-            if ctx.over_budget():
-                break
-            ctx.workload = i
-            print(f"[{phase}]", end=" ", file=sys.stderr)
-            run()
-            if ctx.cuda:
-                torch.cuda.empty_cache()
+        try:
+            for i, run in todo:
+                if ctx.over_budget():
+                    break
+                ctx.workload = i
+                print(f"[{phase}]", end=" ", file=sys.stderr)
+                run()
+                if ctx.cuda:
+                    torch.cuda.empty_cache()
+        except Stop:
+            ctx.add(f"(run stopped by SIGTERM during the {phase} phase)", "", "")
+            print("SIGTERM: writing the rows measured so far", file=sys.stderr)
+            break
 
     dev_name = torch.cuda.get_device_name(ctx.dev) if ctx.cuda else "CPU (Triton interpreter, dry run)"
     today = datetime.date.today().isoformat()
