@@ -38,8 +38,11 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/python -m logitkit demo
 	$(BIN)/python -m logitkit.transformers.demo
 
+# One pytest worker per core (pytest-xdist); loadscope keeps a module's tests, and so its
+# module-scoped fixtures (spawned process groups, JAX children), on one worker.
+TEST_JOBS ?= 2
 test: $(VENV)/.test-installed
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadscope
 
 check: $(VENV)/.demo-installed
 	$(BIN)/python -m logitkit check

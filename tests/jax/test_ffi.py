@@ -187,7 +187,7 @@ def test_second_order_through_the_kernels(x64):
     y = np.abs(y) % 6
     xj, yj = jnp.asarray(x), jnp.asarray(y)
     f = lambda a: lj.cross_entropy(a, yj, weight=jnp.asarray(w, jnp.float64), label_smoothing=0.1)  # noqa: E731
-    h1, h2 = _both(lambda: jax.hessian(f)(xj))
+    h1, h2 = _both(lambda: jax.jit(jax.hessian(f))(xj))  # jitted: eager compiles op by op
     np.testing.assert_allclose(np.asarray(h1), np.asarray(h2), rtol=1e-10, atol=1e-14)
 
 
@@ -274,12 +274,12 @@ def test_probability_second_order_and_vmap(x64):
     x, _, _ = _data(n=3, v=5, dtype=np.float64)
     p = jnp.asarray(_probs(n=3, v=5))
     f = lambda a: lj.cross_entropy(a, p, label_smoothing=0.1, z_loss=1e-2)  # noqa: E731
-    h1, h2 = _both(lambda: jax.hessian(f)(jnp.asarray(x)))
+    h1, h2 = _both(lambda: jax.jit(jax.hessian(f))(jnp.asarray(x)))
     np.testing.assert_allclose(np.asarray(h1), np.asarray(h2), rtol=1e-10, atol=1e-14)
     xs = jnp.stack([jnp.asarray(x), -jnp.asarray(x)])
     ps = jnp.stack([p, p[::-1]])
     g = lambda a, b: lj.softmax_cross_entropy(a, b).sum()  # noqa: E731
-    vals, grads = jax.vmap(jax.value_and_grad(g, argnums=(0, 1)))(xs, ps)
+    vals, grads = jax.jit(jax.vmap(jax.value_and_grad(g, argnums=(0, 1))))(xs, ps)
     for i in range(2):
         v, (gx, gp) = jax.value_and_grad(g, argnums=(0, 1))(xs[i], ps[i])
         np.testing.assert_allclose(float(vals[i]), float(v), rtol=1e-12)
