@@ -1,8 +1,10 @@
-"""logitkit.distributed.vocab_parallel_linear_head against the single-process head and float64.
+"""logitkit.distributed.vocab_parallel_linear_head (torch) and jax_vocab_parallel_linear_head against
+the single-process head and float64.
 
-Three ways of running P ranks: threads in this process with the collectives through a barrier
+Torch on P ranks three ways: threads in this process with the collectives through a barrier
 (``_vp_sim.ThreadGroup``, many cases in little time), torch.distributed with gloo on 2 and 4
-ranks (one spawned launch each, every case batched in it), and no process group at all. Each
+ranks (one spawned launch each, every case batched in it), and no process group at all; JAX
+under shard_map on 4 host devices in one child process (two cases, one compilation each). Each
 case is compared with ``logitkit.linear_head`` on the full head (same dtype) and with a float64
 torch reference that materializes the logits (gradients by autograd), for the outputs and for
 ``d/d hidden``, ``d/d local_weight``, ``d/d local_bias`` under random cotangents of every output;
@@ -324,7 +326,7 @@ def test_argument_errors_name_the_argument():
 
 def test_jax_arrays_are_refused_naming_the_binding():
     jnp = pytest.importorskip("jax.numpy")
-    with pytest.raises(NotImplementedError, match="JAX .*shard_map.* binding of the vocabulary-parallel fused head"):
+    with pytest.raises(TypeError, match="hidden: got JAX arrays.*jax_vocab_parallel_linear_head"):
         vocab_parallel_linear_head(jnp.zeros((2, 3)), jnp.zeros((4, 3)), jnp.zeros(2, dtype=jnp.int32))
 
 
@@ -332,9 +334,9 @@ def test_jax_arrays_are_refused_naming_the_binding():
 # torch.distributed with gloo: 2 and 4 ranks, one launch each
 
 if torch.distributed.is_available() and torch.distributed.is_gloo_available():
-    GLOO = {2: ["loss", "all-sum-ignore2", "3d", "equal-shards", "head-jsd", "jsd-beta1", "jsd-beta0"],
-            4: ["all-smooth-weight-zloss", "all-softcap-T-none", "per-token-T", "head-kl", "logits-reverse",
-                "logits-jsd-T", "topk-kl", "topk-jsd-3d", "no-labels"]}
+    # (the threads above run every case; these check the same maths over real process groups)
+    GLOO = {2: ["all-sum-ignore2", "3d", "head-jsd", "equal-shards"],
+            4: ["all-smooth-weight-zloss", "head-kl", "logits-reverse", "topk-jsd-3d", "no-labels"]}
 else:
     GLOO = {}
 
@@ -409,3 +411,58 @@ def test_torchrun_example_two_processes():
         pytest.fail(f"torchrun example did not finish in 150 s:\n{out[-4000:]}")
     assert proc.returncode == 0, out[-4000:]
     assert out.count("-> matches") == 2 and "step 0  objective" in out, out[-4000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# JAX under shard_map on 4 host devices, in one child process (XLA_FLAGS before jax loads)
+
+
+def _jax_cases():
+    # every option at once, a dense teacher head with the JSD (the second pass), a per-token
+    # temperature, 3-D inputs, a vocabulary of 18 padded to 4 devices of 5 classes
+    a = make_case([5, 5, 5, 3], KL, {"label_smoothing": 0.1, "z_loss": 1e-2, "divergence": "jsd", "beta": 0.3,
+                                     "softcap": 4.0}, teacher="head", weight=True, per_token_temp=True, lead=(3, 3),
+                  chunk=4, seed=11)
+    a["pad"] = 2
+    # no labels, a top-k teacher, float32, the default chunk
+    b = make_case([5, 5, 5, 5], ("entropy", "lse", "argmax", "kl"), {"divergence": "jsd", "beta": 0.4,
+                                                                   "teacher_temperature": 1.5},
+                  teacher="topk", labels=False, dtype="float32", chunk=None, seed=12, k=4)
+    return [a, b]
+
+
+def test_jax_shard_map(tmp_path):
+    pytest.importorskip("jax")
+    import os
+    import pickle
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cases = _jax_cases()
+    with open(tmp_path / "cases.pkl", "wb") as f:
+        pickle.dump(cases, f)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    child = Path(__file__).parent / "_vp_head_jax_child.py"
+    proc = subprocess.run([sys.executable, str(child), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(tmp_path / "results.pkl", "rb") as f:
+        results = pickle.load(f)
+    for c, got in zip(cases, results):
+        what = f"jax {c['outputs']} {c['teacher']} {c['dtype']}"
+        if c["dtype"] == "float64":
+            compare(got, reference_linear_head(c), atol=1e-11, rtol=1e-10, what=what)
+            compare(got, reference64(c), atol=1e-10, rtol=1e-9, what=what + " vs float64")
+        else:
+            for ref in (reference_linear_head(c), reference64(c)):
+                compare(got, ref, atol=2e-6, rtol=2e-6, what=what, grads=False)
+                _close_grads(got, ref, 2e-6, what)
+        assert np.all(got["pad_dw"] == 0) and np.all(got["pad_db"] == 0)
+        # the collectives of the forward: the torch binding's, with the header (F·P = 80 scalars)
+        # in the tail of the per-token MAX
+        want = expected_collectives(c, 4)["fwd"]
+        found = [(name.split("_")[0], int(np.prod(shape))) for name, shape, _ in got["fwd"]]   # psum_invariant
+        expect = [("pmax", want[1][2] + 80), ("psum", want[2][2])] + [
+            ("pmax" if op == "MAX" else "psum", k) for _, op, k in want[3:]]
+        assert found == expect, (what, found, expect)

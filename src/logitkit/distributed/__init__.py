@@ -5,6 +5,7 @@
 - :func:`vocab_parallel_linear_head` (torch): every output of :func:`logitkit.linear_head` (loss,
   logprobs, entropy, lse, argmax, teacher divergences) with a vocabulary-sharded head.
 - :func:`jax_vocab_parallel_cross_entropy` (JAX): inside ``shard_map`` with a named mesh axis.
+- :func:`jax_vocab_parallel_linear_head` (JAX): the fused head's every output, inside ``shard_map``.
 - :mod:`logitkit.distributed.stages`: the maths once, against ``xp``, with the collectives injected.
 
 Forward: a fixed-size header all-reduce (what the ranks must agree on: tokens, dtype, options,
@@ -20,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy", "vocab_parallel_linear_head",
-           "jax_vocab_parallel_cross_entropy", "TorchCollectives", "stages"]
+           "jax_vocab_parallel_cross_entropy", "jax_vocab_parallel_linear_head", "TorchCollectives", "stages"]
 
 _LAZY = {
     "vocab_parallel_cross_entropy": "._torch",
@@ -28,6 +29,7 @@ _LAZY = {
     "vocab_parallel_linear_head": "._torch_head",
     "TorchCollectives": "._torch",
     "jax_vocab_parallel_cross_entropy": "._jax",
+    "jax_vocab_parallel_linear_head": "._jax_head",
     "stages": ".stages",
 }
 

@@ -411,9 +411,8 @@ def vocab_parallel_linear_head(hidden: torch.Tensor, local_weight: torch.Tensor,
     given: on CPU tensors a disagreement raises the same error on every rank before any per-token
     collective. ``hidden`` and ``teacher_hidden`` are not checked (as in
     :func:`vocab_parallel_linear_cross_entropy`). A row holding NaN gives NaN in its values (its
-    argmax is the first NaN or ``+inf`` entry). JAX arrays are refused: the ``shard_map`` binding
-    of the fused head is not implemented (:func:`jax_vocab_parallel_cross_entropy` covers the loss
-    over sharded logits).
+    argmax is the first NaN or ``+inf`` entry). JAX: :func:`jax_vocab_parallel_linear_head`
+    inside ``shard_map``.
 
     Without a process group it is :func:`logitkit.linear_head` in one process:
 
@@ -432,9 +431,9 @@ def vocab_parallel_linear_head(hidden: torch.Tensor, local_weight: torch.Tensor,
         (-(adv * out.logprobs).mean() - 0.01 * out.entropy.mean()).backward()
     """
     if _is_jax(hidden, local_weight, labels):
-        raise NotImplementedError("vocab_parallel_linear_head: JAX arrays are not supported; the JAX (shard_map) "
-                                  "binding of the vocabulary-parallel fused head is not implemented. "
-                                  "jax_vocab_parallel_cross_entropy computes the loss over sharded logits")
+        raise TypeError("hidden: got JAX arrays; vocab_parallel_linear_head is the torch.distributed binding: call "
+                        "logitkit.distributed.jax_vocab_parallel_linear_head(hidden, local_weight, labels, axis_name, "
+                        "...) inside shard_map")
     comm = TorchCollectives(group)
     st: dict = {}
 

@@ -974,18 +974,20 @@ def _full(xp: Any, shape: tuple, value: float, dtype: Any, like: Any) -> Any:
 def head_local_partials(xp: Any, z: Any, labels: Any, *, start: Any, ignore_index: int,
                         label_smoothing: float = 0.0, weight_local: Any = None, stat_dtype: Any = None,
                         entropy: bool = False, raw: Any = None, zt: Any = None, divergence: str = "kl",
-                        topk: Any = None) -> HeadPartials:
+                        topk: Any = None, col_mask: Any = None) -> HeadPartials:
     """Stage 1 of the fused head on one chunk of this rank's ``(N, n)`` slice (no communication).
 
     ``z``: transformed logits (accumulation dtype); ``raw``: the untransformed logits when the
     argmax is wanted; ``zt``: the teacher's logits of the same classes divided by its temperature
     (a dense teacher; ``divergence`` ``"kl"`` or ``"reverse_kl"`` adds ``dk``, ``"jsd"`` nothing
     here); ``topk``: ``(N, k)`` global class indices of a top-k teacher. Sums in ``stat_dtype``.
+    ``col_mask``: ``(n,)`` bool, ``False`` for padding columns (a JAX vocabulary padded to the
+    axis size): their ``z``, ``raw`` and ``zt`` must be ``−inf`` already (the caller's mask).
     """
     with _quiet(xp):
         sdt = z.dtype if stat_dtype is None else stat_dtype
         ce = local_partials(xp, z, labels, start=start, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                            weight_local=weight_local, stat_dtype=sdt)
+                            weight_local=weight_local, stat_dtype=sdt, col_mask=col_mask)
         N, n = z.shape
         m0 = xp.where(xp.isfinite(ce.m), ce.m, 0.0)
         out: dict = {}
@@ -1192,7 +1194,7 @@ def head_jsd_rows(xp: Any, sums: Any, r: Any, beta: float) -> tuple:
 def head_local_grad(xp: Any, z: Any, labels: Any, rows: dict, cots: dict, *, start: Any, ignore_index: int,
                     has_labels: bool, vocab_size: Any = None, wtotal: Any = None, weight_local: Any = None,
                     label_smoothing: float = 0.0, teacher: str = "none", divergence: str = "kl",
-                    beta: float = 0.5, zt: Any = None, topk: Any = None) -> Any:
+                    beta: float = 0.5, zt: Any = None, topk: Any = None, col_mask: Any = None) -> Any:
     r"""``d/dz`` of ``Σ_i Σ_k cots[k]_i · value_k,i`` on this rank's ``(N, n)`` slice, no communication.
 
     ``z``: the transformed logits (the caller chains the softcap and temperatures); ``rows``: the
@@ -1202,7 +1204,8 @@ def head_local_grad(xp: Any, z: Any, labels: Any, rows: dict, cots: dict, *, sta
     ``g_ce·dce + (g_lse − g_lp)·p + g_lp·onehot(y) − g_ent·p(ls + H) + g_kl·dkl`` with ``dkl`` =
     ``p − q`` (kl), ``p(ls − lt − K)`` (reverse_kl), ``(1−β)p(ls − log M − D)`` (jsd),
     ``scatter(G) − p·ΣG`` (top-k), the one-hot and scatter only where this rank owns the class.
-    Ignored rows get an exact zero. Returns ``z``'s dtype.
+    Ignored rows get an exact zero, and so do padding columns (``col_mask`` ``False``; their
+    ``z`` and ``zt`` ``−inf`` already). Returns ``z``'s dtype.
     """
     with _quiet(xp):
         acc = z.dtype
@@ -1220,7 +1223,7 @@ def head_local_grad(xp: Any, z: Any, labels: Any, rows: dict, cots: dict, *, sta
         if cots.get("g_ce") is not None:
             add(local_grad(xp, z, labels, m, r, cots["g_ce"], _zeros(xp, (N,), acc, z), start=start,
                            vocab_size=vocab_size, wtotal=wtotal, wy=rows["wy"], validf=rows["validf"],
-                           weight_local=weight_local, label_smoothing=label_smoothing))
+                           weight_local=weight_local, label_smoothing=label_smoothing, col_mask=col_mask))
         coef = None
         if cots.get("g_lse") is not None:
             coef = col(cots["g_lse"])
@@ -1261,6 +1264,8 @@ def head_local_grad(xp: Any, z: Any, labels: Any, rows: dict, cots: dict, *, sta
             dz = dz + col(r - r)      # rows with NaN (dropped by the masks above) get NaN gradients
         if has_labels:
             dz = xp.where(xp.expand_dims(labels != ignore_index, -1), dz, 0.0)
+        if col_mask is not None:
+            dz = xp.where(col_mask, dz, 0.0)
         return dz
 
 
