@@ -622,6 +622,15 @@ def linear_workload(ctx: Ctx, N: int, H: int, V: int, dtype: torch.dtype) -> Non
             dh, dW, _db, _skipped = tk.linear_ce_backward(h, W, y, m, r, scale, scale)
             return (ce.sum() / n_valid,), dh, dW
         cell(ctx, name, "logitkit Triton kernels (loss)", kernels, check=loss_check(kernels), **kw)
+
+        g_lp, g_ent = adv / n_valid, torch.full((1,), 0.01 / n_valid, device=ctx.dev)
+
+        def head_kernels():  # kernels/triton/linear_head.py: logprobs + entropy without the logits
+            lse, lp, ent, m, r = tk.linear_head_forward(h, W, y)
+            dh, dW, _db = tk.linear_head_backward(h, W, y, m, r, ent, None, g_lp, g_ent)
+            return ((lp.double() * adv).sum() / n_valid, lp, ent), dh, dW
+        cell(ctx, name, "logitkit Triton kernels (logprobs+entropy)", head_kernels, check=lpent_check(head_kernels),
+             **kw)
         run = autograd(lambda a, b: lt.linear_cross_entropy(a, b, y))
         cell(ctx, name, "logitkit.torch.linear_cross_entropy (loss)", run, check=loss_check(run), **kw)
         for label, fn, chk in (("loss", lk_loss, loss_check), ("logprobs+entropy", lk_lpent, lpent_check),

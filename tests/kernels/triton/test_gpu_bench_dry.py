@@ -81,6 +81,7 @@ def test_dry_run_writes_one_table_with_every_row(tmp_path):
         lin = _impls(rows, f"linear head fwd+bwd N=8 H=16 V=300 {dt}")
         assert re.fullmatch(ms, lin["3 GEMMs alone (cuBLAS, torch.matmul): the floor"][2])
         for impl, err in (("logitkit Triton kernels (loss)", "loss"),
+                          ("logitkit Triton kernels (logprobs+entropy)", "logprobs"),
                           ("logitkit.torch.linear_cross_entropy (loss)", "loss"),
                           ("logitkit.torch.linear_head (loss)", "loss"),
                           ("logitkit.torch.linear_head (logprobs+entropy)", "logprobs"),

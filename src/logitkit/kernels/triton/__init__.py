@@ -28,7 +28,7 @@ __all__ = [
     "ce_forward", "ce_backward", "ce_forward_backward",
     "softmax_forward", "log_softmax_forward", "logsumexp_forward",
     "softmax_backward", "log_softmax_backward",
-    "linear_ce_forward", "linear_ce_backward",
+    "linear_ce_forward", "linear_ce_backward", "linear_head_forward", "linear_head_backward",
     "label_flag", "check_flag", "reset_flag", "check_labels", "deferred_label_check",
 ]
 
@@ -41,6 +41,7 @@ _WHERE = {
     "logsumexp_forward": "softmax", "softmax_backward": "softmax",
     "log_softmax_backward": "softmax",
     "linear_ce_forward": "linear_ce", "linear_ce_backward": "linear_ce",
+    "linear_head_forward": "linear_head", "linear_head_backward": "linear_head",
 }
 
 
