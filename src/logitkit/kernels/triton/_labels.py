@@ -66,15 +66,16 @@ _enabled: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("logit
 class _State:
     """One device's flag, its host mirror and the copy in flight."""
 
-    __slots__ = ("flag", "host", "event", "pending", "dirty", "epoch", "pending_epoch")
+    __slots__ = ("flag", "cuda", "host", "event", "pending", "dirty", "epoch", "pending_epoch")
 
     def __init__(self, device: torch.device):
         # Kernels only (no host-to-device copy), so a first use inside a graph capture works.
         self.flag = torch.zeros(5, dtype=torch.int64, device=device)
         _fill_init(self.flag)
-        cuda = device.type == "cuda"
-        self.host = torch.zeros(5, dtype=torch.int64, pin_memory=cuda)
-        self.event = torch.cuda.Event() if cuda else None
+        self.cuda = device.type == "cuda"
+        # made by the first copy (never during a capture): pinned memory is a host allocation
+        self.host: Optional[torch.Tensor] = None
+        self.event = None
         self.pending = False       # a copy was issued and not yet read
         self.dirty = False         # a launch happened after the copy in flight was issued
         self.epoch = 0             # bumped by every clear: copies issued before it are stale
@@ -213,6 +214,10 @@ def _ready(st: _State) -> bool:
 
 
 def _issue(st: _State) -> None:
+    if st.host is None:
+        st.host = torch.zeros(5, dtype=torch.int64, pin_memory=st.cuda)
+        if st.cuda and st.event is None:
+            st.event = torch.cuda.Event()
     st.host.copy_(st.flag, non_blocking=st.event is not None)
     if st.event is not None:
         st.event.record()
