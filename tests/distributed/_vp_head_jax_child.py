@@ -39,7 +39,7 @@ def main(workdir: str) -> None:
         pad = c.get("pad", 0)
         V = c["w"].shape[0]
 
-        def padded(a, fill=0.0, axis=0):
+        def padded(a, fill=0.0, axis=0, pad=pad):
             if not pad:
                 return a
             widths = [(0, 0)] * a.ndim

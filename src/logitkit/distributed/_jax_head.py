@@ -17,13 +17,6 @@ _WORKSPACE_BYTES = 32 << 20
 _STUDENT_BYTES, _TEACHER_BYTES = 40, 24
 
 
-def _keys(spec: core_head.HeadSpec) -> tuple:
-    o = spec.outputs
-    keys = [k for k, need in (("ce", "loss" in o), ("lse", "lse" in o or spec.need_lse), ("lp", "logprobs" in o),
-                              ("ent", "entropy" in o), ("kl", "kl" in o)) if need]
-    return tuple(keys)
-
-
 def jax_vocab_parallel_linear_head(hidden: Any, local_weight: Any, labels: Any, axis_name: Any, *,
                                    local_bias: Any = None, vocab_start: Any = None, vocab_size: int | None = None,
                                    outputs: Any = ("loss",), temperature: Any = 1.0, softcap: float | None = None,
@@ -165,7 +158,7 @@ def jax_vocab_parallel_linear_head(hidden: Any, local_weight: Any, labels: Any, 
     chunk = chunk_size if chunk_size is not None else max(
         1, _WORKSPACE_BYTES // ((_STUDENT_BYTES + (_TEACHER_BYTES if dense else 0)) * max(n, 1)))
     chunk = max(1, min(chunk, max(N, 1)))
-    keys = _keys(spec)
+    keys = stages.head_keys(spec)
     o = dict(spec=spec, keys=keys, n=n, P=P, nV=nV, padded=vocab_size is not None, axis=axis_name, chunk=chunk,
              N=N, reduce_hidden_grad=bool(reduce_hidden_grad))
     lab = (labels.reshape(N) if labels is not None

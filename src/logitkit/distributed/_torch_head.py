@@ -37,22 +37,6 @@ class _Cfg:
         self.__dict__.update(kw)
 
 
-def _keys(spec: core_head.HeadSpec) -> tuple:
-    o = spec.outputs
-    keys = []
-    if "loss" in o:
-        keys.append("ce")
-    if "lse" in o or spec.need_lse:
-        keys.append("lse")
-    if "logprobs" in o:
-        keys.append("lp")
-    if "entropy" in o:
-        keys.append("ent")
-    if "kl" in o:
-        keys.append("kl")
-    return tuple(keys)
-
-
 def _transformed(xp: Any, x: torch.Tensor, cfg: _Cfg, i0: int, i1: int) -> torch.Tensor:
     z = transform(xp, x, cfg.spec.softcap, cfg.spec.temperature)
     if cfg.temp is not None:
@@ -88,7 +72,6 @@ def _forward_rows(h: torch.Tensor, w: torch.Tensor, b: Any, cfg: _Cfg) -> dict:
     spec = cfg.spec
     acc = acc_dtype(xp, h.dtype)
     sdt = torch.float64
-    n = w.shape[0]
     o = spec.outputs
     lab = cfg.labels
     topk = None if cfg.teacher is None or cfg.teacher[0] != "topk" else cfg.teacher[1]
@@ -582,7 +565,7 @@ def vocab_parallel_linear_head(hidden: torch.Tensor, local_weight: torch.Tensor,
     chunk = chunk_size if chunk_size is not None else _default_chunk(n, spec.teacher == "dense")
     acc = acc_dtype(get_namespace(TORCH), hidden.dtype)
     lab_flat = lab_h.reshape(-1).to(torch.int64)
-    cfg = _Cfg(comm=comm, start=start, spec=spec, keys=_keys(spec), labels=lab_flat, temp=st["temp"],
+    cfg = _Cfg(comm=comm, start=start, spec=spec, keys=stages.head_keys(spec), labels=lab_flat, temp=st["temp"],
                teacher=st["teacher"], weight=None if weight is None else weight.detach(),
                wl=_local_weight(weight, start, n, acc), chunk=chunk, reduce_hidden_grad=bool(reduce_hidden_grad),
                vocab_size=nV, tail=tail)

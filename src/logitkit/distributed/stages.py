@@ -64,7 +64,7 @@ __all__ = [
     "header_size", "header_fields", "encode_header", "decode_header", "header_verdict", "header_ok",
     "Header", "option_code", "stat_dtype", "HeadPartials", "head_local_partials", "cat_head_partials",
     "head_max_values", "head_slots", "argmax_candidates", "head_rows", "head_jsd_partials", "head_jsd_rows",
-    "head_local_grad", "NO_INDEX",
+    "head_local_grad", "head_keys", "NO_INDEX",
 ]
 
 
@@ -951,6 +951,13 @@ def cross_entropy_with_grad(x: Any, labels: Any, *, all_reduce_max: Callable[[An
 # global one: its value rides in the MAX, the index needs one more (MAX of −index) all-reduce.
 
 NO_INDEX = float(_EXACT)   # above every global class index (the header keeps V < 2^24)
+
+
+def head_keys(spec: Any) -> tuple:
+    """The differentiable per-row values a head call returns, in order (``lse`` also for the z-loss)."""
+    o = spec.outputs
+    return tuple(k for k, need in (("ce", "loss" in o), ("lse", "lse" in o or spec.need_lse),
+                                   ("lp", "logprobs" in o), ("ent", "entropy" in o), ("kl", "kl" in o)) if need)
 
 
 class HeadPartials(NamedTuple):
