@@ -288,6 +288,32 @@ def test_device_mode_header_in_the_max_tail(sim, monkeypatch):
             assert torch.isnan(getattr(out, k)[rows]).all(), k
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_one_process_device_mode():
+    """CUDA tensors take the device path (the header in the MAX tail) even without a group."""
+    c = _case("head-kl")
+    c["sizes"], c["bounds"] = [18], [(0, 18)]
+    dev = torch.device("cuda")
+    t = lambda a: torch.tensor(a).to(dev)  # noqa: E731
+    h, w, b = (t(c[k]).requires_grad_() for k in ("h", "w", "b"))
+    kw = dict(outputs=KL, teacher_hidden=t(c["th"]), teacher_weight=t(c["tw"]), teacher_bias=t(c["tb"]),
+              teacher_temperature=1.5)
+    out = vocab_parallel_linear_head(h, w, t(c["y"]), local_bias=b, chunk_size=4, **kw)
+    (out.loss + out.entropy.sum() + out.kl.sum()).backward()
+    got = {"dh": h.grad.cpu().numpy(), "dw": w.grad.cpu().numpy()}
+    import logitkit
+
+    h2, w2, b2 = (t(c[k]).requires_grad_() for k in ("h", "w", "b"))
+    ref = logitkit.linear_head(h2, w2, t(c["y"]), linear_bias=b2, **kw)
+    (ref.loss + ref.entropy.sum() + ref.kl.sum()).backward()
+    for k in ("loss", "logprobs", "entropy", "lse", "kl"):
+        np.testing.assert_allclose(getattr(out, k).cpu().numpy(), getattr(ref, k).cpu().numpy(), rtol=1e-10,
+                                   atol=1e-11, err_msg=k)
+    assert torch.equal(out.argmax, ref.argmax)
+    np.testing.assert_allclose(got["dh"], h2.grad.cpu().numpy(), rtol=1e-10, atol=1e-11)
+    np.testing.assert_allclose(got["dw"], w2.grad.cpu().numpy(), rtol=1e-10, atol=1e-11)
+
+
 def test_one_process_and_reduce_hidden_grad(sim):
     # no process group: linear_head itself
     c = _case("head-kl")

@@ -187,7 +187,8 @@ class _VocabParallelHead(torch.autograd.Function):
             # every rank must take part in the one collective of the backward, or none: the
             # cotangents are the caller's, so the all-reduce runs whenever d hidden is wanted
             if need_h and cfg.reduce_hidden_grad:
-                dh = cfg.comm.all_reduce_sum(torch.zeros(h.shape, dtype=acc_dtype(get_namespace(TORCH), h.dtype)))
+                dh = cfg.comm.all_reduce_sum(torch.zeros(h.shape, dtype=acc_dtype(get_namespace(TORCH), h.dtype),
+                                                         device=h.device))
                 return dh.to(h.dtype), None, None, None
             return None, None, None, None
         xp = get_namespace(TORCH)
@@ -363,22 +364,16 @@ def vocab_parallel_linear_head(hidden: torch.Tensor, local_weight: torch.Tensor,
     :func:`vocab_parallel_cross_entropy` (``4·(20·P + 160)`` bytes per call, any ``N``), then one
     MAX and one SUM all-reduce of per-token scalars:
 
-    ============================================  =======  =======  ===========================
-    outputs                                       MAX      SUM      bytes per token (float32)
-    ============================================  =======  =======  ===========================
-    loss, logprobs, lse (any of them)             1        3 (+1)   16 (20 with smoothing)
-    + entropy                                     —        +1       +4
-    + kl, dense teacher, ``"kl"``/``"reverse_kl"``  +1       +2       +12
-    + kl, dense teacher, ``"jsd"``                +1       +1       +8, then a third all-reduce
-                                                                    (SUM of 2): +8, 24 in all
-    + kl, top-k teacher (k classes)               —        +k       +4·k
-    + argmax                                      +1       —        +4, then one more all-reduce
-                                                                    (MAX of 1): +4, 8 in all
-    ============================================  =======  =======  ===========================
+    - ``loss``, ``logprobs``, ``lse`` (any of them): MAX of 1 and SUM of 3 scalars (4 with label
+      smoothing on the loss): 16 bytes per token (20), as :func:`vocab_parallel_linear_cross_entropy`;
+    - ``entropy``: SUM +1, +4 bytes;
+    - ``kl``, dense teacher, ``"kl"`` or ``"reverse_kl"``: MAX +1, SUM +2, +12 bytes;
+    - ``kl``, dense teacher, ``"jsd"``: MAX +1, SUM +1, then a third all-reduce (SUM of 2): +16 bytes;
+    - ``kl``, top-k teacher with k classes: SUM +k, +4·k bytes;
+    - ``argmax``: MAX +1, then one more all-reduce (MAX of 1): +8 bytes.
 
-    (+1 with label smoothing applies only when ``loss`` is requested). So ``("loss", "logprobs",
-    "entropy")`` sends 20 bytes per token, every output with a dense forward-KL teacher 40 (44 with
-    smoothing). The dense JSD also recomputes the logits of both heads once more in the forward
+    So ``("loss", "logprobs", "entropy")`` sends 20 bytes per token, every output with a dense
+    forward-KL teacher 40 (44 with smoothing). The dense JSD also recomputes the logits of both heads once more in the forward
     (``log M`` needs the global statistics). Backward: one SUM all-reduce of ``d/d hidden`` in
     float32 (``4·H`` bytes per token; ``8·H`` for float64), none with ``reduce_hidden_grad=False``.
 
