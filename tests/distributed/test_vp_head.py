@@ -525,3 +525,39 @@ def test_jax_shard_map(tmp_path):
         expect = [("pmax", want[1][2] + 80), ("psum", want[2][2])] + [
             ("pmax" if op == "MAX" else "psum", k) for _, op, k in want[3:]]
         assert found == expect, (what, found, expect)
+
+
+def test_jax_argument_errors_name_the_argument():
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+    from jax.sharding import AxisType
+    from jax.sharding import PartitionSpec as P
+
+    from logitkit.distributed import jax_vocab_parallel_linear_head as f
+
+    mesh = jax.make_mesh((1,), ("v",), axis_types=(AxisType.Auto,))
+    h, w, y = jnp.zeros((4, 3)), jnp.zeros((6, 3)), jnp.zeros(4, dtype=jnp.int32)
+
+    def trace(**kw):
+        lab = kw.pop("labels", y)
+        g = jax.shard_map(lambda h, w: f(h, w, lab, "v", **kw).lse, mesh=mesh, in_specs=(P(), P("v")), out_specs=P())
+        jax.eval_shape(g, h, w)   # errors are raised while tracing
+
+    with pytest.raises(ValueError, match="outputs: expected distinct names"):
+        trace(outputs=("lse", "nll"))
+    with pytest.raises(ValueError, match="labels: outputs"):
+        trace(labels=None, outputs=("logprobs", "lse"))
+    with pytest.raises(ValueError, match=r"vocab_size: expected None or an int in \[1, 6\]"):
+        trace(outputs=("lse",), vocab_size=7)
+    with pytest.raises(ValueError, match=r"teacher_weight: expected this device's rows of the teacher head, shape \(6, 2\)"):
+        trace(outputs=("lse", "kl"), teacher_hidden=jnp.zeros((4, 2)), teacher_weight=jnp.zeros((12, 2)))
+    topk = (jnp.zeros((4, 2), jnp.int32), jnp.zeros((4, 2)))
+    with pytest.raises(ValueError, match="divergence: 'reverse_kl' is infinite against a top-k teacher"):
+        trace(outputs=("lse", "kl"), teacher_topk=topk, divergence="reverse_kl")
+    with pytest.raises(ValueError, match="teacher_topk: a teacher is given but 'kl' is not in outputs"):
+        trace(outputs=("lse",), teacher_topk=topk)
+    with pytest.raises(ValueError, match=r"temperature: expected a float or a floating array of shape \(4,\)"):
+        trace(outputs=("lse",), temperature=jnp.ones(5))
+    with pytest.raises(TypeError, match="local_weight: expected hidden's dtype"):
+        jax.eval_shape(jax.shard_map(lambda h, w: f(h, w, y, "v", outputs=("lse",)).lse, mesh=mesh,
+                                     in_specs=(P(), P("v")), out_specs=P()), h, w.astype(jnp.float16))
