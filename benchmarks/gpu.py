@@ -768,7 +768,8 @@ def main(argv=None) -> int:
                     help="configuration table to write with --sweep (default: the package's configs.json on "
                          "a GPU; required with --device cpu)")
     ap.add_argument("--only", default="", help="comma list among ce,softmax,linear,labels")
-    ap.add_argument("--dtypes", default="bfloat16,float32", help="CE / softmax dtypes (comma list)")
+    ap.add_argument("--dtypes", default="bfloat16,float32",
+                    help="dtypes of the CE, softmax and linear workloads (comma list)")
     ap.add_argument("--out", default=None,
                     help="where to write the table (default on a GPU: benchmarks/results/gpu-<card>-<date>.md)")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failing cells")
@@ -813,7 +814,8 @@ def main(argv=None) -> int:
         workloads += [("softmax", lambda dt=dt, b=b: softmax_workload(ctx, *ce_shape, dt, b))
                       for b in (False, True) for dt in dtypes]
     if "linear" in only:
-        workloads += [("linear", lambda s=s, dt=dt: linear_workload(ctx, *s, dt)) for s, dt in lin_shapes]
+        workloads += [("linear", lambda s=s, dt=dt: linear_workload(ctx, *s, dt)) for s, dt in lin_shapes
+                      if dt in dtypes]
     if "labels" in only:
         workloads += [("labels", lambda: labels_workload(ctx, *lab_shape))]
     # The sweep: at the main shape's V bucket; with --sweep at every bucket, 128256 first.

@@ -77,28 +77,28 @@ def test_dry_run_writes_one_table_with_every_row(tmp_path):
         assert {"logitkit", "torch eager", "torch.compile [backend=eager: dry run]", "liger-kernel", "quack"} <= set(sm)
         assert re.fullmatch(r"(out|grad) \d\.\de-\d\d", sm["logitkit"][6])
 
-    for dt in ("bfloat16", "float32"):
-        lin = _impls(rows, f"linear head fwd+bwd N=8 H=16 V=300 {dt}")
-        assert re.fullmatch(ms, lin["3 GEMMs alone (cuBLAS, torch.matmul): the floor"][2])
-        for impl, err in (("logitkit Triton kernels (loss)", "loss"),
-                          ("logitkit Triton kernels (logprobs+entropy)", "logprobs"),
-                          ("logitkit.torch.linear_cross_entropy (loss)", "loss"),
-                          ("logitkit.torch.linear_head (loss)", "loss"),
-                          ("logitkit.torch.linear_head (logprobs+entropy)", "logprobs"),
-                          ("logitkit.torch.linear_head (kl, teacher head)", "kl"),
-                          ("torch eager (loss)", "loss"), ("torch eager (logprobs+entropy)", "logprobs"),
-                          ("torch eager (kl, teacher head)", "kl"),
-                          ("torch.compile [backend=eager: dry run] (loss)", "loss"),
-                          ("torch.compile [backend=eager: dry run] (logprobs+entropy)", "logprobs"),
-                          ("torch.compile [backend=eager: dry run] (kl, teacher head)", "kl")):
-            assert re.fullmatch(ms, lin[impl][2]), (dt, lin.get(impl))
-            assert re.fullmatch(r"\d+\.\d\d× GEMMs", lin[impl][4]), lin[impl]
-            assert lin[impl][6].startswith(err + " "), lin[impl]
-        for impl in ("liger-kernel (loss)", "cut-cross-entropy (loss)", "quack (loss)"):
-            assert lin[impl][2].startswith(("not installed (", "skipped (needs CUDA")), lin[impl]
-        if dt == "float32":  # float32 heads agree with the float64 reference
-            vals = re.findall(r"(\d\.\de-\d\d)", lin["logitkit.torch.linear_head (logprobs+entropy)"][6])
-            assert vals and max(float(v) for v in vals) <= 1e-5
+    assert not _impls(rows, "bfloat16")  # --dtypes float32 applies to every workload
+    lin = _impls(rows, "linear head fwd+bwd N=8 H=16 V=300 float32")
+    assert re.fullmatch(ms, lin["3 GEMMs alone (cuBLAS, torch.matmul): the floor"][2])
+    for impl, err in (("logitkit Triton kernels (loss)", "loss"),
+                      ("logitkit Triton kernels (logprobs+entropy)", "logprobs"),
+                      ("logitkit.torch.linear_cross_entropy (loss)", "loss"),
+                      ("logitkit.torch.linear_head (loss)", "loss"),
+                      ("logitkit.torch.linear_head (logprobs+entropy)", "logprobs"),
+                      ("logitkit.torch.linear_head (kl, teacher head)", "kl"),
+                      ("torch eager (loss)", "loss"), ("torch eager (logprobs+entropy)", "logprobs"),
+                      ("torch eager (kl, teacher head)", "kl"),
+                      ("torch.compile [backend=eager: dry run] (loss)", "loss"),
+                      ("torch.compile [backend=eager: dry run] (logprobs+entropy)", "logprobs"),
+                      ("torch.compile [backend=eager: dry run] (kl, teacher head)", "kl")):
+        assert re.fullmatch(ms, lin[impl][2]), lin.get(impl)
+        assert re.fullmatch(r"\d+\.\d\d× GEMMs", lin[impl][4]), lin[impl]
+        assert lin[impl][6].startswith(err + " "), lin[impl]
+    for impl in ("liger-kernel (loss)", "cut-cross-entropy (loss)", "quack (loss)"):
+        assert lin[impl][2].startswith(("not installed (", "skipped (needs CUDA")), lin[impl]
+    for impl in ("logitkit.torch.linear_head (logprobs+entropy)", "logitkit Triton kernels (logprobs+entropy)"):
+        vals = re.findall(r"(\d\.\de-\d\d)", lin[impl][6])  # float32 heads agree with float64
+        assert vals and max(float(v) for v in vals) <= 1e-5, lin[impl]
 
     lab = _impls(rows, "label check:")
     assert re.fullmatch(ms, lab["deferred check on (default)"][2])
