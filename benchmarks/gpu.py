@@ -211,7 +211,6 @@ def measure_copy(ctx: Ctx) -> None:
     dst = torch.empty_like(src)
     ms = timed(ctx, lambda: dst.copy_(src), 3, 10 if ctx.cuda else 3)
     ctx.copy_bw = 2 * src.numel() * 4 / (ms * 1e-3)
-    del src, dst
 
 
 def cell(ctx: Ctx, workload: str, impl: str, run, *, nbytes=None, flops=None, gemm_ms=None, check=None,
@@ -400,7 +399,6 @@ def ce_workload(ctx: Ctx, N: int, V: int, dtype: torch.dtype, sweep_key=None) ->
         run = autograd(_compile(ctx, lambda a, b: F.cross_entropy(a, b)))
         x.copy_(x0)
         cell(ctx, name, _compile_name(ctx), run, nbytes=nbytes, check=check_with(run))
-    del x, x0
 
 
 def softmax_workload(ctx: Ctx, N: int, V: int, dtype: torch.dtype, backward: bool, sweep_key=None) -> None:
@@ -446,7 +444,6 @@ def softmax_workload(ctx: Ctx, N: int, V: int, dtype: torch.dtype, backward: boo
                 with env_set(cfg_env(c)):
                     cell(ctx, name, f"logitkit {label}", lk, nbytes=nbytes, check=check_with(lk),
                          record=("softmax", _dtname(dtype), sweep_key, c))
-        del x, dy
         return
 
     def torch_fn(f):
@@ -480,7 +477,6 @@ def softmax_workload(ctx: Ctx, N: int, V: int, dtype: torch.dtype, backward: boo
     elif ctx.phase == "compile":
         comp = torch_fn(_compile(ctx, lambda a: torch.softmax(a, -1)))
         cell(ctx, name, _compile_name(ctx), comp, nbytes=nbytes, check=check_with(comp))
-    del x, dy
 
 
 def _linear_refs(ctx, h, W, th, tW, y, k, n_valid):
@@ -666,7 +662,6 @@ def linear_workload(ctx: Ctx, N: int, H: int, V: int, dtype: torch.dtype) -> Non
             dh, dW, _db, _skipped = tk.linear_ce_backward(h, W, y, m, r, scale, scale, filter_eps=2.0**-24)
             return (ce.sum() / n_valid,), dh, dW
         cell(ctx, name, "logitkit Triton kernels [filter_eps=2**-24]", filtered, check=loss_check(filtered), **kw)
-    del h, W, th, tW
 
 
 def labels_workload(ctx: Ctx, N: int, V: int) -> None:

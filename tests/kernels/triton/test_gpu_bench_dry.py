@@ -14,8 +14,6 @@ import re
 import subprocess
 import sys
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu.py")
 COLUMNS = ["workload", "implementation", "time (ms, median)", "effective rate", "% of copy BW or × 3 GEMMs",
