@@ -103,7 +103,8 @@ CALLS = {
     "per-token-temperature": lambda D: (
         lambda o: (o.loss - o.logprobs.sum() + o.entropy.sum(), o.logprobs, o.entropy))(
         _kw(D, outputs=("loss", "logprobs", "entropy"), temperature=D["temp"])),
-    "per-token-temperature-loss-alone": lambda D: (_kw(D, temperature=D["temp"], weight=torch.linspace(0.5, 2, V)).loss,),
+    "per-token-temperature-loss-alone": lambda D: (
+        _kw(D, temperature=D["temp"], weight=torch.linspace(0.5, 2, V)).loss,),
     "reduction-none": lambda D: (
         lambda o: ((o.loss * D["A"]).sum() + o.lse.sum(), o.loss, o.lse))(
         _kw(D, outputs=("loss", "lse"), reduction="none", z_loss=1e-3)),
@@ -288,6 +289,32 @@ def test_new_batch_size_does_not_recompile(dynamic):
     settled = 0 if dynamic else 1  # the call after which nothing may compile again
     assert counts[settled:] == [counts[settled]] * (len(counts) - settled), counts
     assert counts[-1] == (1 if dynamic else 2), counts
+
+
+def test_dtensor_check_does_not_guard_on_its_cache(monkeypatch):
+    """The entry's DTensor check caches the DTensor class in a global once torch.distributed.tensor
+    is imported; a compiled graph that read that cache recompiled once it was filled."""
+    pytest.importorskip("torch.distributed.tensor")
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    import logitkit.torch._dtensor as dt
+
+    monkeypatch.setattr(dt, "_DTENSOR", [None])
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def step(D):
+        o = lt.linear_head(D["h"], W32, D["y"], outputs=("logprobs", "entropy"))
+        return o.logprobs.sum() + o.entropy.sum() + lt.linear_cross_entropy(D["h"], W32, D["y"])
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=True)
+    D = _data()
+    torch.testing.assert_close(compiled(D), step(D))
+    frames = counter.frame_count
+    assert not dt.is_dtensor(torch.zeros(1), object())  # a non-plain argument: the cache is filled
+    assert dt._DTENSOR[0] is not None
+    D = _data(12, seed=1)
+    torch.testing.assert_close(compiled(D), step(D))
+    assert counter.frame_count == frames
 
 
 def test_grpo_backward_compiled_with_inductor():

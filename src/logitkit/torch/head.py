@@ -28,6 +28,7 @@ torch.Size([6, 8])
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional
 
@@ -39,9 +40,8 @@ from .. import linear as _public
 from .._namespace import TORCH, get_namespace
 from ..core import linear_head as core_head
 from . import _dtensor
-from .linear import TorchOps, _acc, _call, _chunk_args, _chunk_size, _grads_fake, _none_empty, _op, _rows
-
-_PLAIN = (Tensor, torch.nn.Parameter, type(None))
+from .linear import (TorchOps, _acc, _call, _chunk_args, _chunk_size, _grads_fake, _none_empty, _op, _plain,
+                     _rows)
 
 __all__ = ["linear_head", "fused_linear_head", "with_grad_run", "head_values"]
 
@@ -66,6 +66,7 @@ def _keys(spec: core_head.HeadSpec) -> tuple:
     return tuple(keys)
 
 
+@functools.lru_cache(maxsize=256)
 def _spec(outputs: str, ii: int, eps: float, cap: Optional[float], T: float, has_labels: bool, kind: str,
           div: str, beta: float, tt: float, need_lse: bool) -> core_head.HeadSpec:
     teacher = "none" if kind == "none" else ("topk" if kind == "topk" else "dense")
@@ -299,19 +300,6 @@ def fused_linear_head(a: Any) -> Any:
     lab = (torch.zeros(ref.shape[0], dtype=torch.int64, device=a.hidden.device) if a.labels is None
            else a.labels.reshape(-1).long())
     return _public.assemble_outputs(get_namespace(TORCH), a, vals, lab)
-
-
-def _plain(*xs: Any) -> bool:
-    """Every argument a plain tensor, parameter or ``None``: then none is a DTensor.
-
-    Checked before :func:`logitkit.torch._dtensor.is_dtensor`, whose cached DTensor class is a
-    mutable global: under torch.compile, reading it guards the graph on its value, which changes
-    (one recompile) once anything imports ``torch.distributed.tensor``. Types alone are guarded anyway.
-    """
-    for x in xs:
-        if type(x) not in _PLAIN:
-            return False
-    return True
 
 
 def linear_head(input: Tensor, linear_weight: Tensor, labels: Optional[Tensor] = None, **kwargs: Any) -> Any:
