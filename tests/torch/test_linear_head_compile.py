@@ -114,6 +114,8 @@ CALLS = {
         lambda o: (o.loss + o.logprobs.sum(), o.logprobs))(
         _kw(D, outputs=("loss", "logprobs"), reduction="mean", z_loss=1e-2, chunk_size=4)),
     "reduction-sum-loss-alone": lambda D: (_kw(D, reduction="sum", z_loss=1e-2).loss,),
+    "reduction-none-loss-alone": lambda D: (
+        lambda o: ((o.loss * D["A"]).sum(), o.loss))(_kw(D, reduction="none", softcap=4.0)),
     "num-items-int": lambda D: (
         lambda o: (o.loss + o.entropy.sum(), o.entropy))(
         _kw(D, outputs=("loss", "entropy"), num_items_in_batch=23, z_loss=1e-2)),
@@ -289,6 +291,42 @@ def test_new_batch_size_does_not_recompile(dynamic):
     settled = 0 if dynamic else 1  # the call after which nothing may compile again
     assert counts[settled:] == [counts[settled]] * (len(counts) - settled), counts
     assert counts[-1] == (1 if dynamic else 2), counts
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4, (4, V), (4, 5)])
+def test_linear_entropy_runs_the_heads_operators_for_whole_rows(chunk_size):
+    """lt.linear_entropy and logitkit.linear_entropy on torch tensors: whole rows are the fused
+    head's operators, vocabulary tiles (4, 5) the online merge's; values and gradients against the
+    materialized logits, eager and compiled."""
+    W, b, _ = _head(torch.float64)
+    D = _data(dtype=torch.float64)
+
+    def fn(h):
+        e1 = lt.linear_entropy(h, W, linear_bias=b, temperature=0.8, softcap=3.0, chunk_size=chunk_size)
+        e2 = logitkit.linear_entropy(h, W, linear_bias=b, chunk_size=chunk_size)
+        return (e1 * D["A"]).sum() + e2.sum(), e1, e2
+
+    def ref(h):
+        x = F.linear(h, W, b)
+        out = []
+        for z in (3.0 * torch.tanh(x / 3.0) / 0.8, x):
+            ls = F.log_softmax(z, -1)
+            out.append(-(ls.exp() * ls).sum(-1))
+        return (out[0] * D["A"]).sum() + out[1].sum(), out[0], out[1]
+
+    backend, graphs = _graph_capture()
+    compiled = torch.compile(fn, backend=backend, fullgraph=True)
+    for f in (fn, compiled):
+        got, want = f(D["h"]), ref(D["h"])
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+        for a, e in zip(torch.autograd.grad(got[0], (D["h"], W, b)), torch.autograd.grad(want[0], (D["h"], W, b))):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+    fw, bw = _targets(graphs["fw"][0]), _targets(graphs["bw"][0])
+    tiles = isinstance(chunk_size, tuple) and chunk_size[1] < V
+    name = "linear_entropy" if tiles else "linear_head"
+    assert fw.count(f"logitkit.{name}_forward.default") == 2, fw
+    assert bw.count(f"logitkit.{name}_backward.default") == 2, bw
 
 
 def test_dtensor_check_does_not_guard_on_its_cache(monkeypatch):
