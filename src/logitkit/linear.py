@@ -12,6 +12,7 @@ the chunking and the choice between computing gradients in forward and recomputi
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 from typing import Any
 
@@ -407,7 +408,9 @@ def validate_linear_head(lib: str, hidden: Any, linear_weight: Any, labels: Any,
     outs = tuple(o for o in core_head.OUTPUTS if o in outputs)
     if labels is None and ("loss" in outs or "logprobs" in outs):
         raise ValueError(f"labels: outputs {outs} need labels ('loss' and 'logprobs' do)")
-    per_token = hasattr(temperature, "shape") and not isinstance(temperature, (float, int))
+    # numbers.Real first: under torch.compile(dynamic=True) a float default is a symbolic float,
+    # on which hasattr / math.isfinite would break the graph
+    per_token = not isinstance(temperature, numbers.Real) and hasattr(temperature, "shape")
     chunk = validate_head(lib, hidden, linear_weight, labels, linear_bias, weight, ignore_index=ignore_index,
                           label_smoothing=label_smoothing, reduction=reduction, z_loss=z_loss, softcap=softcap,
                           temperature=1.0 if per_token else temperature, chunk_size=chunk_size)
@@ -427,7 +430,7 @@ def validate_linear_head(lib: str, hidden: Any, linear_weight: Any, labels: Any,
     if not 0.0 <= b <= 1.0:
         raise ValueError(f"beta: expected a value in [0, 1], got {beta}")
     tt = V.real_scalar("teacher_temperature", teacher_temperature)
-    if not (math.isfinite(tt) and tt > 0):
+    if not (V._finite(tt) and tt > 0):
         raise ValueError(f"teacher_temperature: expected a finite value > 0, got {teacher_temperature}")
     teacher = _check_teacher(lib, hidden, nclass, outs, teacher_hidden, teacher_weight, teacher_bias,
                              teacher_logits, teacher_topk)

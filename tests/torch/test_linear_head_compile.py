@@ -293,6 +293,31 @@ def test_new_batch_size_does_not_recompile(dynamic):
     assert counts[-1] == (1 if dynamic else 2), counts
 
 
+def test_top_level_linear_head_with_symbolic_float_options():
+    """``logitkit.linear_head`` (the framework-agnostic entry) under dynamic=True, with float
+    options that dynamo makes symbolic (an attribute, a default): one graph for every batch size."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+
+    class Head(torch.nn.Module):
+        T = 1.3
+
+        def forward(self, h, y):
+            o = logitkit.linear_head(h, W32, y, outputs=("loss", "logprobs", "entropy"), temperature=self.T,
+                                     label_smoothing=0.05)
+            return o.loss + o.logprobs.sum() + o.entropy.sum()
+
+    m = Head()
+    compiled = torch.compile(m, backend=counter, fullgraph=True, dynamic=True)
+    counts = []
+    for N in (5, 9, 17):
+        D = _data(N, seed=N)
+        torch.testing.assert_close(compiled(D["h"], D["y"]), m(D["h"], D["y"]))
+        counts.append(counter.frame_count)
+    assert counts == [counts[0]] * 3 and counts[0] >= 1, counts  # nothing compiles after the first size
+
+
 @pytest.mark.parametrize("chunk_size", [None, 4, (4, V), (4, 5)])
 def test_linear_entropy_runs_the_heads_operators_for_whole_rows(chunk_size):
     """lt.linear_entropy and logitkit.linear_entropy on torch tensors: whole rows are the fused
