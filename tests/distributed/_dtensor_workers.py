@@ -235,6 +235,33 @@ def check_linear_tp(ctx: Ctx) -> dict:
     res = lt.linear_head(ctx.t(d["h"]), head, ctx.t(d["y"]), label_smoothing=0.1)
     res.loss.backward()
     out["head/loss"], out["head/dW"] = _np(res.loss), _np(head.grad)
+    # every other output with the weight Shard(0): the vocabulary-parallel head, against one process on
+    # the full weight; plain and Replicate-DTensor hidden, a GRPO-like combination of cotangents
+    fields = ("loss", "logprobs", "entropy", "lse", "argmax")
+    for red in ("mean", "none"):
+        for hk in ("plain", "dtensor"):
+            Wv = distribute_tensor(ctx.t(d["W"]), ctx.mesh1, [torch.distributed.tensor.Shard(0)]).requires_grad_()
+            bv = distribute_tensor(ctx.t(d["b"]), ctx.mesh1, [torch.distributed.tensor.Shard(0)]).requires_grad_()
+            hp = ctx.t(d["h"], grad=True)
+            h = hp if hk == "plain" else DTensor.from_local(hp, ctx.mesh1, [Replicate()])
+            ctx.gathers = 0
+            r = lt.linear_head(h, Wv, ctx.t(d["y"]), linear_bias=bv, outputs=fields, label_smoothing=0.1,
+                               temperature=1.5, reduction=red, chunk_size=5)
+            (r.loss.sum() + 0.5 * r.logprobs.sum() - 0.1 * r.entropy.sum() + 0.01 * r.lse.sum()).backward()
+            key = f"vhead/{red}/{hk}"
+            out[key + "/gathers"] = ctx.gathers
+            for f in fields:
+                out[key + "/" + f] = _np(getattr(r, f))
+            out[key + "/dh"], out[key + "/dW"], out[key + "/db"] = _np(hp.grad), _np(Wv.grad), _np(bv.grad)
+            out[key + "/placements"] = str(tuple(r.logprobs.placements)) + str(tuple(Wv.grad.placements))
+        Wf, bf, hf = ctx.t(d["W"], grad=True), ctx.t(d["b"], grad=True), ctx.t(d["h"], grad=True)
+        r = lt.linear_head(hf, Wf, ctx.t(d["y"]), linear_bias=bf, outputs=fields, label_smoothing=0.1,
+                           temperature=1.5, reduction=red)
+        (r.loss.sum() + 0.5 * r.logprobs.sum() - 0.1 * r.entropy.sum() + 0.01 * r.lse.sum()).backward()
+        for f in fields:
+            out[f"vhead/{red}/ref/{f}"] = _np(getattr(r, f))
+        out[f"vhead/{red}/ref/dh"], out[f"vhead/{red}/ref/dW"], out[f"vhead/{red}/ref/db"] = (
+            _np(hf.grad), _np(Wf.grad), _np(bf.grad))
     return out
 
 

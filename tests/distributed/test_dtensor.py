@@ -161,6 +161,17 @@ def test_colwise_parallel_head(results, world):
             assert r[f"sp/{lk}/placements"] == "(Shard(dim=1),)"
         _close(r["head/loss"], cross_entropy64(logits, y, label_smoothing=0.1))
         _close(r["head/dW"], cross_entropy_grad64(logits, y, label_smoothing=0.1).T @ d["h"])
+        # every linear_head output with the weight Shard(0) (vocabulary-parallel head), against one
+        # process on the full weight: values, argmax, and the gradients of a combination of outputs
+        for red in ("mean", "none"):
+            ref = {k[len(f"vhead/{red}/ref/"):]: v for k, v in r.items() if k.startswith(f"vhead/{red}/ref/")}
+            for hk in ("plain", "dtensor"):
+                key = f"vhead/{red}/{hk}"
+                assert r[key + "/gathers"] == 0
+                for f in ("loss", "logprobs", "entropy", "lse", "dh", "dW", "db"):
+                    _close(r[f"{key}/{f}"], ref[f], rtol=1e-10, atol=1e-12)
+                np.testing.assert_array_equal(r[key + "/argmax"], ref["argmax"])
+                assert r[key + "/placements"] == "(Replicate(),)(Shard(dim=0),)", r[key + "/placements"]
 
 
 def test_linear_token_sharded_and_linear_head_outputs(results):

@@ -679,8 +679,9 @@ _LCE_KEYS = frozenset({"linear_bias", "weight", "ignore_index", "label_smoothing
 
 def linear_head(input: Any, linear_weight: Any, labels: Any = None, **kwargs: Any) -> Any:
     """:func:`logitkit.torch.linear_head` with DTensor arguments: the loss alone (any placements above),
-    or every output when the weight is not vocabulary-sharded (per-token outputs keep the labels'
-    token placements). A teacher and a per-token temperature are not supported with DTensors."""
+    or every output (per-token outputs keep the labels' token placements), with a vocabulary-sharded
+    weight through :func:`logitkit.distributed.vocab_parallel_linear_head`. A teacher and a per-token
+    temperature are not supported with DTensors."""
     from .. import linear as _public
 
     outputs = tuple(kwargs.pop("outputs", ("loss",)))
@@ -717,8 +718,7 @@ def linear_head(input: Any, linear_weight: Any, labels: Any = None, **kwargs: An
                          labels_follow=labels is None)
     _no_plain_params(lay, linear_weight, kwargs.get("linear_bias"))
     if lay.vocab is not None:
-        raise NotImplementedError(f"outputs: {outputs} with linear_weight sharded over the vocabulary (mesh dim "
-                                  f"{_dim_name(mesh, lay.vocab)}) are not supported; only ('loss',)")
+        return _vocab_head(input, linear_weight, labels, lay, mesh, outputs, num_items, tok_shape, kwargs)
     dt = _dt()
     gw = [dt.Partial() if i in lay.tokens else dt.Replicate() for i in range(mesh.ndim)]
     loc = dict(kwargs)
@@ -746,6 +746,56 @@ def linear_head(input: Any, linear_weight: Any, labels: Any = None, **kwargs: An
         if res.get(k) is not None and not isinstance(res[k], D):
             res[k] = _wrap_tokens(res[k], lay, tok_shape)
     return _public.HeadOutput(**res)
+
+
+def _vocab_head(input: Any, W: Any, labels: Any, lay: _Layout, mesh: Any, outputs: tuple, num_items: Any,
+                tok_shape: tuple, kwargs: dict) -> Any:
+    """``linear_head`` with ``linear_weight`` ``Shard(0)`` on mesh dim ``lay.vocab``: every output through
+    :func:`logitkit.distributed.vocab_parallel_linear_head` over that dim's group (no gather of the weight
+    or the logits). ``d / d input`` leaves as a ``Partial()`` gradient on that dim, as for the loss."""
+    from .. import linear as _public
+    from ..distributed import vocab_parallel_linear_head
+
+    dt = _dt()
+    D = dt.DTensor
+    i = lay.vocab
+    if lay.gather:
+        raise NotImplementedError(f"outputs: {outputs} with input sharded over the sequence on the vocabulary mesh "
+                                  f"dim {_dim_name(mesh, i)} (sequence parallel) are not supported; only ('loss',)")
+    gw = [dt.Shard(0) if j == i else (dt.Partial() if j in lay.tokens else dt.Replicate()) for j in range(mesh.ndim)]
+    gh = [dt.Partial() if j == i else (dt.Shard(lay.tokens[j]) if j in lay.tokens else dt.Replicate())
+          for j in range(mesh.ndim)]
+    if not isinstance(input, D):
+        # a plain input stands for a replicated one, as in linear_cross_entropy
+        _check_replicated(input, mesh.get_group(i), "input", _dim_name(mesh, i))
+        input = D.from_local(input, mesh, [dt.Replicate()] * mesh.ndim, run_check=False)
+    h, Wl, y = _local(input, gh), _local(W, gw), _local(labels)
+    bl = _local(kwargs.get("linear_bias"), gw)
+    start = _vocab_start(mesh, i, W.shape[0], Wl.shape[0], "linear_weight")
+    loc = {k: v for k, v in kwargs.items() if k != "linear_bias"}
+    loc["weight"] = _replicated("weight", kwargs.get("weight"), mesh)
+    reduction = kwargs.get("reduction", "mean")
+
+    def head(outs: tuple) -> dict:
+        return vocab_parallel_linear_head(h, Wl, y, local_bias=bl, group=mesh.get_group(i), vocab_start=start,
+                                          outputs=outs, reduce_hidden_grad=False, **loc)._asdict()
+
+    if "loss" in outputs and reduction != "none" and (lay.tokens or num_items is not None):
+        # the loss through the token-sharded reduction (global counts); the other outputs per token
+        rest = tuple(o for o in outputs if o != "loss")
+        loss = linear_cross_entropy(input, W, labels, num_items_in_batch=num_items,
+                                    **{k: v for k, v in kwargs.items() if k in _LCE_KEYS})
+        res = head(rest) if rest else {}
+        res["loss"] = loss
+    else:
+        res = head(outputs)
+        if res.get("loss") is not None:
+            res["loss"] = (_wrap_tokens(res["loss"], lay, tok_shape) if reduction == "none" else
+                           D.from_local(res["loss"], mesh, lay.placements(False), run_check=False))
+    for k in ("logprobs", "entropy", "lse", "argmax", "kl"):
+        if res.get(k) is not None and not isinstance(res[k], D):
+            res[k] = _wrap_tokens(res[k], lay, tok_shape)
+    return _public.HeadOutput(**{k: v for k, v in res.items() if k in _public.HeadOutput._fields})
 
 
 def _wrap_tokens(t: Tensor, lay: _Layout, shape: tuple) -> Any:
