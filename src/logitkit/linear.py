@@ -323,9 +323,11 @@ def _check_per_token(lib: str, name: str, x: Any, shape: tuple, *, floating: boo
                          f"dimension), got {tuple(x.shape)}")
 
 
-def _check_teacher(lib: str, hidden: Any, nclass: int, outputs: tuple, teacher_hidden: Any,
-                   teacher_weight: Any, teacher_bias: Any, teacher_logits: Any, teacher_topk: Any) -> Any:
-    lead = tuple(hidden.shape[:-1])
+def teacher_form(outputs: tuple, teacher_hidden: Any, teacher_weight: Any, teacher_bias: Any, teacher_logits: Any,
+                 teacher_topk: Any, holder: str = "") -> Any:
+    """The name of the one teacher form given, or ``None`` when ``'kl'`` is not in ``outputs``; raises
+    for a teacher that is missing, given twice or given without ``'kl'``. ``holder`` ("rank",
+    "device") says, for a vocabulary-parallel caller, that each form is that holder's part."""
     forms = [n for n, v in (("teacher_hidden", teacher_hidden), ("teacher_logits", teacher_logits),
                             ("teacher_topk", teacher_topk)) if v is not None]
     if teacher_hidden is None and (teacher_weight is not None or teacher_bias is not None):
@@ -337,8 +339,17 @@ def _check_teacher(lib: str, hidden: Any, nclass: int, outputs: tuple, teacher_h
             raise ValueError(f"{forms[0]}: a teacher is given but 'kl' is not in outputs {outputs}")
         return None
     if not forms:
-        raise ValueError("outputs: 'kl' needs a teacher: teacher_hidden and teacher_weight, teacher_logits "
-                         "or teacher_topk")
+        rows, cls = (f" (this {holder}'s rows)", f" (this {holder}'s classes)") if holder else ("", "")
+        raise ValueError(f"outputs: 'kl' needs a teacher: teacher_hidden and teacher_weight{rows}, "
+                         f"teacher_logits{cls} or teacher_topk")
+    return forms[0]
+
+
+def _check_teacher(lib: str, hidden: Any, nclass: int, outputs: tuple, teacher_hidden: Any,
+                   teacher_weight: Any, teacher_bias: Any, teacher_logits: Any, teacher_topk: Any) -> Any:
+    lead = tuple(hidden.shape[:-1])
+    if teacher_form(outputs, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk) is None:
+        return None
     if teacher_hidden is not None:
         V.check_logits("teacher_hidden", teacher_hidden)
         if teacher_weight is None:

@@ -188,19 +188,11 @@ def jax_vocab_parallel_linear_head(hidden: Any, local_weight: Any, labels: Any, 
 
 
 def _check_teacher(outs, lead, n, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk):
-    forms = [k for k, v in (("teacher_hidden", teacher_hidden), ("teacher_logits", teacher_logits),
-                            ("teacher_topk", teacher_topk)) if v is not None]
-    if teacher_hidden is None and (teacher_weight is not None or teacher_bias is not None):
-        raise ValueError("teacher_weight: a teacher head needs teacher_hidden too")
-    if len(forms) > 1:
-        raise ValueError(f"{forms[1]}: give one teacher form, not {' and '.join(forms)}")
-    if "kl" not in outs:
-        if forms:
-            raise ValueError(f"{forms[0]}: a teacher is given but 'kl' is not in outputs {outs}")
+    from ..linear import teacher_form
+
+    if teacher_form(outs, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk,
+                    "device") is None:
         return None
-    if not forms:
-        raise ValueError("outputs: 'kl' needs a teacher: teacher_hidden and teacher_weight (this device's rows), "
-                         "teacher_logits (this device's classes) or teacher_topk")
     if teacher_hidden is not None:
         if not is_floating(teacher_hidden.dtype) or tuple(teacher_hidden.shape[:-1]) != lead:
             raise ValueError(f"teacher_hidden: expected a floating array of leading shape {lead}, got "

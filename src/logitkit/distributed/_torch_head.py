@@ -251,19 +251,11 @@ def _tensor(name: str, t: Any) -> None:
 
 def _check_teacher(outs: tuple, lead: tuple, n: int, teacher_hidden: Any, teacher_weight: Any, teacher_bias: Any,
                    teacher_logits: Any, teacher_topk: Any) -> Any:
-    forms = [k for k, v in (("teacher_hidden", teacher_hidden), ("teacher_logits", teacher_logits),
-                            ("teacher_topk", teacher_topk)) if v is not None]
-    if teacher_hidden is None and (teacher_weight is not None or teacher_bias is not None):
-        raise ValueError("teacher_weight: a teacher head needs teacher_hidden too")
-    if len(forms) > 1:
-        raise ValueError(f"{forms[1]}: give one teacher form, not {' and '.join(forms)}")
-    if "kl" not in outs:
-        if forms:
-            raise ValueError(f"{forms[0]}: a teacher is given but 'kl' is not in outputs {outs}")
+    from ..linear import teacher_form
+
+    if teacher_form(outs, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk,
+                    "rank") is None:
         return None
-    if not forms:
-        raise ValueError("outputs: 'kl' needs a teacher: teacher_hidden and teacher_weight (this rank's rows), "
-                         "teacher_logits (this rank's classes) or teacher_topk")
     if teacher_hidden is not None:
         _tensor("teacher_hidden", teacher_hidden)
         V.check_logits("teacher_hidden", teacher_hidden)
