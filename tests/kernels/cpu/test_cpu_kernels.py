@@ -465,13 +465,14 @@ def test_softcap_plus_inf_is_finite(dt):
 
 
 def test_small_inputs_start_no_parallel_region():
-    # below 2 * 2**17 elements every stage runs the serial variant: no thread pool is started
+    # below 2 * cpu._MIN_PER_THREAD (2**17) elements every stage runs the serial variant: no pool starts
     code = (
         "import json, numpy as np\n"
         "from logitkit.kernels import cpu\n"
         "from numba.np.ufunc import parallel\n"
-        "x = np.random.default_rng(0).standard_normal((256, 1000)).astype(np.float32)\n"
-        "y = np.arange(256) % 1000\n"
+        "assert 128 * 1000 < 2 * cpu._MIN_PER_THREAD\n"
+        "x = np.random.default_rng(0).standard_normal((128, 1000)).astype(np.float32)\n"
+        "y = np.arange(128) % 1000\n"
         "ce, m, r, g = cpu.ce_forward_backward(x, y, 1.0, None)\n"
         "cpu.ce_backward(x, y, m, r, 1.0, None, softcap=3.0)\n"
         "cpu.ce_forward(x.astype(np.float16), y)\n"
