@@ -323,6 +323,34 @@ def _check_per_token(lib: str, name: str, x: Any, shape: tuple, *, floating: boo
                          f"dimension), got {tuple(x.shape)}")
 
 
+def divergence_options(divergence: Any, beta: Any, teacher_temperature: Any) -> tuple:
+    """``(beta, teacher_temperature)`` as floats once ``divergence``, ``beta`` in [0, 1] and a finite
+    ``teacher_temperature`` > 0 are checked (each error names its argument)."""
+    if divergence not in core_head.DIVERGENCES:
+        raise ValueError(f"divergence: expected one of {core_head.DIVERGENCES}, got {divergence!r}")
+    b = V.real_scalar("beta", beta)
+    if not 0.0 <= b <= 1.0:
+        raise ValueError(f"beta: expected a value in [0, 1], got {beta}")
+    tt = V.real_scalar("teacher_temperature", teacher_temperature)
+    if not (V._finite(tt) and tt > 0):
+        raise ValueError(f"teacher_temperature: expected a finite value > 0, got {teacher_temperature}")
+    return b, tt
+
+
+def resolve_divergence(divergence: str, beta: float, teacher: Any) -> str:
+    """The divergence computed: ``"jsd"`` at ``beta`` 0 / 1 is ``"kl"`` / ``"reverse_kl"`` (TRL's GKD
+    and Liger-Kernel special-case both ends); a reverse KL against a top-k ``teacher`` (a tuple
+    whose first item is its kind) is infinite and raises."""
+    div = divergence
+    if div == "jsd" and beta in (0.0, 1.0):
+        div = "kl" if beta == 0.0 else "reverse_kl"
+    if teacher is not None and teacher[0] == "topk" and div == "reverse_kl":
+        raise ValueError(f"divergence: {divergence!r}" + (f" with beta={beta}" if divergence == "jsd" else "") +
+                         " is infinite against a top-k teacher (the renormalized teacher puts no mass outside "
+                         "its k classes, the student does); use 'kl' or 'jsd' with beta < 1")
+    return div
+
+
 def teacher_form(outputs: tuple, teacher_hidden: Any, teacher_weight: Any, teacher_bias: Any, teacher_logits: Any,
                  teacher_topk: Any, holder: str = "") -> Any:
     """The name of the one teacher form given, or ``None`` when ``'kl'`` is not in ``outputs``; raises
@@ -435,23 +463,10 @@ def validate_linear_head(lib: str, hidden: Any, linear_weight: Any, labels: Any,
             raise ValueError("temperature: expected finite values > 0 for every token, got "
                              f"{float(arr.reshape(-1)[np.flatnonzero(~(np.isfinite(arr) & (arr > 0)))[0]])}")
         temp = temperature
-    if divergence not in core_head.DIVERGENCES:
-        raise ValueError(f"divergence: expected one of {core_head.DIVERGENCES}, got {divergence!r}")
-    b = V.real_scalar("beta", beta)
-    if not 0.0 <= b <= 1.0:
-        raise ValueError(f"beta: expected a value in [0, 1], got {beta}")
-    tt = V.real_scalar("teacher_temperature", teacher_temperature)
-    if not (V._finite(tt) and tt > 0):
-        raise ValueError(f"teacher_temperature: expected a finite value > 0, got {teacher_temperature}")
+    b, tt = divergence_options(divergence, beta, teacher_temperature)
     teacher = _check_teacher(lib, hidden, nclass, outs, teacher_hidden, teacher_weight, teacher_bias,
                              teacher_logits, teacher_topk)
-    div = divergence
-    if div == "jsd" and b in (0.0, 1.0):
-        div = "kl" if b == 0.0 else "reverse_kl"  # TRL's GKD and Liger-Kernel special-case both ends
-    if teacher is not None and teacher[0] == "topk" and div == "reverse_kl":
-        raise ValueError(f"divergence: {divergence!r}" + (f" with beta={b}" if divergence == "jsd" else "") +
-                         " is infinite against a top-k teacher (the renormalized teacher puts no mass outside "
-                         "its k classes, the student does); use 'kl' or 'jsd' with beta < 1")
+    div = resolve_divergence(divergence, b, teacher)
     num_items = None
     if num_items_in_batch is not None:
         if "loss" not in outs or reduction != "mean":

@@ -8,6 +8,7 @@ from typing import Any
 from .. import _validate as V
 from .._namespace import dtype_name, is_floating, is_integer
 from ..core import linear_head as core_head
+from ..linear import divergence_options, resolve_divergence, teacher_form
 from ..core.logsumexp import transform, transform_grad_factor
 from . import stages
 
@@ -115,23 +116,10 @@ def jax_vocab_parallel_linear_head(hidden: Any, local_weight: Any, labels: Any, 
     nV = P * n if vocab_size is None else vocab_size
     if weight is not None and (weight.ndim != 1 or weight.shape[0] != nV or not is_floating(weight.dtype)):
         raise ValueError(f"weight: expected floating global class weights of shape ({nV},), got {tuple(weight.shape)}")
-    if divergence not in core_head.DIVERGENCES:
-        raise ValueError(f"divergence: expected one of {core_head.DIVERGENCES}, got {divergence!r}")
-    bb = V.real_scalar("beta", beta)
-    if not 0.0 <= bb <= 1.0:
-        raise ValueError(f"beta: expected a value in [0, 1], got {beta}")
-    tt = V.real_scalar("teacher_temperature", teacher_temperature)
-    if not (math.isfinite(tt) and tt > 0):
-        raise ValueError(f"teacher_temperature: expected a finite value > 0, got {teacher_temperature}")
+    bb, tt = divergence_options(divergence, beta, teacher_temperature)
     teacher = _check_teacher(outs, lead, n, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
                              teacher_topk)
-    div = divergence
-    if div == "jsd" and bb in (0.0, 1.0):
-        div = "kl" if bb == 0.0 else "reverse_kl"
-    if teacher is not None and teacher[0] == "topk" and div == "reverse_kl":
-        raise ValueError(f"divergence: {divergence!r}" + (f" with beta={bb}" if divergence == "jsd" else "") +
-                         " is infinite against a top-k teacher (the renormalized teacher puts no mass outside "
-                         "its k classes, the student does); use 'kl' or 'jsd' with beta < 1")
+    div = resolve_divergence(divergence, bb, teacher)
     num_items = None
     if num_items_in_batch is not None:
         if "loss" not in outs or reduction != "mean":
@@ -188,8 +176,6 @@ def jax_vocab_parallel_linear_head(hidden: Any, local_weight: Any, labels: Any, 
 
 
 def _check_teacher(outs, lead, n, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk):
-    from ..linear import teacher_form
-
     if teacher_form(outs, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk,
                     "device") is None:
         return None

@@ -10,6 +10,7 @@ import torch
 from .. import _validate as V
 from .._namespace import TORCH, acc_dtype, dtype_name, get_namespace, is_floating, is_integer
 from ..core import linear_head as core_head
+from ..linear import divergence_options, resolve_divergence, teacher_form
 from ..core.logsumexp import transform, transform_grad_factor
 from . import stages
 from ._torch import TorchCollectives, _agree, _check_common, _chunks, _head_logits, _local_weight, _options
@@ -251,8 +252,6 @@ def _tensor(name: str, t: Any) -> None:
 
 def _check_teacher(outs: tuple, lead: tuple, n: int, teacher_hidden: Any, teacher_weight: Any, teacher_bias: Any,
                    teacher_logits: Any, teacher_topk: Any) -> Any:
-    from ..linear import teacher_form
-
     if teacher_form(outs, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk,
                     "rank") is None:
         return None
@@ -459,23 +458,10 @@ def vocab_parallel_linear_head(hidden: torch.Tensor, local_weight: torch.Tensor,
                     raise ValueError(f"temperature: expected finite values > 0 for every token, got "
                                      f"{float(temperature.reshape(-1)[bad.reshape(-1)][0])}")
             temp = temperature.detach().reshape(-1)
-        if divergence not in core_head.DIVERGENCES:
-            raise ValueError(f"divergence: expected one of {core_head.DIVERGENCES}, got {divergence!r}")
-        bb = V.real_scalar("beta", beta)
-        if not 0.0 <= bb <= 1.0:
-            raise ValueError(f"beta: expected a value in [0, 1], got {beta}")
-        tt = V.real_scalar("teacher_temperature", teacher_temperature)
-        if not (math.isfinite(tt) and tt > 0):
-            raise ValueError(f"teacher_temperature: expected a finite value > 0, got {teacher_temperature}")
+        bb, tt = divergence_options(divergence, beta, teacher_temperature)
         teacher = _check_teacher(outs, lead, n, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
                                  teacher_topk)
-        div = divergence
-        if div == "jsd" and bb in (0.0, 1.0):
-            div = "kl" if bb == 0.0 else "reverse_kl"
-        if teacher is not None and teacher[0] == "topk" and div == "reverse_kl":
-            raise ValueError(f"divergence: {divergence!r}" + (f" with beta={bb}" if divergence == "jsd" else "") +
-                             " is infinite against a top-k teacher (the renormalized teacher puts no mass outside "
-                             "its k classes, the student does); use 'kl' or 'jsd' with beta < 1")
+        div = resolve_divergence(divergence, bb, teacher)
         num_items = None
         if num_items_in_batch is not None:
             if "loss" not in outs or reduction != "mean":
