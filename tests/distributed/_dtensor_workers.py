@@ -238,7 +238,8 @@ def check_linear_tp(ctx: Ctx) -> dict:
     # every other output with the weight Shard(0): the vocabulary-parallel head, against one process on
     # the full weight; plain and Replicate-DTensor hidden, a GRPO-like combination of cotangents
     fields = ("loss", "logprobs", "entropy", "lse", "argmax")
-    for red in ("mean", "none"):
+    for red in ("mean", "none", "num_items"):
+        extra = dict(reduction="mean", num_items_in_batch=N + 3) if red == "num_items" else dict(reduction=red)
         for hk in ("plain", "dtensor"):
             Wv = distribute_tensor(ctx.t(d["W"]), ctx.mesh1, [torch.distributed.tensor.Shard(0)]).requires_grad_()
             bv = distribute_tensor(ctx.t(d["b"]), ctx.mesh1, [torch.distributed.tensor.Shard(0)]).requires_grad_()
@@ -246,7 +247,7 @@ def check_linear_tp(ctx: Ctx) -> dict:
             h = hp if hk == "plain" else DTensor.from_local(hp, ctx.mesh1, [Replicate()])
             ctx.gathers = 0
             r = lt.linear_head(h, Wv, ctx.t(d["y"]), linear_bias=bv, outputs=fields, label_smoothing=0.1,
-                               temperature=1.5, reduction=red, chunk_size=5)
+                               temperature=1.5, chunk_size=5, **extra)
             (r.loss.sum() + 0.5 * r.logprobs.sum() - 0.1 * r.entropy.sum() + 0.01 * r.lse.sum()).backward()
             key = f"vhead/{red}/{hk}"
             out[key + "/gathers"] = ctx.gathers
@@ -256,7 +257,7 @@ def check_linear_tp(ctx: Ctx) -> dict:
             out[key + "/placements"] = str(tuple(r.logprobs.placements)) + str(tuple(Wv.grad.placements))
         Wf, bf, hf = ctx.t(d["W"], grad=True), ctx.t(d["b"], grad=True), ctx.t(d["h"], grad=True)
         r = lt.linear_head(hf, Wf, ctx.t(d["y"]), linear_bias=bf, outputs=fields, label_smoothing=0.1,
-                           temperature=1.5, reduction=red)
+                           temperature=1.5, **extra)
         (r.loss.sum() + 0.5 * r.logprobs.sum() - 0.1 * r.entropy.sum() + 0.01 * r.lse.sum()).backward()
         for f in fields:
             out[f"vhead/{red}/ref/{f}"] = _np(getattr(r, f))

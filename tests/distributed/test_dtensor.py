@@ -163,7 +163,7 @@ def test_colwise_parallel_head(results, world):
         _close(r["head/dW"], cross_entropy_grad64(logits, y, label_smoothing=0.1).T @ d["h"])
         # every linear_head output with the weight Shard(0) (vocabulary-parallel head), against one
         # process on the full weight: values, argmax, and the gradients of a combination of outputs
-        for red in ("mean", "none"):
+        for red in ("mean", "none", "num_items"):  # num_items: mean with num_items_in_batch = N + 3
             ref = {k[len(f"vhead/{red}/ref/"):]: v for k, v in r.items() if k.startswith(f"vhead/{red}/ref/")}
             for hk in ("plain", "dtensor"):
                 key = f"vhead/{red}/{hk}"

@@ -776,19 +776,20 @@ def _vocab_head(input: Any, W: Any, labels: Any, lay: _Layout, mesh: Any, output
     loc["weight"] = _replicated("weight", kwargs.get("weight"), mesh)
     reduction = kwargs.get("reduction", "mean")
 
-    def head(outs: tuple) -> dict:
+    def head(outs: tuple, n: Any = None) -> dict:
         return vocab_parallel_linear_head(h, Wl, y, local_bias=bl, group=mesh.get_group(i), vocab_start=start,
-                                          outputs=outs, reduce_hidden_grad=False, **loc)._asdict()
+                                          outputs=outs, reduce_hidden_grad=False, num_items_in_batch=n,
+                                          **loc)._asdict()
 
-    if "loss" in outputs and reduction != "none" and (lay.tokens or num_items is not None):
+    if "loss" in outputs and reduction != "none" and lay.tokens:
         # the loss through the token-sharded reduction (global counts); the other outputs per token
         rest = tuple(o for o in outputs if o != "loss")
         loss = linear_cross_entropy(input, W, labels, num_items_in_batch=num_items,
                                     **{k: v for k, v in kwargs.items() if k in _LCE_KEYS})
         res = head(rest) if rest else {}
         res["loss"] = loss
-    else:
-        res = head(outputs)
+    else:  # every token on every rank of the vocabulary dim: one pass, num_items_in_batch included
+        res = head(outputs, num_items)
         if res.get("loss") is not None:
             res["loss"] = (_wrap_tokens(res["loss"], lay, tok_shape) if reduction == "none" else
                            D.from_local(res["loss"], mesh, lay.placements(False), run_check=False))
