@@ -177,3 +177,27 @@ def test_argument_errors_and_empty_batch():
     assert e_lse.shape == e_lp.shape == e_ent.shape == (0,)
     _, no_lp, _, _, _ = LH.linear_head_forward(h, W)  # no labels: no logprobs, nothing ignored
     assert no_lp is None
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_smoothing_cotangent_gives_the_cross_entropy_gradient(weighted):
+    """g_smooth (of -sum_c w_c z_c) with g_lp and g_lse: the gradient of weighted, smoothed CE."""
+    N, H, V, eps = 9, 16, 40, 0.2
+    h, W, b, y = _problem(N, H, V, torch.float32, seed=4, bias=True)
+    g = torch.Generator().manual_seed(8)
+    w = torch.rand(V, generator=g, dtype=torch.float64) + 0.5 if weighted else None
+    gce = torch.randn(N, generator=g, dtype=torch.float64)
+    opt = dict(softcap=4.0, temperature=0.9)
+    lse, lp, ent, m, r = LH.linear_head_forward(h, W, y, b, **opt)
+    keep = y != -100
+    wy = (w[torch.where(keep, y, 0)] if weighted else torch.ones(N, dtype=torch.float64)) * keep
+    wsum = float(w.sum()) if weighted else float(V)
+    f = lambda t: t.to(torch.float32)  # noqa: E731
+    dh, dW, db = LH.linear_head_backward(h, W, y, m, r, None, f(gce * (eps / V) * wsum), f(-gce * (1 - eps) * wy),
+                                         None, b, g_smooth=f(gce * (eps / V)), weight=w, **opt)
+    h64, W64, b64 = (t.detach().double().requires_grad_(True) for t in (h, W, b))
+    z = _logits64(h64, W64, b64, **opt)
+    ce = torch.nn.functional.cross_entropy(z, y, weight=w, label_smoothing=eps, reduction="none")
+    want = torch.autograd.grad((gce * ce).sum(), (h64, W64, b64))
+    assert _rel(dh, want[0]) <= 3e-6 and _rel(dW, want[1]) <= 3e-6 and _rel(db, want[2]) <= 3e-6
+    assert (dh[1] == 0).all() and (dh[6] == 0).all()

@@ -15,7 +15,10 @@ merges the slices: ``lse = m + r``, ``logprobs = (z_y - m) - r``, ``entropy = r 
 Backward of ``sum g_lse lse + g_lp logprobs + g_ent entropy`` recomputes the logits chunk by chunk:
 ``dz = g_lse p + g_lp (onehot - p) - g_ent p (ls + entropy)`` (``onehot - p`` at the label as
 ``-expm1(ls_y)``), times the transform's derivative, then ``dW``, ``dhidden`` and ``dbias`` by the
-kernels of :mod:`.linear_ce`.
+kernels of :mod:`.linear_ce`. One more optional cotangent, ``g_smooth`` of ``-sum_c w_c z_c`` (label
+smoothing's class sum, class weights ``w`` optional), adds ``-g_smooth w_c`` to ``dz``: with it the
+cross-entropy of :mod:`.linear_ce` (weights, smoothing) is a combination of these cotangents, so a
+loss with any other outputs takes one backward pass.
 
 Ignored rows (``labels == ignore_index``) give 0 in every output and no gradient; a bad label gives
 NaN ``logprobs`` for its row and sets the device flag (:mod:`._labels`). Without ``labels`` no row is
@@ -38,6 +41,7 @@ from ._math import _exp, _expm1, _finish_r, _merge_lanes, _scalar, _transform, _
 from .ce import _flag_bad, _row_scale, label_flag
 from .linear_ce import (_check, _lce_dh_kernel, _lce_dw_kernel, _logit_tile, _num_sms, _tiles,
                         _upcast)
+from .linear_ce import linear_ce_backward, linear_ce_forward  # noqa: F401  (the loss, for torch.head)
 
 __all__ = ["linear_head_forward", "linear_head_backward"]
 
@@ -140,11 +144,12 @@ def _lh_combine_kernel(PM, PT, PA, PY, LABELS, LSE, LP, ENT, M_OUT, R_OUT, FLAG,
 
 
 @triton.jit
-def _lh_dz_kernel(Hd, Wt, Bias, LABELS, M_IN, R_IN, ENT, GLSE, GLP, GENT, DZ,
-                  N, V, H, c0, c1, stride_h, stride_w, stride_dz, s_lse, s_lp, s_ent, ignore_index,
+def _lh_dz_kernel(Hd, Wt, Bias, LABELS, M_IN, R_IN, ENT, GLSE, GLP, GENT, GSM, CW, DZ,
+                  N, V, H, c0, c1, stride_h, stride_w, stride_dz, s_lse, s_lp, s_ent, s_sm, ignore_index,
                   cap_hi, cap_lo, it_hi, it_lo,
                   HAS_BIAS: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_GLSE: tl.constexpr,
-                  HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                  HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr, HAS_GSM: tl.constexpr,
+                  HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                   HAS_TEMP: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, IS_F64: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     NEG: tl.constexpr = float("-inf")
@@ -189,6 +194,13 @@ def _lh_dz_kernel(Hd, Wt, Bias, LABELS, M_IN, R_IN, ENT, GLSE, GLP, GENT, DZ,
             dz -= g_lp[:, None] * tl.where(is_y, _expm1(d, IS_F64), p)
     else:
         ignored = row_ok == 0
+    if HAS_GSM:
+        # the cotangent of -sum_c w_c z_c (label smoothing's class sum): its gradient is -w_c
+        g_sm = tl.load(GSM + r64 * s_sm, mask=row_ok, other=0.0).to(ACC)
+        if HAS_WEIGHT:
+            dz -= g_sm[:, None] * tl.load(CW + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+        else:
+            dz -= g_sm[:, None]
     if HAS_SOFTCAP or HAS_TEMP:
         dz = dz * fac
     ok = row_ok[:, None] & col_ok[None, :]
@@ -196,16 +208,17 @@ def _lh_dz_kernel(Hd, Wt, Bias, LABELS, M_IN, R_IN, ENT, GLSE, GLP, GENT, DZ,
     tl.store(DZ + r64[:, None] * stride_dz + lcols[None, :], dz.to(DZ.dtype.element_ty), mask=ok)
 
 
-def _validated(hidden, linear_weight, labels, linear_bias, softcap, temperature):
-    """linear_ce's checks (labels optional here); returns what it returns, labels ``None`` if absent."""
+def _validated(hidden, linear_weight, labels, linear_bias, softcap, temperature, weight=None):
+    """linear_ce's checks (labels optional here); returns what it returns, labels ``None`` if absent,
+    and the class weights in the accumulation dtype (or ``None``)."""
     has_labels = labels is not None
     if not has_labels:
         if not isinstance(hidden, torch.Tensor) or hidden.ndim != 2:
             raise ValueError("hidden: expected a 2-D torch.Tensor")
         labels = torch.zeros(hidden.shape[0], dtype=torch.int64, device=hidden.device)
-    out = _check(hidden, linear_weight, labels, linear_bias, None, 0.0, softcap, temperature)
-    hidden, lw, labels, bias, _w, _ws, N, H, V, acc = out
-    return hidden, lw, labels if has_labels else None, bias, N, H, V, acc
+    out = _check(hidden, linear_weight, labels, linear_bias, weight, 0.0, softcap, temperature)
+    hidden, lw, labels, bias, w, _ws, N, H, V, acc = out
+    return hidden, lw, labels if has_labels else None, bias, N, H, V, acc, w
 
 
 def linear_head_forward(hidden, linear_weight, labels=None, linear_bias=None, *, ignore_index=-100,
@@ -219,8 +232,8 @@ def linear_head_forward(hidden, linear_weight, labels=None, linear_bias=None, *,
 
     >>> lse, lp, ent, m, r = linear_head_forward(h, W, y)   # doctest: +SKIP
     """
-    hidden, lw, labels, bias, N, H, V, acc = _validated(hidden, linear_weight, labels, linear_bias, softcap,
-                                                         temperature)
+    hidden, lw, labels, bias, N, H, V, acc, _ = _validated(hidden, linear_weight, labels, linear_bias, softcap,
+                                                            temperature)
     dev = hidden.device
     has_labels = labels is not None
     lse = torch.empty(N, dtype=acc, device=dev)
@@ -264,9 +277,15 @@ def linear_head_forward(hidden, linear_weight, labels=None, linear_bias=None, *,
 
 
 def linear_head_backward(hidden, linear_weight, labels, m, r, entropy, g_lse, g_logprobs, g_entropy,
-                         linear_bias=None, *, ignore_index=-100, softcap=None, temperature=1.0):
-    """Gradients of ``sum_i g_lse[i] lse[i] + g_logprobs[i] logprobs[i] + g_entropy[i] entropy[i]``.
+                         linear_bias=None, *, ignore_index=-100, softcap=None, temperature=1.0,
+                         g_smooth=None, weight=None):
+    """Gradients of ``sum_i g_lse[i] lse[i] + g_logprobs[i] logprobs[i] + g_entropy[i] entropy[i]``
+    ``+ g_smooth[i] s[i]``, where ``s = -sum_c weight_c z_c`` (``weight_c = 1`` without ``weight``).
 
+    ``s`` is the class sum of label smoothing: a cross-entropy row ``(1 - eps) w_y (-logprobs) +
+    (eps / V) (sum_c w_c lse + s)`` is this objective with ``g_logprobs = -(1 - eps) w_y g``,
+    ``g_lse = (eps / V) sum(w) g`` and ``g_smooth = (eps / V) g``, so any mixture of the loss and
+    the other outputs takes one backward pass (:mod:`logitkit.torch.head` uses it that way).
     ``m, r, entropy``: from :func:`linear_head_forward` (``entropy`` may be ``None`` when
     ``g_entropy`` is); each ``g_*`` is ``(N,)``, a scalar, or ``None`` for an output that receives
     no gradient (``g_logprobs`` needs ``labels``). Returns ``(dhidden, dlinear_weight,
@@ -276,8 +295,8 @@ def linear_head_backward(hidden, linear_weight, labels, m, r, entropy, g_lse, g_
 
     >>> dh, dW, db = linear_head_backward(h, W, y, m, r, ent, None, g_lp, 0.01)   # doctest: +SKIP
     """
-    hidden, lw, labels, bias, N, H, V, acc = _validated(hidden, linear_weight, labels, linear_bias, softcap,
-                                                         temperature)
+    hidden, lw, labels, bias, N, H, V, acc, cw = _validated(hidden, linear_weight, labels, linear_bias, softcap,
+                                                             temperature, weight)
     dev = hidden.device
     if g_logprobs is not None and labels is None:
         raise ValueError("g_logprobs: needs labels")
@@ -293,7 +312,8 @@ def linear_head_backward(hidden, linear_weight, labels, m, r, entropy, g_lse, g_
     m, r = stat(m, "m"), stat(r, "r")
     ent = stat(entropy, "entropy") if g_entropy is not None else m
     gs = [(None, 0) if g is None else _row_scale(g, N, dev, name)
-          for g, name in ((g_lse, "g_lse"), (g_logprobs, "g_logprobs"), (g_entropy, "g_entropy"))]
+          for g, name in ((g_lse, "g_lse"), (g_logprobs, "g_logprobs"), (g_entropy, "g_entropy"),
+                          (g_smooth, "g_smooth"))]
     dw = torch.empty_like(lw, memory_format=torch.contiguous_format)
     db32 = torch.empty(V, dtype=acc, device=dev) if bias is not None else None
     if N == 0 or V == 0 or H == 0 or all(g is None for g, _ in gs):
@@ -313,18 +333,19 @@ def linear_head_backward(hidden, linear_weight, labels, m, r, entropy, g_lse, g_
     ieee = hidden.dtype in (torch.float32, torch.float64)
     is64 = hidden.dtype == torch.float64
     warps = 8 if BM * BN >= 128 * 128 else 4
-    (gl, sl), (gp, sp_), (ge, se) = gs
+    (gl, sl), (gp, sp_), (ge, se), (gs_, ss) = gs
     for i, c0 in enumerate(range(0, V, vc)):
         c1 = min(c0 + vc, V)
         width = c1 - c0
         _lh_dz_kernel[(triton.cdiv(N, BM), triton.cdiv(width, BN))](
             hidden, lw, bias if bias is not None else dummy, labels if labels is not None else dummy,
             m, r, ent, gl if gl is not None else dummy, gp if gp is not None else dummy,
-            ge if ge is not None else dummy, dz, N, V, H, c0, c1, hidden.stride(0), lw.stride(0),
-            dz.stride(0), sl, sp_, se, int(ignore_index),
+            ge if ge is not None else dummy, gs_ if gs_ is not None else dummy, cw if cw is not None else dummy,
+            dz, N, V, H, c0, c1, hidden.stride(0), lw.stride(0), dz.stride(0), sl, sp_, se, ss, int(ignore_index),
             *split64(float(softcap) if softcap is not None else 1.0), *split64(1.0 / float(temperature)),
             HAS_BIAS=bias is not None, HAS_LABELS=labels is not None, HAS_GLSE=gl is not None,
-            HAS_GLP=gp is not None, HAS_GENT=ge is not None, HAS_SOFTCAP=softcap is not None,
+            HAS_GLP=gp is not None, HAS_GENT=ge is not None, HAS_GSM=gs_ is not None,
+            HAS_WEIGHT=cw is not None, HAS_SOFTCAP=softcap is not None,
             HAS_TEMP=float(temperature) != 1.0, IEEE=ieee, UPCAST=_upcast(hidden), IS_F64=is64,
             BM=BM, BN=BN, BK=BK, num_warps=warps)
         _lce_dw_kernel[(triton.cdiv(width, BN), triton.cdiv(H, BH))](
