@@ -9,6 +9,24 @@ by chunk (four matrix products, five with a teacher head). Saved for backward: t
 few numbers per token, never an ``N×V`` tensor. ``outputs=("loss",)`` with a scalar temperature
 never reaches this module (it is :func:`logitkit.torch.linear_cross_entropy`).
 
+Which route runs where, inside the operators' bodies (:func:`_head_forward`, :func:`_head_backward`):
+
+* CUDA tensors with Triton installed, outputs drawn from ``loss`` / ``logprobs`` / ``entropy`` /
+  ``lse``, no teacher, a scalar temperature: the Triton kernels, the logits never in memory
+  (:func:`_triton_head` chooses). Forward is one launch over the head: the head kernel of
+  :mod:`logitkit.kernels.triton.linear_head` (lse, logprobs, entropy; an unsmoothed loss, class
+  weights included, is ``-w_y logprobs``), or the loss kernel of
+  :mod:`logitkit.kernels.triton.linear_ce` for a loss alone (with ``lse``); a smoothed loss with
+  logprobs or entropy takes both (two passes). Backward is one pass: the loss kernel's for the loss
+  alone, the head kernel's for every other mixture (the loss's cotangent spread over logprobs, lse
+  and the smoothing sum; z-loss arrives as the cotangent of ``lse``). Class weights, label smoothing,
+  softcap, ``ignore_index`` and z-loss are all covered. A bad label gives a NaN row and raises at a
+  later call through the deferred check of :mod:`logitkit.kernels.triton._labels`, whose poll runs
+  before each forward launch here.
+* Everything else — CPU tensors, ``argmax``, ``kl`` (any teacher), per-token temperatures, no
+  Triton — runs the chunk driver (numba row pass on CPU, torch ops on CUDA). Both routes give the
+  same per-row values: accumulation dtype, ignored rows 0 (``m, r`` included), ``lse = m + r``.
+
 Under ``torch.compile`` the chunk driver (its host-side planning of the rows not ignored, numba)
 stays inside two custom operators, ``logitkit::linear_head_forward`` and
 ``logitkit::linear_head_backward``, whose fake implementations give the outputs' shapes from the
@@ -39,6 +57,7 @@ from .. import _validate
 from .. import linear as _public
 from .._namespace import TORCH, get_namespace
 from ..core import linear_head as core_head
+from ..kernels.triton import _labels as _triton_labels  # imports torch only, not triton
 from . import _dtensor
 from .linear import (TorchOps, _acc, _call, _chunk_args, _chunk_size, _grads_fake, _none_empty, _op, _plain,
                      _rows)
@@ -114,6 +133,108 @@ def _runtime_checks(h2: Tensor, V: int, lab: Optional[Tensor], ii: int, temp: Op
 
 
 # ----------------------------------------------------------------------------------------------
+# the Triton route (CUDA tensors)
+
+_TRITON_OUTPUTS = frozenset(("loss", "logprobs", "entropy", "lse"))
+
+
+def _triton_supported(h2: Tensor, W: Tensor, spec: core_head.HeadSpec, kind: str, temp: Optional[Tensor]) -> bool:
+    """Whether the Triton kernels compute this call exactly: outputs among loss / logprobs /
+    entropy / lse, no teacher, a scalar temperature, one dtype, a non-empty problem."""
+    return (kind == "none" and temp is None and _TRITON_OUTPUTS.issuperset(spec.outputs)
+            and W.dtype == h2.dtype and h2.shape[0] > 0 and W.shape[0] > 0)
+
+
+def _triton_head(h2: Tensor, W: Tensor, spec: core_head.HeadSpec, kind: str, temp: Optional[Tensor]) -> Any:
+    """The Triton head kernels (:mod:`logitkit.kernels.triton.linear_head`, which also carries the
+    loss kernels of :mod:`~logitkit.kernels.triton.linear_ce`) for this call, or ``None``: the
+    chunk driver on torch ops (CPU tensors, Triton missing or forced to the core, or a call they
+    do not cover, see :func:`_triton_supported`)."""
+    if not h2.is_cuda or not _triton_supported(h2, W, spec, kind, temp):
+        return None
+    from ..kernels import registry
+
+    if registry._forced_core[0]:
+        return None
+    try:
+        from ..kernels.triton import linear_head as tri
+    except Exception:  # no triton / no GPU toolchain
+        return None
+    return tri
+
+
+def _triton_forward(tri: Any, spec: core_head.HeadSpec, h2: Tensor, W: Tensor, bias: Optional[Tensor],
+                    lab: Optional[Tensor], weight: Optional[Tensor]) -> dict:
+    """Per-row values as :meth:`HeadRun.forward` gives them (ignored rows 0, ``m, r`` included),
+    plus ``lse`` when needed, from one pass over the head (two for a smoothed loss with logprobs
+    or entropy: the smoothing sum is the loss kernel's)."""
+    o = spec.outputs
+    ii, eps = spec.ignore_index, spec.label_smoothing
+    opts = dict(ignore_index=ii, softcap=spec.softcap, temperature=spec.temperature)
+    want_lp, want_ent = "logprobs" in o, "entropy" in o
+    # the loss kernel for a loss alone, or for one the head kernel cannot give (smoothing)
+    use_ce = "loss" in o and (eps > 0.0 or not (want_lp or want_ent))
+    rows = {}
+    if use_ce:
+        rows["ce"], m, r = tri.linear_ce_forward(h2, W, lab, bias, weight=weight, label_smoothing=eps, **opts)
+        lse = m + r
+    if not use_ce or want_lp or want_ent:
+        lse, lp, ent, m, r = tri.linear_head_forward(h2, W, lab, bias, **opts)
+        if want_lp:
+            rows["lp"] = lp
+        if want_ent:
+            rows["ent"] = ent
+        if "loss" in o and not use_ce:
+            # no smoothing: ce = w_y (-logprobs), the loss kernel's formula for eps = 0 (NaN for a bad label)
+            nll = -lp
+            if weight is not None:
+                V = W.shape[0]
+                safe = torch.where((lab >= 0) & (lab < V), lab, 0)
+                nll = weight.to(nll.dtype)[safe] * nll
+            rows["ce"] = torch.where(lab != ii, nll, 0.0)
+    if lab is not None:
+        keep = lab != ii
+        m, r = torch.where(keep, m, 0.0), torch.where(keep, r, 0.0)  # the driver never visits ignored rows
+        if "lse" in o or spec.need_lse:
+            lse = torch.where(keep, lse, 0.0)
+    rows["m"], rows["r"] = m, r
+    if "lse" in o or spec.need_lse:
+        rows["lse"] = lse
+    return rows
+
+
+def _triton_backward(tri: Any, spec: core_head.HeadSpec, h2: Tensor, W: Tensor, bias: Optional[Tensor],
+                     lab: Optional[Tensor], weight: Optional[Tensor], m: Tensor, r: Tensor, ent: Optional[Tensor],
+                     g_ce: Optional[Tensor], g_lse: Optional[Tensor], g_lp: Optional[Tensor],
+                     g_ent: Optional[Tensor]) -> tuple:
+    """``(dh, dW, db)`` of ``Σ g·value`` on the Triton kernels, one backward pass: the loss kernel's
+    for the loss alone, else the head kernel's, the loss's cotangent spread over ``g_lp``, ``g_lse``
+    and ``g_smooth`` (see :func:`logitkit.kernels.triton.linear_head.linear_head_backward`)."""
+    ii, eps = spec.ignore_index, spec.label_smoothing
+    opts = dict(ignore_index=ii, softcap=spec.softcap, temperature=spec.temperature)
+    if g_ce is not None and g_lse is None and g_lp is None and g_ent is None:
+        dh, dw, db, _ = tri.linear_ce_backward(h2, W, lab, m, r, g_ce, None, bias, weight=weight,
+                                               label_smoothing=eps, **opts)
+        return dh, dw, db
+    g_sm = None
+    if g_ce is not None:
+        V = W.shape[0]
+        g = g_ce
+        if weight is not None:
+            safe = torch.where((lab >= 0) & (lab < V), lab, 0)
+            g = g * weight.to(g.dtype)[safe]
+        g = g * (1.0 - eps)
+        g_lp = -g if g_lp is None else g_lp - g
+        if eps > 0.0:
+            g_sm = g_ce * (eps / V)
+            wsum = weight.to(g_ce.dtype).sum() if weight is not None else float(V)
+            g_lse = g_sm * wsum if g_lse is None else g_lse + g_sm * wsum
+    dh, dw, db = tri.linear_head_backward(h2, W, lab, m, r, ent, g_lse, g_lp, g_ent, bias, g_smooth=g_sm,
+                                          weight=weight if g_sm is not None else None, **opts)
+    return dh, dw, db
+
+
+# ----------------------------------------------------------------------------------------------
 # the two operators
 
 
@@ -127,10 +248,17 @@ def _head_forward(h2: Tensor, W: Tensor, bias: Optional[Tensor], lab: Optional[T
     spec = _spec(outputs, ii, eps, cap, T, lab is not None, kind, div, beta, tt, need_lse)
     if check:  # under torch.compile the call site could not read the tensors
         _runtime_checks(h2, W.shape[0], lab, ii, temp, kind, t0, t1, num_items)
-    rows = _make_run(spec, h2, W, bias, lab, temp, weight, kind, t0, t1, t2, _chunk_size(ct, cc)).forward()
-    if "lse" in spec.outputs or need_lse:
-        lse = rows["m"] + rows["r"]
-        rows["lse"] = lse if lab is None else torch.where(lab != ii, lse, 0.0)
+    tri = _triton_head(h2, W, spec, kind, temp)
+    if tri is not None:
+        # a bad label an earlier Triton launch flagged raises here (no wait); the kernels flag this
+        # call's own and queue the flag's copy (kernels/triton/_labels)
+        _triton_labels.poll(h2.device)
+        rows = _triton_forward(tri, spec, h2, W, bias, lab, weight)
+    else:
+        rows = _make_run(spec, h2, W, bias, lab, temp, weight, kind, t0, t1, t2, _chunk_size(ct, cc)).forward()
+        if "lse" in spec.outputs or need_lse:
+            lse = rows["m"] + rows["r"]
+            rows["lse"] = lse if lab is None else torch.where(lab != ii, lse, 0.0)
     acc = rows["m"].dtype
     return tuple(rows[k] if k in rows else h2.new_empty((0,), dtype=torch.int64 if k == "am" else acc)
                  for k in _FWD)
@@ -163,8 +291,13 @@ def _head_backward(h2: Tensor, W: Tensor, bias: Optional[Tensor], lab: Optional[
     cots = {k: g for k, g in (("g_ce", g_ce), ("g_lse", g_lse), ("g_lp", g_lp), ("g_ent", g_ent), ("g_kl", g_kl))
             if g is not None}
     need = (need_dh, need_dw, need_db and bias is not None)
-    run = _make_run(spec, h2, W, bias, lab, temp, weight, kind, t0, t1, t2, _chunk_size(ct, cc))
-    dh, dw, db = run.backward(rows, cots, need, has_bias=bias is not None)
+    tri = _triton_head(h2, W, spec, kind, temp) if cots else None
+    if tri is not None:
+        dh, dw, db = _triton_backward(tri, spec, h2, W, bias, lab, weight, m, r, ent, g_ce, g_lse, g_lp, g_ent)
+        dh, dw, db = (t if n else None for t, n in zip((dh, dw, db), need))
+    else:
+        run = _make_run(spec, h2, W, bias, lab, temp, weight, kind, t0, t1, t2, _chunk_size(ct, cc))
+        dh, dw, db = run.backward(rows, cots, need, has_bias=bias is not None)
     if dw is not None and dw.dtype != W.dtype:
         dw = dw.to(W.dtype)
     if db is not None and db.dtype != bias.dtype:
