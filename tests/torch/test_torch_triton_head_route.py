@@ -268,3 +268,39 @@ def test_unsupported_combinations_fall_back_to_the_driver(route):
     am = lt.linear_head(h, W, y, linear_bias=b, outputs=("logprobs", "argmax")).argmax
     assert torch.equal(am[keep], z.argmax(-1)[keep])
     assert route.calls == [] and route.selected and not any(route.selected)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_head_runs_triton(monkeypatch, dtype):
+    """On a GPU: the real selector picks the kernels, and the outputs match float64."""
+    picked = []
+    real = head._triton_head
+
+    def select(*args):
+        picked.append(real(*args) is not None)
+        return real(*args)
+
+    monkeypatch.setattr(head, "_triton_head", select)
+    g = torch.Generator().manual_seed(12)
+    N, H, V = 96, 64, 3000
+    h = torch.randn(N, H, generator=g).to("cuda", dtype).requires_grad_(True)
+    W = (torch.randn(V, H, generator=g) / H**0.5).to("cuda", dtype).requires_grad_(True)
+    y = torch.randint(0, V, (N,), generator=g).cuda()
+    y[::9] = -100
+    kw = dict(z_loss=1e-3, softcap=20.0, temperature=0.9)
+    outputs = ("loss", "logprobs", "entropy", "lse")
+    res = lt.linear_head(h, W, y, outputs=outputs, **kw)
+    want, leaves = _ref(h, W, None, y, outputs=outputs, **kw)
+    tol = dict(rtol=2e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for k in outputs:
+        torch.testing.assert_close(getattr(res, k).double(), want[k], **tol)
+    cot = {k: v.cuda() for k, v in _cotangents(N).items()}
+    gh = torch.autograd.grad(_objective({k: getattr(res, k) for k in outputs}, cot), (h, W))
+    gw = _grads(_objective(want, cot), leaves)
+    for a, w in zip(gh, gw):
+        torch.testing.assert_close(a.double(), w, rtol=tol["rtol"] * 10, atol=tol["atol"] * 10)
+    assert picked and all(picked)
