@@ -204,6 +204,28 @@ def _grad_scales(xp: Any, ctx: Any, cfg: _Cfg, grad_output: torch.Tensor) -> tup
 # logits already sharded over the vocabulary
 
 
+def _vp_kernels(x: torch.Tensor) -> Any:
+    """The Triton local stages of :class:`_VocabParallelCE` for ``x`` (module
+    :mod:`logitkit.kernels.triton.vp`), or ``None``: the xp stages on torch ops.
+
+    CUDA tensors with Triton available, unless the kernels are forced off (``LOGITKIT_KERNELS=core``).
+    Every option of :func:`vocab_parallel_cross_entropy` takes the kernels. Tests monkeypatch this
+    to send CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``).
+    """
+    if not (isinstance(x, torch.Tensor) and x.is_cuda):
+        return None
+    from ..kernels import registry
+    from ..kernels import triton as tk
+
+    if registry._forced_core[0] or not tk.available():
+        return None
+    try:
+        from ..kernels.triton import vp
+    except Exception:  # no usable triton toolchain: the stages on torch ops
+        return None
+    return vp
+
+
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, labels: torch.Tensor, weight: Any, cfg: _Cfg, tail: Any) -> torch.Tensor:
@@ -211,15 +233,21 @@ class _VocabParallelCE(torch.autograd.Function):
         acc = acc_dtype(xp, x.dtype)
         n = x.shape[-1]
         wl = _local_weight(weight, cfg.start, n, acc)
-        u = transform(xp, x.to(acc), cfg.softcap, 1.0)
-        parts = stages.local_partials(xp, u, labels, start=cfg.start, ignore_index=cfg.ignore_index,
-                                      label_smoothing=cfg.label_smoothing, weight_local=wl,
-                                      temperature=cfg.temperature, stat_dtype=torch.float64)
-        del u
+        kern = _vp_kernels(x)
+        if kern is not None:      # one Triton pass over the slice (kernels/triton/vp.py)
+            parts = kern.vp_partials(x, labels, start=cfg.start, ignore_index=cfg.ignore_index,
+                                     label_smoothing=cfg.label_smoothing, weight_local=wl, softcap=cfg.softcap,
+                                     temperature=cfg.temperature)
+        else:
+            u = transform(xp, x.to(acc), cfg.softcap, 1.0)
+            parts = stages.local_partials(xp, u, labels, start=cfg.start, ignore_index=cfg.ignore_index,
+                                          label_smoothing=cfg.label_smoothing, weight_local=wl,
+                                          temperature=cfg.temperature, stat_dtype=torch.float64)
+            del u
         red, ok = _reduce(xp, parts, labels, weight, cfg, tail, n)
         loss = _finish_forward(xp, ctx, red, ok, weight, cfg, x.dtype)
         ctx.save_for_backward(x, labels)
-        ctx.cfg, ctx.wl = cfg, wl
+        ctx.cfg, ctx.wl, ctx.kern = cfg, wl, kern
         return loss
 
     @staticmethod
@@ -229,6 +257,12 @@ class _VocabParallelCE(torch.autograd.Function):
         cfg = ctx.cfg
         m, r, validf, wy, Vt, wtotal = ctx.stats
         g_ce, g_z = _grad_scales(xp, ctx, cfg, grad_output)
+        if ctx.kern is not None:  # one Triton pass: read the slice, write its gradient
+            dx = ctx.kern.vp_grad(x, labels, m, r, g_ce, g_z, start=cfg.start, vocab_size=Vt, wtotal=wtotal,
+                                  wy=wy, validf=validf, weight_local=ctx.wl,
+                                  label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss, softcap=cfg.softcap,
+                                  temperature=cfg.temperature)
+            return dx, None, None, None, None
         dx = stages.local_grad(xp, x, labels, m, r, g_ce, g_z, start=cfg.start, vocab_size=Vt,
                                wtotal=wtotal, wy=wy, validf=validf, weight_local=ctx.wl,
                                label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss, softcap=cfg.softcap,
