@@ -12,13 +12,17 @@ GEMMs alone (cuBLAS through ``torch.matmul``, same run: the physical floor); pea
 the inputs (``torch.cuda.max_memory_allocated`` delta over one call, outputs included); error
 against float64 references.
 
-Workloads (``--quick`` shrinks them; ``--only`` picks some: ce, softmax, linear, labels):
+Workloads (``--quick`` shrinks them; ``--only`` picks some: ce, softmax, linear, vp, labels):
 
 * ``ce``: cross-entropy forward+backward (mean), N x V = 16384 x 128256, bf16 and float32
 * ``softmax``: softmax forward, and forward+backward, same shapes
 * ``linear``: the fused head, forward+backward, bf16 N=8192 H=4096 V=128256 and float32 N=4096
   H=1024 V=32000: the Triton kernels, ``logitkit.torch.linear_cross_entropy`` and
   ``logitkit.torch.linear_head`` with outputs loss / logprobs+entropy / kl (a teacher head)
+* ``vp``: vocabulary-parallel CE forward+backward on one rank's local shard, N = 8192, n = 128256/8
+  and 262144/8, bf16 and float32, collectives the identity (one process): the Triton kernels
+  (kernels/triton/vp.py), the kernels alone, and the former xp stages on torch ops, each as a
+  multiple of ``F.cross_entropy`` on the same shard; the two all-reduces only inside a real group
 * ``labels``: the host cost of the deferred bad-label check (kernels/triton/_labels.py): 100
   small ``ce_forward`` calls with it on and off
 
@@ -664,6 +668,110 @@ def linear_workload(ctx: Ctx, N: int, H: int, V: int, dtype: torch.dtype) -> Non
         cell(ctx, name, "logitkit Triton kernels [filter_eps=2**-24]", filtered, check=loss_check(filtered), **kw)
 
 
+class vp_route:
+    """Point ``logitkit.distributed._torch._vp_kernels`` (the selector of
+    ``vocab_parallel_cross_entropy``'s local stages) at the Triton kernels (``"triton"``: CPU
+    tensors too, through the interpreter in the dry run) or at the xp stages on torch ops
+    (``"stages"``) for the duration of a ``with`` block."""
+
+    def __init__(self, which):
+        from logitkit.distributed import _torch as vpt
+        from logitkit.kernels.triton import vp
+
+        self.mod, self.fn = vpt, (lambda x: vp) if which == "triton" else (lambda x: None)
+
+    def __enter__(self):
+        self.old = self.mod._vp_kernels
+        self.mod._vp_kernels = self.fn
+
+    def __exit__(self, *exc):
+        self.mod._vp_kernels = self.old
+
+
+def vp_workload(ctx: Ctx, N: int, n: int, dtype: torch.dtype, P: int = 8) -> None:
+    """Vocabulary-parallel CE forward+backward on one rank's local shard ``(N, n)`` (``n = V/P``),
+    in one process: no process group, so the collectives are the identity (world size 1) and what
+    is timed is the local work, against ``F.cross_entropy`` on the same shard (issue 19 item 3:
+    at most 1.2x). Bytes that must move: one read in forward, one read and one write in
+    backward (a fresh gradient), ``3·N·n·b``. The all-reduces are timed only inside a real group."""
+    if ctx.phase != "main":
+        return
+    from logitkit.distributed import _torch as vpt
+    from logitkit.distributed import vocab_parallel_cross_entropy
+    from logitkit.kernels.triton import vp
+
+    name = f"vocab-parallel CE fwd+bwd, local shard {N}x{n} (V = {n * P}/{P}) {_dtname(dtype)}"
+    print(name, file=sys.stderr)
+    g = torch.Generator(device=ctx.dev).manual_seed(2)
+    x = (torch.randn(N, n, device=ctx.dev, generator=g) * 2).to(dtype)
+    y = torch.randint(0, n, (N,), device=ctx.dev, generator=g)
+    k = min(64, N)
+    loss_ref = sum(F.cross_entropy(x[i:i + 1024].double(), y[i:i + 1024], reduction="sum")
+                   for i in range(0, N, 1024)) / N
+    p = torch.softmax(x[:k].double(), -1)
+    grad_ref = (p - F.one_hot(y[:k], n).double()) / N
+    del p
+    nbytes = 3 * N * n * x.element_size()
+
+    def autograd(f):
+        def run():
+            xr = x.detach().requires_grad_()
+            loss = f(xr, y)
+            (grad,) = torch.autograd.grad(loss, xr)
+            return loss.detach(), grad
+        return run
+
+    def check_with(fn):
+        def check():
+            loss, grad = fn()
+            return f"loss {abs(float(loss) - float(loss_ref)):.1e}, grad {_relerr(grad[:k], grad_ref):.1e}"
+        return check
+
+    ones = torch.ones(N, dtype=torch.float64, device=ctx.dev)
+    scale = ones / N
+
+    def kernels():  # the two launches and the three O(N) ops that join them, no autograd
+        pt = vp.vp_partials(x, y, start=0, ignore_index=-100)
+        m = pt.m.reshape(-1).double()
+        r = torch.log1p(pt.t.reshape(-1) + (pt.c.reshape(-1) - 1.0))
+        ce = (m - pt.zy.reshape(-1).double()) + r
+        return ce.mean(), vp.vp_grad(x, y, m, r, scale, scale, start=0, vocab_size=n, wtotal=float(n), wy=ones,
+                                     validf=ones)
+
+    eager = autograd(lambda a, b: F.cross_entropy(a, b))
+    ms_f = cell(ctx, name, "F.cross_entropy (torch eager) on the local shard", eager, nbytes=nbytes,
+                check=check_with(eager))
+    default = "default route" if ctx.cuda and vpt._vp_kernels(x) is vp else "forced: dry run"
+    lk = autograd(lambda a, b: vocab_parallel_cross_entropy(a, b))
+    rows = []
+    with vp_route("triton"):
+        rows.append(cell(ctx, name, f"logitkit vocab_parallel_cross_entropy, Triton kernels ({default})", lk,
+                         nbytes=nbytes, check=check_with(lk)))
+    rows.append(cell(ctx, name, "logitkit Triton kernels alone (vp_partials + vp_grad, no autograd)", kernels,
+                     nbytes=nbytes, check=check_with(kernels)))
+    with vp_route("stages"):
+        rows.append(cell(ctx, name, "logitkit vocab_parallel_cross_entropy, xp stages on torch ops (before)", lk,
+                         nbytes=nbytes, check=check_with(lk)))
+    for i, ms in enumerate(rows):
+        row = ctx.rows[len(ctx.rows) - len(rows) + i][1]
+        if not (math.isnan(ms) or math.isnan(ms_f)):
+            row[4] = f"{row[4]}, {ms / ms_f:.2f}× F.cross_entropy"
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        from logitkit.distributed import stages
+
+        P_ = dist.get_world_size()
+        mx = torch.zeros(N + stages.header_size(P_, with_message=False), device=ctx.dev)
+        sm = torch.zeros(3 * N, device=ctx.dev)
+
+        def allreduce():
+            dist.all_reduce(mx, op=dist.ReduceOp.MAX)
+            dist.all_reduce(sm, op=dist.ReduceOp.SUM)
+        cell(ctx, name, f"the two all-reduces alone (MAX of N + header, SUM of 3N float32; {P_} ranks)", allreduce)
+    else:
+        ctx.add(name, "the two all-reduces alone", "skipped (no process group: one process)")
+
+
 def labels_workload(ctx: Ctx, N: int, V: int) -> None:
     """The deferred bad-label check's host cost: 100 launch-bound ce_forward calls, on vs off."""
     if ctx.phase != "main":
@@ -762,7 +870,7 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default=None,
                     help="configuration table to write with --sweep (default: the package's configs.json on "
                          "a GPU; required with --device cpu)")
-    ap.add_argument("--only", default="", help="comma list among ce,softmax,linear,labels")
+    ap.add_argument("--only", default="", help="comma list among ce,softmax,linear,vp,labels")
     ap.add_argument("--dtypes", default="bfloat16,float32",
                     help="dtypes of the CE, softmax and linear workloads (comma list)")
     ap.add_argument("--out", default=None,
@@ -782,23 +890,26 @@ def main(argv=None) -> int:
         return 2
     if ctx.cuda:
         torch.backends.cuda.matmul.allow_tf32 = False
-    only = set(filter(None, args.only.split(","))) or {"ce", "softmax", "linear", "labels"}
+    only = set(filter(None, args.only.split(","))) or {"ce", "softmax", "linear", "vp", "labels"}
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",") if d]
     if not args.quick:
         ce_shape = (16384, 128256)
         lin_shapes = [((8192, 4096, 128256), torch.bfloat16), ((4096, 1024, 32000), torch.float32)]
         sweep_shapes = {V: (max(1, round(16384 * 128256 / V)), V) for V in _configs.BUCKETS}
         lab_shape = (64, 1000)
+        vp_shapes = [(8192, 128256 // 8), (8192, 262144 // 8)]
     elif ctx.cuda:
         ce_shape = (1024, 32000)
         lin_shapes = [((512, 256, 32000), torch.bfloat16), ((512, 256, 32000), torch.float32)]
         sweep_shapes = {V: (256, V) for V in _configs.BUCKETS}
         lab_shape = (64, 1000)
+        vp_shapes = [(1024, 128256 // 8)]
     else:  # the interpreter runs a program at a time in NumPy: tiny shapes, one block and several
         ce_shape = (8, 1000)
         lin_shapes = [((8, 16, 300), torch.bfloat16), ((8, 16, 300), torch.float32)]
         sweep_shapes = dict(zip(_configs.BUCKETS, ((4, 300), (4, 1000), (4, 3000))))
         lab_shape = (4, 100)
+        vp_shapes = [(8, 300)]
 
     signal.signal(signal.SIGTERM, _on_term)
     measure_copy(ctx)
@@ -811,6 +922,8 @@ def main(argv=None) -> int:
     if "linear" in only:
         workloads += [("linear", lambda s=s, dt=dt: linear_workload(ctx, *s, dt)) for s, dt in lin_shapes
                       if dt in dtypes]
+    if "vp" in only:
+        workloads += [("vp", lambda s=s, dt=dt: vp_workload(ctx, *s, dt)) for s in vp_shapes for dt in dtypes]
     if "labels" in only:
         workloads += [("labels", lambda: labels_workload(ctx, *lab_shape))]
     # The sweep: at the main shape's V bucket; with --sweep at every bucket, 128256 first.

@@ -98,6 +98,18 @@ def test_dry_run_writes_one_table_with_every_row(tmp_path):
         vals = re.findall(r"(\d\.\de-\d\d)", lin[impl][6])  # float32 heads agree with float64
         assert vals and max(float(v) for v in vals) <= 1e-5, lin[impl]
 
+    vpw = _impls(rows, "vocab-parallel CE fwd+bwd, local shard 8x300 (V = 2400/8) float32")
+    kernels = ("logitkit vocab_parallel_cross_entropy, Triton kernels (forced: dry run)",
+               "logitkit Triton kernels alone (vp_partials + vp_grad, no autograd)",
+               "logitkit vocab_parallel_cross_entropy, xp stages on torch ops (before)")
+    for impl in ("F.cross_entropy (torch eager) on the local shard",) + kernels:
+        assert re.fullmatch(ms, vpw[impl][2]), vpw.get(impl)
+        loss, grad = (float(v) for v in re.fullmatch(r"loss (\S+), grad (\S+)", vpw[impl][6]).groups())
+        assert loss <= 1e-5 and grad <= 1e-5, vpw[impl]
+    for impl in kernels:  # each as a multiple of F.cross_entropy on the same shard
+        assert re.fullmatch(r"\d+%, \d+\.\d\d× F\.cross_entropy", vpw[impl][4]), vpw[impl]
+    assert vpw["the two all-reduces alone"][2] == "skipped (no process group: one process)"
+
     lab = _impls(rows, "label check:")
     assert re.fullmatch(ms, lab["deferred check on (default)"][2])
     assert re.search(r"on costs [+-]\d+\.\d µs per call", lab["deferred check off"][6])
