@@ -372,3 +372,48 @@ def test_fast_softmax_not_taken_elsewhere():
     assert not _sm_fast(lt.softmax(x, 1, dtype=torch.float32))
     assert not _sm_fast(lt.softmax(x.t(), 1))  # strided
     assert not _sm_fast(lt.softmax(x.reshape(2, 4, 6), -1))
+
+
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_softmax_parallel_range(log, dtype, monkeypatch):
+    """Above the kernels' parallel bound, on two threads, the fast path runs the parallel kernels
+    (after a first general-route call has chosen numba's threading layer) and matches float64 torch,
+    masked and extreme rows included; on one thread it stays on the serial entries."""
+    k = _eager._cpu[0] if _eager._cpu else _eager._load_cpu()
+    N, C = 70, (2 * k._MIN_PER_THREAD) // 70 + 1
+    x, _ = _data(N, C, dtype)
+    with torch.no_grad():
+        x[0] = -float("inf")
+        x[1, :50] = -float("inf")
+        x[2] += 1e4
+        x[3, 7] += 60.0  # a confident row: log_softmax at the label ~ -1e-26 keeps its digits
+    fn, ref_fn = (lt.log_softmax, F.log_softmax) if log else (lt.softmax, F.softmax)
+    monkeypatch.setattr(k, "get_num_threads", lambda: 2)
+    with torch.no_grad():  # a parallel region through the general route: the threading layer is chosen
+        k.softmax_forward(x.detach().numpy()[:, :].copy())
+    if k._serial_only or k._layer_needs_guard():
+        pytest.skip("numba's threading layer is not thread-safe here (workqueue)")
+    calls = []
+    real = k._apply_threads
+    monkeypatch.setattr(k, "_apply_threads", lambda size=None: calls.append(size) or real(size))
+    y = fn(x, 1)
+    assert _sm_fast(y) and calls == [N * C]
+    ref = ref_fn(x.detach().double(), 1)
+    ok = slice(1, None)
+    tol = dict(rtol=2e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(y[ok].double(), ref[ok], **tol)
+    assert torch.all(y[0] == (-float("inf") if log else 0.0))
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    (gx,) = torch.autograd.grad(y[ok], x, dy[ok].to(dtype))
+    assert calls == [N * C, N * C]  # backward ran in parallel too
+    xr = x.detach().double().requires_grad_()
+    (gr,) = torch.autograd.grad(ref_fn(xr, 1)[ok], xr, dy[ok])
+    # float32 log_softmax backward, dy - exp(y) sum(dy), cancels at sum(dy) ~ sqrt(C): absolute
+    gtol = dict(rtol=2e-6, atol=2e-6) if dtype == torch.float32 else tol
+    torch.testing.assert_close(gx[ok].double(), gr[ok], **gtol)
+    monkeypatch.setattr(k, "get_num_threads", lambda: 1)
+    calls.clear()
+    y1 = fn(x, 1)
+    assert _sm_fast(y1) and calls == []
+    torch.testing.assert_close(y1[ok], y[ok], rtol=0, atol=0)

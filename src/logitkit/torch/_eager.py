@@ -448,9 +448,11 @@ def op_rows_backward(x: Tensor, labels: Tensor, m: Tensor, r: Tensor, g_ce: Tens
 
 # ----------------------------------------------------------------------------------------------
 # the small-call softmax / log_softmax: 2-D contiguous float32 / float64 CPU rows, the class axis
-# last, temperature 1, sizes the kernels run serially; one compiled call per pass.
+# last, temperature 1; one compiled call per pass, serial below the kernels' parallel bound, over
+# numba's threads above it (the NumPy entry point's argument handling cost ~100 us a call there).
 
-_sm_points: list = [None, None, None, None]  # forward float32, float64, backward float32, float64
+# [4 * parallel + 2 * backward + float64]
+_sm_points: list = [None] * 8
 
 
 def _sm_entry(i: int) -> Any:
@@ -458,7 +460,8 @@ def _sm_entry(i: int) -> Any:
     if ep is None:
         from . import _entry as mod
 
-        ep = _sm_points[i] = (mod.softmax_entry if i < 2 else mod.softmax_backward_entry)(i % 2 == 1)
+        make = mod.softmax_backward_entry if i & 2 else mod.softmax_entry
+        ep = _sm_points[i] = make(bool(i & 1), bool(i & 4))
     return ep
 
 
@@ -472,12 +475,21 @@ def fast_softmax(x: Tensor, dim: Any, log: bool) -> Optional[Tensor]:
     if N == 0 or C == 0:
         return None
     k = _cpu[0] if _cpu else _load_cpu()
-    if k is None or (N * C >= _serial_max[0] and k.get_num_threads() > 1):
+    if k is None:
         return None
+    par = 0
+    if N * C >= _serial_max[0] and k.get_num_threads() > 1:
+        # the parallel entries, once a thread-safe pool is known (before the first parallel region,
+        # or under numba's workqueue layer, the general route's guard decides); numba's thread
+        # count is per calling thread, so it is set on every call, as the general route does
+        if k._serial_only or k._layer_needs_guard():
+            return None
+        k._apply_threads(N * C)
+        par = 4
     x = _unwrap_if_dead(x)
     if not (x.requires_grad and _grad_enabled()):
-        return SoftmaxSmall.forward(None, x, log)
-    return _apply_softmax(x, log)
+        return SoftmaxSmall.forward(None, x, log, par)
+    return _apply_softmax(x, log, par)
 
 
 class SoftmaxSmall(torch.autograd.Function):
@@ -486,13 +498,15 @@ class SoftmaxSmall(torch.autograd.Function):
     ``create_graph=True`` the general class's differentiable formula."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, log: bool) -> Tensor:
+    def forward(ctx: Any, x: Tensor, log: bool, par: int = 0) -> Tensor:
         N, C = x.shape
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
-        (_sm_points[x.dtype is _F64] or _sm_entry(x.dtype is _F64))(x.data_ptr(), y.data_ptr(), N, C, int(log))
+        i = par + (x.dtype is _F64)
+        (_sm_points[i] or _sm_entry(i))(x.data_ptr(), y.data_ptr(), N, C, int(log))
         if ctx is not None:
             ctx.save_for_backward(y)
             ctx.log = log
+            ctx.par = par
         return y
 
     @staticmethod
@@ -504,14 +518,21 @@ class SoftmaxSmall(torch.autograd.Function):
                 dx = dy - torch.exp(y) * dy.sum(-1, keepdim=True)
             else:
                 dx = y * (dy - (y * dy).sum(-1, keepdim=True))
-            return dx, None
+            return dx, None, None
         if dy.dtype is not y.dtype or not dy.is_contiguous():
             dy = dy.to(y.dtype).contiguous()
         dx = torch.empty_like(y)
-        i = 2 + (y.dtype is _F64)
+        par = ctx.par
+        if par:  # the thread count may have changed since the forward pass
+            k = _cpu[0]
+            if k.get_num_threads() > 1 and not k._serial_only:
+                k._apply_threads(y.numel())
+            else:
+                par = 0
+        i = par + 2 + (y.dtype is _F64)
         N, C = y.shape
         (_sm_points[i] or _sm_entry(i))(y.data_ptr(), dy.data_ptr(), dx.data_ptr(), N, C, log)
-        return dx, None
+        return dx, None, None
 
 
 _F64 = torch.float64

@@ -31,6 +31,8 @@ _addr = _K._addr
 _ce_direct = _K.ce_direct_serial
 _sm_direct = _K.softmax_direct_serial
 _sm_bwd = _K.softmax_bwd_serial
+_sm_direct_par = _K.softmax_direct  # the parallel kernels: numba's thread count, set by the caller
+_sm_bwd_par = _K.softmax_bwd
 _NINF = -np.inf
 
 # Rows of at most this many classes go through ``_short_rows``: ce_direct's per-row set-up (its
@@ -165,21 +167,24 @@ def _make_ce(dt: Any) -> Any:
     return ce_entry
 
 
-def _make_softmax(dt: Any) -> tuple[Any, Any]:
+def _make_softmax(dt: Any, parallel: bool) -> tuple[Any, Any]:
+    fwd_kernel = _sm_direct_par if parallel else _sm_direct
+    bwd_kernel = _sm_bwd_par if parallel else _sm_bwd
+
     @njit(cache=True, error_model="numpy")
     def softmax_entry(xp, yp, n, c, mode):
-        """The kernel's serial ``softmax_direct`` of rows at ``xp`` (n, c) into ``yp``; mode 0
+        """The kernel's ``softmax_direct`` of rows at ``xp`` (n, c) into ``yp``; mode 0
         softmax, 1 log_softmax."""
-        _sm_direct(carray(_addr(xp), (n, c), dt), mode, carray(_addr(yp), (n, c), dt), False, np.empty(n, dt),
+        fwd_kernel(carray(_addr(xp), (n, c), dt), mode, carray(_addr(yp), (n, c), dt), False, np.empty(n, dt),
                    np.empty(n, dt))
         return 0
 
     @njit(cache=True, error_model="numpy")
     def softmax_backward_entry(yp, dyp, dxp, n, c, log):
-        """The kernel's serial ``softmax_bwd``: ``dx`` at ``dxp`` from the output ``y`` and its
+        """The kernel's ``softmax_bwd``: ``dx`` at ``dxp`` from the output ``y`` and its
         cotangent ``dy`` (all (n, c), distinct buffers)."""
-        _sm_bwd(carray(_addr(yp), (n, c), dt), carray(_addr(dyp), (n, c), dt), carray(_addr(dxp), (n, c), dt),
-                log, 0)
+        bwd_kernel(carray(_addr(yp), (n, c), dt), carray(_addr(dyp), (n, c), dt), carray(_addr(dxp), (n, c), dt),
+                   log, 0)
         return 0
 
     return softmax_entry, softmax_backward_entry
@@ -187,8 +192,10 @@ def _make_softmax(dt: Any) -> tuple[Any, Any]:
 
 _ce32 = _make_ce(np.float32)
 _ce64 = _make_ce(np.float64)
-_sm32, _smb32 = _make_softmax(np.float32)
-_sm64, _smb64 = _make_softmax(np.float64)
+# [parallel][is64]: the serial kernels for small inputs, the parallel ones (numba's pool, the
+# thread count the caller set) for inputs the kernels split over threads
+_SM = [[_make_softmax(np.float32, False), _make_softmax(np.float64, False)],
+       [_make_softmax(np.float32, True), _make_softmax(np.float64, True)]]
 _entry_points: dict = {}
 
 
@@ -209,11 +216,11 @@ def ce_entry(is64: bool) -> Any:
     return _entry_point(_ce64 if is64 else _ce32, 0, 0, 0, 0, 0, 0, 0, 0, -100, 2, False)
 
 
-def softmax_entry(is64: bool) -> Any:
-    """The compiled softmax / log_softmax forward entry."""
-    return _entry_point(_sm64 if is64 else _sm32, 0, 0, 0, 0, 0)
+def softmax_entry(is64: bool, parallel: bool = False) -> Any:
+    """The compiled softmax / log_softmax forward entry (``parallel``: over numba's threads)."""
+    return _entry_point(_SM[parallel][is64][0], 0, 0, 0, 0, 0)
 
 
-def softmax_backward_entry(is64: bool) -> Any:
-    """The compiled softmax / log_softmax backward entry."""
-    return _entry_point(_smb64 if is64 else _smb32, 0, 0, 0, 0, 0, False)
+def softmax_backward_entry(is64: bool, parallel: bool = False) -> Any:
+    """The compiled softmax / log_softmax backward entry (``parallel``: over numba's threads)."""
+    return _entry_point(_SM[parallel][is64][1], 0, 0, 0, 0, 0, False)
