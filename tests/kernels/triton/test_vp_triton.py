@@ -89,9 +89,12 @@ def _close(a, b, rtol, what):
 
 
 def _blocks(monkeypatch, wide):
-    """``wide``: 16-wide blocks, so a shard is streamed in several (two passes, persistent grid)."""
+    """``wide``: 16-wide blocks, so a shard is streamed in several (two passes, persistent grid);
+    ``"no-prefetch"``: the same without the next block's load issued ahead."""
     if wide:
         monkeypatch.setenv("LOGITKIT_TRITON_BLOCK", "16")
+    if wide == "no-prefetch":
+        monkeypatch.setenv("LOGITKIT_TRITON_PREFETCH", "0")
 
 
 PARTIALS = ([(o, d, False) for o in OPTIONS for d in DTYPES]
@@ -176,9 +179,10 @@ def _simulate(x, y, shards, o, dtype, reduction="mean"):
 
 
 FULL = ([(o, "float32", False) for o in OPTIONS] + [(OPTIONS[-1], "float64", False), (OPTIONS[-1], "bfloat16", False),
-                                                     (OPTIONS[-1], "float32", True), (OPTIONS[2], "bfloat16", True)])
+                                                     (OPTIONS[-1], "float32", True), (OPTIONS[2], "bfloat16", True),
+                                                     (OPTIONS[-1], "float32", "no-prefetch")])
 FULL_IDS = [f"{i}-float32" for i in IDS] + ["all-float64", "all-bfloat16", "blocks-all-float32",
-                                             "blocks-weight+smooth-bfloat16"]
+                                             "blocks-weight+smooth-bfloat16", "blocks-no-prefetch-all-float32"]
 
 
 @pytest.mark.parametrize("o,dname,wide", FULL, ids=FULL_IDS)
@@ -362,3 +366,52 @@ def test_end_to_end_three_ranks_on_threads(triton_route, monkeypatch):
     got = torch.cat([gr for _, gr in results], 1).double().numpy()
     np.testing.assert_allclose(got, g, rtol=2e-5, atol=1e-7 * np.abs(g).max())
     assert triton_route.count("partials") == P and triton_route.count("grad") == P
+
+
+# ----------------------------------------------------------------------------------------------
+# the kernels lower to sm_90 code (the interpreter never does): Triton's LLVM and ptxas, no GPU
+
+_SM90 = r'''
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, sys.argv[1])
+import torch
+from _sm90_compile import compile_sm90, t
+from logitkit.kernels.triton import ce as C, vp as P
+f32, f64, i64 = torch.float32, torch.float64, torch.int64
+for dt, n, allo in ((torch.bfloat16, 16032, False), (torch.float32, 32768, True)):
+    block, warps, single = C._config(n, t(dt).element_size(), "ce", dt)
+    x = t(dt)
+    fa = dict(X=x, LABELS=t(i64), WEIGHT=t(f32), M_OUT=t(f32), T_OUT=t(f64), ZY_OUT=t(f32), S_OUT=t(f64),
+              stride_x=n, N=8192, n=n, start=16032, ignore_index=-100, cap_hi=30.0, cap_lo=0.0, t_hi=0.7,
+              t_lo=1e-9, it_hi=1.4, it_lo=0.0, trel=1e-9)
+    opts = dict(HAS_WEIGHT=allo, HAS_SMOOTH=allo, HAS_SOFTCAP=allo, HAS_TEMP=allo, IS_F64=False)
+    compile_sm90(P._vp_fwd_kernel, fa, dict(opts, SINGLE=single, BLOCK=block, PREFETCH=True,
+                                            EV_KEEP="evict_last", EV_DROP="evict_first"), warps)
+    print("ok fwd", dt, single, flush=True)
+    ba = dict(X=x, OUT=x, LABELS=t(i64), WEIGHT=t(f32), M_IN=t(f64), R_IN=t(f64), GCE=t(f64), GZ=t(f64), WY=t(f64),
+              VALIDF=t(f64), SC=t(f64), stride_x=n, stride_o=n, N=8192, n=n, start=16032, eps_hi=0.1, eps_lo=0.0,
+              zl_hi=0.1, zl_lo=0.0, cap_hi=30.0, cap_lo=0.0, it_hi=1.4, it_lo=0.0)
+    compile_sm90(P._vp_bwd_kernel, ba, dict(opts, HAS_ZLOSS=allo, BLOCK=block, EV_DROP="evict_first"), warps)
+    print("ok bwd", dt, flush=True)
+'''
+
+
+def test_kernels_compile_for_sm90():
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    try:
+        if importlib.util.find_spec("triton.backends.nvidia") is None:
+            pytest.skip("triton without its NVIDIA backend")
+    except ModuleNotFoundError:
+        pytest.skip("triton without its NVIDIA backend")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(here))), "src")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _SM90, here], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert proc.stdout.split().count("ok") == 4, proc.stdout

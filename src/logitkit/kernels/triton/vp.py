@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ._math import _div, _exp, _exp_minus, _expm1, _scalar, _tanh_sech2, split64
-from .ce import _config, _grid, _hints
+from .ce import _config, _grid, _hints, _prefetch
 
 __all__ = ["vp_partials", "vp_grad"]
 
@@ -111,7 +111,8 @@ def _vp_fwd_kernel(X, LABELS, WEIGHT, M_OUT, T_OUT, ZY_OUT, S_OUT,
                    cap_hi, cap_lo, t_hi, t_lo, it_hi, it_lo, trel,
                    HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    HAS_TEMP: tl.constexpr, IS_F64: tl.constexpr, SINGLE: tl.constexpr,
-                   BLOCK: tl.constexpr, EV_KEEP: tl.constexpr, EV_DROP: tl.constexpr):
+                   BLOCK: tl.constexpr, PREFETCH: tl.constexpr, EV_KEEP: tl.constexpr,
+                   EV_DROP: tl.constexpr):
     NEG: tl.constexpr = float("-inf")
     if IS_F64:
         ACC: tl.constexpr = tl.float64
@@ -154,10 +155,19 @@ def _vp_fwd_kernel(X, LABELS, WEIGHT, M_OUT, T_OUT, ZY_OUT, S_OUT,
         else:
             mv = tl.full([BLOCK], NEG, ACC)
             nv = tl.zeros([BLOCK], tl.int32)
+            if PREFETCH:
+                xn = tl.load(x_row + cols, mask=cols < n, other=NEG, eviction_policy=EV_KEEP)
             for b0 in range(0, n, BLOCK):
                 offs = b0 + cols
                 mask = offs < n
-                xb = tl.load(x_row + offs, mask=mask, other=NEG, eviction_policy=EV_KEEP).to(ACC)
+                if PREFETCH:
+                    # issue the next block's load before this block's arithmetic
+                    xb = xn
+                    nxt = offs + BLOCK
+                    xn = tl.load(x_row + nxt, mask=nxt < n, other=NEG, eviction_policy=EV_KEEP)
+                else:
+                    xb = tl.load(x_row + offs, mask=mask, other=NEG, eviction_policy=EV_KEEP)
+                xb = xb.to(ACC)
                 u = tl.where(mask, _u_of(xb, softcap, HAS_SOFTCAP, IS_F64), NEG)
                 isnan = u != u
                 nv += isnan.to(tl.int32)
@@ -170,11 +180,20 @@ def _vp_fwd_kernel(X, LABELS, WEIGHT, M_OUT, T_OUT, ZY_OUT, S_OUT,
             cv = tl.zeros([BLOCK], tl.int32)
             sv = tl.zeros([BLOCK], ACC)
             nb = tl.cdiv(n, BLOCK)
+            if PREFETCH:
+                last = (nb - 1) * BLOCK + cols
+                xn = tl.load(x_row + last, mask=last < n, other=NEG, eviction_policy=EV_DROP)
             for k in range(0, nb):
                 # reverse order: the blocks read last in pass 1 are the likeliest L2 hits
                 offs = (nb - 1 - k) * BLOCK + cols
                 mask = offs < n
-                xb = tl.load(x_row + offs, mask=mask, other=NEG, eviction_policy=EV_DROP).to(ACC)
+                if PREFETCH:
+                    xb = xn
+                    prv = offs - BLOCK
+                    xn = tl.load(x_row + prv, mask=(prv >= 0) & (prv < n), other=NEG, eviction_policy=EV_DROP)
+                else:
+                    xb = tl.load(x_row + offs, mask=mask, other=NEG, eviction_policy=EV_DROP)
+                xb = xb.to(ACC)
                 u = tl.where(mask, _u_of(xb, softcap, HAS_SOFTCAP, IS_F64), NEG)
                 if HAS_SMOOTH:
                     if HAS_WEIGHT:
@@ -369,7 +388,7 @@ def vp_partials(x: torch.Tensor, labels: torch.Tensor, *, start: int, ignore_ind
             split64(T)[1] / split64(T)[0],
             HAS_WEIGHT=w is not None, HAS_SMOOTH=smooth, HAS_SOFTCAP=softcap is not None,
             HAS_TEMP=T != 1.0, IS_F64=x.dtype == torch.float64, SINGLE=single, BLOCK=block,
-            **_hints("ce", n, dt), num_warps=warps,
+            PREFETCH=_prefetch("ce", n, dt), **_hints("ce", n, dt), num_warps=warps,
         )
     m = m.reshape(N, 1)
     c = torch.where(m == float("-inf"), 0.0, 1.0).to(torch.float64)
