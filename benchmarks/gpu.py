@@ -688,6 +688,50 @@ class vp_route:
         self.mod._vp_kernels = self.old
 
 
+def graphed(ctx: Ctx, x, y, f):
+    """``f(x', y)`` forward+backward captured in a CUDA graph on its first call, replayed after;
+    returns ``(loss, grad)`` like the eager rows (a capture failure is the cell's error)."""
+    state = {}
+
+    def run():
+        if "g" not in state:
+            xs = x.detach().clone().requires_grad_()
+            s = torch.cuda.Stream(device=ctx.dev)
+            s.wait_stream(torch.cuda.current_stream(ctx.dev))
+            with torch.cuda.stream(s):  # warm-up on a side stream, as torch.cuda.graph requires
+                for _ in range(3):
+                    f(xs, y).backward()
+            torch.cuda.current_stream(ctx.dev).wait_stream(s)
+            xs.grad = None
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                loss = f(xs, y)
+                loss.backward()
+            state.update(g=g, out=(loss, xs.grad))
+        state["g"].replay()
+        return state["out"]
+    return run
+
+
+def allreduce_row(ctx: Ctx, name: str, N: int) -> None:
+    """The forward's two per-token all-reduces alone, inside a real process group (else a row
+    saying why not): MAX of N + the header table, SUM of 3N, float32."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        ctx.add(name, "the two all-reduces alone", "skipped (no process group: one process)")
+        return
+    from logitkit.distributed import stages
+
+    P_ = dist.get_world_size()
+    mx = torch.zeros(N + stages.header_size(P_, with_message=False), device=ctx.dev)
+    sm = torch.zeros(3 * N, device=ctx.dev)
+
+    def allreduce():
+        dist.all_reduce(mx, op=dist.ReduceOp.MAX)
+        dist.all_reduce(sm, op=dist.ReduceOp.SUM)
+    cell(ctx, name, f"the two all-reduces alone (MAX of N + header, SUM of 3N float32; {P_} ranks)", allreduce)
+
+
 def vp_workload(ctx: Ctx, N: int, n: int, dtype: torch.dtype, P: int = 8) -> None:
     """Vocabulary-parallel CE forward+backward on one rank's local shard ``(N, n)`` (``n = V/P``),
     in one process: no process group, so the collectives are the identity (world size 1) and what
@@ -738,6 +782,7 @@ def vp_workload(ctx: Ctx, N: int, n: int, dtype: torch.dtype, P: int = 8) -> Non
         return ce.mean(), vp.vp_grad(x, y, m, r, scale, scale, start=0, vocab_size=n, wtotal=float(n), wy=ones,
                                      validf=ones)
 
+    allreduce_row(ctx, name, N)
     eager = autograd(lambda a, b: F.cross_entropy(a, b))
     ms_f = cell(ctx, name, "F.cross_entropy (torch eager) on the local shard", eager, nbytes=nbytes,
                 check=check_with(eager))
@@ -756,20 +801,23 @@ def vp_workload(ctx: Ctx, N: int, n: int, dtype: torch.dtype, P: int = 8) -> Non
         row = ctx.rows[len(ctx.rows) - len(rows) + i][1]
         if not (math.isnan(ms) or math.isnan(ms_f)):
             row[4] = f"{row[4]}, {ms / ms_f:.2f}× F.cross_entropy"
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        from logitkit.distributed import stages
-
-        P_ = dist.get_world_size()
-        mx = torch.zeros(N + stages.header_size(P_, with_message=False), device=ctx.dev)
-        sm = torch.zeros(3 * N, device=ctx.dev)
-
-        def allreduce():
-            dist.all_reduce(mx, op=dist.ReduceOp.MAX)
-            dist.all_reduce(sm, op=dist.ReduceOp.SUM)
-        cell(ctx, name, f"the two all-reduces alone (MAX of N + header, SUM of 3N float32; {P_} ranks)", allreduce)
-    else:
-        ctx.add(name, "the two all-reduces alone", "skipped (no process group: one process)")
+    # The same calls replayed from a CUDA graph: what is left once the host's launches of the
+    # O(N) glue (header, label hashes, slots, finish: a few hundred small ops) are taken away.
+    graph_rows = (("F.cross_entropy, CUDA graph", lambda a, b: F.cross_entropy(a, b)),
+                  ("logitkit vocab_parallel_cross_entropy, Triton kernels, CUDA graph",
+                   lambda a, b: vocab_parallel_cross_entropy(a, b)))
+    if not ctx.cuda:
+        for impl, _ in graph_rows:
+            ctx.add(name, impl, "skipped (needs CUDA: dry run)")
+        return
+    ms_gf = float("nan")
+    for impl, f in graph_rows:
+        run = graphed(ctx, x, y, f)
+        ms = cell(ctx, name, impl, run, nbytes=nbytes, check=check_with(run))
+        if impl.startswith("F."):
+            ms_gf = ms
+        elif not (math.isnan(ms) or math.isnan(ms_gf)):
+            ctx.rows[-1][1][4] += f", {ms / ms_gf:.2f}× F.cross_entropy (graph)"
 
 
 def labels_workload(ctx: Ctx, N: int, V: int) -> None:

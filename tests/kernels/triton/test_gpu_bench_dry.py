@@ -109,6 +109,8 @@ def test_dry_run_writes_one_table_with_every_row(tmp_path):
     for impl in kernels:  # each as a multiple of F.cross_entropy on the same shard
         assert re.fullmatch(r"\d+%, \d+\.\d\d× F\.cross_entropy", vpw[impl][4]), vpw[impl]
     assert vpw["the two all-reduces alone"][2] == "skipped (no process group: one process)"
+    for impl in ("F.cross_entropy, CUDA graph", "logitkit vocab_parallel_cross_entropy, Triton kernels, CUDA graph"):
+        assert vpw[impl][2] == "skipped (needs CUDA: dry run)", vpw.get(impl)
 
     lab = _impls(rows, "label check:")
     assert re.fullmatch(ms, lab["deferred check on (default)"][2])
