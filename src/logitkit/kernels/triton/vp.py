@@ -10,8 +10,9 @@ Forward, per row (one program per row; a persistent grid for rows wider than one
 
 * ``u = softcap·tanh(x/softcap)`` (or ``x``), ``m = max u`` (NaN when the row holds a NaN, as
   ``torch.max``), ``d = (m − u)/T`` in the accumulation dtype with its rounding error carried
-  (TwoSum for ``m − u``, the division's residual by an fma), ``t = Σ exp(−d)·(1 − lo)`` over every
-  entry but one maximal one (ties stay in as exact ones), ``s = Σ w·d`` with smoothing, and the
+  (TwoSum for ``m − u``, the division's residual by an fma, the float32 rounding of ``T``), ``t =
+  Σ exp(−d − lo)`` over every entry but one maximal one, with the rounding of ``exp2``'s argument
+  carried too (:func:`_exp_neg`: a confident row's ~1e-17 loss within the float32 contract) (ties stay in as exact ones), ``s = Σ w·d`` with smoothing, and the
   label's ``u_y`` where the label falls in ``[start, start + n)`` (0 elsewhere). ``t`` and ``s``
   are summed in float32 (float64 for float64 logits) and returned in float64, as the stage does.
 * A row that fits one block (``n ≤ 16384`` for 16-bit, ``8192`` for 32-bit inputs) is read from
@@ -27,10 +28,11 @@ Backward, per row, one read of the slice and one write of the gradient::
 chained through the softcap and temperature; ``p_y − 1`` is ``expm1`` (a confident row keeps its
 relative accuracy); ignored rows get exact zeros; ``out`` may be ``x`` (in place).
 
-Memory traffic per element of the slice (``b`` bytes an input element): forward ``b`` from DRAM
-(plus ``b`` from L2 for wide rows), backward ``b`` read + ``b`` written; ``3b`` in all, against
-``F.cross_entropy``'s forward (read ``x``, write ``log_softmax``) and backward (read it, write the
-gradient): ``4b``.
+Memory traffic per element of the slice (``b`` bytes an input element; O(1) per row besides):
+forward ``b`` from DRAM (plus ``b`` from L2 for wide rows), backward ``b`` read + ``b`` written;
+``3b`` in all, the floor for a separate forward and backward with a fresh gradient. Eager
+``F.cross_entropy`` moves ``6b``: forward reads ``x`` and writes ``log_softmax``; backward writes
+``nll_loss``'s dense ``(N, n)`` gradient, reads it and ``log_softmax``, writes the gradient.
 
 Bad labels: nothing here checks the range. A label outside every shard only contributes its
 softmax terms; in device mode the header check (:func:`logitkit.distributed.stages.header_ok`)
