@@ -28,6 +28,14 @@ transformed logits is assembled in one expression per chunk (:func:`chunk_backwa
 ``D = Σ p (ls − log M)`` (jsd); then it is chained through the softcap and the temperature.
 No gradient reaches the teacher.
 
+Accuracy of the divergences (float32, issue 15: within 1e-6 of float64, or one ulp where that is
+larger): ``ls − lt`` is never a difference of two rounded float32 log-softmaxes (2-4 ulp at a KL of
+~20) but ``(zs − zt) − ((ms + rs) − (mt + rt))`` in float64 (:func:`_dlogp`), with each ``r``
+corrected by ``log Σ p`` of its own rounded probabilities (:func:`_refine`), and the KL is the
+``p``-weighted mean ``Σ p d / Σ p`` in float64 (:func:`_wmean`). The JSD's ``lt − log M`` and
+``ls − log M`` are formed from ``ls − lt`` alone (:func:`_jsd_logs`). Where the library has no
+float64 (JAX without x64) the float32 differences stay.
+
 :class:`HeadRun` drives the chunks for libraries with in-place updates (NumPy, torch) through the
 ``ops`` objects of :mod:`logitkit.core.linear_cross_entropy`; JAX runs :func:`chunk_forward` and
 :func:`chunk_backward` inside ``lax.scan`` (:mod:`logitkit.jax.linear`). Only whole rows of the
@@ -152,12 +160,130 @@ def _logaddexp(xp: Any, a: Any, b: Any) -> Any:
     return xp.where(mx == -math.inf, -math.inf, mx + xp.log1p(xp.exp(-xp.abs(a - b))))
 
 
-def _teacher_dense(xp: Any, tx: Any, spec: HeadSpec, acc: Any) -> tuple[Any, Any, Any]:
+def _wide(xp: Any, like: Any) -> Any:
+    """float64 where the library has it for ``like``'s device (``None``: JAX without x64, MPS)."""
+    if getattr(xp, "__name__", "") == "jax.numpy":
+        import jax
+
+        return xp.float64 if jax.config.jax_enable_x64 else None
+    if _is_torch(xp):
+        dev = getattr(like, "device", None)
+        if dev is not None and dev.type == "mps":
+            return None
+    return xp.float64
+
+
+def _precise(xp: Any, ls: Any, acc: Any, zs: Any) -> Any:
+    """The dtype (float64) in which the divergences form differences of log-probabilities
+    (:func:`_dlogp`), or ``None`` where ``ls − lt`` is used as it is: float64 inputs (exact
+    enough already), no ``zs``, or no float64 in the library (JAX without x64)."""
+    if zs is None or dtype_name(acc) == "float64":
+        return None
+    return _wide(xp, ls)
+
+
+def _const(xp: Any, m: Any, r: Any, W: Any) -> Any:
+    """``m + r`` (kept dims) in ``W``, a masked row's ``m = -inf`` taken as 0 (as :func:`_logsoftmax`)."""
+    return xp.astype(xp.where(xp.isfinite(m), m, 0.0), W) + xp.astype(r, W)
+
+
+def _dlogp(xp: Any, a: tuple, b: tuple, W: Any, k: Any = None) -> Any:
+    """``la − lb`` in ``W`` (float64) for two log-softmaxes given as ``(z, m, r)`` (``l = z − m − r``,
+    kept dims), formed as ``(za − zb) − ((ma + ra) − (mb + rb))``.
+
+    Two separately rounded float32 log-softmaxes of values ~ -20 differ by up to ~2 ulp of the
+    difference, and a divergence of ~20 is an average of such differences (issue 15: 3.3 ulp).
+    float32 logits are exact in float64 and so, to 2^-29 relative, is their difference; ``m``
+    (float32) plus ``r`` is exact in float64 too, so offsets like 1e4 cancel exactly. ``k``: a
+    row constant (kept dims) subtracted as well, in the same pass."""
+    za, ma, ra = a
+    zb, mb, rb = b
+    c = _const(xp, ma, ra, W) - _const(xp, mb, rb, W)
+    if k is not None:
+        c = c + xp.astype(k, W)
+    if xp is np:
+        d = np.subtract(za, zb, dtype=np.float64)
+        d -= c
+        return d
+    return (xp.astype(za, W) - xp.astype(zb, W)) - c
+
+
+def _mass(xp: Any, p: Any, W: Any) -> Any:
+    """``Σ p`` per row (kept dims) in ``W`` (``p ≥ 0``; NaN only on rows that are NaN anyway)."""
+    return xp.sum(p, axis=-1, keepdims=True, dtype=W)
+
+
+def _refine(xp: Any, zmr: tuple, S: Any, W: Any) -> tuple:
+    """``(z, m, r + log S)`` with ``r`` in ``W``, ``S = Σ exp(z − m − r)`` from the float32 ``r``.
+
+    ``S`` is ``exp(r_exact − r)`` up to the float32 rounding of the probabilities, which averages
+    out in the sum: the corrected ``r`` is exact to ~1e-8 where the float32 one is off by up to
+    half an ulp of ``log V`` (5e-7 at V = 32000), the whole error of a small divergence."""
+    z, m, r = zmr
+    corr = xp.where(S > 0, xp.log(xp.where(S > 0, S, 1.0)), 0.0)
+    return z, m, xp.astype(r, W) + corr
+
+
+def _wmean(xp: Any, p: Any, d: Any, W: Any, den: Any) -> Any:
+    """``Σ_c p_c d_c / Σ_c p_c`` per row in ``W`` (``den``: ``Σ p``, kept dims), terms with
+    ``p_c = 0`` counting 0 (``d`` may be infinite there); ``d`` in ``W`` or in ``p``'s dtype.
+
+    The division by the computed ``Σ p`` (1 up to the float32 rounding of ``p``) takes that
+    rounding out: a row with ``p ≈ 1`` on one class has ``p`` off by ~6e-8 relative, which times
+    a divergence of ~20 is most of an ulp. NumPy: the product in place over ``d`` and its sum without the
+    mask, and the mask only on the rows where that is not finite."""
+    den = xp.squeeze(den, axis=-1)
+    if xp is np:
+        # in place over d (a fresh temporary of the caller's); 0·inf gives NaN where p = 0, and
+        # those terms are set to 0 on the rows (rare) that are not finite
+        np.multiply(d, p, out=d)
+        num = d.sum(-1, dtype=np.float64)
+        bad = ~np.isfinite(num)
+        if bad.any():
+            rows = d[bad]
+            rows[~(p[bad] > 0)] = 0.0
+            num[bad] = rows.sum(-1, dtype=np.float64)
+    elif d.dtype == p.dtype:
+        num = xp.sum(xp.where(p > 0, p * d, 0.0), axis=-1, dtype=W)
+    else:
+        num = xp.sum(xp.where(p > 0, xp.astype(p, W) * d, 0.0), axis=-1)
+    return num / xp.where(den > 0, den, 1.0)
+
+
+def _log1p(xp: Any, e: Any) -> Any:
+    """``log(1 + e)`` for ``0 ≤ e ≤ 1``. NumPy's ``log1p`` is scalar libm code (16 ms on a
+    9 × 32000 float32 chunk, ``log`` 0.6 ms): there Goldberg's ``log(w)·e/(w − 1)``, ``w = 1 + e``,
+    within ~1 ulp of ``log1p``."""
+    if xp is not np:
+        return xp.log1p(e)
+    w = 1.0 + e
+    r = np.log(w)
+    r *= e
+    w -= 1.0
+    with np.errstate(all="ignore"):
+        r /= w
+    np.copyto(r, e, where=w == 0.0)  # (np.where is 8x np.maximum's time on such arrays)
+    return r
+
+
+def _jsd_logs(xp: Any, dd: Any, b: float) -> tuple[Any, Any]:
+    """``(lt − log M, ls − log M)`` for ``M = β q + (1−β) p`` from ``dd = ls − lt`` alone: with
+    ``u = dd + log((1−β)/β)`` and ``l = log(1 + e^−|u|)``, ``lt − log M = −log β − max(u, 0) − l``
+    and ``ls − log M = −log(1−β) − max(−u, 0) − l`` (no difference of two rounded logarithms)."""
+    u = dd + (math.log1p(-b) - math.log(b))
+    l1p = _log1p(xp, xp.exp(-xp.abs(u)))
+    if xp is np:
+        return (-math.log(b) - l1p) - np.maximum(u, 0.0), (-math.log1p(-b) - l1p) + np.minimum(u, 0.0)
+    return (-math.log(b) - l1p) - xp.where(u > 0, u, 0.0), (-math.log1p(-b) - l1p) + xp.where(u < 0, u, 0.0)
+
+
+def _teacher_dense(xp: Any, tx: Any, spec: HeadSpec, acc: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """``(lt, q, rt, zt, mt)``: the teacher's log-softmax and its pieces (kept dims)."""
     zt = xp.astype(tx, acc)
     if spec.teacher_temperature != 1.0:
         zt = zt / spec.teacher_temperature
     mt, rt, _ = row_stats(xp, zt, -1)
-    return _logsoftmax(xp, zt, mt, rt) + (rt,)
+    return _logsoftmax(xp, zt, mt, rt) + (rt, zt, mt)
 
 
 def _teacher_topk(xp: Any, lpk: Any, spec: HeadSpec, acc: Any) -> tuple[Any, Any, Any]:
@@ -184,38 +310,76 @@ def _scatter_add(xp: Any, dz: Any, idx: Any, vals: Any) -> Any:
     return dz.at[rows, idx].add(vals)
 
 
-def _kl_terms(xp: Any, ls: Any, p: Any, teach: Any, spec: HeadSpec, acc: Any) -> tuple[Any, Any]:
-    """``(kl, aux)`` per row; ``aux`` is what the gradient needs besides the logits (see module)."""
-    k, aux, rt = _kl_terms_raw(xp, ls, p, teach, spec, acc)
-    nan = _nan_rows(xp, rt)  # a teacher row with NaN gives NaN
+def _kl_terms(xp: Any, ls: Any, p: Any, teach: Any, spec: HeadSpec, acc: Any, zs: Any = None) -> tuple[Any, Any]:
+    """``(kl, aux)`` per row; ``aux`` is what the gradient needs besides the logits (see module).
+
+    ``zs``: the student's ``(z, m, r)`` (kept dims) behind ``ls``, from which float32 rows form
+    their differences of log-probabilities in float64 (:func:`_dlogp`); without it (the
+    vocabulary-parallel top-k stage passes ``lsk`` alone) ``ls`` is taken as given."""
+    k, aux, rt = _kl_terms_raw(xp, ls, p, teach, spec, acc, zs)
+    nan = xp.astype(_nan_rows(xp, rt), acc)  # a teacher row with NaN gives NaN
     return k + nan, aux + nan
 
 
-def _kl_terms_raw(xp: Any, ls: Any, p: Any, teach: Any, spec: HeadSpec, acc: Any) -> tuple[Any, Any, Any]:
+def _dense_diffs(xp: Any, ls: Any, p: Any, lt: Any, q: Any, zt: Any, mt: Any, rt: Any, acc: Any,
+                 zs: Any, forward: bool) -> tuple:
+    """``(dd, Sp, Sq, W)``: ``dd = lt − ls`` (``forward``) or ``ls − lt``, in float64 from the
+    logits (:func:`_dlogp`, with ``r`` refined by the probability masses ``Sp = Σ p``,
+    ``Sq = Σ q``) where :func:`_precise` allows; else ``(lt − ls or ls − lt, None, None, None)``."""
+    W = _precise(xp, ls, acc, zs)
+    if W is None:
+        return (lt - ls if forward else ls - lt), None, None, None
+    Sp, Sq = _mass(xp, p, W), _mass(xp, q, W)
+    s3, t3 = _refine(xp, zs, Sp, W), _refine(xp, (zt, mt, rt), Sq, W)
+    return (_dlogp(xp, t3, s3, W) if forward else _dlogp(xp, s3, t3, W)), Sp, Sq, W
+
+
+def _topk_logs(xp: Any, ls: Any, p: Any, teach: Any, spec: HeadSpec, acc: Any, zs: Any) -> tuple:
+    """``(lq, q, rq, lsk)`` for a top-k teacher, in float64 where :func:`_precise` allows (these
+    are ``(n, k)`` arrays), with the student's log-probabilities at the k classes from the logits
+    (``r`` refined by ``Σ p`` when ``p`` is given) in the same dtype."""
+    W = _precise(xp, ls, acc, zs)
+    if W is None:
+        lq, q, rq = _teacher_topk(xp, teach[1], spec, acc)
+        return lq, q, rq, _gather(xp, ls, teach[0])
+    lq, q, rq = _teacher_topk(xp, teach[1], spec, W)
+    if p is not None:
+        zs = _refine(xp, zs, _mass(xp, p, W), W)
+    z, m, r = zs
+    return lq, q, rq, xp.astype(_gather(xp, z, teach[0]), W) - _const(xp, m, r, W)
+
+
+def _kl_terms_raw(xp: Any, ls: Any, p: Any, teach: Any, spec: HeadSpec, acc: Any,
+                  zs: Any = None) -> tuple[Any, Any, Any]:
     b = spec.beta
     if spec.teacher == "dense":
-        lt, q, rt = _teacher_dense(xp, teach, spec, acc)
+        lt, q, rt, zt, mt = _teacher_dense(xp, teach, spec, acc)
+        dd, Sp, Sq, W = _dense_diffs(xp, ls, p, lt, q, zt, mt, rt, acc, zs, spec.divergence == "kl")
         if spec.divergence == "kl":
-            k = _plogq(xp, q, lt - ls)
+            k = _plogq(xp, q, dd) if W is None else xp.astype(_wmean(xp, q, dd, W, Sq), acc)
             return k, k, rt
         if spec.divergence == "reverse_kl":
-            k = _plogq(xp, p, ls - lt)
+            k = _plogq(xp, p, dd) if W is None else xp.astype(_wmean(xp, p, dd, W, Sp), acc)
             return k, k, rt
-        lm = _logaddexp(xp, lt + math.log(b), ls + math.log1p(-b))
-        d = _plogq(xp, p, ls - lm)
-        return b * _plogq(xp, q, lt - lm) + (1.0 - b) * d, d, rt
-    idx, lpk = teach
-    lq, q, rq = _teacher_topk(xp, lpk, spec, acc)
-    lsk = _gather(xp, ls, idx)
+        if W is None:
+            et, es = _jsd_logs(xp, dd, b)
+            d = _plogq(xp, p, es)
+            return b * _plogq(xp, q, et) + (1.0 - b) * d, d, rt
+        # the JSD is bounded (by log 1/β): dd rounded once to float32 keeps it within ~1e-7
+        et, es = _jsd_logs(xp, xp.astype(dd, acc), b)
+        d = _wmean(xp, p, es, W, Sp)
+        return xp.astype(b * _wmean(xp, q, et, W, Sq) + (1.0 - b) * d, acc), xp.astype(d, acc), rt
+    lq, q, rq, lsk = _topk_logs(xp, ls, p, teach, spec, acc, zs)
     if spec.divergence == "kl":
-        k = _plogq(xp, q, lq - lsk)
+        k = xp.astype(_plogq(xp, q, lq - lsk), acc)
         return k, k, rq
     # jsd on the k bins plus the student's bucket of the rest
     s = xp.exp(lsk)
-    lm = _logaddexp(xp, lq + math.log(b), lsk + math.log1p(-b))
+    et, es = _jsd_logs(xp, lsk - lq, b)
     rest = 1.0 - xp.sum(s, axis=-1)
     rest = xp.where(rest > 0, rest, 0.0)  # rounding can take Σ s_j just past 1
-    j = b * _plogq(xp, q, lq - lm) + (1.0 - b) * (_plogq(xp, s, lsk - lm) - math.log1p(-b) * rest)
+    j = b * _plogq(xp, q, et) + (1.0 - b) * (_plogq(xp, s, es) - math.log1p(-b) * rest)
+    j = xp.astype(j, acc)
     return j, j, rq
 
 
@@ -250,7 +414,7 @@ def chunk_forward(xp: Any, x: Any, labels: Any, temp: Any, teach: Any, weight: A
             ent = xp.squeeze(r, axis=-1) + _plogq(xp, p, mf - z)
             out["ent"] = xp.where(xp.squeeze(m, axis=-1) == -math.inf, 0.0, ent)  # r is NaN on NaN rows
         if "kl" in o:
-            k, aux = _kl_terms(xp, ls, p, teach, spec, acc)
+            k, aux = _kl_terms(xp, ls, p, teach, spec, acc, zs=(z, m, r))
             nan = _nan_rows(xp, r)
             out["kl"], out["aux"] = k + nan, aux + nan
     if "argmax" in o:
@@ -303,7 +467,7 @@ def chunk_backward(xp: Any, x: Any, labels: Any, temp: Any, teach: Any, weight: 
         term = col("g_ent") * xp.where(p > 0, -p * (ls + ent), 0.0)
         dz = term if dz is None else dz + term
     if cots.get("g_kl") is not None:
-        term = _kl_grad(xp, ls, p, teach, spec, acc, rows["aux"]) * col("g_kl")
+        term = _kl_grad(xp, ls, p, teach, spec, acc, rows["aux"], zs=(z, me, re)) * col("g_kl")
         dz = term if dz is None else dz + term
     if dz is None:
         dz = xp.zeros_like(z)
@@ -319,28 +483,35 @@ def chunk_backward(xp: Any, x: Any, labels: Any, temp: Any, teach: Any, weight: 
     return dz
 
 
-def _kl_grad(xp: Any, ls: Any, p: Any, teach: Any, spec: HeadSpec, acc: Any, aux: Any) -> Any:
+def _kl_grad(xp: Any, ls: Any, p: Any, teach: Any, spec: HeadSpec, acc: Any, aux: Any, zs: Any = None) -> Any:
     b = spec.beta
     a = xp.expand_dims(aux, -1)
     if spec.teacher == "dense":
-        lt, q, _ = _teacher_dense(xp, teach, spec, acc)
+        lt, q, rt, zt, mt = _teacher_dense(xp, teach, spec, acc)
         if spec.divergence == "kl":
             return p - q
+        # the float64 differences of the forward, less the refinement of r by Σ p and Σ q
+        # (5e-7 at most, ~1e-7 relative in the gradient): no extra reductions here
+        W = _precise(xp, ls, acc, zs)
         if spec.divergence == "reverse_kl":
-            return xp.where(p > 0, p * (ls - lt - a), 0.0)
-        lm = _logaddexp(xp, lt + math.log(b), ls + math.log1p(-b))
-        return (1.0 - b) * xp.where(p > 0, p * (ls - lm - a), 0.0)
-    idx, lpk = teach
-    lq, q, _ = _teacher_topk(xp, lpk, spec, acc)
+            if W is None:
+                return xp.where(p > 0, p * ((ls - lt) - a), 0.0)
+            # ls − lt − K ≈ 0 where p is large: K subtracted in float64 too
+            return xp.where(p > 0, p * xp.astype(_dlogp(xp, zs, (zt, mt, rt), W, a), acc), 0.0)
+        dd = ls - lt if W is None else xp.astype(_dlogp(xp, zs, (zt, mt, rt), W), acc)
+        _, es = _jsd_logs(xp, dd, b)
+        return (1.0 - b) * xp.where(p > 0, p * (es - a), 0.0)
+    idx = teach[0]
+    lq, q, _, lsk = _topk_logs(xp, ls, p, teach, spec, acc, zs)
     if spec.divergence == "kl":
         # d/dz_c of −Σ_j q_j ls_{I_j} = p_c Σ_j q_j − q at c
+        q = xp.astype(q, acc)
         sq = xp.expand_dims(xp.sum(q, axis=-1), -1)
         return _scatter_add(xp, p * sq, idx, -q)
-    lsk = _gather(xp, ls, idx)
     s = xp.exp(lsk)
-    lm = _logaddexp(xp, lq + math.log(b), lsk + math.log1p(-b))
+    _, es = _jsd_logs(xp, lsk - lq, b)
     # dJ/ds_j with s_0 = 1 − Σ s_j: (1−β)(log s_j − log M_j + log(1−β)); ds_j/dz_c = s_j(δ − p_c)
-    w = (1.0 - b) * xp.where(s > 0, s * (lsk - lm + math.log1p(-b)), 0.0)
+    w = xp.astype((1.0 - b) * xp.where(s > 0, s * (es + math.log1p(-b)), 0.0), acc)
     return _scatter_add(xp, -p * xp.expand_dims(xp.sum(w, axis=-1), -1), idx, w)
 
 
