@@ -125,13 +125,13 @@ def _agree(comm: TorchCollectives, check: Any, *, x: Any, labels: Any, n: Any, v
             raise ValueError(f"vocab_start: expected the shard to start below 2^24, got {start}")
         wkey = None if weight is None else ("weight", int(weight.shape[0]))
         xp = get_namespace(TORCH)
+        ids = None
+        if hash_extra is not None:
+            ids = torch.cat([labels.reshape(-1).to(torch.int64), hash_extra()])
         fields = stages.header_fields(xp, labels, start=start, size=n, dtype=dtype_name(x.dtype),
                                       ignore_index=ignore_index,
                                       options={**options, "ignore_index": ignore_index, "weight": wkey,
-                                               "vocab_start": vocab_start is None})
-        if hash_extra is not None:
-            ids = torch.cat([labels.reshape(-1).to(torch.int64), hash_extra()])
-            fields.update(zip(("labels_a", "labels_b", "labels_c"), stages.label_hashes(xp, ids)))
+                                               "vocab_start": vocab_start is None}, hash_ids=ids)
     except (TypeError, ValueError) as exc:
         if not host:
             raise
@@ -167,12 +167,8 @@ def _reduce(xp: Any, parts: stages.Partials, labels: torch.Tensor, weight: Any, 
     ok_box: list = []
 
     def vocab(reduced_tail: Any) -> Any:
-        table = reduced_tail[:F * P]
-        t = table.reshape(F, P)
-        nV = t[stages.HEADER_FIELDS.index("size")].sum()
-        ok = stages.header_ok(xp, table, P, vocab_size=nV)
-        if weight is not None:
-            ok = ok & (nV == weight.shape[0])
+        ok, nV = stages.header_check(xp, reduced_tail[:F * P], P,
+                                     weight_len=None if weight is None else int(weight.shape[0]))
         ok_box.append(ok)
         return nV.to(torch.float64)
 

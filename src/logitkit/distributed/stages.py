@@ -246,6 +246,30 @@ def _host_vec(xp: Any, values: list, dtype: Any, like: Any) -> Any:
     return _vec(xp, values, dtype, like)
 
 
+_CONSTS: dict = {}
+_CONSTS_MAX = 64
+
+
+def _host_const(xp: Any, values: list, dtype: Any, like: Any) -> Any:
+    """:func:`_host_vec` of Python numbers; on a torch accelerator a cached device copy (one
+    asynchronous host-to-device copy the first time, nothing after), per-value fills while a CUDA
+    graph is being captured (no copy from host memory there). Never written in place."""
+    if _lib(xp) != "torch" or like.device.type == "cpu":
+        return _host_vec(xp, values, dtype, like)
+    t = xp._t
+    key = (str(like.device), str(dtype), tuple(float(v) for v in values))
+    hit = _CONSTS.get(key)
+    if hit is not None:
+        return hit
+    if like.device.type == "cuda" and t.cuda.is_current_stream_capturing():
+        return _vec(xp, values, dtype, like)
+    hit = t.tensor(values, dtype=dtype).to(like.device, non_blocking=True)
+    if len(_CONSTS) >= _CONSTS_MAX:
+        _CONSTS.pop(next(iter(_CONSTS)))
+    _CONSTS[key] = hit
+    return hit
+
+
 # ----------------------------------------------------------------------------------------------
 # what the ranks must agree on: a fixed-size header, reduced by MAX before any per-token collective
 
@@ -259,6 +283,7 @@ HEADER_FIELDS = ("start", "size", "rows_lo", "rows_hi", "dtype", "ignore_index",
                  "labels_a", "labels_b", "labels_c", "label_min", "label_max", "error")
 _N_HOST = 14
 _FI = {f: i for i, f in enumerate(HEADER_FIELDS)}
+_DEVICE_FIELDS = HEADER_FIELDS[_N_HOST:-1]
 _OPTION_FIELDS = ("ignore_index", "label_smoothing", "reduction", "z_loss", "softcap", "temperature",
                   "weight", "vocab_start", "kind")
 MSG_LEN = 160             # characters of a rank-local error message carried to every rank
@@ -294,41 +319,91 @@ def _mix32(xp: Any, v: Any) -> Any:
     return v ^ (v >> 16)
 
 
+# the 64-bit hash of NumPy and torch (int64, products and sums wrapping modulo 2^64, arithmetic
+# shifts): key = label·K + position·G, then two multiply / xorshift rounds (splitmix64's). The three
+# hashes are the same function on three disjoint blocks of positions: one (3, N) pass, one sum.
+_HK = 0x5851F42D4C957F2D
+_HG = 0x9E3779B97F                     # position step (an arange of 3N·G stays below 2^63)
+_HM1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_HM2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _hash64(xp: Any, ids: Any) -> Any:
+    """``(3,)`` int64: the three 24-bit hashes of the 1-D integer ``ids`` (NumPy or torch)."""
+    L = int(ids.shape[0])
+    if _lib(xp) == "torch":
+        t = xp._t
+        ids = ids.to(t.int64)
+        pos = t.arange(0, 3 * L * _HG, _HG, dtype=t.int64, device=ids.device).view(3, L)
+        v = t.add(pos, ids, alpha=_HK)
+    else:
+        import numpy as np
+
+        with np.errstate(over="ignore"):
+            pos = np.arange(0, 3 * L * _HG, _HG, dtype=np.int64).reshape(3, L)
+            v = pos + ids.astype(np.int64) * np.int64(_HK)
+    with _quiet(xp):
+        v = v ^ (v >> 30)
+        v = v * _HM1
+        v = v ^ (v >> 27)
+        v = v * _HM2
+        v = v ^ (v >> 31)
+        return v.sum(-1) & _H24
+
+
 def label_hashes(xp: Any, labels: Any) -> list:
     """Three independent 24-bit hashes of the labels and their positions, each a 0-d integer array.
 
-    Each label and its position go through a non-linear 32-bit mixer before the sum, so no small
-    edit of a few labels cancels (a position-weighted sum is linear: two edits can).
+    Each label and its position go through a non-linear mixer before the sum, so no small edit of
+    a few labels cancels (a position-weighted sum is linear: two edits can). NumPy and torch: one
+    64-bit pass over a ``(3, N)`` block (:func:`_hash64`; the same values in both); JAX (no int64
+    without x64): three 32-bit lowbias32 passes. Ranks compare hashes of one library only.
     """
     lib = _lib(xp)
     lab = labels.reshape(-1)
-    if lib == "torch":
-        t = xp._t
-        lab = lab.to(t.int64)
-        lo, hi = lab & _M32, (lab >> 32) & _M32
-        pos = t.arange(lab.shape[0], device=lab.device, dtype=t.int64)
-    elif lib == "jax":
-        lo = lab.astype(xp.uint32)
-        hi = ((lab >> 31) >> 1).astype(xp.uint32)  # the sign word for 32-bit labels, as int64 has it
-        pos = xp.arange(lab.shape[0], dtype=xp.uint32)
-    else:
-        lab = lab.astype("int64")
-        lo, hi = lab & _M32, (lab >> 32) & _M32
-        pos = xp.arange(lab.shape[0], dtype="int64")
+    if lib != "jax":
+        h = _hash64(xp, lab)
+        return [h[0], h[1], h[2]]
+    lo = lab.astype(xp.uint32)
+    hi = ((lab >> 31) >> 1).astype(xp.uint32)  # the sign word for 32-bit labels, as int64 has it
+    pos = xp.arange(lab.shape[0], dtype=xp.uint32)
     out = []
     for s1, s2 in _SEEDS:
-        if lib == "jax":
-            k1, k2, mul = xp.uint32(s1), xp.uint32(s2), xp.uint32(0x9E3779B1)
-            a = _mix32(xp, pos * mul + k1)
-        else:
-            k1, k2 = s1, s2
-            a = _mix32(xp, (pos * 0x9E3779B1 + k1) & _M32)
+        k1, k2, mul = xp.uint32(s1), xp.uint32(s2), xp.uint32(0x9E3779B1)
+        a = _mix32(xp, pos * mul + k1)
         h = _mix32(xp, _mix32(xp, lo ^ a) ^ hi ^ k2) & _H24
-        if lib == "jax":
-            out.append(xp.sum(h, dtype=xp.uint32) & xp.uint32(_H24))
-        else:
-            out.append(xp.sum(h) & _H24)
+        out.append(xp.sum(h, dtype=xp.uint32) & xp.uint32(_H24))
     return out
+
+
+def label_digest(xp: Any, labels: Any, ignore_index: int, hash_ids: Any = None) -> Any:
+    """``(5,)`` int64 (NumPy, torch): the three label hashes of ``hash_ids`` (default: the labels),
+    then the smallest and largest label not ignored, clipped to ``[-1, 2^24 − 1]``; ``(2^24 − 1,
+    −1)`` when every label is ignored (the range checks pass either way). About twenty torch ops:
+    the device fields of the header in one vector, no per-field scalars."""
+    lab = labels.reshape(-1)
+    ids = lab if hash_ids is None else hash_ids.reshape(-1)
+    h = _hash64(xp, ids)
+    hi = _EXACT - 1
+    if _lib(xp) == "torch":
+        t = xp._t
+        lab = lab.to(t.int64)
+        if lab.shape[0] == 0:
+            rng = t.tensor([hi, -1], dtype=t.int64).to(lab.device, non_blocking=True)
+        else:
+            both = t.stack([-lab, lab])
+            r = t.where(lab != ignore_index, both, -(1 << 62)).amax(-1)
+            rng = t.cat([-r[:1], r[1:]])
+        return t.cat([h, rng]).clamp_(-1, hi)
+    import numpy as np
+
+    lab = lab.astype(np.int64)
+    valid = lab != ignore_index
+    if not valid.any():
+        rng = np.array([hi, -1], dtype=np.int64)
+    else:
+        rng = np.array([lab[valid].min(), lab[valid].max()], dtype=np.int64)
+    return np.clip(np.concatenate([h, rng]), -1, hi)
 
 
 def label_range(xp: Any, labels: Any, ignore_index: int) -> tuple[Any, Any]:
@@ -365,16 +440,27 @@ def encode_header(xp: Any, *, rank: Any, world_size: int, fields: dict | None, e
     code = 0
     if error is not None:
         code = 2 if isinstance(error, TypeError) else 1
+    lib = _lib(xp)
     if fields is None:
-        col = _host_vec(xp, [_FILL] * (F - 1) + [code], f32, like)
-    elif _lib(xp) == "jax":
+        col = _host_const(xp, [_FILL] * (F - 1) + [code], f32, like)
+    elif lib == "jax":
         col = _vec(xp, [fields[f] for f in HEADER_FIELDS[:-1]] + [code], f32, like)
     else:
-        col = _cat(xp, [_host_vec(xp, [fields[f] for f in HEADER_FIELDS[:_N_HOST]], f32, like),
-                        _vec(xp, [fields[f] for f in HEADER_FIELDS[_N_HOST:-1]], f32, like),
-                        _host_vec(xp, [code], f32, like)])
-    cols = xp.expand_dims(_iota(xp, P, like), 0) == rank
-    table = xp.where(cols, xp.expand_dims(col, -1), _FILL).reshape(-1)
+        # the host-known fields and the error code: one constant (cached on the device); the five
+        # device fields: the digest vector of header_fields when its entries are untouched
+        host = _host_const(xp, [fields[f] for f in HEADER_FIELDS[:_N_HOST]] + [code], f32, like)
+        dig = fields.get("_digest")
+        if dig is not None and all(fields[f] is v for f, v in zip(_DEVICE_FIELDS, dig[1])):
+            dev = _as(xp, dig[0], f32)
+        else:
+            dev = _vec(xp, [fields[f] for f in _DEVICE_FIELDS], f32, like)
+        col = _cat(xp, [host[:_N_HOST], dev, host[_N_HOST:]])
+    if lib == "torch" and isinstance(rank, int):
+        # column `rank` of an (F, P) table of fills: one pad
+        table = xp._t.nn.functional.pad(col.reshape(F, 1), (rank, P - 1 - rank), value=_FILL).reshape(-1)
+    else:
+        cols = xp.expand_dims(_iota(xp, P, like), 0) == rank
+        table = xp.where(cols, xp.expand_dims(col, -1), _FILL).reshape(-1)
     if not with_message:
         return table
     text = [_FILL] * MSG_LEN
@@ -476,46 +562,70 @@ def header_ok(xp: Any, table: Any, world_size: int, *, vocab_size: Any) -> Any:
 
     ``table``: the reduced ``F·P`` table (no message block); ``vocab_size``: the global ``V``
     (``Σ n``, or the true ``V`` of a padded JAX vocabulary) for the label range. The weight's
-    length is the caller's to compare (the ranks' lengths agree once this passes).
+    length is the caller's to compare (the ranks' lengths agree once this passes), or
+    :func:`header_check`'s.
+    """
+    return header_check(xp, table, world_size, vocab_size=vocab_size)[0]
+
+
+_SAME = (_FI["rows_lo"], _FI["labels_c"] + 1)   # the rows every rank must hold alike, contiguous
+
+
+def header_check(xp: Any, table: Any, world_size: int, *, vocab_size: Any = None,
+                 weight_len: int | None = None) -> tuple[Any, Any]:
+    """``(ok, V)``: :func:`header_ok`'s flag and the global ``V = Σ n`` (a 0-d array in the table's
+    dtype), from a handful of whole-table comparisons and one reduction (about fifteen torch ops).
+
+    ``vocab_size``: the ``V`` of the label range (default ``Σ n``); ``weight_len``: this rank's
+    ``weight.shape[0]``, which must equal ``Σ n`` (``None``: no class weights).
     """
     P = world_size
     t = table.reshape(len(HEADER_FIELDS), P)
-
-    def every(a: Any) -> Any:
-        return xp.logical_not(xp.any(xp.logical_not(a)))
-
-    def same(name: str) -> Any:
-        v = t[_FI[name]]
-        return every(v == v[0])
-
-    ok = every(t[_FI["error"]] <= 0)
-    for f in ("rows_lo", "rows_hi", "dtype", *_OPTION_FIELDS, "labels_a", "labels_b", "labels_c"):
-        ok = ok & same(f)
+    lib = _lib(xp)
+    same = t[_SAME[0]:_SAME[1]]
     starts, sizes = t[_FI["start"]], t[_FI["size"]]
-    if _lib(xp) == "torch":
-        order = xp._t.argsort(starts + xp._t.where(sizes > 0, 0.0, float(_EXACT)))
-        s, n = starts[order], sizes[order]
-        ends = xp._t.cumsum(n, 0)
-        prev = xp._t.cat([ends.new_zeros(1), ends[:-1]])
+    # the shards tile [0, V): sorted by start (empty ones last), each starts where the previous
+    # ends (the end minus its own size is the previous end, exact below 2^24)
+    key = starts + xp.where(sizes > 0, 0.0, float(_EXACT))
+    if lib == "torch":
+        tt = xp._t
+        sn = t[0:2][:, tt.argsort(key)]
+        ends = tt.cumsum(sn[1], 0)
     else:
-        order = xp.argsort(starts + xp.where(sizes > 0, 0.0, float(_EXACT)))
-        s, n = xp.take(starts, order), xp.take(sizes, order)
-        ends = xp.cumsum(n)
-        prev = xp.concatenate([xp.zeros((1,), ends.dtype), ends[:-1]])
-    ok = ok & every((s == prev) | (n == 0))
-    lo, hi = t[_FI["label_min"]][0], t[_FI["label_max"]][0]
-    return ok & (lo >= 0) & (hi < vocab_size)
+        sn = xp.take(t[0:2], xp.argsort(key), axis=1)
+        ends = xp.cumsum(sn[1])
+    V = ends[-1]
+    Vr = V if vocab_size is None else vocab_size
+    rng = t[_FI["label_min"]:_FI["label_max"] + 1, 0]
+    flags = [xp.reshape(same == same[:, :1], (-1,)), t[_FI["error"]] <= 0,
+             (sn[0] == ends - sn[1]) | (sn[1] == 0), rng[:1] >= 0, rng[1:] < Vr]
+    if weight_len is not None:
+        flags.append(xp.reshape(V == float(weight_len), (1,)))
+    ok = _cat(xp, flags)
+    return (ok.all() if lib == "torch" else xp.all(ok)), V
 
 
 def header_fields(xp: Any, labels: Any, *, start: Any, size: int, dtype: str, ignore_index: int,
-                  options: dict) -> dict:
-    """The header fields of one rank (labels flattened; ``options`` the Python option values)."""
+                  options: dict, hash_ids: Any = None) -> dict:
+    """The header fields of one rank (labels flattened; ``options`` the Python option values).
+
+    ``hash_ids``: a 1-D integer array hashed instead of the labels (the labels and more per-token
+    data the ranks must agree on); the label range is always the labels'. NumPy and torch: the
+    five device fields are views of one :func:`label_digest` vector, which :func:`encode_header`
+    writes whole (replace them and it stacks the fields one by one, as for JAX).
+    """
     N = int(labels.reshape(-1).shape[0])
-    ha, hb, hc = label_hashes(xp, labels)
-    lo, hi = label_range(xp, labels, ignore_index)
     f = {"start": start, "size": size, "rows_lo": N % _EXACT, "rows_hi": N // _EXACT,
-         "dtype": _DTYPES.index(dtype), "labels_a": ha, "labels_b": hb, "labels_c": hc,
-         "label_min": lo, "label_max": hi}
+         "dtype": _DTYPES.index(dtype)}
+    if _lib(xp) == "jax":
+        ha, hb, hc = label_hashes(xp, labels if hash_ids is None else hash_ids)
+        lo, hi = label_range(xp, labels, ignore_index)
+        f.update(labels_a=ha, labels_b=hb, labels_c=hc, label_min=lo, label_max=hi)
+    else:
+        d = label_digest(xp, labels, ignore_index, hash_ids)
+        views = [d[i] for i in range(5)]
+        f.update(zip(_DEVICE_FIELDS, views))
+        f["_digest"] = (d, views)
     for k in _OPTION_FIELDS:
         f[k] = option_code(options.get(k))
     return f
