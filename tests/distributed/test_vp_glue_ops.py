@@ -125,7 +125,7 @@ class _MP:
 
 # bounds on the glue (every part but the kernels' own ops); measured after the vectorization:
 # see the report printed by the script. Before it: 253 (plain) and 289 (every option) aten ops.
-GLUE_BOUND = {"plain": 130, "all": 170}
+GLUE_BOUND = {"plain": 85, "all": 125}
 
 
 @pytest.mark.parametrize("case", ["plain", "all"])

@@ -10,7 +10,6 @@ import torch
 from .. import _validate as V
 from .._namespace import TORCH, acc_dtype, dtype_name, get_namespace, is_floating, is_integer
 from ..core.logsumexp import transform
-from ..core.reduction import reduce_loss, row_scales
 from . import stages
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy", "TorchCollectives"]
@@ -182,18 +181,49 @@ def _reduce(xp: Any, parts: stages.Partials, labels: torch.Tensor, weight: Any, 
 
 def _finish_forward(xp: Any, ctx: Any, red: stages.Reduced, ok: Any, weight: Any, cfg: _Cfg,
                     out_dtype: Any) -> torch.Tensor:
+    """The reduction of :func:`logitkit.core.reduction.reduce_loss` (same expressions, so the same
+    values) with the mean's denominators formed once, and the per-row gradient scales of
+    :func:`~logitkit.core.reduction.row_scales` but for ``grad_output`` kept for backward."""
     ce = red.ce if ok is None else torch.where(ok, red.ce, float("nan"))
-    loss = reduce_loss(xp, ce, red.lse, red.validf, red.wy, cfg.reduction, cfg.z_loss)
+    validf, wy = red.validf, red.wy
+    zl = cfg.z_loss
+    zterm = torch.where(validf > 0, zl * red.lse * red.lse, 0.0) if zl != 0.0 else None
+    if cfg.reduction == "mean":
+        # 1/Σ w_y and 1/count, 0 for a sum of 0 (as _safe_recip); one pair without class weights
+        d = validf.sum() if wy is validf else torch.stack([wy, validf]).sum(-1)
+        inv = torch.where(d != 0, d.reciprocal(), 0.0)
+        inv_w, inv_n = (inv, inv) if wy is validf else (inv[0], inv[1])
+        loss = ce.sum() * inv_w
+        if zterm is not None:
+            loss = loss + zterm.sum() * inv_n
+        s_ce = validf * inv_w
+        s_z = (s_ce if wy is validf else validf * inv_n) if zl != 0.0 else s_ce
+    else:
+        if cfg.reduction == "sum":
+            loss = ce.sum() if zterm is None else ce.sum() + zterm.sum()
+        else:
+            loss = ce if zterm is None else ce + zterm
+        s_ce = s_z = validf
     sdt = red.m.dtype
     Vt = float(cfg.vocab_size) if cfg.vocab_size is not None else red.vocab_size
-    wtotal = Vt if weight is None else weight.detach().to(sdt).sum()
-    ctx.stats = (red.m, red.r, red.validf, red.wy, Vt, wtotal)
+    if weight is None:
+        wtotal = Vt
+    elif cfg.label_smoothing > 0.0:
+        wtotal = red.wtotal if red.wtotal is not None else weight.detach().to(sdt).sum()
+    else:
+        wtotal = 0.0                 # read only with smoothing
+    ctx.stats = (red.m, red.r, validf, wy, Vt, wtotal)
+    ctx.scales = (s_ce, s_z)
     return loss.to(out_dtype)
 
 
 def _grad_scales(xp: Any, ctx: Any, cfg: _Cfg, grad_output: torch.Tensor) -> tuple[Any, Any]:
-    m, r, validf, wy, Vt, wtotal = ctx.stats
-    return row_scales(xp, validf, wy, cfg.reduction, grad_output.to(m.dtype))
+    """``(g_ce, g_z)`` per row: the forward's scales times ``grad_output`` (``row_scales``' values:
+    validf·(inv·g) with validf in {0, 1} is (validf·inv)·g)."""
+    s_ce, s_z = ctx.scales
+    g = grad_output.to(s_ce.dtype)
+    g_ce = s_ce * g
+    return g_ce, (g_ce if s_z is s_ce else s_z * g)
 
 
 # ----------------------------------------------------------------------------------------------

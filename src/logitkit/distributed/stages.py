@@ -123,6 +123,14 @@ def _vec(xp: Any, values: list, dtype: Any, like: Any) -> Any:
     return xp.stack([xp.asarray(v).astype(dtype).reshape(()) for v in values])
 
 
+def _nan_to(xp: Any, a: Any, value: float) -> Any:
+    """``a`` with NaN replaced by ``value``, ±inf kept (one torch op)."""
+    lib = _lib(xp)
+    if lib == "torch":
+        return xp._t.nan_to_num(a, nan=value, posinf=math.inf, neginf=-math.inf)
+    return xp.where(xp.isnan(a), value, a)
+
+
 def _zeros(xp: Any, shape: tuple, dtype: Any, like: Any) -> Any:
     if _lib(xp) == "torch":
         return xp._t.zeros(shape, dtype=dtype, device=like.device)
@@ -257,7 +265,7 @@ def _host_const(xp: Any, values: list, dtype: Any, like: Any) -> Any:
     if _lib(xp) != "torch" or like.device.type == "cpu":
         return _host_vec(xp, values, dtype, like)
     t = xp._t
-    key = (str(like.device), str(dtype), tuple(float(v) for v in values))
+    key = (str(like.device), str(dtype), repr(values))
     hit = _CONSTS.get(key)
     if hit is not None:
         return hit
@@ -320,7 +328,9 @@ def _mix32(xp: Any, v: Any) -> Any:
 
 
 # the 64-bit hash of NumPy and torch (int64, products and sums wrapping modulo 2^64, arithmetic
-# shifts): key = label·K + position·G, then two multiply / xorshift rounds (splitmix64's). The three
+# shifts): key = label·K + position·G, then two multiply / xorshift rounds (splitmix64's finalizer
+# less its first xorshift, which the products of the key make redundant: every output bit still
+# depends on every bit of the label and of the position). The three
 # hashes are the same function on three disjoint blocks of positions: one (3, N) pass, one sum.
 _HK = 0x5851F42D4C957F2D
 _HG = 0x9E3779B97F                     # position step (an arange of 3N·G stays below 2^63)
@@ -343,7 +353,6 @@ def _hash64(xp: Any, ids: Any) -> Any:
             pos = np.arange(0, 3 * L * _HG, _HG, dtype=np.int64).reshape(3, L)
             v = pos + ids.astype(np.int64) * np.int64(_HK)
     with _quiet(xp):
-        v = v ^ (v >> 30)
         v = v * _HM1
         v = v ^ (v >> 27)
         v = v * _HM2
@@ -389,11 +398,11 @@ def label_digest(xp: Any, labels: Any, ignore_index: int, hash_ids: Any = None) 
         t = xp._t
         lab = lab.to(t.int64)
         if lab.shape[0] == 0:
-            rng = t.tensor([hi, -1], dtype=t.int64).to(lab.device, non_blocking=True)
+            rng = _host_const(xp, [hi, -1], t.int64, lab)
         else:
-            both = t.stack([-lab, lab])
-            r = t.where(lab != ignore_index, both, -(1 << 62)).amax(-1)
-            rng = t.cat([-r[:1], r[1:]])
+            # [−min, max] of the labels not ignored in one reduction: the labels times (−1, 1)
+            sgn = _host_const(xp, [[-1], [1]], t.int64, lab)
+            rng = t.where(lab != ignore_index, lab * sgn, -(1 << 62)).amax(-1) * sgn[:, 0]
         return t.cat([h, rng]).clamp_(-1, hi)
     import numpy as np
 
@@ -441,24 +450,36 @@ def encode_header(xp: Any, *, rank: Any, world_size: int, fields: dict | None, e
     if error is not None:
         code = 2 if isinstance(error, TypeError) else 1
     lib = _lib(xp)
-    if fields is None:
-        col = _host_const(xp, [_FILL] * (F - 1) + [code], f32, like)
-    elif lib == "jax":
-        col = _vec(xp, [fields[f] for f in HEADER_FIELDS[:-1]] + [code], f32, like)
-    else:
-        # the host-known fields and the error code: one constant (cached on the device); the five
-        # device fields: the digest vector of header_fields when its entries are untouched
-        host = _host_const(xp, [fields[f] for f in HEADER_FIELDS[:_N_HOST]] + [code], f32, like)
-        dig = fields.get("_digest")
-        if dig is not None and all(fields[f] is v for f, v in zip(_DEVICE_FIELDS, dig[1])):
-            dev = _as(xp, dig[0], f32)
-        else:
-            dev = _vec(xp, [fields[f] for f in _DEVICE_FIELDS], f32, like)
-        col = _cat(xp, [host[:_N_HOST], dev, host[_N_HOST:]])
+    dig = None if fields is None else fields.get("_digest")
+    if dig is not None and not all(fields[f] is v for f, v in zip(_DEVICE_FIELDS, dig[1])):
+        dig = None          # a caller replaced some of the digest's fields: stack them one by one
     if lib == "torch" and isinstance(rank, int):
-        # column `rank` of an (F, P) table of fills: one pad
-        table = xp._t.nn.functional.pad(col.reshape(F, 1), (rank, P - 1 - rank), value=_FILL).reshape(-1)
+        # the (F, P) table of fills with this rank's host-known fields and error code: one
+        # constant (cached on a device); the device fields copied into its column (the copy
+        # converts): a clone and a copy
+        tab = [[_FILL] * P for _ in range(F)]
+        if fields is not None:
+            for i, f in enumerate(HEADER_FIELDS[:_N_HOST]):
+                tab[i][rank] = float(fields[f])
+        tab[F - 1][rank] = float(code)
+        tab = _host_const(xp, tab, f32, like)
+        if fields is None:
+            table = tab.reshape(-1)
+        else:
+            tab = tab.clone()
+            tab[_N_HOST:F - 1, rank].copy_(dig[0] if dig is not None
+                                           else _vec(xp, [fields[f] for f in _DEVICE_FIELDS], f32, like))
+            table = tab.reshape(-1)
     else:
+        if fields is None:
+            col = _host_vec(xp, [_FILL] * (F - 1) + [code], f32, like)
+        elif lib == "jax":
+            col = _vec(xp, [fields[f] for f in HEADER_FIELDS[:-1]] + [code], f32, like)
+        else:
+            dev = (_as(xp, dig[0], f32) if dig is not None
+                   else _vec(xp, [fields[f] for f in _DEVICE_FIELDS], f32, like))
+            col = _cat(xp, [_host_vec(xp, [fields[f] for f in HEADER_FIELDS[:_N_HOST]], f32, like), dev,
+                            _host_vec(xp, [code], f32, like)])
         cols = xp.expand_dims(_iota(xp, P, like), 0) == rank
         table = xp.where(cols, xp.expand_dims(col, -1), _FILL).reshape(-1)
     if not with_message:
@@ -584,21 +605,25 @@ def header_check(xp: Any, table: Any, world_size: int, *, vocab_size: Any = None
     lib = _lib(xp)
     same = t[_SAME[0]:_SAME[1]]
     starts, sizes = t[_FI["start"]], t[_FI["size"]]
-    # the shards tile [0, V): sorted by start (empty ones last), each starts where the previous
-    # ends (the end minus its own size is the previous end, exact below 2^24)
-    key = starts + xp.where(sizes > 0, 0.0, float(_EXACT))
+    # the shards tile [0, V): sorted by start, empty ones last (key 2^24, above every start), each
+    # non-empty one starts where the previous ends (its end minus its own size, exact below 2^24);
+    # min(key, V) makes an empty shard's check V == V, and fails a non-empty one starting at V or
+    # beyond (its previous end is below V)
+    key = xp.where(sizes > 0, starts, float(_EXACT))
     if lib == "torch":
         tt = xp._t
-        sn = t[0:2][:, tt.argsort(key)]
-        ends = tt.cumsum(sn[1], 0)
+        key, order = tt.sort(key)
+        n = sizes[order]
+        ends = tt.cumsum(n, 0)
     else:
-        sn = xp.take(t[0:2], xp.argsort(key), axis=1)
-        ends = xp.cumsum(sn[1])
+        order = xp.argsort(key)
+        key, n = xp.take(key, order), xp.take(sizes, order)
+        ends = xp.cumsum(n)
     V = ends[-1]
     Vr = V if vocab_size is None else vocab_size
     rng = t[_FI["label_min"]:_FI["label_max"] + 1, 0]
     flags = [xp.reshape(same == same[:, :1], (-1,)), t[_FI["error"]] <= 0,
-             (sn[0] == ends - sn[1]) | (sn[1] == 0), rng[:1] >= 0, rng[1:] < Vr]
+             xp.minimum(key, V) == ends - n, rng[:1] >= 0, rng[1:] < Vr]
     if weight_len is not None:
         flags.append(xp.reshape(V == float(weight_len), (1,)))
     ok = _cat(xp, flags)
@@ -754,33 +779,38 @@ def global_slots(xp: Any, p: Partials, m: Any, temperature: float = 1.0) -> list
         sdt = p.t.dtype
         pm, mg = _as(xp, p.m, sdt), _as(xp, m, sdt)
         keep = pm == mg
-        both_finite = xp.isfinite(pm) & xp.isfinite(mg)
-        diff = xp.where(both_finite, pm - mg, -math.inf)
-        lo = None
-        if "64" not in str(sdt):
+        if "64" in str(sdt):
+            # exp(pm − mg) as is: where either is infinite the difference is −inf (scale 0) or
+            # NaN with keep true (−inf/−inf, +inf/+inf: t is this rank's own); a NaN pm makes the
+            # scale NaN, and so t (mg never is NaN: the MAX saw −inf for NaN rows)
+            diff = pm - mg
+            if temperature != 1.0:
+                diff = _div_(xp, diff, temperature)
+            t = xp.where(keep, p.t, _mul_(xp, _exp_(xp, diff), p.t + p.c))
+        else:
             # statistics in float32 (JAX without x64): the rounding of m_loc − m would be one
             # coherent error for every term of the shard (issue 21); TwoSum carries it
+            both_finite = xp.isfinite(pm) & xp.isfinite(mg)
+            diff = xp.where(both_finite, pm - mg, -math.inf)
             _, lo = two_diff(xp, pm, mg)
             lo = xp.where(both_finite, lo, 0.0)
-        if temperature != 1.0:
-            q = diff / temperature
-            if lo is not None:
+            if temperature != 1.0:
+                q = diff / temperature
                 lo = xp.where(both_finite, _div_residual(xp, diff, temperature, q), 0.0) + lo / temperature
-            diff = q
-        scale = xp.exp(diff)
-        if lo is not None:
+                diff = q
+            scale = xp.exp(diff)
             scale = scale + scale * lo
-        t = xp.where(keep, p.t, scale * (p.t + p.c))
-        t = xp.where(xp.isnan(pm), math.nan, t)
+            t = xp.where(keep, p.t, scale * (p.t + p.c))
+            t = xp.where(xp.isnan(pm), math.nan, t)
         dy = mg - _as(xp, p.zy, sdt)
         if temperature != 1.0:
-            dy = dy / temperature
+            dy = _div_(xp, dy, temperature)
         slots = [t, xp.where(keep, p.c, 0.0), xp.where(p.own, dy, 0.0)]
         if p.s is not None:
             shift = mg - pm
             if temperature != 1.0:
-                shift = shift / temperature
-            slots.append(p.s + xp.where(xp.isfinite(pm), shift * p.wsum, 0.0))
+                shift = _div_(xp, shift, temperature)
+            slots.append(p.s + xp.where(xp.abs(pm) < math.inf, shift * p.wsum, 0.0))
         return slots
 
 
@@ -793,12 +823,15 @@ def finish(xp: Any, m: Any, sums: Any, validf: Any, wy: Any, *, vocab_size: Any,
     """
     with _quiet(xp):
         T, C, D = sums[0], sums[1], sums[2]
-        all_masked = (m == -math.inf) & ~xp.isnan(T)
+        all_masked = (m == -math.inf) & (T == T)                  # T == T: not NaN
         r = xp.log1p(T + (C - 1.0))
-        r = xp.where(all_masked, 0.0, xp.where((m == math.inf) | xp.isnan(m), math.nan, r))
+        r = xp.where(all_masked, 0.0, xp.where(m < math.inf, r, math.nan))   # m = +inf or NaN: NaN
         nll = xp.where(all_masked, math.inf, D + r)
         eps = label_smoothing
-        ce = (1.0 - eps) * wy * nll if eps != 1.0 else xp.zeros_like(nll)
+        if eps == 0.0:
+            ce = wy * nll                                           # (1 − 0)·w_y, exactly
+        else:
+            ce = (1.0 - eps) * wy * nll if eps != 1.0 else xp.zeros_like(nll)
         if eps > 0.0:
             smooth = xp.where(all_masked, math.inf, sums[3] + wtotal * r)
             ce = ce + (eps / vocab_size) * smooth
@@ -819,6 +852,8 @@ class Reduced(NamedTuple):
     tail: Any     # the reduced extra scalars of the MAX all-reduce (``max_tail``), or None
     sums: Any = None    # the summed slots ``(k, N)`` of :func:`global_slots` (``T, C, (m − z_y)/T, ...``)
     extra: Any = None   # the summed ``extra_slots`` columns ``(N, j)``, or None
+    wtotal: Any = None  # Σ_c w_c over the global classes (``vocab_size`` without class weights; None
+                        # with class weights and no smoothing, where nothing uses it)
 
 
 def reduce_rows(xp: Any, p: Partials, labels: Any, *, all_reduce_max: Callable[[Any], Any],
@@ -841,13 +876,14 @@ def reduce_rows(xp: Any, p: Partials, labels: Any, *, all_reduce_max: Callable[[
     sdt = p.t.dtype
     N = p.m.shape[0]
     # NaN must not ride in the MAX (gloo and XLA may drop it); its row sends NaN in the SUM instead
-    mloc = xp.where(xp.isnan(p.m), -math.inf, p.m).reshape(-1)
+    mloc = _nan_to(xp, p.m, -math.inf).reshape(-1)
     if max_tail is not None:
         mloc = _cat(xp, [mloc, _as(xp, max_tail, acc)])
     buf = all_reduce_max(mloc)
     m = buf[:N].reshape(N, 1)
     tail = None if max_tail is None else buf[N:]
-    slots = global_slots(xp, p, m, temperature)
+    m64 = _as(xp, m, sdt)
+    slots = global_slots(xp, p, m64, temperature)
     k = len(slots)
     sd = acc if sum_dtype is None else sum_dtype
     flat = [s.reshape(-1) for s in slots]
@@ -861,11 +897,11 @@ def reduce_rows(xp: Any, p: Partials, labels: Any, *, all_reduce_max: Callable[[
     extra = xp.moveaxis(summed[k * N:].reshape(j, N), 0, 1) if j else None
     validf, wy = _row_weights(xp, labels, weight, ignore_index, sdt)
     V = vocab_size(tail) if callable(vocab_size) else vocab_size
-    wtotal = V if weight is None else xp.sum(_as(xp, weight, sdt))
-    m1 = _as(xp, m.reshape(N), sdt)
+    wtotal = V if weight is None else (xp.sum(_as(xp, weight, sdt)) if label_smoothing > 0.0 else None)
+    m1 = m64.reshape(N)
     ce, r = finish(xp, m1, sums, validf, wy, vocab_size=V, wtotal=wtotal, label_smoothing=label_smoothing)
     lse = (m1 if temperature == 1.0 else m1 / temperature) + r
-    return Reduced(ce, m1, r, lse, validf, wy, V, tail, sums, extra)
+    return Reduced(ce, m1, r, lse, validf, wy, V, tail, sums, extra, wtotal)
 
 
 def _row_weights(xp: Any, labels: Any, weight: Any, ignore_index: int, acc: Any) -> tuple[Any, Any]:
