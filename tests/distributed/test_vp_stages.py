@@ -280,3 +280,109 @@ def test_importing_the_package_imports_no_framework():
             "assert 'torch' not in sys.modules and 'jax' not in sys.modules, sorted(sys.modules); "
             "assert 'vocab_parallel_cross_entropy' in dir(d)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ----------------------------------------------------------------------------------------------
+# the header's vectorized pieces (issue 19, item 3): the same values from NumPy and torch, and the
+# device check (header_check) agreeing with the host's verdict on every kind of table
+
+
+def _labels_cases():
+    rng = np.random.default_rng(21)
+    yield rng.integers(0, 50, 17)
+    y = rng.integers(0, 9, 12)
+    y[[1, 4]] = -100
+    yield y
+    yield np.array([-100, -100, -100])                       # every label ignored
+    yield np.array([3, -7, 2 ** 40, -(2 ** 33), 5])          # out of every range, beyond 32 bits
+    yield np.zeros(0, dtype=np.int64)
+
+
+@pytest.mark.parametrize("y", list(_labels_cases()), ids=["plain", "ignored", "all-ignored", "wide", "empty"])
+def test_label_digest_numpy_and_torch_agree(y):
+    torch = pytest.importorskip("torch")
+    d_np = stages.label_digest(np, y, -100)
+    d_t = stages.label_digest(stages_torch_xp(), torch.tensor(y), -100)
+    np.testing.assert_array_equal(d_np, d_t.numpy())
+    assert [int(v) for v in stages.label_hashes(np, y)] == [int(v) for v in d_np[:3]]
+    assert all(0 <= int(v) < 2 ** 24 for v in d_np[:3])
+    valid = y[y != -100]
+    if valid.size:
+        lo, hi = stages.label_range(np, y, -100)
+        assert (int(d_np[3]), int(d_np[4])) == (int(lo), int(hi))
+    else:
+        assert (int(d_np[3]), int(d_np[4])) == (2 ** 24 - 1, -1)
+    # hash_ids hashes other data, the range stays the labels'
+    other = stages.label_digest(np, y, -100, hash_ids=np.concatenate([y, [7]]))
+    assert list(other[3:]) == list(d_np[3:]) and list(other[:3]) != list(d_np[:3])
+
+
+def test_label_hashes_see_shifts_swaps_and_sign():
+    y = np.arange(40) % 7
+    base = [int(v) for v in stages.label_hashes(np, y)]
+    for other in (np.roll(y, 1), y[::-1].copy(), np.where(y == 0, -1, y), np.concatenate([y[1:], y[:1]])):
+        assert all(a != b for a, b in zip(base, (int(v) for v in stages.label_hashes(np, other))))
+
+
+def stages_torch_xp():
+    from logitkit._namespace import TORCH, get_namespace
+
+    return get_namespace(TORCH)
+
+
+def _tables(rng):
+    """(name, per-rank (start, size), per-rank edits of the fields, labels) for reduced headers."""
+    cases = [("even", [(0, 4), (4, 4)], {}), ("uneven", [(0, 5), (5, 12)], {}),
+             ("permuted", [(9, 4), (0, 6), (6, 3)], {}), ("empty shard", [(0, 6), (6, 0), (6, 3)], {}),
+             ("empty shard anywhere", [(0, 0), (0, 6), (6, 3)], {}),
+             ("gap", [(0, 4), (5, 4)], {}), ("overlap", [(0, 4), (3, 4)], {}),
+             ("same start", [(0, 4), (0, 4)], {}), ("not from 0", [(1, 4), (5, 4)], {}),
+             ("one rank", [(0, 9)], {}), ("one rank off 0", [(2, 9)], {}),
+             ("options differ", [(0, 4), (4, 4)], {1: {"z_loss": 7}}),
+             ("tokens differ", [(0, 4), (4, 4)], {1: {"rows_lo": 3}}),
+             ("labels differ", [(0, 4), (4, 4)], {1: {"labels_b": 5}}),
+             ("dtype differs", [(0, 4), (4, 4)], {0: {"dtype": 1}})]
+    for name, shards, edits in cases:
+        yield name, shards, edits, rng.integers(0, sum(n for _, n in shards) or 1, 6)
+    yield "label out of range", [(0, 4), (4, 4)], {}, np.array([0, 8, 2])
+    yield "negative label", [(0, 4), (4, 4)], {}, np.array([0, -3, 2])
+    yield "all ignored", [(0, 4), (4, 4)], {}, np.array([-100, -100])
+
+
+@pytest.mark.parametrize("with_weight", [False, True])
+def test_header_check_agrees_with_the_host_verdict(with_weight):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    txp = stages_torch_xp()
+    seen = {}
+    for name, shards, edits, y in _tables(rng):
+        P = len(shards)
+        V = sum(n for _, n in shards)
+        parts_np, parts_t = [], []
+        for r, (s, n) in enumerate(shards):
+            for xp, lab, out in ((np, y, parts_np), (txp, torch.tensor(y), parts_t)):
+                f = stages.header_fields(xp, lab, start=s, size=n, dtype="float32", ignore_index=-100,
+                                         options={"z_loss": 0.0})
+                for k, v in edits.get(r, {}).items():
+                    f[k] = v
+                like = np.zeros(0) if xp is np else torch.zeros(0)
+                out.append(np.asarray(stages.encode_header(xp, rank=r, world_size=P, fields=f, error=None,
+                                                           like=like, with_message=False)))
+        tab_np, tab_t = np.max(parts_np, axis=0), np.max(parts_t, axis=0)
+        np.testing.assert_array_equal(tab_np, tab_t, err_msg=name)     # the same table either way
+        wl = (V + (name == "even")) if with_weight else None              # one weight of the wrong length
+        try:
+            nV = stages.header_verdict(stages.decode_header(tab_np, P), weight_len=wl)
+            valid = y[y != -100]
+            expect = bool(np.all((valid >= 0) & (valid < nV)))
+        except (TypeError, ValueError):
+            expect = False
+        ok_np, V_np = stages.header_check(np, tab_np, P, weight_len=wl)
+        ok_t, V_t = stages.header_check(txp, torch.tensor(tab_t), P, weight_len=wl)
+        assert bool(ok_np) == bool(ok_t) == expect, name
+        seen[name] = expect
+        assert float(V_np) == float(V_t) == V, name
+        assert bool(stages.header_ok(np, tab_np, P, vocab_size=V)) == bool(
+            stages.header_check(np, tab_np, P)[0]), name
+    good = {"even", "uneven", "permuted", "empty shard", "empty shard anywhere", "one rank", "all ignored"}
+    assert {k for k, v in seen.items() if v} == (good - {"even"} if with_weight else good)

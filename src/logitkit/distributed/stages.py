@@ -60,7 +60,7 @@ from ..core.logsumexp import _div_residual, transform, transform_grad_factor, tw
 
 __all__ = [
     "Partials", "Reduced", "local_partials", "global_slots", "finish", "reduce_rows", "local_grad",
-    "label_hashes", "label_range", "n_slots", "cross_entropy_with_grad", "HEADER_FIELDS", "MSG_LEN",
+    "label_hashes", "label_range", "label_digest", "header_check", "n_slots", "cross_entropy_with_grad", "HEADER_FIELDS", "MSG_LEN",
     "header_size", "header_fields", "encode_header", "decode_header", "header_verdict", "header_ok",
     "Header", "option_code", "stat_dtype", "HeadPartials", "head_local_partials", "cat_head_partials",
     "head_max_values", "head_slots", "argmax_candidates", "head_rows", "head_jsd_partials", "head_jsd_rows",
@@ -462,14 +462,11 @@ def encode_header(xp: Any, *, rank: Any, world_size: int, fields: dict | None, e
             for i, f in enumerate(HEADER_FIELDS[:_N_HOST]):
                 tab[i][rank] = float(fields[f])
         tab[F - 1][rank] = float(code)
-        tab = _host_const(xp, tab, f32, like)
-        if fields is None:
-            table = tab.reshape(-1)
-        else:
-            tab = tab.clone()
+        tab = _host_const(xp, tab, f32, like).clone()     # the collectives may work in place
+        if fields is not None:
             tab[_N_HOST:F - 1, rank].copy_(dig[0] if dig is not None
                                            else _vec(xp, [fields[f] for f in _DEVICE_FIELDS], f32, like))
-            table = tab.reshape(-1)
+        table = tab.reshape(-1)
     else:
         if fields is None:
             col = _host_vec(xp, [_FILL] * (F - 1) + [code], f32, like)
@@ -779,14 +776,15 @@ def global_slots(xp: Any, p: Partials, m: Any, temperature: float = 1.0) -> list
         sdt = p.t.dtype
         pm, mg = _as(xp, p.m, sdt), _as(xp, m, sdt)
         keep = pm == mg
+        q = None
         if "64" in str(sdt):
             # exp(pm − mg) as is: where either is infinite the difference is −inf (scale 0) or
             # NaN with keep true (−inf/−inf, +inf/+inf: t is this rank's own); a NaN pm makes the
             # scale NaN, and so t (mg never is NaN: the MAX saw −inf for NaN rows)
-            diff = pm - mg
+            q = pm - mg
             if temperature != 1.0:
-                diff = _div_(xp, diff, temperature)
-            t = xp.where(keep, p.t, _mul_(xp, _exp_(xp, diff), p.t + p.c))
+                q = _div_(xp, q, temperature)
+            t = xp.where(keep, p.t, _mul_(xp, xp.exp(q), p.t + p.c))
         else:
             # statistics in float32 (JAX without x64): the rounding of m_loc − m would be one
             # coherent error for every term of the shard (issue 21); TwoSum carries it
@@ -807,24 +805,33 @@ def global_slots(xp: Any, p: Partials, m: Any, temperature: float = 1.0) -> list
             dy = _div_(xp, dy, temperature)
         slots = [t, xp.where(keep, p.c, 0.0), xp.where(p.own, dy, 0.0)]
         if p.s is not None:
-            shift = mg - pm
-            if temperature != 1.0:
-                shift = _div_(xp, shift, temperature)
-            slots.append(p.s + xp.where(xp.abs(pm) < math.inf, shift * p.wsum, 0.0))
+            fin = xp.abs(pm) < math.inf
+            if q is not None:
+                # (m − m_loc)/T is −q exactly, and s + (−q)·W is s − q·W
+                slots.append(p.s - xp.where(fin, q * p.wsum, 0.0))
+            else:
+                shift = mg - pm
+                if temperature != 1.0:
+                    shift = _div_(xp, shift, temperature)
+                slots.append(p.s + xp.where(fin, shift * p.wsum, 0.0))
         return slots
 
 
 def finish(xp: Any, m: Any, sums: Any, validf: Any, wy: Any, *, vocab_size: Any, wtotal: Any,
-           label_smoothing: float) -> tuple[Any, Any]:
+           label_smoothing: float, valid: Any = None) -> tuple[Any, Any]:
     """Stage 5: ``(ce, r)`` per row from the global ``m`` and the summed slots ``(k, N)``.
 
     ``r = log1p(T + (C − 1))``; an all ``−inf`` row has ``r = 0`` and ``ce = inf`` (0 if ignored);
-    ``m = +inf`` or a NaN anywhere in the row (``T`` or ``m`` NaN) gives NaN.
+    ``m = +inf`` or a NaN anywhere in the row (``T`` or ``m`` NaN) gives NaN. ``valid``: the bool
+    ``validf > 0`` when the caller has it.
     """
     with _quiet(xp):
         T, C, D = sums[0], sums[1], sums[2]
-        all_masked = (m == -math.inf) & (T == T)                  # T == T: not NaN
         r = xp.log1p(T + (C - 1.0))
+        # all −inf (m = −inf, T not NaN) is exactly r = −inf: C, the ranks holding the maximum,
+        # is 0 only where every rank's maximum is −inf, and every such rank sends T = 0; where
+        # C >= 1, T + (C − 1) >= 0
+        all_masked = r == -math.inf
         r = xp.where(all_masked, 0.0, xp.where(m < math.inf, r, math.nan))   # m = +inf or NaN: NaN
         nll = xp.where(all_masked, math.inf, D + r)
         eps = label_smoothing
@@ -835,7 +842,7 @@ def finish(xp: Any, m: Any, sums: Any, validf: Any, wy: Any, *, vocab_size: Any,
         if eps > 0.0:
             smooth = xp.where(all_masked, math.inf, sums[3] + wtotal * r)
             ce = ce + (eps / vocab_size) * smooth
-        ce = xp.where(validf > 0, ce, 0.0)
+        ce = xp.where(validf > 0 if valid is None else valid, ce, 0.0)
         return ce, r
 
 
@@ -895,30 +902,40 @@ def reduce_rows(xp: Any, p: Partials, labels: Any, *, all_reduce_max: Callable[[
     summed = _as(xp, all_reduce_sum(stacked), sdt)
     sums = summed[:k * N].reshape(k, N)
     extra = xp.moveaxis(summed[k * N:].reshape(j, N), 0, 1) if j else None
-    validf, wy = _row_weights(xp, labels, weight, ignore_index, sdt)
+    valid = labels != ignore_index
+    validf, wy = _row_weights(xp, labels, weight, ignore_index, sdt, valid=valid)
     V = vocab_size(tail) if callable(vocab_size) else vocab_size
     wtotal = V if weight is None else (xp.sum(_as(xp, weight, sdt)) if label_smoothing > 0.0 else None)
     m1 = m64.reshape(N)
-    ce, r = finish(xp, m1, sums, validf, wy, vocab_size=V, wtotal=wtotal, label_smoothing=label_smoothing)
+    ce, r = finish(xp, m1, sums, validf, wy, vocab_size=V, wtotal=wtotal, label_smoothing=label_smoothing,
+                   valid=valid)
     lse = (m1 if temperature == 1.0 else m1 / temperature) + r
     return Reduced(ce, m1, r, lse, validf, wy, V, tail, sums, extra, wtotal)
 
 
-def _row_weights(xp: Any, labels: Any, weight: Any, ignore_index: int, acc: Any) -> tuple[Any, Any]:
+def _row_weights(xp: Any, labels: Any, weight: Any, ignore_index: int, acc: Any,
+                 valid: Any = None) -> tuple[Any, Any]:
     """``(valid, w_y)`` as in :func:`logitkit.core.reduction.row_weights`, never indexing out of range.
 
     On devices that are not read by the host an out-of-range label reaches this point (its loss is
     made NaN by the caller); it must not crash one rank here and leave the others waiting.
+    ``valid``: ``labels != ignore_index`` when the caller has it.
     """
-    valid = labels != ignore_index
+    valid = labels != ignore_index if valid is None else valid
     validf = xp.astype(valid, acc)
     if weight is None:
         return validf, validf
     nw = weight.shape[0]
-    ok = valid & (labels >= 0) & (labels < nw)
-    lab = xp.where(ok, labels, 0)
     if nw == 0:
         return validf, validf * 0.0
+    if _lib(xp) == "torch":
+        # in range exactly where clamping changes nothing; the gather reads the clamped index,
+        # and where(ok, ·, 0) is already 0 wherever validf is (ok implies valid)
+        lab = labels.clamp(0, nw - 1)
+        wy = xp.astype(weight, acc)[lab]
+        return validf, xp.where(valid & (lab == labels), wy, 0.0)
+    ok = valid & (labels >= 0) & (labels < nw)
+    lab = xp.where(ok, labels, 0)
     wy = xp.take_along_axis(xp.astype(weight, acc), lab.reshape(-1), axis=0).reshape(lab.shape)
     return validf, xp.where(ok, wy, 0.0) * validf
 
