@@ -3,7 +3,7 @@
 One pass per row of raw logits ``x`` (float32 / float64, the chunk buffer of the head driver)
 computes every per-token statistic the head needs -- ``m, r`` (lse = m + r), the cross-entropy
 terms (class weights, label smoothing), the label's log-probability, the entropy, the argmax and
-the forward KL against a dense teacher -- and, when asked, overwrites the row with the gradient
+the forward or reverse KL against a dense teacher -- and, when asked, overwrites the row with the gradient
 with respect to ``x`` of ``Σ_k g_k · value_k`` for any combination of row cotangents
 ``g_ce, g_lse, g_lp, g_ent, g_kl`` (and ``g_sq`` of ``lse²``, the z-loss):
 
@@ -19,7 +19,10 @@ Accuracy: ``d = (x − max x) / T`` (one rounding, as the CE kernels), the sum o
 non-maximal terms with the maximal ones counted exactly (``r = log1p(sum + ties − 1)``); the
 entropy ``H = r + Σ e (−d) / S`` (every term ≥ 0) and the divergence
 ``KL = Σ q (u − d) − r_t + r`` (``u`` the teacher's shifted logits, the difference formed in
-float64) accumulate per block of :data:`_B` terms and in float64 across blocks.
+float64) accumulate per block of :data:`_B` terms and in float64 across blocks. The reverse KL
+(``reverse``) is ``Σ e (d − u) / Σ e − r + r_t`` with ``e = exp(d)`` in float64 (the p-weighted
+mean of ``d − u``), and its gradient ``g p (d − u − (r − r_t + KL))`` forms ``d − u − ·`` in
+float64: it cancels where ``p`` is large.
 
 Rows the kernel does not finish -- a maximum that is not finite (masked or +inf rows), a NaN
 anywhere in the row or its teacher row, a label outside ``[0, V)`` -- are flagged in ``special``
@@ -128,9 +131,29 @@ def _blk_kl(sr, smx, st, tr, tmx, tt):
     return s, t
 
 
+@_jit()
+def _blk_rkl(sr, smx, st, tr, tmx, tt):
+    """``(Σ exp(d)·(d − u), Σ exp(u), Σ exp(d))`` in float64 (the reverse KL's sums; see
+    :func:`_blk_kl`); terms with exp(d) = 0 count 0."""
+    s = 0.0
+    t = 0.0
+    a = 0.0
+    for j in range(sr.size):
+        u64 = (np.float64(tr[j]) - np.float64(tmx)) * tt
+        d64 = (np.float64(sr[j]) - np.float64(smx)) * st
+        eu = exp64(u64)
+        ed = exp64(d64)
+        t += eu
+        a += ed
+        s += 0.0 if ed == 0.0 else ed * (d64 - u64)
+    return s, t, a
+
+
 @_jit_exact()
-def _grad_row(xr, mx, t, r, a_s, k_s, bw, w, tr, tmx, tt, gq, use_t, inv_t):
-    """xr[c] = (a_s e_c + k_s e_c (d_c − r) − bw w_c − gq q'_c) / T with e = exp(d)."""
+def _grad_row(xr, mx, t, r, a_s, k_s, bw, w, tr, tmx, tt, gq, use_t, inv_t, rk, rc, use_r):
+    """xr[c] = (a_s e_c + k_s e_c (d_c − r) − bw w_c − gq q'_c + rk e_c (d_c − u_c − rc)) / T with
+    e = exp(d) (the last term, the reverse KL's, with d − u − rc in float64: it cancels where
+    e is large)."""
     zero = mx - mx
     a32 = cast(a_s, mx)
     k32 = cast(k_s, mx)
@@ -149,6 +172,9 @@ def _grad_row(xr, mx, t, r, a_s, k_s, bw, w, tr, tmx, tt, gq, use_t, inv_t):
             g -= b32 * w[j]
         if use_t:
             g -= g32 * vexp_neg((tr[j] - tmx) * ttz)
+        if use_r and e != zero:
+            dd = (np.float64(xr[j]) - np.float64(mx)) * inv_t - (np.float64(tr[j]) - np.float64(tmx)) * tt
+            g += cast(rk * (dd - rc), mx) * e
         xr[j] = g * it
 
 
@@ -161,7 +187,7 @@ def _argmax(xr, mx):
 
 
 @_jit_exact(parallel=True)
-def head_rows(x, lab, has_lab, ii, w, wsum, eps, temps, tx, use_t, tt, want_ent, want_am,
+def head_rows(x, lab, has_lab, ii, w, wsum, eps, temps, tx, use_t, rev, tt, want_ent, want_am,
               cots, want_grad, st, special):
     """Per-row statistics into ``st`` (7, n) float64: m, r, ce, lp, ent, kl, argmax; gradient
     into ``x`` when ``want_grad`` (``cots`` (6, n): g_ce, g_lse, g_lp, g_ent, g_kl and g_sq, the
@@ -215,13 +241,27 @@ def head_rows(x, lab, has_lab, ii, w, wsum, eps, temps, tx, use_t, tt, want_ent,
                 continue
             ks = 0.0
             St = 0.0
+            Ss = 0.0
             for b in range(0, v, _B):
                 e_ = min(b + _B, v)
-                bk, bt = _blk_kl(xr[b:e_], mx, 1.0 / T, trw[b:e_], tmx, 1.0 / tt)
+                if rev:
+                    bk, bt, bs = _blk_rkl(xr[b:e_], mx, 1.0 / T, trw[b:e_], tmx, 1.0 / tt)
+                    Ss += bs
+                else:
+                    bk, bt = _blk_kl(xr[b:e_], mx, 1.0 / T, trw[b:e_], tmx, 1.0 / tt)
                 ks += bk
                 St += bt
             rt = math.log(St)  # St >= 1 (the maximal terms are exactly 1), all in float64
-            kl = ks / St - rt + r
+            if rev:
+                # Σ p (ls − lt) as the p-weighted mean of d − u (Σ exp(d) in the same float64
+                # terms), then − r + rt; an infinite one (the teacher masks a class the student
+                # keeps) is left to the core, with its semantics
+                kl = ks / Ss - r + rt
+                if not kl < np.inf:
+                    special[i] = 1
+                    continue
+            else:
+                kl = ks / St - rt + r
         if r != r or ent != ent or kl != kl or (eps != 0.0 and sm != sm):
             special[i] = 1
             continue
@@ -240,20 +280,24 @@ def head_rows(x, lab, has_lab, ii, w, wsum, eps, temps, tx, use_t, tt, want_ent,
         gent = cots[3, i]
         gkl = cots[4, i]
         ac, bc, cc = (_ce_coefs(eps, wy, wsum, v, gce, 0.0, 1.0) if has_lab else (0.0, 0.0, 0.0))
-        alpha = ac + cots[1, i] + 2.0 * cots[5, i] * (m + r) - glp - gent * ent + gkl
+        alpha = ac + cots[1, i] + 2.0 * cots[5, i] * (m + r) - glp - gent * ent + (0.0 if rev else gkl)
         gamma = cc - glp
         kappa = -gent
         inv_t = 1.0 / T
         trw = tx[i] if use_t else xr
+        use_r = use_t and rev and gkl != 0.0
+        rc = r - rt + kl
         _grad_row(xr, mx, tz, r, alpha / S, kappa / S, bc, w, trw, tmx,
-                  1.0 / tt, gkl / St, use_t and gkl != 0.0, inv_t)
+                  1.0 / tt, gkl / St, use_t and not rev and gkl != 0.0, inv_t, gkl / S, rc, use_r)
         if has_lab:
             pm1 = (math.expm1(dy) - sp) / S
             py = pm1 + 1.0
             gy = gamma * pm1 + (alpha - gamma) * py + kappa * py * (dy - r)
             gy -= bc * wy
-            if use_t and gkl != 0.0:
+            if use_t and not rev and gkl != 0.0:
                 gy -= gkl * math.exp((np.float64(tx[i][y]) - np.float64(tmx)) / tt) / St
+            if use_r:
+                gy += gkl * py * ((dy - (np.float64(tx[i][y]) - np.float64(tmx)) / tt) - rc)
             xr[y] = cast(gy * inv_t, zero)
 
 

@@ -1,7 +1,7 @@
 """The fused LM head's row pass on NumPy arrays (numba; see :mod:`._head_kernels`).
 
 :func:`head_rows` is what :class:`logitkit.core.linear_head.HeadRun` calls on each chunk of
-logits (float32 / float64 rows, no softcap, no teacher or a dense teacher with the forward KL):
+logits (float32 / float64 rows, no softcap, no teacher or a dense teacher with the forward or reverse KL):
 every per-token statistic in one pass and, with cotangents, the gradient of the logits in place.
 numba is imported on the first call.
 """
@@ -50,14 +50,16 @@ def _fn(threads: int):
 
 def head_rows(x: np.ndarray, labels, *, ignore_index: int, weight, label_smoothing: float, temps: np.ndarray,
               teacher=None, teacher_temperature: float = 1.0, want_ent: bool = False, want_am: bool = False,
-              cots: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+              cots: dict | None = None, reverse: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Statistics ``(7, n)`` float64 (rows :data:`STAT_NAMES`) and the ``special`` mask ``(n,)`` of
     rows left to the caller; with ``cots`` (any of :data:`COT_NAMES`, ``(n,)`` each) ``x`` is
     overwritten by the gradient of ``Σ cots · values`` (special rows untouched).
 
     ``x`` ``(n, V)`` C-contiguous, writeable, float32 or float64; ``labels`` int64 ``(n,)`` or
     ``None``; ``weight`` ``(V,)`` class weights or ``None``; ``temps`` float64 ``(n,)``;
-    ``teacher`` ``(n, V)`` raw teacher logits (converted to ``x``'s dtype) or ``None``.
+    ``teacher`` ``(n, V)`` raw teacher logits (converted to ``x``'s dtype) or ``None``;
+    ``reverse``: the divergence is KL(student ‖ teacher) (the statistic ``kl`` and its ``g_kl``),
+    else KL(teacher ‖ student).
     """
     n, v = x.shape
     acc = x.dtype
@@ -84,6 +86,6 @@ def head_rows(x: np.ndarray, labels, *, ignore_index: int, weight, label_smoothi
         return st, special.astype(bool)
     fn = _fn(_apply_threads(x.size))
     fn(x, lab, has_lab, int(ignore_index), w, wsum, float(label_smoothing),
-       np.ascontiguousarray(temps, dtype=np.float64), tx, use_t, float(teacher_temperature), bool(want_ent),
+       np.ascontiguousarray(temps, dtype=np.float64), tx, use_t, bool(reverse), float(teacher_temperature), bool(want_ent),
        bool(want_am), c, want_grad, st, special)
     return st, special.astype(bool)
