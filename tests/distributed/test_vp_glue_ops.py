@@ -294,3 +294,14 @@ def _report() -> None:
 
 if __name__ == "__main__":
     _report()
+
+
+def test_constants_without_a_host_copy_match():
+    """The fallback of the header's constants while a CUDA graph is captured (per-value fills)
+    builds the same tensors as the host copy, nested or flat, float32 or int64."""
+    for values, dtype in (([[stages._FILL, 3.0], [7.0, stages._FILL]], torch.float32), ([[-1], [1]], torch.int64),
+                          ([2 ** 24 - 1, -1], torch.int64), ([], torch.float32)):
+        want = torch.tensor(values, dtype=dtype)
+        got = stages._fill_const(xp, values, dtype, torch.zeros(0))
+        assert got.dtype == dtype and torch.equal(got, want.reshape(got.shape)) and got.shape == want.shape
+        assert torch.equal(stages._host_const(xp, values, dtype, torch.zeros(0)), want)

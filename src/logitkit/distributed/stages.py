@@ -17,7 +17,10 @@ Forward, per rank (no logits leave the rank):
    hashes, shard start and size, the label range, a rank-local error and its message) in a
    fixed-size table of ``F·P (+ MSG_LEN)`` float32, reduced by MAX before anything whose size
    depends on it. :func:`header_verdict` (host: one clear error, the same on every rank) or
-   :func:`header_ok` (device: a 0-d flag, no host synchronisation) reads it.
+   :func:`header_ok` / :func:`header_check` (device: a 0-d flag, no host synchronisation) reads it.
+   On a device the header is a few tens of small ops in all (issue 19: each is a kernel launch):
+   the label fields come from one pass over the labels (:func:`label_digest`), the host-known
+   ones from one cached constant, and the check compares whole rows of the reduced table.
 1. :func:`local_partials`: over the local slice, ``m_loc`` and ``t_loc``, the sum of
    ``exp((u − m_loc)/T)`` over every entry but one maximal one (whose term is exactly 1; ties stay
    in as exact ones), ``c_loc = 1`` (0 for an empty or all ``−inf`` slice), the label logit
@@ -258,10 +261,23 @@ _CONSTS: dict = {}
 _CONSTS_MAX = 64
 
 
+def _fill_const(xp: Any, values: list, dtype: Any, like: Any) -> Any:
+    """A (nested) list of Python numbers as one fill per value, stacked: no host-to-device copy."""
+    shape = [len(values)]
+    flat = values
+    while flat and isinstance(flat[0], (list, tuple)):
+        shape.append(len(flat[0]))
+        flat = [v for row in flat for v in row]
+    if not flat:
+        return _zeros(xp, tuple(shape), dtype, like)
+    return _vec(xp, flat, dtype, like).reshape(tuple(shape))
+
+
 def _host_const(xp: Any, values: list, dtype: Any, like: Any) -> Any:
     """:func:`_host_vec` of Python numbers; on a torch accelerator a cached device copy (one
     asynchronous host-to-device copy the first time, nothing after), per-value fills while a CUDA
-    graph is being captured (no copy from host memory there). Never written in place."""
+    graph is being captured (no copy from host memory there) or torch.compile traces (inductor
+    fuses them). Never written in place."""
     if _lib(xp) != "torch" or like.device.type == "cpu":
         return _host_vec(xp, values, dtype, like)
     t = xp._t
@@ -269,8 +285,8 @@ def _host_const(xp: Any, values: list, dtype: Any, like: Any) -> Any:
     hit = _CONSTS.get(key)
     if hit is not None:
         return hit
-    if like.device.type == "cuda" and t.cuda.is_current_stream_capturing():
-        return _vec(xp, values, dtype, like)
+    if t.compiler.is_compiling() or (like.device.type == "cuda" and t.cuda.is_current_stream_capturing()):
+        return _fill_const(xp, values, dtype, like)      # traced or captured: no cache, no host copy
     hit = t.tensor(values, dtype=dtype).to(like.device, non_blocking=True)
     if len(_CONSTS) >= _CONSTS_MAX:
         _CONSTS.pop(next(iter(_CONSTS)))
