@@ -348,7 +348,7 @@ def test_peak_memory_is_the_chunk_workspace(rng):
 
 
 def test_row_kernel_peak_memory_with_gradients(rng):
-    # The numba row pass (every output but jsd/topk; a teacher head with the forward KL): the chunk's
+    # The numba row pass (every output; a dense teacher with any divergence, here the forward KL): the chunk's
     # logits and the teacher's are the whole workspace, for the values and for the gradients of
     # linear_head_with_grad (allocated here too: 1 MB for dW at H=8).
     import logitkit.linear as L

@@ -565,7 +565,7 @@ class HeadRun:
     ``("topk", idx2, lp2)``, rows aligned with ``h2``.
 
     CPU chunks of float32 / float64 logits without softcap (no teacher, or a dense teacher with
-    the forward or reverse KL) run the numba row pass of :mod:`logitkit.kernels.cpu.head`: every statistic in
+    any divergence) run the numba row pass of :mod:`logitkit.kernels.cpu.head`: every statistic in
     one pass over the chunk's logits and, with cotangents, their gradient written over them, so a
     chunk's workspace is its logits alone (and the teacher's) and chunks hold ~10x more tokens
     than on the array-level stages (:func:`chunk_forward` / :func:`chunk_backward`, which serve
@@ -641,14 +641,14 @@ class HeadRun:
                                 teacher=None if teach is None else _np(teach),
                                 teacher_temperature=spec.teacher_temperature,
                                 want_ent="entropy" in o, want_am="argmax" in o, cots=c,
-                                reverse=spec.divergence == "reverse_kl")
+                                divergence=spec.divergence, beta=spec.beta)
         acc = _np_dtype(self.acc)
         vals = {"m": st[0].astype(acc), "r": st[1].astype(acc)}
         for name, key, row in (("loss", "ce", 2), ("logprobs", "lp", 3), ("entropy", "ent", 4)):
             if name in o:
                 vals[key] = st[row].astype(acc)
         if "kl" in o:
-            vals["kl"] = vals["aux"] = st[5].astype(acc)
+            vals["kl"], vals["aux"] = st[5].astype(acc), st[7].astype(acc)
         if "argmax" in o:
             vals["am"] = st[6].astype(np.int64)
         return vals, special
@@ -763,7 +763,7 @@ class HeadRun:
         z-loss). Needs the kernel's path (:attr:`fast`)."""
         if not self.fast:
             raise ValueError("forward_backward: needs the CPU row kernel (float32/float64, no softcap, "
-                             "no teacher or a dense teacher with divergence='kl' or 'reverse_kl')")
+                             "no teacher or a dense teacher)")
         out = self._out_rows()
         dh, dw, db = self._grad_buffers(need, has_bias)
         if self.n_valid and self.V:
@@ -803,7 +803,7 @@ def _fast_ok(ops: Any, spec: HeadSpec, teacher: Any, tops: Any) -> bool:
         return False
     if os.environ.get("LOGITKIT_HEAD_KERNEL", "").lower() in ("0", "off", "core"):
         return False  # the array-level stages only (benchmarks/linear_bench.py measures both)
-    if spec.teacher == "topk" or (spec.teacher == "dense" and spec.divergence not in ("kl", "reverse_kl")):
+    if spec.teacher == "topk":
         return False
     if dtype_name(ops.logit_dtype) not in ("float32", "float64"):
         return False

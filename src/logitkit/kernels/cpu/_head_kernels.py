@@ -3,9 +3,9 @@
 One pass per row of raw logits ``x`` (float32 / float64, the chunk buffer of the head driver)
 computes every per-token statistic the head needs -- ``m, r`` (lse = m + r), the cross-entropy
 terms (class weights, label smoothing), the label's log-probability, the entropy, the argmax and
-the forward or reverse KL against a dense teacher -- and, when asked, overwrites the row with the gradient
-with respect to ``x`` of ``Σ_k g_k · value_k`` for any combination of row cotangents
-``g_ce, g_lse, g_lp, g_ent, g_kl`` (and ``g_sq`` of ``lse²``, the z-loss):
+the forward KL, reverse KL or generalized JSD against a dense teacher -- and, when asked,
+overwrites the row with the gradient with respect to ``x`` of ``Σ_k g_k · value_k`` for any
+combination of row cotangents ``g_ce, g_lse, g_lp, g_ent, g_kl`` (and ``g_sq`` of ``lse²``, the z-loss):
 
     dz_c = α p_c + κ p_c ls_c − β w_c − γ [c = y] − g_kl q_c,   dx = dz / T
 
@@ -20,9 +20,11 @@ non-maximal terms with the maximal ones counted exactly (``r = log1p(sum + ties 
 entropy ``H = r + Σ e (−d) / S`` (every term ≥ 0) and the divergence
 ``KL = Σ q (u − d) − r_t + r`` (``u`` the teacher's shifted logits, the difference formed in
 float64) accumulate per block of :data:`_B` terms and in float64 across blocks. The reverse KL
-(``reverse``) is ``Σ e (d − u) / Σ e − r + r_t`` with ``e = exp(d)`` in float64 (the p-weighted
+(``div`` 1) is ``Σ e (d − u) / Σ e − r + r_t`` with ``e = exp(d)`` in float64 (the p-weighted
 mean of ``d − u``), and its gradient ``g p (d − u − (r − r_t + KL))`` forms ``d − u − ·`` in
-float64: it cancels where ``p`` is large.
+float64: it cancels where ``p`` is large. The JSD (``div`` 2, :func:`_blk_jsd`) is a third pass per row in
+float64 once both rows' ``r`` are known, and its gradient ``(1−β) g p (ls − log M − D)`` forms
+``ls − log M`` per element in float64 too.
 
 Rows the kernel does not finish -- a maximum that is not finite (masked or +inf rows), a NaN
 anywhere in the row or its teacher row, a label outside ``[0, V)`` -- are flagged in ``special``
@@ -150,10 +152,38 @@ def _blk_rkl(sr, smx, st, tr, tmx, tt):
 
 
 @_jit_exact()
-def _grad_row(xr, mx, t, r, a_s, k_s, bw, w, tr, tmx, tt, gq, use_t, inv_t, rk, rc, use_r):
+def _blk_jsd(sr, smx, st, tr, tmx, tt, r, rt, c0, lb, l1b):
+    """``(Σ q (lt − log M), Σ q, Σ p (ls − log M), Σ p)`` in float64 for the generalized JSD,
+    ``M = β q + (1−β) p``: with ``u' = ls − lt + log((1−β)/β)`` (``c0``) and
+    ``l = log(1 + e^−|u'|)``, ``lt − log M = −log β − max(u', 0) − l`` and
+    ``ls − log M = −log(1−β) + min(u', 0) − l`` (``lb``, ``l1b``: log β, log(1−β))."""
+    a = 0.0
+    qs = 0.0
+    d = 0.0
+    ps = 0.0
+    for j in range(sr.size):
+        ls = (np.float64(sr[j]) - np.float64(smx)) * st - r
+        lt = (np.float64(tr[j]) - np.float64(tmx)) * tt - rt
+        p = math.exp(ls)
+        q = math.exp(lt)
+        if p > 0.0 or q > 0.0:
+            up = (ls - lt) + c0
+            l1p = math.log1p(math.exp(-abs(up)))
+            if q > 0.0:
+                a += q * ((-lb - l1p) - (up if up > 0.0 else 0.0))
+                qs += q
+            if p > 0.0:
+                d += p * ((-l1b - l1p) + (up if up < 0.0 else 0.0))
+                ps += p
+    return a, qs, d, ps
+
+
+@_jit_exact()
+def _grad_row(xr, mx, t, r, a_s, k_s, bw, w, tr, tmx, tt, gq, use_t, inv_t, rk, rc, use_r, jr, jrt, jc, use_j):
     """xr[c] = (a_s e_c + k_s e_c (d_c − r) − bw w_c − gq q'_c + rk e_c (d_c − u_c − rc)) / T with
     e = exp(d) (the last term, the reverse KL's, with d − u − rc in float64: it cancels where
-    e is large)."""
+    e is large). ``use_j``: the JSD's term instead, ``rk e_c (ls_c − log M_c − rc)`` (see
+    :func:`_blk_jsd`; ``jr, jrt`` the student's and teacher's r, ``jc = (c0, log(1−β))``)."""
     zero = mx - mx
     a32 = cast(a_s, mx)
     k32 = cast(k_s, mx)
@@ -175,6 +205,12 @@ def _grad_row(xr, mx, t, r, a_s, k_s, bw, w, tr, tmx, tt, gq, use_t, inv_t, rk, 
         if use_r and e != zero:
             dd = (np.float64(xr[j]) - np.float64(mx)) * inv_t - (np.float64(tr[j]) - np.float64(tmx)) * tt
             g += cast(rk * (dd - rc), mx) * e
+        if use_j and e != zero:
+            ls = (np.float64(xr[j]) - np.float64(mx)) * inv_t - jr
+            lt = (np.float64(tr[j]) - np.float64(tmx)) * tt - jrt
+            up = (ls - lt) + jc[0]
+            es = (-jc[1] - math.log1p(math.exp(-abs(up)))) + (up if up < 0.0 else 0.0)
+            g += cast(rk * (es - rc), mx) * e
         xr[j] = g * it
 
 
@@ -187,12 +223,18 @@ def _argmax(xr, mx):
 
 
 @_jit_exact(parallel=True)
-def head_rows(x, lab, has_lab, ii, w, wsum, eps, temps, tx, use_t, rev, tt, want_ent, want_am,
+def head_rows(x, lab, has_lab, ii, w, wsum, eps, temps, tx, use_t, div, beta, tt, want_ent, want_am,
               cots, want_grad, st, special):
-    """Per-row statistics into ``st`` (7, n) float64: m, r, ce, lp, ent, kl, argmax; gradient
+    """Per-row statistics into ``st`` (8, n) float64: m, r, ce, lp, ent, kl, argmax, aux (the
+    divergence's part the gradient subtracts; ``div`` 0 kl, 1 reverse_kl, 2 jsd with ``beta``); gradient
     into ``x`` when ``want_grad`` (``cots`` (6, n): g_ce, g_lse, g_lp, g_ent, g_kl and g_sq, the
     cotangent of lse², i.e. of the z-loss)."""
     n, v = x.shape
+    rev = div == 1
+    jsd = div == 2
+    lb = math.log(beta) if jsd else 0.0
+    l1b = math.log1p(-beta) if jsd else 0.0
+    jc = (l1b - lb, l1b)
     for i in prange(n):
         xr = x[i]
         zero = acc_zero(xr)
@@ -201,7 +243,7 @@ def head_rows(x, lab, has_lab, ii, w, wsum, eps, temps, tx, use_t, rev, tt, want
             if want_grad:
                 for j in range(v):
                     xr[j] = zero
-            for k in range(7):
+            for k in range(8):
                 st[k, i] = 0.0
             continue
         if y < 0 or y >= v:
@@ -230,6 +272,7 @@ def head_rows(x, lab, has_lab, ii, w, wsum, eps, temps, tx, use_t, rev, tt, want
         wy = np.float64(w[y])
         sm = _smooth_sum(xr, mx, w) / T if eps != 0.0 else 0.0
         kl = 0.0
+        aux = 0.0
         rt = 0.0
         St = 1.0
         tmx = zero
@@ -244,7 +287,7 @@ def head_rows(x, lab, has_lab, ii, w, wsum, eps, temps, tx, use_t, rev, tt, want
             Ss = 0.0
             for b in range(0, v, _B):
                 e_ = min(b + _B, v)
-                if rev:
+                if rev or jsd:
                     bk, bt, bs = _blk_rkl(xr[b:e_], mx, 1.0 / T, trw[b:e_], tmx, 1.0 / tt)
                     Ss += bs
                 else:
@@ -252,7 +295,19 @@ def head_rows(x, lab, has_lab, ii, w, wsum, eps, temps, tx, use_t, rev, tt, want
                 ks += bk
                 St += bt
             rt = math.log(St)  # St >= 1 (the maximal terms are exactly 1), all in float64
-            if rev:
+            if jsd:
+                ja, jq, jd, jp = 0.0, 0.0, 0.0, 0.0
+                for b in range(0, v, _B):
+                    e_ = min(b + _B, v)
+                    ba, bq, bd, bp = _blk_jsd(xr[b:e_], mx, 1.0 / T, trw[b:e_], tmx, 1.0 / tt, r, rt,
+                                              l1b - lb, lb, l1b)
+                    ja += ba
+                    jq += bq
+                    jd += bd
+                    jp += bp
+                aux = jd / jp
+                kl = beta * (ja / jq) + (1.0 - beta) * aux
+            elif rev:
                 # Σ p (ls − lt) as the p-weighted mean of d − u (Σ exp(d) in the same float64
                 # terms), then − r + rt; an infinite one (the teacher masks a class the student
                 # keeps) is left to the core, with its semantics
@@ -262,6 +317,8 @@ def head_rows(x, lab, has_lab, ii, w, wsum, eps, temps, tx, use_t, rev, tt, want
                     continue
             else:
                 kl = ks / St - rt + r
+            if not jsd:
+                aux = kl
         if r != r or ent != ent or kl != kl or (eps != 0.0 and sm != sm):
             special[i] = 1
             continue
@@ -273,6 +330,7 @@ def head_rows(x, lab, has_lab, ii, w, wsum, eps, temps, tx, use_t, rev, tt, want
         st[4, i] = ent
         st[5, i] = kl
         st[6, i] = np.float64(_argmax(xr, mx)) if want_am else 0.0
+        st[7, i] = aux
         if not want_grad:
             continue
         gce = cots[0, i]
@@ -280,24 +338,30 @@ def head_rows(x, lab, has_lab, ii, w, wsum, eps, temps, tx, use_t, rev, tt, want
         gent = cots[3, i]
         gkl = cots[4, i]
         ac, bc, cc = (_ce_coefs(eps, wy, wsum, v, gce, 0.0, 1.0) if has_lab else (0.0, 0.0, 0.0))
-        alpha = ac + cots[1, i] + 2.0 * cots[5, i] * (m + r) - glp - gent * ent + (0.0 if rev else gkl)
+        alpha = ac + cots[1, i] + 2.0 * cots[5, i] * (m + r) - glp - gent * ent + (gkl if div == 0 else 0.0)
         gamma = cc - glp
         kappa = -gent
         inv_t = 1.0 / T
         trw = tx[i] if use_t else xr
         use_r = use_t and rev and gkl != 0.0
-        rc = r - rt + kl
+        use_j = use_t and jsd and gkl != 0.0
+        rc = aux if jsd else r - rt + kl
+        rk = (1.0 - beta) * gkl / S if jsd else gkl / S
         _grad_row(xr, mx, tz, r, alpha / S, kappa / S, bc, w, trw, tmx,
-                  1.0 / tt, gkl / St, use_t and not rev and gkl != 0.0, inv_t, gkl / S, rc, use_r)
+                  1.0 / tt, gkl / St, use_t and div == 0 and gkl != 0.0, inv_t, rk, rc, use_r, r, rt, jc, use_j)
         if has_lab:
             pm1 = (math.expm1(dy) - sp) / S
             py = pm1 + 1.0
             gy = gamma * pm1 + (alpha - gamma) * py + kappa * py * (dy - r)
             gy -= bc * wy
-            if use_t and not rev and gkl != 0.0:
+            if use_t and div == 0 and gkl != 0.0:
                 gy -= gkl * math.exp((np.float64(tx[i][y]) - np.float64(tmx)) / tt) / St
             if use_r:
                 gy += gkl * py * ((dy - (np.float64(tx[i][y]) - np.float64(tmx)) / tt) - rc)
+            if use_j:
+                upy = ((dy - r) - ((np.float64(tx[i][y]) - np.float64(tmx)) / tt - rt)) + jc[0]
+                esy = (-l1b - math.log1p(math.exp(-abs(upy)))) + (upy if upy < 0.0 else 0.0)
+                gy += (1.0 - beta) * gkl * py * (esy - rc)
             xr[y] = cast(gy * inv_t, zero)
 
 

@@ -1,7 +1,7 @@
 """The fused LM head's row pass on NumPy arrays (numba; see :mod:`._head_kernels`).
 
 :func:`head_rows` is what :class:`logitkit.core.linear_head.HeadRun` calls on each chunk of
-logits (float32 / float64 rows, no softcap, no teacher or a dense teacher with the forward or reverse KL):
+logits (float32 / float64 rows, no softcap, no teacher or a dense teacher with any divergence):
 every per-token statistic in one pass and, with cotangents, the gradient of the logits in place.
 numba is imported on the first call.
 """
@@ -16,7 +16,7 @@ from . import _apply_threads, _guarded, _layer_needs_guard
 __all__ = ["head_rows", "supports", "STAT_NAMES", "COT_NAMES"]
 
 # rows of the statistics array the kernel fills, and of the cotangents it reads
-STAT_NAMES = ("m", "r", "ce", "lp", "ent", "kl", "am")
+STAT_NAMES = ("m", "r", "ce", "lp", "ent", "kl", "am", "aux")
 COT_NAMES = ("g_ce", "g_lse", "g_lp", "g_ent", "g_kl", "g_sq")
 
 _mod = None
@@ -50,16 +50,17 @@ def _fn(threads: int):
 
 def head_rows(x: np.ndarray, labels, *, ignore_index: int, weight, label_smoothing: float, temps: np.ndarray,
               teacher=None, teacher_temperature: float = 1.0, want_ent: bool = False, want_am: bool = False,
-              cots: dict | None = None, reverse: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Statistics ``(7, n)`` float64 (rows :data:`STAT_NAMES`) and the ``special`` mask ``(n,)`` of
+              cots: dict | None = None, divergence: str = "kl",
+              beta: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Statistics ``(8, n)`` float64 (rows :data:`STAT_NAMES`) and the ``special`` mask ``(n,)`` of
     rows left to the caller; with ``cots`` (any of :data:`COT_NAMES`, ``(n,)`` each) ``x`` is
     overwritten by the gradient of ``Σ cots · values`` (special rows untouched).
 
     ``x`` ``(n, V)`` C-contiguous, writeable, float32 or float64; ``labels`` int64 ``(n,)`` or
     ``None``; ``weight`` ``(V,)`` class weights or ``None``; ``temps`` float64 ``(n,)``;
     ``teacher`` ``(n, V)`` raw teacher logits (converted to ``x``'s dtype) or ``None``;
-    ``reverse``: the divergence is KL(student ‖ teacher) (the statistic ``kl`` and its ``g_kl``),
-    else KL(teacher ‖ student).
+    ``divergence``: ``"kl"`` KL(teacher ‖ student), ``"reverse_kl"`` KL(student ‖ teacher) or
+    ``"jsd"`` (generalized, weight ``beta`` in (0, 1)): the statistic ``kl``, its ``aux`` and ``g_kl``.
     """
     n, v = x.shape
     acc = x.dtype
@@ -80,12 +81,13 @@ def head_rows(x: np.ndarray, labels, *, ignore_index: int, weight, label_smoothi
             g = cots.get(name)
             if g is not None:
                 c[k] = np.asarray(g, np.float64).reshape(n)
-    st = np.zeros((7, n), np.float64)
+    st = np.zeros((8, n), np.float64)
     special = np.zeros(n, np.uint8)
     if n == 0:
         return st, special.astype(bool)
     fn = _fn(_apply_threads(x.size))
+    div = {"kl": 0, "reverse_kl": 1, "jsd": 2}[divergence]
     fn(x, lab, has_lab, int(ignore_index), w, wsum, float(label_smoothing),
-       np.ascontiguousarray(temps, dtype=np.float64), tx, use_t, bool(reverse), float(teacher_temperature), bool(want_ent),
-       bool(want_am), c, want_grad, st, special)
+       np.ascontiguousarray(temps, dtype=np.float64), tx, use_t, div, float(beta), float(teacher_temperature),
+       bool(want_ent), bool(want_am), c, want_grad, st, special)
     return st, special.astype(bool)
