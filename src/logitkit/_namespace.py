@@ -134,6 +134,13 @@ class _TorchNamespace:
         return self._t.where(cond, a, b)
 
     def take_along_axis(self, x, idx, axis):
+        if x.ndim == idx.ndim and self._t.compiler.is_compiling():
+            # take_along_dim's broadcast pins every size to its traced value (torch 2.13: a new
+            # batch size recompiles under dynamic=True); gather on the index expanded to x's other
+            # sizes is the same for these calls and stays symbolic (a size-1 x axis raises there)
+            ax = axis % x.ndim
+            shape = [idx.shape[d] if d == ax else x.shape[d] for d in range(x.ndim)]
+            return self._t.gather(x, ax, idx.expand(shape))
         return self._t.take_along_dim(x, idx, dim=axis)
 
     def zeros(self, shape, dtype=None, like=None):

@@ -97,8 +97,10 @@ def _local_weight(weight: Any, start: int, n: int, acc: Any) -> Any:
 
 
 def _host_mode(x: Any) -> bool:
-    """CPU tensors (gloo) read the header on the host and raise; other devices never synchronise."""
-    return not isinstance(x, torch.Tensor) or x.device.type == "cpu"
+    """CPU tensors (gloo) read the header on the host and raise; other devices never synchronise,
+    nor does anything under ``torch.compile`` (a host read would break the graph: there a failed
+    check gives a NaN loss, as on CUDA)."""
+    return (not isinstance(x, torch.Tensor) or x.device.type == "cpu") and not torch.compiler.is_compiling()
 
 
 def _agree(comm: TorchCollectives, check: Any, *, x: Any, labels: Any, n: Any, vocab_start: Any, weight: Any,
@@ -328,7 +330,8 @@ def vocab_parallel_cross_entropy(local_logits: torch.Tensor, labels: torch.Tenso
     rank (bad arguments, ranks that disagree on tokens, dtype, options or labels, shards that do
     not tile ``[0, V)``, labels out of range) raises the same ``ValueError``/``TypeError`` on every
     rank. Other devices never synchronise with the host: the header rides in the per-token MAX
-    and a failed check gives a NaN loss; argument errors raise on the rank that has them.
+    and a failed check gives a NaN loss; argument errors raise on the rank that has them. Under
+    ``torch.compile`` (no graph break, ``fullgraph=True``) every device checks that way.
 
     Example (``torchrun --nproc-per-node 2``)::
 

@@ -433,7 +433,7 @@ def vocab_parallel_linear_head(hidden: torch.Tensor, local_weight: torch.Tensor,
         if labels is None and ("loss" in outs or "logprobs" in outs):
             raise ValueError(f"labels: outputs {outs} need labels ('loss' and 'logprobs' do)")
         per_token = isinstance(temperature, torch.Tensor)
-        if not per_token and hasattr(temperature, "shape") and not isinstance(temperature, (float, int)):
+        if not per_token and not isinstance(temperature, (float, int)) and hasattr(temperature, "shape"):
             raise TypeError(f"temperature: expected a float or a torch tensor, got {type(temperature).__name__}")
         T = 1.0 if per_token else temperature
         if labels is not None:

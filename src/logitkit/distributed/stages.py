@@ -322,10 +322,30 @@ def header_size(world_size: int, with_message: bool = True) -> int:
 
 
 def option_code(value: Any) -> int:
-    """A 24-bit code of a Python option value (its ``repr``), exact in float32; the same on every rank."""
-    import hashlib
+    """A 24-bit code of a Python option value, exact in float32; the same on every rank.
 
-    return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=3).digest(), "little")
+    Ints by arithmetic, floats by arithmetic on ``floor(value · 1e9)``, tuples from their items'
+    codes, anything else (strings, ``None``, bools) by FNV-1a over its ``repr``: plain Python that
+    ``torch.compile`` traces, also when a size or an option is symbolic there (``dynamic=True``:
+    a symbolic number has no ``repr`` at trace time, and hashlib is opaque to dynamo).
+    """
+    if isinstance(value, tuple):
+        code = _fnv1a(b"()")
+        for item in value:
+            code = (code * 0x01000193 + option_code(item)) % (1 << 24)
+        return code
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value * 0x9E3779B1 + 0x2545F491) % (1 << 24)
+    if isinstance(value, float) and value - value == 0.0:  # finite: options that agree to 1e-9 agree
+        return (math.floor(value * 1e9) * 0x9E3779B1 + 0x7F4A7C15) % (1 << 24)
+    return _fnv1a(repr(value).encode()) & 0xFFFFFF
+
+
+def _fnv1a(data: bytes) -> int:
+    h = 0x811C9DC5
+    for byte in data:
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h
 
 
 def _mix32(xp: Any, v: Any) -> Any:
