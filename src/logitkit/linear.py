@@ -673,8 +673,8 @@ def linear_head_with_grad(hidden: Any, linear_weight: Any, labels: Any = None, *
     per-token advantages and entropy coefficient, a distillation weight), every chunk's logits are
     turned into their gradient in place right after its statistics, so the head costs the three
     matrix products of forward + backward (four with a teacher head): no logits are recomputed.
-    On the CPU (float32 / float64, no softcap; no teacher or a dense teacher with
-    ``divergence="kl"``) that is one numba pass per chunk; other cases compute the values first and
+    On the CPU (float32 / float64, no softcap; no teacher or a dense teacher, any divergence) that
+    is one numba pass per chunk; other cases compute the values first and
     the gradients in a second pass (the logits recomputed), with the same results.
 
     Args:
