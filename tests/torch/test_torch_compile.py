@@ -214,3 +214,52 @@ def test_top_level_compiles_when_first_called_inside_the_graph():
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# the same on a GPU (issue 14: "a CUDA variant runs when a GPU is present"): inductor, fullgraph,
+# CUDA tensors (the Triton stages inside the custom ops), compiled == eager
+
+
+_CUDA_CALLS = {
+    "ce-options": CALLS["ce-options"],
+    "ce-default": CALLS["ce-default"],
+    "softmax": CALLS["softmax"],
+    "logitkit-top-level": CALLS["logitkit-top-level"],
+}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(_CUDA_CALLS) + ["linear-ce", "linear-head"])
+def test_cuda_compiles_fullgraph_and_matches_eager(name):
+    g = torch.Generator().manual_seed(5)
+    dev = "cuda"
+    W = torch.randn(11, 4, generator=g).to(dev).requires_grad_()
+    if name == "linear-ce":
+        x = torch.randn(8, 4, generator=g).to(dev).requires_grad_()
+
+        def fn(x, y):
+            return lt.linear_cross_entropy(x, W, y, label_smoothing=0.1)
+    elif name == "linear-head":
+        x = torch.randn(8, 4, generator=g).to(dev).requires_grad_()
+
+        def fn(x, y):
+            out = lt.linear_head(x, W, y, outputs=("loss", "logprobs", "entropy"))
+            return out.loss + out.logprobs.sum() * 0.3 - out.entropy.sum() * 0.01
+    else:
+        x = torch.randn(8, 11, generator=g).to(dev).requires_grad_()
+        fn = _CUDA_CALLS[name]
+    y = torch.randint(0, 11, (8,), generator=g).to(dev)
+    y[1] = -100
+    explanation = torch._dynamo.explain(fn)(x, y)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(fn, fullgraph=True)
+    out, ref = compiled(x, y), fn(x, y)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    params = [x, W]
+    got = torch.autograd.grad(out, params, allow_unused=True)
+    exp = torch.autograd.grad(ref, params, allow_unused=True)
+    for a, b in zip(got, exp):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
