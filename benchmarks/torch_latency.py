@@ -4,7 +4,9 @@ Every case alternates the calls in one loop (``F`` then logitkit, repeat), so al
 machine load, and reports the median of each and the ratios of the medians (< 1: logitkit is
 faster). ``--compile`` adds both functions under ``torch.compile`` (inductor, ``fullgraph=True``)
 and the ratios issue 14 asks about: compiled logitkit to its own eager (ltc/ltE) and to compiled
-F (ltc/Fc).
+F (ltc/Fc), with compiled F to F's own eager (Fc/FE). ``floor/F`` times a
+``torch.autograd.Function`` that does no work at all against F: the least any loss defined in
+Python costs in eager autograd, so a ratio lt/F below it cannot exist.
 
     python benchmarks/torch_latency.py --threads 1          # tiny, small, softmax at small
     python benchmarks/torch_latency.py --large --compile    # plus llm (4096 x 32000) and compiled
@@ -51,6 +53,28 @@ def _interleaved(fns, repeats, warmup):
     return [statistics.median(t) for t in times]
 
 
+class _Floor(torch.autograd.Function):
+    """The least any loss written as a ``torch.autograd.Function`` costs: forward returns a
+    preallocated loss, backward a preallocated gradient (no arithmetic at all)."""
+
+    @staticmethod
+    def forward(ctx, x, loss, grad):
+        ctx.grad = grad
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.grad, None, None
+
+
+def _floor_loss(like):
+    loss, grad = torch.zeros(()), torch.zeros_like(like)
+
+    def run(x, y):
+        return _Floor.apply(x, loss, grad)
+    return run
+
+
 def _softmax_loss(fn):
     def loss(x, y):
         return (fn(x, 1) * y).sum()
@@ -70,7 +94,10 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch threads; median of each (microseconds), measured interleaved in one "
           "run; ratios < 1: logitkit faster")
-    cols = ["F eager", "lt eager", "lt/F"] + (["F comp", "lt comp", "ltc/ltE", "ltc/Fc"] if args.compile else [])
+    # "floor/F": a torch.autograd.Function that does no work (see _Floor), against F: the least
+    # any Python-defined loss can cost in eager autograd.
+    cols = (["F eager", "lt eager", "lt/F", "floor/F"]
+            + (["F comp", "lt comp", "ltc/ltE", "ltc/Fc", "Fc/FE"] if args.compile else []))
     print(f"{'case':30s} " + " ".join(f"{c:>9s}" for c in cols), flush=True)
     sizes = ["tiny", "small"] + (["llm"] if args.large else [])
     g = torch.Generator().manual_seed(0)
@@ -90,16 +117,16 @@ def main() -> None:
             if args.only and args.only not in label:
                 continue
             tgt = y if fname == "cross_entropy" else p
-            fns = [ref, ours]
+            fns = [ref, ours, _floor_loss(x)]
             if args.compile:
                 torch._dynamo.reset()
                 fns += [torch.compile(ref, fullgraph=True, dynamic=False),
                         torch.compile(ours, fullgraph=True, dynamic=False)]
             t = _interleaved([_step(f, x, tgt) for f in fns], reps, warm)
-            row = [t[0], t[1], t[1] / t[0]]
+            row = [t[0], t[1], t[1] / t[0], t[2] / t[0]]
             if args.compile:
-                row += [t[2], t[3], t[3] / t[1], t[3] / t[2]]
-            cells = [f"{v * 1e6:9.1f}" if i in (0, 1, 3, 4) else f"{v:9.2f}" for i, v in enumerate(row)]
+                row += [t[3], t[4], t[4] / t[1], t[4] / t[3], t[3] / t[0]]
+            cells = [f"{v * 1e6:9.1f}" if i in (0, 1, 4, 5) else f"{v:9.2f}" for i, v in enumerate(row)]
             print(f"{label:30s} " + " ".join(cells), flush=True)
 
 

@@ -369,6 +369,40 @@ def _np_softmax(a):
 # fused linear + cross-entropy
 
 
+def _head_chunk_floors(n: int, V: int) -> list:
+    """``(label, tokens per chunk, teacher)`` of the fused heads' automatic float32 chunking."""
+    from .core.linear_cross_entropy import DEFAULT_WORKSPACE, plan_chunks
+    from .core.linear_head import KERNEL_WORKSPACE, plan_rows
+
+    return [("linear_cross_entropy", plan_chunks(n, V, bytes_per_logit=4, workspace=DEFAULT_WORKSPACE).rows, False),
+            ("linear_head", plan_rows(n, V, 4, None, workspace=KERNEL_WORKSPACE, temps=1), False),
+            ("linear_head with a teacher head", plan_rows(n, V, 4, "dense", workspace=KERNEL_WORKSPACE, temps=2),
+             True)]
+
+
+def chunked_products(w: Any, th: Any, tw: Any, rows: int, teacher: bool) -> Any:
+    """The head's matrix products chunk by chunk, as the fused heads run them (torch, CPU):
+    logits into one reused buffer, ``dh`` rows written, ``dW`` accumulated (plus a teacher
+    head's logits per chunk)."""
+    import torch
+
+    def run(a):
+        h = torch.from_numpy(a)
+        n = h.shape[0]
+        buf = torch.empty((rows, w.shape[0]), dtype=h.dtype)
+        tbuf = torch.empty_like(buf) if teacher else None
+        dh, dw = torch.empty_like(h), torch.zeros_like(w)
+        for s in range(0, n, rows):
+            e = min(n, s + rows)
+            x = torch.mm(h[s:e], w.T, out=buf[:e - s])
+            if teacher:
+                torch.mm(th[s:e], tw.T, out=tbuf[:e - s])
+            torch.mm(x, w, out=dh[s:e])
+            dw.addmm_(x.T, h[s:e])
+        return dh, dw
+    return run
+
+
 def _head_cases(h, w, y):
     # Ratios: each case's "limit" names the matrix products it is compared with (the same BLAS,
     # timed alone in the same run): forward + backward is three N×H×V products, four with a
@@ -414,6 +448,13 @@ def _head_cases(h, w, y):
         cases.insert(0, ("3 matmuls alone (torch)", "", lambda: h, products(tmm, False), None))
         cases.insert(1, ("4 matmuls alone (torch; + a teacher head's logits)", "", lambda: h,
                          products(tmm, True), None))
+        # The same products in the token chunks the fused heads' workspace allows (no other work):
+        # the floor of any chunked head on this BLAS, beside the whole-matrix products above.
+        wt_c, tht_c, twt_c = torch.from_numpy(w), torch.from_numpy(th), torch.from_numpy(tw)
+        for label, rows, teacher in _head_chunk_floors(n, w.shape[0]):
+            cases.append((f"{label}: the matmuls alone in {rows}-token chunks (torch)",
+                          "4 matmuls torch" if teacher else "3 matmuls torch", lambda: h,
+                          chunked_products(wt_c, tht_c, twt_c, rows, teacher), None))
 
         def autograd(objective):
             def run(a):
