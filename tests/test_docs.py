@@ -2,6 +2,7 @@
 
 import html.parser
 import importlib.util
+import json
 import os
 import pathlib
 import re
@@ -151,6 +152,7 @@ DOC_PAGES = [p for p in sorted(DOCS.rglob("*.md")) if _python_blocks(p)]
 @pytest.mark.parametrize("page", DOC_PAGES, ids=[str(p.relative_to(DOCS)) for p in DOC_PAGES])
 def test_docs_python_blocks_run_as_written(page):
     blocks = _python_blocks(page)
+    tf_blocks = []
     for i, code in enumerate(blocks):
         for lib in ("torch", "jax", "transformers", "tensorflow", "keras"):
             # find_spec, not importorskip: importing TensorFlow here would make a later Triton
@@ -158,13 +160,30 @@ def test_docs_python_blocks_run_as_written(page):
             if re.search(rf"^\s*import {lib}\b", code, re.M) and importlib.util.find_spec(lib) is None:
                 pytest.skip(f"{lib} is not installed")
         if re.search(r"^\s*import (tensorflow|keras)\b", code, re.M):
-            # TensorFlow's LLVM must not share this process with a Triton loaded after it
-            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                  timeout=240, cwd=ROOT)
-            assert proc.returncode == 0, f"{page.name} block {i + 1}:\n{proc.stderr[-3000:]}"
+            # TensorFlow's LLVM must not share this process with a Triton loaded after it: these
+            # blocks run in one child process (one TensorFlow import, not one per block), each in
+            # a fresh namespace, in page order, as the in-process blocks do here
+            tf_blocks.append((f"{page.relative_to(DOCS)} block {i + 1}", f"docs_{page.stem}_{i}", code))
             continue
         namespace: dict = {"__name__": f"docs_{page.stem}_{i}"}
         exec(compile(code, f"{page.relative_to(DOCS)} block {i + 1}", "exec"), namespace)
+    if tf_blocks:
+        proc = subprocess.run([sys.executable, "-c", _RUN_BLOCKS], input=json.dumps(tf_blocks),
+                              capture_output=True, text=True, timeout=240, cwd=ROOT)
+        assert proc.returncode == 0, f"{page.name}:\n{proc.stderr[-3000:]}"
+        ran = [line for line in proc.stdout.splitlines() if line.startswith("ran: ")]
+        assert ran == [f"ran: {name}" for name, _, _ in tf_blocks], proc.stdout
+
+
+# The child of test_docs_python_blocks_run_as_written: runs ``[(name, module name, code), ...]``
+# read from stdin, each block in a fresh namespace, printing ``ran: <name>`` after each (a block
+# that raises stops the child with its traceback on stderr).
+_RUN_BLOCKS = """
+import json, sys
+for name, mod, code in json.loads(sys.stdin.read()):
+    exec(compile(code, name, "exec"), {"__name__": mod})
+    print("ran: " + name, flush=True)
+"""
 
 
 def test_docs_pages_with_code_are_found():
