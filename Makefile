@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # CUDA build of several GB.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test install check bench info docs docs-screenshots clean
+.PHONY: demo test test-slow install check bench info docs docs-screenshots clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,9 +40,15 @@ demo: $(VENV)/.demo-installed
 
 # One pytest worker per core (pytest-xdist); loadscope keeps a module's tests, and so its
 # module-scoped fixtures (spawned process groups, JAX children), on one worker.
+# The few tests marked slow (fresh-process compiles, spawned gloo ranks, timed bench runs) run
+# in test-slow; CI (.ci/run) runs test, then test-slow, so every test still runs there.
 TEST_JOBS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadscope
 test: $(VENV)/.test-installed
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadscope
+	$(PYTEST) -m "not slow"
+
+test-slow: $(VENV)/.test-installed
+	$(PYTEST) -m slow
 
 check: $(VENV)/.demo-installed
 	$(BIN)/python -m logitkit check

@@ -225,6 +225,7 @@ def test_bench_from_csv_of_an_older_run_keeps_its_ratios():
     assert re.search(r"\| llm +\| logitkit fresh gradient +\|.*\| 0\.94× copy ", table)
 
 
+@pytest.mark.slow  # make test-slow (CI runs it after make test): the whole small bench workload, timed
 def test_bench_runs_for_real_on_the_small_workload(tmp_path, capsys):
     # A real measurement (no replaced timings), kept short with --only and --repeat 1.
     assert cli.main(["bench", "--workload", "small", "--repeat", "1", "--no-progress",

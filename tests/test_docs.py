@@ -146,10 +146,16 @@ def _python_blocks(path: pathlib.Path) -> list[str]:
 
 
 DOC_PAGES = [p for p in sorted(DOCS.rglob("*.md")) if _python_blocks(p)]
+# The TensorFlow page's child process imports Triton and TensorFlow and compiles with XLA: make
+# test-slow (CI runs it after make test).
+_SLOW_PAGES = {"guides/tensorflow.md"}
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("page", DOC_PAGES, ids=[str(p.relative_to(DOCS)) for p in DOC_PAGES])
+@pytest.mark.parametrize("page", [
+    pytest.param(p, id=str(p.relative_to(DOCS)),
+                 marks=[pytest.mark.slow] if str(p.relative_to(DOCS)) in _SLOW_PAGES else [])
+    for p in DOC_PAGES])
 def test_docs_python_blocks_run_as_written(page):
     blocks = _python_blocks(page)
     tf_blocks = []

@@ -40,15 +40,18 @@ def _check(results):
             np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6, err_msg=res["name"])
 
 
+@pytest.mark.slow  # make test-slow (CI runs it after make test): three fullgraph compiles of the whole glue
 def test_compiled_without_a_process_group():
     _check(workers.run(torch, 0, 1))
 
 
+@pytest.mark.slow  # make test-slow (CI runs it after make test): an inductor compile
 def test_compiled_without_a_process_group_inductor():
     """inductor too (it fuses the glue around the collectives; the values stay within float32)."""
     _check(workers.run(torch, 0, 1, backend="inductor", only=("logits",)))
 
 
+@pytest.mark.slow  # make test-slow (CI runs it after make test): two spawned ranks, each compiling
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
 def test_compiled_on_two_gloo_ranks(tmp_path):

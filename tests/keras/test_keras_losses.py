@@ -122,8 +122,12 @@ def test_fit_on_loaded_backend():
     _check_fit(result)
 
 
+# the other backends train in a fresh child each: make test-slow (CI runs it after make test)
+_SLOW = pytest.mark.slow
+
+
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=_SLOW) for b in ("tensorflow", "jax", "torch")])
 def test_fit_on_other_backends(backend):
     if backend == BACKEND:
         pytest.skip("trained in this process by test_fit_on_loaded_backend")

@@ -13,6 +13,7 @@ TF_ROWS = ["TensorFlow tf.nn eager", "TensorFlow tf.nn tf.function", "TensorFlow
            "logitkit TensorFlow tf.function", "logitkit TensorFlow eager"]
 
 
+@pytest.mark.slow  # make test-slow (CI runs it after make test): every TensorFlow row of the bench, timed
 def test_bench_tensorflow_rows_run_and_are_accurate(rng):
     x = (rng.standard_normal((64, 300)) * 2).astype(np.float32)
     y = rng.integers(0, 300, 64)

@@ -484,6 +484,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow  # make test-slow (CI runs it after make test): a fresh process that imports torch and compiles
 @pytest.mark.timeout(600)
 def test_compile_linear_head_with_inductor_in_a_fresh_process():
     """No crash when dynamo first meets the head (and numba) in a fresh process, with inductor."""

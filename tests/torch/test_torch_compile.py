@@ -192,6 +192,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow  # make test-slow (CI runs it after make test): a fresh process that imports torch and compiles
 @pytest.mark.timeout(600)
 def test_issue13_item10_compile_linear_cross_entropy_in_a_fresh_process():
     """The crash came from dynamo tracing numba's dispatcher in a fresh process (inductor here)."""

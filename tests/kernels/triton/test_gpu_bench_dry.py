@@ -14,6 +14,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu.py")
 COLUMNS = ["workload", "implementation", "time (ms, median)", "effective rate", "% of copy BW or × 3 GEMMs",
@@ -47,6 +49,7 @@ def _installed(module):
         return False
 
 
+@pytest.mark.slow  # make test-slow (CI runs it after make test): every row of the GPU bench in the interpreter
 def test_dry_run_writes_one_table_with_every_row(tmp_path):
     out = tmp_path / "gpu-dry.md"
     p = _run("--dtypes", "float32", "--no-tune", "--out", str(out))
@@ -117,6 +120,7 @@ def test_dry_run_writes_one_table_with_every_row(tmp_path):
     assert re.search(r"on costs [+-]\d+\.\d µs per call", lab["deferred check off"][6])
 
 
+@pytest.mark.slow  # make test-slow (CI runs it after make test): a sweep in the interpreter
 def test_sweep_dry_run_merges_winners_into_the_given_table(tmp_path):
     from logitkit.kernels.triton import _configs
 
