@@ -44,11 +44,21 @@ demo: $(VENV)/.demo-installed
 # in test-slow; CI (.ci/run) runs test, then test-slow, so every test still runs there.
 TEST_JOBS ?= 2
 PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadscope
-test: $(VENV)/.test-installed
+test: $(VENV)/.kernels-warm
 	$(PYTEST) -m "not slow"
 
-test-slow: $(VENV)/.test-installed
+test-slow: $(VENV)/.kernels-warm
 	$(PYTEST) -m slow
+
+# numba compiles the CPU kernels on their first call and caches them on disk (cache=True, in
+# src/logitkit/**/__pycache__, checked against the source files): compile them once per checkout
+# (and again after the kernels' sources change), in two processes at once, as a user's first
+# calls would, instead of in each test worker.
+KERNEL_SOURCES := $(wildcard src/logitkit/kernels/cpu/*.py) src/logitkit/torch/_entry.py src/logitkit/jax/_ffi.py
+$(VENV)/.kernels-warm: $(VENV)/.test-installed tools/warm_kernels.py $(KERNEL_SOURCES)
+	$(BIN)/python tools/warm_kernels.py numpy & pid=$$!; $(BIN)/python tools/warm_kernels.py torch jax; st=$$?; \
+	  wait $$pid && [ $$st = 0 ]
+	touch $@
 
 check: $(VENV)/.demo-installed
 	$(BIN)/python -m logitkit check
