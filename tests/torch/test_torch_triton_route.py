@@ -44,6 +44,9 @@ def triton_route(monkeypatch):
     # CPU tensors in eager mode skip the operators (logitkit.torch._eager): send them there
     monkeypatch.setattr(_eager, "kernels_for", lambda x: None)
     monkeypatch.setattr(_eager, "fast_ce", lambda *args, **kw: None)
+    # and the operators' own small-row bodies (one compiled call on CPU rows) to the stages
+    for name in ("op_rows_stats", "op_rows_backward", "op_softmax", "op_softmax_backward"):
+        monkeypatch.setattr(_eager, name, lambda *args, **kw: None)
     return used
 
 

@@ -430,20 +430,34 @@ def op_rows_stats(x: Tensor, labels: Tensor, ignore_index: int) -> Optional[tupl
 def op_rows_backward(x: Tensor, labels: Tensor, m: Tensor, r: Tensor, g_ce: Tensor, ignore_index: int,
                      out: Tensor) -> Optional[Tensor]:
     """The gradient of ``Σ g_ce·ce`` (default options) into ``out`` by the serial kernel, or ``None``."""
-    if (x.ndim != 2 or x.dtype not in _FAST_DTYPES or not x.is_cpu or _forced[0] or labels.dtype != _I64
-            or not x.is_contiguous() or not out.is_contiguous() or m.dtype != x.dtype or r.dtype != x.dtype):
+    dt = x.dtype
+    if (x.ndim != 2 or dt not in _FAST_DTYPES or not x.is_cpu or _forced[0] or labels.dtype != _I64
+            or not x.is_contiguous() or not out.is_contiguous() or out.dtype != dt or not labels.is_contiguous()
+            or m.dtype != dt or r.dtype != dt or not m.is_contiguous() or not r.is_contiguous()
+            or not -_II_MAX < ignore_index < _II_MAX):
         return None
     N, C = x.shape
     k = _cpu[0] if _cpu else _load_cpu()
     if N == 0 or C == 0 or k is None or (N * C >= _serial_max[0] and k.get_num_threads() > 1):
         return None
-    acc = np.float64 if x.dtype is _F64 else np.float32
-    gce = np.ascontiguousarray(g_ce.detach().numpy(), dtype=np.float64)
-    kern, _ = _run(k, "ce_backward", 0)
-    kern(x.detach().numpy(), np.ascontiguousarray(labels.numpy()), np.ascontiguousarray(m.detach().numpy()),
-         np.ascontiguousarray(r.detach().numpy()), gce, _const("zeros", N, np.float64), _const("ones", C, acc),
-         float(C), ignore_index, 0.0, 0.0, 1.0, 1.0, False, out.detach().numpy(), False, np.empty(0, acc), 1)
+    if g_ce.dtype != dt or not g_ce.is_contiguous():
+        g_ce = g_ce.to(dt).contiguous()
+    is64 = dt is _F64
+    (_bwd_points[is64] or _bwd_entry(is64))(x.data_ptr(), labels.data_ptr(), m.data_ptr(), r.data_ptr(),
+                                            g_ce.data_ptr(), out.data_ptr(), N, C, ignore_index)
     return out
+
+
+_bwd_points: list = [None, None]
+
+
+def _bwd_entry(is64: bool) -> Any:
+    ep = _bwd_points[is64]
+    if ep is None:
+        from . import _entry as mod
+
+        ep = _bwd_points[is64] = mod.ce_backward_entry(is64)
+    return ep
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,19 +491,66 @@ def fast_softmax(x: Tensor, dim: Any, log: bool) -> Optional[Tensor]:
     k = _cpu[0] if _cpu else _load_cpu()
     if k is None:
         return None
-    par = 0
-    if N * C >= _serial_max[0] and k.get_num_threads() > 1:
-        # the parallel entries, once a thread-safe pool is known (before the first parallel region,
-        # or under numba's workqueue layer, the general route's guard decides); numba's thread
-        # count is per calling thread, so it is set on every call, as the general route does
-        if k._serial_only or k._layer_needs_guard():
-            return None
-        k._apply_threads(N * C)
-        par = 4
+    par = _sm_par(k, N * C)
+    if par is None:
+        return None
     x = _unwrap_if_dead(x)
     if not (x.requires_grad and _grad_enabled()):
         return SoftmaxSmall.forward(None, x, log, par)
     return _apply_softmax(x, log, par)
+
+
+def _sm_par(k: Any, size: int) -> Optional[int]:
+    """The entry offset for ``size`` elements: 0 serial, 4 parallel (numba's thread count set for
+    ``size``), ``None`` when the general route must decide (no thread-safe pool known yet)."""
+    if size >= _serial_max[0] and k.get_num_threads() > 1:
+        # before the first parallel region, or under numba's workqueue layer, the general route's
+        # guard decides; numba's thread count is per calling thread, so it is set on every call
+        if k._serial_only or k._layer_needs_guard():
+            return None
+        k._apply_threads(size)
+        return 4
+    return 0
+
+
+def op_softmax(x: Tensor, temperature: float, log: bool) -> Optional[Tensor]:
+    """The softmax operators' body on 2-D contiguous float32 / float64 CPU rows at temperature 1:
+    one compiled call, or ``None`` (the general route)."""
+    if (temperature != 1.0 or x.ndim != 2 or x.dtype not in _FAST_DTYPES or not x.is_cpu or _forced[0]
+            or not x.is_contiguous()):
+        return None
+    N, C = x.shape
+    k = _cpu[0] if _cpu else _load_cpu()
+    if N == 0 or C == 0 or k is None:
+        return None
+    par = _sm_par(k, N * C)
+    if par is None:
+        return None
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    i = par + (x.dtype is _F64)
+    (_sm_points[i] or _sm_entry(i))(x.data_ptr(), y.data_ptr(), N, C, int(log))
+    return y
+
+
+def op_softmax_backward(y: Tensor, dy: Tensor, log: bool) -> Optional[Tensor]:
+    """The softmax backward operators' body on 2-D contiguous float32 / float64 CPU rows: one
+    compiled call, or ``None``."""
+    if (y.ndim != 2 or y.dtype not in _FAST_DTYPES or not y.is_cpu or _forced[0] or not y.is_contiguous()
+            or dy.shape != y.shape or not dy.is_cpu):
+        return None
+    N, C = y.shape
+    k = _cpu[0] if _cpu else _load_cpu()
+    if N == 0 or C == 0 or k is None:
+        return None
+    par = _sm_par(k, N * C)
+    if par is None:
+        return None
+    if dy.dtype is not y.dtype or not dy.is_contiguous():
+        dy = dy.to(y.dtype).contiguous()
+    dx = torch.empty_like(y)
+    i = par + 2 + (y.dtype is _F64)
+    (_sm_points[i] or _sm_entry(i))(y.data_ptr(), dy.data_ptr(), dx.data_ptr(), N, C, log)
+    return dx
 
 
 class SoftmaxSmall(torch.autograd.Function):

@@ -25,10 +25,11 @@ from numba import carray, njit
 
 from ..kernels.cpu import _kernels as _K
 
-__all__ = ["ce_entry", "softmax_entry", "softmax_backward_entry", "SHORT_C"]
+__all__ = ["ce_entry", "ce_backward_entry", "softmax_entry", "softmax_backward_entry", "SHORT_C"]
 
 _addr = _K._addr
 _ce_direct = _K.ce_direct_serial
+_ce_backward = _K._serial["ce_backward"]
 _sm_direct = _K.softmax_direct_serial
 _sm_bwd = _K.softmax_bwd_serial
 _sm_direct_par = _K.softmax_direct  # the parallel kernels: numba's thread count, set by the caller
@@ -167,6 +168,24 @@ def _make_ce(dt: Any) -> Any:
     return ce_entry
 
 
+def _make_ce_backward(dt: Any) -> Any:
+    @njit(cache=True, error_model="numpy")
+    def ce_backward_entry(xp, yp, mp, rp, gp, op, n, c, ignore_index):
+        """The serial ``ce_backward`` kernel (default options): the gradient of ``Σ g·ce`` into
+        ``op`` (n, c) from rows ``xp`` (n, c), labels ``yp`` (n,) already checked, the row
+        statistics ``mp`` / ``rp`` and the per-row multipliers ``gp`` (n,), all in the rows' dtype."""
+        g = carray(_addr(gp), n, dt)
+        g_ce = np.empty(n)
+        for i in range(n):
+            g_ce[i] = g[i]
+        _ce_backward(carray(_addr(xp), (n, c), dt), carray(_addr(yp), n, np.int64), carray(_addr(mp), n, dt),
+                     carray(_addr(rp), n, dt), g_ce, np.zeros(n), np.ones(c, dt), float(c), ignore_index, 0.0, 0.0,
+                     1.0, 1.0, False, carray(_addr(op), (n, c), dt), False, np.empty(0, dt), 1)
+        return 0
+
+    return ce_backward_entry
+
+
 def _make_softmax(dt: Any, parallel: bool) -> tuple[Any, Any]:
     fwd_kernel = _sm_direct_par if parallel else _sm_direct
     bwd_kernel = _sm_bwd_par if parallel else _sm_bwd
@@ -192,6 +211,8 @@ def _make_softmax(dt: Any, parallel: bool) -> tuple[Any, Any]:
 
 _ce32 = _make_ce(np.float32)
 _ce64 = _make_ce(np.float64)
+_ceb32 = _make_ce_backward(np.float32)
+_ceb64 = _make_ce_backward(np.float64)
 # [parallel][is64]: the serial kernels for small inputs, the parallel ones (numba's pool, the
 # thread count the caller set) for inputs the kernels split over threads
 _SM = [[_make_softmax(np.float32, False), _make_softmax(np.float64, False)],
@@ -214,6 +235,11 @@ def _entry_point(disp: Any, *warm: Any) -> Any:
 def ce_entry(is64: bool) -> Any:
     """The compiled cross-entropy entry for float64 (``is64``) or float32 rows."""
     return _entry_point(_ce64 if is64 else _ce32, 0, 0, 0, 0, 0, 0, 0, 0, -100, 2, False)
+
+
+def ce_backward_entry(is64: bool) -> Any:
+    """The compiled cross-entropy backward entry (serial, default options) for float64 / float32 rows."""
+    return _entry_point(_ceb64 if is64 else _ceb32, 0, 0, 0, 0, 0, 0, 0, 0, -100)
 
 
 def softmax_entry(is64: bool, parallel: bool = False) -> Any:

@@ -29,7 +29,7 @@ from .. import _validate
 from .._namespace import NUMPY, TORCH, get_namespace
 from ..kernels import registry
 from ..kernels.triton import _labels as _triton_labels  # imports torch only, not triton
-from . import _eager
+from . import _eager, _library
 
 __all__ = ["acc_dtype", "run_stage"]
 
@@ -170,11 +170,15 @@ def _wvec(weight: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
 # cross-entropy with class-index labels
 
 
-@torch.library.custom_op("logitkit::ce_forward", mutates_args=())
+@_library.define("logitkit::ce_forward")
 def ce_forward(x: Tensor, labels: Tensor, weight: Optional[Tensor], ignore_index: int,
                label_smoothing: float, softcap: Optional[float],
                temperature: float) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row ``(ce, m, r)`` of rows ``x`` (N, V) with int64 ``labels`` (N,), accumulation dtype."""
+    if weight is None and label_smoothing == 0.0 and softcap is None and temperature == 1.0:
+        fast = _eager.op_rows_stats(x, labels, ignore_index)  # small CPU rows: one compiled call, labels checked
+        if fast is not None:
+            return fast
     _check_labels(x, labels, ignore_index)
     acc = acc_dtype(x.dtype)
     N, V = x.shape
@@ -191,10 +195,7 @@ def ce_forward(x: Tensor, labels: Tensor, weight: Optional[Tensor], ignore_index
         m = torch.full((N,), -math.inf, dtype=acc, device=x.device)
         r = torch.zeros((N,), dtype=acc, device=x.device)
     else:
-        fast = None
-        if weight is None and label_smoothing == 0.0 and softcap is None and temperature == 1.0:
-            fast = _eager.op_rows_stats(x, labels, ignore_index)  # one compiled call on small CPU rows
-        ce, m, r = fast if fast is not None else run_stage("ce_forward", x, labels, **opts)
+        ce, m, r = run_stage("ce_forward", x, labels, **opts)
     return (ce.to(device=x.device, dtype=acc).contiguous(), m.to(device=x.device, dtype=acc).contiguous(),
             r.to(device=x.device, dtype=acc).contiguous())
 
@@ -226,7 +227,7 @@ def _backward_into(x: Tensor, labels: Tensor, m: Tensor, r: Tensor, g_ce: Tensor
                      temperature=temperature)
 
 
-@torch.library.custom_op("logitkit::ce_backward", mutates_args=())
+@_library.define("logitkit::ce_backward")
 def ce_backward(x: Tensor, labels: Tensor, m: Tensor, r: Tensor, g_ce: Tensor, g_z: Tensor,
                 weight: Optional[Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
                 softcap: Optional[float], temperature: float) -> Tensor:
@@ -268,6 +269,9 @@ def _softmax_core(x: Tensor, temperature: float, log: bool) -> Tensor:
 
 
 def _softmax_rows(x: Tensor, temperature: float, log: bool) -> Tensor:
+    y = _eager.op_softmax(x, temperature, log)  # CPU float rows: one compiled call
+    if y is not None:
+        return y
     if x.shape[0] == 0 or x.shape[1] == 0:
         return _softmax_core(x, temperature, log).contiguous()
     stage = "log_softmax_forward" if log else "softmax_forward"
@@ -275,13 +279,13 @@ def _softmax_rows(x: Tensor, temperature: float, log: bool) -> Tensor:
     return res.to(device=x.device).contiguous()
 
 
-@torch.library.custom_op("logitkit::softmax_forward", mutates_args=())
+@_library.define("logitkit::softmax_forward")
 def softmax_forward(x: Tensor, temperature: float) -> Tensor:
     """``softmax(x / T)`` along the last axis of rows ``x`` (N, V), in ``x``'s dtype."""
     return _softmax_rows(x, temperature, False)
 
 
-@torch.library.custom_op("logitkit::log_softmax_forward", mutates_args=())
+@_library.define("logitkit::log_softmax_forward")
 def log_softmax_forward(x: Tensor, temperature: float) -> Tensor:
     """``log_softmax(x / T)`` along the last axis of rows ``x`` (N, V), in ``x``'s dtype."""
     return _softmax_rows(x, temperature, True)
@@ -296,6 +300,9 @@ log_softmax_forward.register_fake(_fake_like)
 
 
 def _softmax_vjp(y: Tensor, dy: Tensor, log: bool) -> Tensor:
+    dx = _eager.op_softmax_backward(y, dy, log)  # CPU float rows: one compiled call
+    if dx is not None:
+        return dx
     dy = dy.to(y.dtype).contiguous()
     if y.numel() == 0:
         return torch.zeros_like(y, memory_format=torch.contiguous_format)
@@ -304,13 +311,13 @@ def _softmax_vjp(y: Tensor, dy: Tensor, log: bool) -> Tensor:
     return res.to(device=y.device, dtype=y.dtype).contiguous()
 
 
-@torch.library.custom_op("logitkit::softmax_backward", mutates_args=())
+@_library.define("logitkit::softmax_backward")
 def softmax_backward(y: Tensor, dy: Tensor) -> Tensor:
     """Vector-Jacobian product of softmax, ``y·(dy − Σ y·dy)``, from the forward output ``y``."""
     return _softmax_vjp(y, dy, False)
 
 
-@torch.library.custom_op("logitkit::log_softmax_backward", mutates_args=())
+@_library.define("logitkit::log_softmax_backward")
 def log_softmax_backward(y: Tensor, dy: Tensor) -> Tensor:
     """Vector-Jacobian product of log_softmax, ``dy − exp(y)·Σ dy``, from the forward output ``y``."""
     return _softmax_vjp(y, dy, True)
@@ -336,7 +343,7 @@ def _prob_core(name: str) -> Callable[..., Any]:
     return functools.partial(getattr(core_ce, name), get_namespace(TORCH))
 
 
-@torch.library.custom_op("logitkit::prob_forward", mutates_args=())
+@_library.define("logitkit::prob_forward")
 def prob_forward(x: Tensor, y: Tensor, weight: Optional[Tensor], label_smoothing: float,
                  softcap: Optional[float], temperature: float) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row ``(ce, m, r)`` of rows ``x`` (N, V) with probability labels ``y`` (N, V)."""
@@ -367,7 +374,7 @@ def _prob_backward_into(x, y, m, r, g_ce, g_z, weight, label_smoothing, z_loss, 
                                        temperature=temperature, out=out)
 
 
-@torch.library.custom_op("logitkit::prob_backward", mutates_args=())
+@_library.define("logitkit::prob_backward")
 def prob_backward(x: Tensor, y: Tensor, m: Tensor, r: Tensor, g_ce: Tensor, g_z: Tensor,
                   weight: Optional[Tensor], label_smoothing: float, z_loss: float, softcap: Optional[float],
                   temperature: float) -> Tensor:

@@ -33,7 +33,7 @@ from .._namespace import NUMPY, TORCH, get_namespace
 from ..core import linear_cross_entropy as core
 from ..core.reduction import reduce_loss, row_scales, row_weights
 from ..kernels import registry
-from . import _dtensor
+from . import _dtensor, _library
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "linear_token_logprobs", "linear_entropy",
            "TorchOps"]
@@ -290,7 +290,7 @@ _OPS = {}
 
 
 def _op(name: str, fn: Any, fake: Any) -> None:
-    op = torch.library.custom_op(f"logitkit::{name}", fn, mutates_args=())
+    op = _library.define(f"logitkit::{name}")(fn)
     op.register_fake(fake)
     _OPS[name] = fn
 
