@@ -302,7 +302,16 @@ def check_linear_token_sharded(ctx: Ctx) -> dict:
     out["head_nib/loss"] = _np(res.loss)
     h = distribute_tensor(ctx.t(d["h"]), ctx.mesh1, [Shard(0)]).requires_grad_()
     y = distribute_tensor(ctx.t(d["y"]), ctx.mesh1, [Shard(0)])
-    res = lt.linear_head(h, W, y, outputs=("loss", "logprobs", "entropy"))
+    from logitkit.torch import _dtensor as _dtm
+
+    calls = []
+    lce = _dtm.linear_cross_entropy
+    _dtm.linear_cross_entropy = lambda *a, **k: (calls.append(1), lce(*a, **k))[1]
+    try:  # the loss and the per-token outputs from one pass over the local head
+        res = lt.linear_head(h, W, y, outputs=("loss", "logprobs", "entropy"))
+    finally:
+        _dtm.linear_cross_entropy = lce
+    out["head/lce_calls"] = len(calls)
     (res.loss + 0.1 * res.entropy.sum()).backward()
     out["head/loss"], out["head/logprobs"], out["head/entropy"] = _np(res.loss), _np(res.logprobs), _np(res.entropy)
     out["head/dh"] = _np(h.grad)
@@ -616,6 +625,38 @@ def check_mesh2d(ctx: Ctx) -> dict:
         out[f"lin{k}/loss"], out[f"lin{k}/dh"] = _np(loss), _np(hp.grad)
         out[f"lin{k}/dW"], out[f"lin{k}/db"] = _np(W.grad), _np(b.grad)
         out[f"lin{k}/placements"] = str(tuple(loss.placements)) + str(tuple(W.grad.placements))
+    # linear_head with the loss and per-token outputs: one vocabulary-parallel pass on the 2-D mesh
+    # (no separate linear_cross_entropy for the loss), against one process on the full head
+    from logitkit.torch import _dtensor as _dtm
+
+    calls = []
+    lce = _dtm.linear_cross_entropy
+    _dtm.linear_cross_entropy = lambda *a, **k: (calls.append(1), lce(*a, **k))[1]
+    try:
+        for k, o in enumerate([{"label_smoothing": 0.1, "weight": True, "z_loss": 1e-2},
+                               {"reduction": "sum", "temperature": 1.5}]):
+            oo = _torch_opts(options(o, d["w"]), torch, ctx.device)
+            fields = ("loss", "logprobs", "entropy", "lse")
+            got = {}
+            for hk in ("mesh", "ref"):
+                if hk == "mesh":
+                    hp = distribute_tensor(ctx.t(d["h"]), m, [Shard(0), Replicate()]).requires_grad_()
+                    Wd = distribute_tensor(ctx.t(d["W"]), m, [Replicate(), Shard(0)]).requires_grad_()
+                    y = distribute_tensor(ctx.t(d["y"]), m, [Shard(0), Replicate()])
+                else:
+                    hp, Wd, y = ctx.t(d["h"], grad=True), ctx.t(d["W"], grad=True), ctx.t(d["y"])
+                r = lt.linear_head(hp, Wd, y, outputs=fields, **oo)
+                (r.loss + 0.5 * r.logprobs.sum() - 0.1 * r.entropy.sum() + 0.01 * r.lse.sum()).backward()
+                for f in fields:
+                    got[f"{hk}/{f}"] = _np(getattr(r, f))
+                got[f"{hk}/dh"], got[f"{hk}/dW"] = _np(hp.grad), _np(Wd.grad)
+                if hk == "mesh":
+                    got["mesh/placements"] = str(tuple(r.loss.placements)) + str(tuple(r.logprobs.placements))
+            for key, v in got.items():
+                out[f"mhead{k}/{key}"] = v
+    finally:
+        _dtm.linear_cross_entropy = lce
+    out["mhead/lce_calls"] = len(calls)
     # gradient accumulation on the 2-D mesh: G micro-batches, num_items from DTensor labels
     G = 2
     big = data(9, n=2 * N)

@@ -207,6 +207,7 @@ def test_linear_token_sharded_and_linear_head_outputs(results):
     logprobs = np.where(valid, np.take_along_axis(lp, np.where(valid, d["y"], 0)[:, None], 1)[:, 0], 0.0)
     ent = np.where(valid, -(np.exp(lp) * lp).sum(-1), 0.0)
     for r in per_rank:
+        assert r["head/lce_calls"] == 0
         _close(r["head/loss"], cross_entropy64(logits, d["y"]))
         _close(r["head/logprobs"], logprobs)
         _close(r["head/entropy"], ent)
@@ -246,6 +247,18 @@ def test_mesh_2d_data_by_tensor_parallel(results):
             _close(r[f"lin{k}/dW"], dW)
             _close(r[f"lin{k}/db"], db)
             assert r[f"lin{k}/placements"].endswith("(Partial(sum), Shard(dim=0))")
+    # linear_head on the 2-D mesh: the loss and the per-token outputs from one vocabulary-parallel
+    # pass, equal to one process on the full head
+    for k, o in enumerate([{"label_smoothing": 0.1, "weight": True, "z_loss": 1e-2},
+                           {"reduction": "sum", "temperature": 1.5}]):
+        logits = d["h"] @ d["W"].T
+        loss, _ = _ref(logits, W.labels_for(d["y"], o), o, d["w"])
+        for r in per_rank:
+            assert r["mhead/lce_calls"] == 0
+            _close(r[f"mhead{k}/mesh/loss"], loss)
+            for f in ("loss", "logprobs", "entropy", "lse", "dh", "dW"):
+                _close(r[f"mhead{k}/mesh/{f}"], r[f"mhead{k}/ref/{f}"])
+            assert r[f"mhead{k}/mesh/placements"] == "(Replicate(), Replicate())(Shard(dim=0), Replicate())"
     big = W.data(9, n=2 * W.N)
     logits = big["h"] @ big["W"].T
     for r in per_rank:

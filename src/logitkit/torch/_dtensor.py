@@ -729,12 +729,10 @@ def linear_head(input: Any, linear_weight: Any, labels: Any = None, **kwargs: An
 
     h, Wl, y = _local(input), _local(linear_weight, gw), _local(labels)
     if "loss" in outputs and reduction != "none" and (lay.tokens or num_items is not None):
-        # the loss through the token-sharded reduction; the other outputs per token, locally
-        rest = tuple(o for o in outputs if o != "loss")
-        loss = linear_cross_entropy(input, linear_weight, labels, num_items_in_batch=num_items,
-                                    **{k: v for k, v in kwargs.items() if k in _LCE_KEYS})
-        res = _plain(h, Wl, y, outputs=rest, **loc)._asdict() if rest else {}
-        res["loss"] = loss
+        # one pass over the local head for every output; the loss reduced across the token dims
+        res = _reduced_head(lay, lambda red, z: _plain(h, Wl, y, outputs=outputs, **{**loc, "reduction": red,
+                                                                                       "z_loss": z})._asdict(),
+                            y, loc["weight"], num_items, kwargs, V=linear_weight.shape[0], device=h.device)
     else:
         res = _plain(h, Wl, y, outputs=outputs, **loc)._asdict()
         if res.get("loss") is not None:
@@ -776,18 +774,16 @@ def _vocab_head(input: Any, W: Any, labels: Any, lay: _Layout, mesh: Any, output
     loc["weight"] = _replicated("weight", kwargs.get("weight"), mesh)
     reduction = kwargs.get("reduction", "mean")
 
-    def head(outs: tuple, n: Any = None) -> dict:
+    def head(outs: tuple, n: Any = None, red: Optional[str] = None, z: Optional[float] = None) -> dict:
+        opts = dict(loc) if red is None else {**loc, "reduction": red, "z_loss": z}
         return vocab_parallel_linear_head(h, Wl, y, local_bias=bl, group=mesh.get_group(i), vocab_start=start,
                                           outputs=outs, reduce_hidden_grad=False, num_items_in_batch=n,
-                                          **loc)._asdict()
+                                          **opts)._asdict()
 
     if "loss" in outputs and reduction != "none" and lay.tokens:
-        # the loss through the token-sharded reduction (global counts); the other outputs per token
-        rest = tuple(o for o in outputs if o != "loss")
-        loss = linear_cross_entropy(input, W, labels, num_items_in_batch=num_items,
-                                    **{k: v for k, v in kwargs.items() if k in _LCE_KEYS})
-        res = head(rest) if rest else {}
-        res["loss"] = loss
+        # one vocabulary-parallel pass for every output; the loss reduced across the token dims
+        res = _reduced_head(lay, lambda red, z: head(outputs, None, red, z), y, loc["weight"], num_items, kwargs,
+                            V=W.shape[0], device=h.device)
     else:  # every token on every rank of the vocabulary dim: one pass, num_items_in_batch included
         res = head(outputs, num_items)
         if res.get("loss") is not None:
@@ -797,6 +793,33 @@ def _vocab_head(input: Any, W: Any, labels: Any, lay: _Layout, mesh: Any, output
         if res.get(k) is not None and not isinstance(res[k], D):
             res[k] = _wrap_tokens(res[k], lay, tok_shape)
     return _public.HeadOutput(**{k: v for k, v in res.items() if k in _public.HeadOutput._fields})
+
+
+def _reduced_head(lay: _Layout, run: Any, y: Any, weight: Any, num_items: Any, kwargs: dict, *, V: int,
+                  device: Any) -> dict:
+    """Every output of one local head call ``run(reduction, z_loss) -> dict``, its loss reduced across
+    the token-sharded mesh dims by :func:`_reduce` (the labels checked on every rank first, one small
+    all-reduce of the global counts). The per-token outputs come from the same call, so backward
+    runs the head once for all of them."""
+    from .. import _validate
+
+    ii = kwargs.get("ignore_index", -100)
+    held: dict = {}
+
+    def call(red: str, z: float) -> Tensor:
+        held.update(run(red, z))
+        return held["loss"]
+
+    def check() -> None:
+        if isinstance(ii, int) and isinstance(y, Tensor) and not y.is_floating_point():
+            _validate.check_label_range(TORCH, y, V, ii, name="labels")
+
+    reduction = kwargs.get("reduction", "mean")
+    held_loss = _reduce(lay, call, reduction=reduction, z_loss=float(kwargs.get("z_loss", 0.0)), num_items=num_items,
+                        check=check, stats=lambda: _row_stats(y, weight, ii, "index"), out_shape=tuple(y.shape),
+                        device=device, smoothing=float(kwargs.get("label_smoothing", 0.0)))
+    held["loss"] = held_loss
+    return held
 
 
 def _wrap_tokens(t: Tensor, lay: _Layout, shape: tuple) -> Any:
