@@ -230,6 +230,29 @@ def check_linear_tp(ctx: Ctx) -> dict:
         ls.backward()
         out[f"sp/{lk}/loss"], out[f"sp/{lk}/dh"], out[f"sp/{lk}/dW"] = _np(ls), _np(hs.grad), _np(Ws.grad)
         out[f"sp/{lk}/placements"] = str(tuple(hs.grad.placements))
+    # every linear_head output after sequence parallelism: gathered on the head's dim, the per-token
+    # outputs back on the sequence shard; against one process on the full head
+    fields = ("loss", "logprobs", "entropy", "lse")
+    for red in ("mean", "none"):
+        for lk in ("sharded", "plain", "ref"):
+            if lk == "ref":
+                hs, Ws, ys = (ctx.t(d["h"]).reshape(2, N // 2, H).requires_grad_(), ctx.t(d["W"], grad=True),
+                              ctx.t(d["y"]).reshape(2, N // 2))
+            else:
+                hs = distribute_tensor(ctx.t(d["h"]).reshape(2, N // 2, H), ctx.mesh1,
+                                       [torch.distributed.tensor.Shard(1)]).requires_grad_()
+                Ws = distribute_tensor(ctx.t(d["W"]), ctx.mesh1, [torch.distributed.tensor.Shard(0)]).requires_grad_()
+                ys = ctx.t(d["y"]).reshape(2, N // 2)
+                if lk == "sharded":
+                    ys = distribute_tensor(ys, ctx.mesh1, [torch.distributed.tensor.Shard(1)])
+            r = lt.linear_head(hs, Ws, ys, outputs=fields, reduction=red, label_smoothing=0.1)
+            (r.loss.sum() + 0.5 * r.logprobs.sum() - 0.1 * r.entropy.sum() + 0.01 * r.lse.sum()).backward()
+            key = f"sphead/{red}/{lk}"
+            for f in fields:
+                out[f"{key}/{f}"] = _np(getattr(r, f))
+            out[f"{key}/dh"], out[f"{key}/dW"] = _np(hs.grad), _np(Ws.grad)
+            if lk != "ref":
+                out[f"{key}/placements"] = str(tuple(r.logprobs.placements)) + str(tuple(hs.grad.placements))
     # linear_head with outputs=("loss",) takes the same route
     head = distribute_tensor(ctx.t(d["W"]), ctx.mesh1, [torch.distributed.tensor.Shard(0)]).requires_grad_()
     res = lt.linear_head(ctx.t(d["h"]), head, ctx.t(d["y"]), label_smoothing=0.1)

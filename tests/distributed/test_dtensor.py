@@ -159,6 +159,14 @@ def test_colwise_parallel_head(results, world):
             _close(r[f"sp/{lk}/dh"], (g @ d["W"]).reshape(2, W.N // 2, W.H))
             _close(r[f"sp/{lk}/dW"], g.T @ d["h"])
             assert r[f"sp/{lk}/placements"] == "(Shard(dim=1),)"
+        for red in ("mean", "none"):  # every linear_head output after sequence parallelism
+            for lk in ("sharded", "plain"):
+                key, ref = f"sphead/{red}/{lk}", f"sphead/{red}/ref"
+                for f in ("loss", "logprobs", "entropy", "lse", "dh", "dW"):
+                    _close(r[f"{key}/{f}"], r[f"{ref}/{f}"])
+                assert r[f"{key}/placements"] == "(Shard(dim=1),)(Shard(dim=1),)"
+            if red == "mean":
+                _close(r[f"sphead/{red}/ref/loss"], cross_entropy64(logits, y, label_smoothing=0.1))
         _close(r["head/loss"], cross_entropy64(logits, y, label_smoothing=0.1))
         _close(r["head/dW"], cross_entropy_grad64(logits, y, label_smoothing=0.1).T @ d["h"])
         # every linear_head output with the weight Shard(0) (vocabulary-parallel head), against one

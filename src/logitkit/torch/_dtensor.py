@@ -757,9 +757,17 @@ def _vocab_head(input: Any, W: Any, labels: Any, lay: _Layout, mesh: Any, output
     dt = _dt()
     D = dt.DTensor
     i = lay.vocab
+    back = None
     if lay.gather:
-        raise NotImplementedError(f"outputs: {outputs} with input sharded over the sequence on the vocabulary mesh "
-                                  f"dim {_dim_name(mesh, i)} (sequence parallel) are not supported; only ('loss',)")
+        # sequence parallel before the head: all-gather input (and labels) on the vocabulary dim, as
+        # linear_cross_entropy does (DTensor's differentiable all-gather; backward reduce-scatters);
+        # the per-token outputs go back to input's sequence shard afterwards
+        back = input.placements
+        input = input.redistribute(mesh, [dt.Replicate() if j in lay.gather else p
+                                          for j, p in enumerate(input.placements)])
+        if labels is not None and any(lay.gather.values()):
+            labels = labels.redistribute(mesh, [dt.Replicate() if j in lay.gather else p
+                                                for j, p in enumerate(labels.placements)])
     gw = [dt.Shard(0) if j == i else (dt.Partial() if j in lay.tokens else dt.Replicate()) for j in range(mesh.ndim)]
     gh = [dt.Partial() if j == i else (dt.Shard(lay.tokens[j]) if j in lay.tokens else dt.Replicate())
           for j in range(mesh.ndim)]
@@ -792,7 +800,21 @@ def _vocab_head(input: Any, W: Any, labels: Any, lay: _Layout, mesh: Any, output
     for k in ("logprobs", "entropy", "lse", "argmax", "kl"):
         if res.get(k) is not None and not isinstance(res[k], D):
             res[k] = _wrap_tokens(res[k], lay, tok_shape)
+            if back is not None:
+                res[k] = _reshard_tokens(res[k], back, lay)
+    if back is not None and reduction == "none" and res.get("loss") is not None:
+        res["loss"] = _reshard_tokens(res["loss"], back, lay)
     return _public.HeadOutput(**{k: v for k, v in res.items() if k in _public.HeadOutput._fields})
+
+
+def _reshard_tokens(t: Any, input_placements: Any, lay: _Layout) -> Any:
+    """A per-token DTensor computed on every rank of the gathered (sequence-parallel) mesh dims, back
+    on the sequence shard of ``input``'s own placements there (a local slice; its backward
+    all-gathers the cotangent)."""
+    want = list(t.placements)
+    for j in lay.gather:
+        want[j] = input_placements[j]
+    return t.redistribute(t.device_mesh, want)
 
 
 def _reduced_head(lay: _Layout, run: Any, y: Any, weight: Any, num_items: Any, kwargs: dict, *, V: int,
