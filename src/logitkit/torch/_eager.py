@@ -513,43 +513,39 @@ def _sm_par(k: Any, size: int) -> Optional[int]:
     return 0
 
 
-def op_softmax(x: Tensor, temperature: float, log: bool) -> Optional[Tensor]:
-    """The softmax operators' body on 2-D contiguous float32 / float64 CPU rows at temperature 1:
-    one compiled call, or ``None`` (the general route)."""
-    if (temperature != 1.0 or x.ndim != 2 or x.dtype not in _FAST_DTYPES or not x.is_cpu or _forced[0]
-            or not x.is_contiguous()):
+def _op_rows_entry(x: Tensor) -> Optional[int]:
+    """The softmax entry offset (:func:`_sm_par`) for rows ``x`` in an operator's body: 2-D
+    contiguous float32 / float64 CPU rows, none empty; ``None``: the general route."""
+    if x.ndim != 2 or x.dtype not in _FAST_DTYPES or not x.is_cpu or _forced[0] or not x.is_contiguous():
         return None
     N, C = x.shape
     k = _cpu[0] if _cpu else _load_cpu()
     if N == 0 or C == 0 or k is None:
         return None
-    par = _sm_par(k, N * C)
+    return _sm_par(k, N * C)
+
+
+def op_softmax(x: Tensor, temperature: float, log: bool) -> Optional[Tensor]:
+    """The softmax operators' body at temperature 1: one compiled call, or ``None``."""
+    par = None if temperature != 1.0 else _op_rows_entry(x)
     if par is None:
         return None
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     i = par + (x.dtype is _F64)
-    (_sm_points[i] or _sm_entry(i))(x.data_ptr(), y.data_ptr(), N, C, int(log))
+    (_sm_points[i] or _sm_entry(i))(x.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], int(log))
     return y
 
 
 def op_softmax_backward(y: Tensor, dy: Tensor, log: bool) -> Optional[Tensor]:
-    """The softmax backward operators' body on 2-D contiguous float32 / float64 CPU rows: one
-    compiled call, or ``None``."""
-    if (y.ndim != 2 or y.dtype not in _FAST_DTYPES or not y.is_cpu or _forced[0] or not y.is_contiguous()
-            or dy.shape != y.shape or not dy.is_cpu):
-        return None
-    N, C = y.shape
-    k = _cpu[0] if _cpu else _load_cpu()
-    if N == 0 or C == 0 or k is None:
-        return None
-    par = _sm_par(k, N * C)
+    """The softmax backward operators' body: one compiled call, or ``None``."""
+    par = None if dy.shape != y.shape or not dy.is_cpu else _op_rows_entry(y)
     if par is None:
         return None
     if dy.dtype is not y.dtype or not dy.is_contiguous():
         dy = dy.to(y.dtype).contiguous()
     dx = torch.empty_like(y)
     i = par + 2 + (y.dtype is _F64)
-    (_sm_points[i] or _sm_entry(i))(y.data_ptr(), dy.data_ptr(), dx.data_ptr(), N, C, log)
+    (_sm_points[i] or _sm_entry(i))(y.data_ptr(), dy.data_ptr(), dx.data_ptr(), y.shape[0], y.shape[1], log)
     return dx
 
 
