@@ -23,35 +23,77 @@ def _rows(n, c, dtype, seed=0, scale=3.0):
 
 
 def _ref64(x, y, ignore_index=-100):
-    """Per-row cross-entropy, lse and the softmax - one-hot gradient, float64, ignored rows 0."""
+    """Per-row cross-entropy, lse and the softmax - one-hot gradient in float64, ignored rows 0. The
+    loss is ``log1p(Σ_{j≠max} exp(x_j - max)) + (max - x_y)``: exact in float64 for confident rows
+    too, where ``lse - x_y`` would cancel."""
     x64 = x.double()
-    lse = torch.logsumexp(x64, -1)
+    mx = x64.max(-1, keepdim=True).values
+    e = torch.exp(x64 - mx)
+    first = torch.nn.functional.one_hot(x64.argmax(-1), x.shape[1]).bool()
+    rest = torch.where(first, 0.0, e).sum(-1)
     valid = y != ignore_index
     ys = torch.where(valid, y, 0)
-    ce = torch.where(valid, lse - x64.gather(1, ys[:, None])[:, 0], 0.0)
-    p = torch.softmax(x64, -1)
-    grad = p - torch.nn.functional.one_hot(ys, x.shape[1]).double()
+    ce = torch.where(valid, torch.log1p(rest) + (mx[:, 0] - x64.gather(1, ys[:, None])[:, 0]), 0.0)
+    lse = mx[:, 0] + torch.log1p(rest)
+    p = e / (1.0 + rest)[:, None]
+    onehot = torch.nn.functional.one_hot(ys, x.shape[1]).bool()
+    # the label's p - 1 as -(the other classes' mass): no cancellation for confident rows
+    label = -(1.0 + rest - e.gather(1, ys[:, None])[:, 0]) / (1.0 + rest)
+    grad = torch.where(onehot, label[:, None], p)
     return ce, lse, torch.where(valid[:, None], grad, 0.0)
+
+
+def _hard_rows(x, y):
+    """Row 1 confident (loss ~1e-12), row 2 with a large shared offset, row 3 a tie for the maximum."""
+    x[1] = 0.0
+    x[1, 0] = 30.0
+    y[1] = 0
+    x[2] += 1e4
+    x[3, :2] = x[3].max() + 1.0
+    return x, y
+
+
+def _tol(dtype):
+    return 2.0 ** -21 if dtype == torch.float32 else 1e-13
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(100, 10), (7, 33), (64, 1000)])
 def test_ce_forward_and_backward_operators_against_float64(dtype, shape):
     n, c = shape
-    x, y = _rows(n, c, dtype)
+    x, y = _hard_rows(*_rows(n, c, dtype))
     y[::5] = -100
     with torch.no_grad():
         ce, m, r = OPS.ce_forward(x, y, None, -100, 0.0, None, 1.0)
         ref_ce, ref_lse, ref_grad = _ref64(x, y)
-        rtol = 2.0 ** -21 if dtype == torch.float32 else 1e-13
-        torch.testing.assert_close(ce.double(), ref_ce, rtol=rtol, atol=rtol)
+        rtol = _tol(dtype)
+        torch.testing.assert_close(ce.double(), ref_ce, rtol=rtol, atol=0.0)  # the per-row contract
         valid = y != -100
-        torch.testing.assert_close((m.double() + r.double())[valid], ref_lse[valid], rtol=rtol, atol=rtol)
+        torch.testing.assert_close((m.double() + r.double())[valid], ref_lse[valid], rtol=rtol, atol=0.0)
         g_ce = torch.linspace(-1.0, 2.0, n, dtype=dtype)
         grad = OPS.ce_backward(x, y, m, r, g_ce, torch.zeros(n, dtype=dtype), None, -100, 0.0, 0.0, None, 1.0)
         assert grad.dtype == dtype and grad.shape == x.shape
-        atol = 1e-6 if dtype == torch.float32 else 1e-13
-        torch.testing.assert_close(grad.double(), ref_grad * g_ce.double()[:, None], rtol=1e-5, atol=atol)
+        # every gradient entry but the confident row's label (see the xfail below) to a few ulp: float32
+        # p = exp(z - m - r) carries the argument's rounding, |z - m - r| ulp, up to ~2^-18 for p ~ 1e-9
+        want = ref_grad * g_ce.double()[:, None]
+        skip = torch.zeros_like(want, dtype=torch.bool)
+        skip[1, 0] = True
+        gtol = 2.0 ** -18 if dtype == torch.float32 else 1e-13
+        torch.testing.assert_close(grad.double()[~skip], want[~skip], rtol=gtol, atol=torch.finfo(dtype).tiny)
+
+
+@pytest.mark.xfail(strict=True, reason="known defect, found in review: the ce_backward kernel forms the label's "
+                   "p - 1 as exp(z - m - r) - 1, which cancels for a confident row (relative error ~1e-5 where "
+                   "the forward's fused path uses expm1)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ce_backward_operator_label_gradient_of_a_confident_row(dtype):
+    x, y = _hard_rows(*_rows(100, 10, dtype))
+    with torch.no_grad():
+        ce, m, r = OPS.ce_forward(x, y, None, -100, 0.0, None, 1.0)
+        grad = OPS.ce_backward(x, y, m, r, torch.ones(100, dtype=dtype), torch.zeros(100, dtype=dtype), None, -100,
+                               0.0, 0.0, None, 1.0)
+    want = _ref64(x, y)[2][1, 0]
+    torch.testing.assert_close(grad[1, 0].double(), want, rtol=_tol(dtype), atol=0.0)
 
 
 def test_ce_backward_operator_takes_non_contiguous_and_other_dtype_multipliers():
@@ -61,7 +103,8 @@ def test_ce_backward_operator_takes_non_contiguous_and_other_dtype_multipliers()
         g64 = torch.linspace(0.5, 1.5, 100, dtype=torch.float64)[::2]  # strided, float64
         grad = OPS.ce_backward(x, y, m, r, g64, torch.zeros(50), None, -100, 0.0, 0.0, None, 1.0)
     _, _, ref_grad = _ref64(x, y)
-    torch.testing.assert_close(grad.double(), ref_grad * g64[:, None], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad * g64.float().double()[:, None], rtol=2.0 ** -19,
+                               atol=torch.finfo(torch.float32).tiny)
 
 
 def test_ce_forward_operator_names_a_bad_label():
@@ -138,10 +181,13 @@ def test_softmax_operators_against_float64(shape, dtype, threads):
                 y = fwd(x, 1.0)
                 x64 = x.double()
                 ref = torch.log_softmax(x64, -1) if log else torch.softmax(x64, -1)
-                tol = 1e-6 if dtype == torch.float32 else 1e-14
+                tol = 2.0 ** -21 if dtype == torch.float32 else 1e-14
                 fin = torch.isfinite(ref)
                 assert torch.equal(torch.isfinite(y), fin)
-                torch.testing.assert_close(y.double()[fin], ref[fin], rtol=tol, atol=tol)
+                # float32 to the contract's relative 2^-21; float64 against torch's own float64 log_softmax,
+                # whose values near 0 carry ~1e-16 of cancellation: absolute there
+                torch.testing.assert_close(y.double()[fin], ref[fin], rtol=tol,
+                                           atol=0.0 if dtype == torch.float32 else 1e-14)
                 dx = bwd(y, dy)
                 p = ref.exp() if log else ref
                 d64 = dy.double()

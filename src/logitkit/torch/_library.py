@@ -45,7 +45,7 @@ class Operator:
             return fn(*args)
 
         _LIB.impl(name, kernel, "CompositeExplicitAutograd")
-        self.qualname, self.fn = qualname, fn
+        self.qualname = qualname
         self.__doc__ = fn.__doc__
         self._op = getattr(torch.ops.logitkit, name).default
 
