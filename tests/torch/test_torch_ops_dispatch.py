@@ -38,7 +38,10 @@ def _ref64(x, y, ignore_index=-100):
     p = e / (1.0 + rest)[:, None]
     onehot = torch.nn.functional.one_hot(ys, x.shape[1]).bool()
     # the label's p - 1 as -(the other classes' mass): no cancellation for confident rows
-    label = -(1.0 + rest - e.gather(1, ys[:, None])[:, 0]) / (1.0 + rest)
+    # the other classes' mass: ``rest`` itself when the label is the first maximum (1 + rest - 1 would
+    # cancel for a confident row)
+    others = torch.where(ys == x64.argmax(-1), rest, 1.0 + rest - e.gather(1, ys[:, None])[:, 0])
+    label = -others / (1.0 + rest)
     grad = torch.where(onehot, label[:, None], p)
     return ce, lse, torch.where(valid[:, None], grad, 0.0)
 
@@ -73,27 +76,12 @@ def test_ce_forward_and_backward_operators_against_float64(dtype, shape):
         g_ce = torch.linspace(-1.0, 2.0, n, dtype=dtype)
         grad = OPS.ce_backward(x, y, m, r, g_ce, torch.zeros(n, dtype=dtype), None, -100, 0.0, 0.0, None, 1.0)
         assert grad.dtype == dtype and grad.shape == x.shape
-        # every gradient entry but the confident row's label (see the xfail below) to a few ulp: float32
+        # every gradient entry to a few ulp (the confident row's ~1e-12 label entry included): float32
         # p = exp(z - m - r) carries the argument's rounding, |z - m - r| ulp, up to ~2^-18 for p ~ 1e-9
         want = ref_grad * g_ce.double()[:, None]
-        skip = torch.zeros_like(want, dtype=torch.bool)
-        skip[1, 0] = True
         gtol = 2.0 ** -18 if dtype == torch.float32 else 1e-13
-        torch.testing.assert_close(grad.double()[~skip], want[~skip], rtol=gtol, atol=torch.finfo(dtype).tiny)
-
-
-@pytest.mark.xfail(strict=True, reason="known defect, found in review: the ce_backward kernel forms the label's "
-                   "p - 1 as exp(z - m - r) - 1, which cancels for a confident row (relative error ~1e-5 where "
-                   "the forward's fused path uses expm1)")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ce_backward_operator_label_gradient_of_a_confident_row(dtype):
-    x, y = _hard_rows(*_rows(100, 10, dtype))
-    with torch.no_grad():
-        ce, m, r = OPS.ce_forward(x, y, None, -100, 0.0, None, 1.0)
-        grad = OPS.ce_backward(x, y, m, r, torch.ones(100, dtype=dtype), torch.zeros(100, dtype=dtype), None, -100,
-                               0.0, 0.0, None, 1.0)
-    want = _ref64(x, y)[2][1, 0]
-    torch.testing.assert_close(grad[1, 0].double(), want, rtol=_tol(dtype), atol=0.0)
+        torch.testing.assert_close(grad.double(), want, rtol=gtol, atol=torch.finfo(dtype).tiny)
+        torch.testing.assert_close(grad[1, 0].double(), want[1, 0], rtol=rtol, atol=0.0)  # the expm1 label term
 
 
 def test_ce_backward_operator_takes_non_contiguous_and_other_dtype_multipliers():
